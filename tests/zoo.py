@@ -1,0 +1,687 @@
+"""A small, deterministic ONNX model zoo for tests.
+
+Every model is built with :mod:`onnx.helper` only (no torch), with weights drawn
+from a ``numpy.random.RandomState`` seeded from the model's name, so the same
+name always gives byte-identical models and example inputs.  The graphs mimic
+what real exporters (mostly the PyTorch TorchScript exporter) emit: node names
+such as ``/model.0/conv/Conv``, outputs named ``<node>_output_<i>``, weights as
+initializers named ``model.0.conv.weight``, and shape/scalar constants as
+``Constant`` nodes.
+
+Usage::
+
+    from tests.zoo import NAMES, build
+    zm = build("resnet_block")
+    zm.model, zm.feeds, zm.input_shapes, zm.rtol, zm.atol
+
+Run ``python tests/zoo.py`` to check every model with the ONNX checker and
+onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["NAMES", "ZooModel", "build"]
+
+OPSET = 17
+IR_VERSION = 8  # the IR version that goes with opset 17
+
+F32 = TensorProto.FLOAT
+I64 = TensorProto.INT64
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooModel:
+    name: str
+    model: onnx.ModelProto  # checker-valid, opset 17 unless a model needs another
+    feeds: dict[str, np.ndarray]  # deterministic example inputs (seeded), matching the fixed shapes
+    input_shapes: dict[str, tuple[int, ...]]  # the static shapes to compile with (== feeds shapes)
+    rtol: float = 1e-4  # tolerance vs onnxruntime for this model (f32)
+    atol: float = 1e-5
+    note: str = ""
+
+
+# --------------------------------------------------------------------------
+# graph-building helpers
+# --------------------------------------------------------------------------
+
+
+def _seed(name: str, salt: str = "") -> int:
+    return zlib.crc32(f"{name}{salt}".encode()) & 0x7FFFFFFF
+
+
+class _Graph:
+    """Accumulates nodes/initializers with exporter-style names."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.rng = np.random.RandomState(_seed(name, ":weights"))
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._node_names: set[str] = set()
+        self._tensor_names: set[str] = set()
+
+    # -- names -------------------------------------------------------------
+    def _unique_node(self, name: str) -> str:
+        """``/a/Constant`` -> ``/a/Constant_1`` -> ... like the torch exporter."""
+        if name not in self._node_names:
+            self._node_names.add(name)
+            return name
+        i = 1
+        while f"{name}_{i}" in self._node_names:
+            i += 1
+        self._node_names.add(f"{name}_{i}")
+        return f"{name}_{i}"
+
+    def _claim(self, tensor: str) -> str:
+        if tensor in self._tensor_names:
+            raise ValueError(f"duplicate tensor name {tensor!r}")
+        self._tensor_names.add(tensor)
+        return tensor
+
+    # -- graph io ------------------------------------------------------------
+    def input(self, name: str, elem: int, shape: Sequence[int | str]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(self._claim(name), elem, list(shape)))
+        return name
+
+    def output(self, tensor: str, elem: int, shape: Sequence[int | str]) -> None:
+        self.outputs.append(helper.make_tensor_value_info(tensor, elem, list(shape)))
+
+    # -- constants -----------------------------------------------------------
+    def init(self, name: str, arr: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr), self._claim(name)))
+        return name
+
+    def param(self, name: str, shape: Sequence[int], fan_in: int | None = None, gain: float = 1.0) -> str:
+        """Random float32 weight, N(0, gain/fan_in) so activations stay O(1)."""
+        if fan_in is None:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+        w = self.rng.standard_normal(size=tuple(shape)) * (gain / np.sqrt(max(fan_in, 1)))
+        return self.init(name, w.astype(np.float32))
+
+    def bias(self, name: str, n: int, scale: float = 0.1) -> str:
+        return self.init(name, (self.rng.standard_normal(size=(n,)) * scale).astype(np.float32))
+
+    def const(self, value, dtype=None, scope: str = "") -> str:
+        """A ``Constant`` node (how exporters emit shapes and scalars)."""
+        arr = np.asarray(value, dtype=dtype)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        node = self._unique_node(f"{scope}/Constant")
+        out = self._claim(f"{node}_output_0")
+        self.nodes.append(
+            helper.make_node("Constant", [], [out], name=node, value=numpy_helper.from_array(arr, ""))
+        )
+        return out
+
+    # -- ops -------------------------------------------------------------------
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        name: str,
+        n_out: int = 1,
+        outputs: Sequence[str] | None = None,
+        **attrs,
+    ):
+        node = self._unique_node(name)
+        if outputs is None:
+            outputs = [f"{node}_output_{i}" for i in range(n_out)]
+        outputs = [self._claim(o) for o in outputs]
+        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=node, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    # -- composite layers --------------------------------------------------------
+    def conv(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int,
+        scope: str,
+        stride: int = 1,
+        pad: int | None = None,
+        group: int = 1,
+        bias: bool = True,
+        node: str = "Conv",
+        gain: float = 1.0,
+        output: str | None = None,
+    ) -> str:
+        """``{scope}/Conv`` with ``{scope}.weight``/``.bias`` initializers (scope ``/a/b`` -> ``a.b``)."""
+        pad = k // 2 if pad is None else pad
+        pname = scope.strip("/").replace("/", ".")
+        fan_in = (cin // group) * k * k
+        ins = [x, self.param(f"{pname}.weight", (cout, cin // group, k, k), fan_in=fan_in, gain=gain)]
+        if bias:
+            ins.append(self.bias(f"{pname}.bias", cout))
+        return self.op(
+            "Conv",
+            ins,
+            f"{scope}/{node}",
+            outputs=None if output is None else [output],
+            dilations=[1, 1],
+            group=group,
+            kernel_shape=[k, k],
+            pads=[pad, pad, pad, pad],
+            strides=[stride, stride],
+        )
+
+    def batchnorm(self, x: str, c: int, scope: str) -> str:
+        p = scope.strip("/").replace("/", ".")
+        r = self.rng
+        ins = [
+            x,
+            self.init(f"{p}.weight", r.uniform(0.5, 1.5, size=(c,)).astype(np.float32)),
+            self.init(f"{p}.bias", (r.standard_normal(size=(c,)) * 0.1).astype(np.float32)),
+            self.init(f"{p}.running_mean", (r.standard_normal(size=(c,)) * 0.1).astype(np.float32)),
+            self.init(f"{p}.running_var", r.uniform(0.5, 1.5, size=(c,)).astype(np.float32)),
+        ]
+        return self.op("BatchNormalization", ins, f"{scope}/BatchNormalization", epsilon=1e-5, momentum=0.9)
+
+    def silu(self, x: str, scope: str) -> str:
+        s = self.op("Sigmoid", [x], f"{scope}/Sigmoid")
+        return self.op("Mul", [x, s], f"{scope}/Mul")
+
+    def linear(self, x: str, fin: int, fout: int, scope: str, output: str | None = None) -> str:
+        """torch.nn.Linear on a 2-D input: ``Gemm(transB=1)``."""
+        p = scope.strip("/").replace("/", ".")
+        w = self.param(f"{p}.weight", (fout, fin), fan_in=fin)
+        b = self.bias(f"{p}.bias", fout)
+        return self.op(
+            "Gemm", [x, w, b], f"{scope}/Gemm", outputs=None if output is None else [output],
+            alpha=1.0, beta=1.0, transB=1,
+        )
+
+    def matmul_linear(self, x: str, fin: int, fout: int, scope: str, output: str | None = None) -> str:
+        """torch.nn.Linear on an N-D input: ``MatMul`` with a pre-transposed weight + ``Add``."""
+        wt = self.param(f"onnx::MatMul_{scope.strip('/').replace('/', '.')}", (fin, fout), fan_in=fin)
+        b = self.bias(f"{scope.strip('/').replace('/', '.')}.bias", fout)
+        y = self.op("MatMul", [x, wt], f"{scope}/MatMul")
+        return self.op("Add", [b, y], f"{scope}/Add", outputs=None if output is None else [output])
+
+    # -- finish ---------------------------------------------------------------------
+    def model(self, opset: int = OPSET, doc: str = "") -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "main_graph", self.inputs, self.outputs, initializer=self.initializers, doc_string=doc
+        )
+        m = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", opset)],
+            ir_version=IR_VERSION,
+            producer_name="tvm-hybrid-zoo",
+            producer_version="1",
+        )
+        m.model_version = 1
+        return m
+
+
+def _feeds(name: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, np.ndarray]:
+    rng = np.random.RandomState(_seed(name, ":feeds"))
+    out = {}
+    for k, (shape, dtype) in specs.items():
+        out[k] = rng.standard_normal(size=shape).astype(dtype)
+    return out
+
+
+def _zoo(
+    name: str,
+    g: _Graph,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    note: str = "",
+) -> ZooModel:
+    model = g.model(doc=note)
+    feeds = _feeds(name, {k: (v, np.float32) for k, v in shapes.items()})
+    return ZooModel(
+        name=name, model=model, feeds=feeds, input_shapes=dict(shapes), rtol=rtol, atol=atol, note=note
+    )
+
+
+# --------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------
+
+
+def _mlp() -> ZooModel:
+    g = _Graph("mlp")
+    x = g.input("x", F32, [4, 64])
+    h = g.linear(x, 64, 128, "/fc1")
+    h = g.op("Relu", [h], "/act1/Relu")
+    h = g.matmul_linear(h, 128, 64, "/fc2")  # the MatMul + Add flavour of Linear
+    h = g.op("Relu", [h], "/act2/Relu")
+    g.linear(h, 64, 10, "/head", output="logits")
+    g.output("logits", F32, [4, 10])
+    return _zoo("mlp", g, {"x": (4, 64)}, note="Gemm / MatMul+Add / Relu MLP")
+
+
+def _resnet_block() -> ZooModel:
+    g = _Graph("resnet_block")
+    x = g.input("input", F32, [1, 3, 32, 32])
+
+    def conv_bn(x, cin, cout, k, scope_conv, scope_bn, stride=1):
+        y = g.conv(x, cin, cout, k, scope_conv, stride=stride, bias=False, gain=np.sqrt(2.0))
+        return g.batchnorm(y, cout, scope_bn)
+
+    h = conv_bn(x, 3, 16, 3, "/conv1", "/bn1")
+    h = g.op("Relu", [h], "/relu/Relu")
+
+    def block(x, cin, cout, scope):
+        y = conv_bn(x, cin, cout, 3, f"{scope}/conv1", f"{scope}/bn1")
+        y = g.op("Relu", [y], f"{scope}/relu/Relu")
+        y = conv_bn(y, cout, cout, 3, f"{scope}/conv2", f"{scope}/bn2")
+        if cin != cout:
+            sc = conv_bn(x, cin, cout, 1, f"{scope}/downsample/downsample.0", f"{scope}/downsample/downsample.1")
+        else:
+            sc = x
+        y = g.op("Add", [y, sc], f"{scope}/Add")
+        return g.op("Relu", [y], f"{scope}/relu_1/Relu")
+
+    h = block(h, 16, 16, "/layer1/layer1.0")
+    h = g.op("MaxPool", [h], "/maxpool/MaxPool", ceil_mode=0, kernel_shape=[2, 2], pads=[0, 0, 0, 0], strides=[2, 2])
+    h = block(h, 16, 32, "/layer2/layer2.0")
+    h = g.op("GlobalAveragePool", [h], "/avgpool/GlobalAveragePool")
+    h = g.op("Flatten", [h], "/Flatten", axis=1)
+    g.linear(h, 32, 10, "/fc", output="logits")
+    g.output("logits", F32, [1, 10])
+    return _zoo(
+        "resnet_block", g, {"input": (1, 3, 32, 32)}, atol=1e-4,
+        note="Conv+BatchNormalization+Relu, residual Add (one with 1x1 downsample), MaxPool, GAP, Flatten, Gemm",
+    )
+
+
+def _dw_se() -> ZooModel:
+    g = _Graph("dw_se")
+    x = g.input("input", F32, [1, 16, 24, 24])
+    s = "/features/features.1/block"
+    h = g.conv(x, 16, 32, 1, f"{s}/block.0/block.0.0", gain=np.sqrt(2.0))
+    h = g.op("HardSwish", [h], f"{s}/block.0/block.0.2/HardSwish")
+    h = g.conv(h, 32, 32, 3, f"{s}/block.1/block.1.0", group=32, gain=np.sqrt(2.0))  # depthwise
+    h = g.op("HardSwish", [h], f"{s}/block.1/block.1.2/HardSwish")
+    # squeeze-excite
+    se = f"{s}/block.2"
+    p = g.op("GlobalAveragePool", [h], f"{se}/avgpool/GlobalAveragePool")
+    p = g.conv(p, 32, 8, 1, f"{se}/fc1")
+    p = g.op("Relu", [p], f"{se}/activation/Relu")
+    p = g.conv(p, 8, 32, 1, f"{se}/fc2")
+    p = g.op("HardSigmoid", [p], f"{se}/scale_activation/HardSigmoid", alpha=1.0 / 6.0, beta=0.5)
+    h = g.op("Mul", [p, h], f"{se}/Mul")
+    h = g.conv(h, 32, 16, 1, f"{s}/block.3/block.3.0")
+    h = g.op("Add", [h, x], "/features/features.1/Add")
+    g.op("HardSwish", [h], "/features/features.2/HardSwish", outputs=["output"])
+    g.output("output", F32, [1, 16, 24, 24])
+    return _zoo(
+        "dw_se", g, {"input": (1, 16, 24, 24)}, atol=1e-4,
+        note="MobileNetV3-style: depthwise Conv (group=C), squeeze-excite with HardSigmoid, HardSwish",
+    )
+
+
+def _attention() -> ZooModel:
+    g = _Graph("attention")
+    S, D, H = 16, 64, 4
+    Dh = D // H
+    x = g.input("x", F32, [1, S, D])
+    L = "/encoder/layer.0"
+
+    def layernorm(x, scope):
+        p = scope.strip("/").replace("/", ".")
+        w = g.init(f"{p}.weight", g.rng.uniform(0.8, 1.2, size=(D,)).astype(np.float32))
+        b = g.init(f"{p}.bias", (g.rng.standard_normal(size=(D,)) * 0.05).astype(np.float32))
+        return g.op("LayerNormalization", [x, w, b], f"{scope}/LayerNormalization", axis=-1, epsilon=1e-5)
+
+    a = f"{L}/attention"
+    h = layernorm(x, f"{a}/layernorm")
+    q = g.matmul_linear(h, D, D, f"{a}/query")
+    k = g.matmul_linear(h, D, D, f"{a}/key")
+    v = g.matmul_linear(h, D, D, f"{a}/value")
+    heads = g.const([1, S, H, Dh], np.int64, scope=a)
+    q = g.op("Reshape", [q, heads], f"{a}/Reshape")
+    k = g.op("Reshape", [k, heads], f"{a}/Reshape")
+    v = g.op("Reshape", [v, heads], f"{a}/Reshape")
+    q = g.op("Transpose", [q], f"{a}/Transpose", perm=[0, 2, 1, 3])
+    kt = g.op("Transpose", [k], f"{a}/Transpose", perm=[0, 2, 3, 1])
+    v = g.op("Transpose", [v], f"{a}/Transpose", perm=[0, 2, 1, 3])
+    sc = g.op("MatMul", [q, kt], f"{a}/MatMul")
+    sc = g.op("Div", [sc, g.const(np.float32(np.sqrt(Dh)), scope=a)], f"{a}/Div")
+    pr = g.op("Softmax", [sc], f"{a}/Softmax", axis=-1)
+    ctx = g.op("MatMul", [pr, v], f"{a}/MatMul")
+    ctx = g.op("Transpose", [ctx], f"{a}/Transpose", perm=[0, 2, 1, 3])
+    ctx = g.op("Reshape", [ctx, g.const([1, S, D], np.int64, scope=a)], f"{a}/Reshape")
+    o = g.matmul_linear(ctx, D, D, f"{a}/output/dense")
+    x1 = g.op("Add", [o, x], f"{a}/Add")
+
+    m = f"{L}/mlp"
+    h = layernorm(x1, f"{m}/layernorm")
+    h = g.matmul_linear(h, D, 4 * D, f"{m}/fc1")
+    # GELU, erf formulation as exported by torch: 0.5 * x * (1 + erf(x / sqrt(2)))
+    act = f"{m}/act"
+    e = g.op("Div", [h, g.const(np.float32(1.4142135381698608), scope=act)], f"{act}/Div")
+    e = g.op("Erf", [e], f"{act}/Erf")
+    e = g.op("Add", [e, g.const(np.float32(1.0), scope=act)], f"{act}/Add")
+    e = g.op("Mul", [h, e], f"{act}/Mul")
+    e = g.op("Mul", [e, g.const(np.float32(0.5), scope=act)], f"{act}/Mul")
+    h = g.matmul_linear(e, 4 * D, D, f"{m}/fc2")
+    g.op("Add", [h, x1], f"{m}/Add", outputs=["last_hidden_state"])
+    g.output("last_hidden_state", F32, [1, S, D])
+    return _zoo(
+        "attention", g, {"x": (1, S, D)}, atol=1e-4,
+        note="pre-LN transformer layer: LayerNormalization, 4-head self-attention, erf-GELU MLP, residuals",
+    )
+
+
+def _resize_convtranspose() -> ZooModel:
+    g = _Graph("resize_convtranspose")
+    x = g.input("input", F32, [1, 8, 16, 16])
+    d = g.conv(x, 8, 16, 3, "/down", stride=2, gain=np.sqrt(2.0))  # 1x16x8x8
+    d = g.op("Relu", [d], "/down_act/Relu")
+    # ConvTranspose stride 2: weight is (Cin, Cout/group, kh, kw)
+    wt = g.param("up.weight", (16, 8, 2, 2), fan_in=16 * 4 // 4)
+    bt = g.bias("up.bias", 8)
+    up = g.op(
+        "ConvTranspose", [d, wt, bt], "/up/ConvTranspose",
+        dilations=[1, 1], group=1, kernel_shape=[2, 2], pads=[0, 0, 0, 0], strides=[2, 2],
+    )  # 1x8x16x16
+    scales = g.const([1.0, 1.0, 2.0, 2.0], np.float32)
+    nn = g.op(
+        "Resize", [d, "", scales], "/upsample_nearest/Resize",
+        coordinate_transformation_mode="asymmetric", cubic_coeff_a=-0.75, mode="nearest", nearest_mode="floor",
+    )  # 1x16x16x16
+    roi = g.const(np.zeros((0,), np.float32))  # older torch exports pass an empty roi tensor
+    scales2 = g.const([1.0, 1.0, 2.0, 2.0], np.float32)
+    lin = g.op(
+        "Resize", [d, roi, scales2], "/upsample_linear/Resize",
+        coordinate_transformation_mode="half_pixel", cubic_coeff_a=-0.75, mode="linear", nearest_mode="floor",
+    )  # 1x16x16x16
+    cat = g.op("Concat", [x, up, nn, lin], "/Concat", axis=1)  # 1x48x16x16
+    g.conv(cat, 48, 8, 1, "/fuse", output="output")
+    g.output("output", F32, [1, 8, 16, 16])
+    return _zoo(
+        "resize_convtranspose", g, {"input": (1, 8, 16, 16)}, atol=1e-4,
+        note="Conv stride 2, ConvTranspose stride 2, Resize nearest(asymmetric/floor) and linear(half_pixel), Concat",
+    )
+
+
+def _split_concat() -> ZooModel:
+    g = _Graph("split_concat")
+    x = g.input("input", F32, [1, 12, 8, 8])
+    split = g.const([3, 4, 5], np.int64)
+    a, b, c = g.op("Split", [x, split], "/Split", n_out=3, axis=1)
+    a = g.op("Sigmoid", [a], "/branch0/Sigmoid")
+    b = g.op("Tanh", [b], "/branch1/Tanh")
+    c = g.conv(c, 5, 5, 3, "/branch2/conv")
+    c = g.op("Relu", [c], "/branch2/relu/Relu")
+    y = g.op("Concat", [a, b, c], "/Concat", axis=1)
+    g.op("Add", [y, x], "/Add", outputs=["output"])
+    g.output("output", F32, [1, 12, 8, 8])
+    return _zoo(
+        "split_concat", g, {"input": (1, 12, 8, 8)},
+        note="uneven Split (opset-13 split input) into Sigmoid / Tanh / Conv branches, Concat, residual",
+    )
+
+
+def _multi_io() -> ZooModel:
+    g = _Graph("multi_io")
+    img = g.input("image", F32, [1, 3, 16, 16])
+    meta = g.input("meta", F32, [1, 8])
+    f = g.conv(img, 3, 8, 3, "/backbone/conv", stride=2, gain=np.sqrt(2.0))
+    g.op("Relu", [f], "/backbone/relu/Relu", outputs=["feat"])  # 1x8x8x8, also a graph output
+    p = g.op("GlobalAveragePool", ["feat"], "/pool/GlobalAveragePool")
+    p = g.op("Flatten", [p], "/pool/Flatten", axis=1)  # 1x8
+    m = g.linear(meta, 8, 8, "/meta_proj")
+    m = g.op("Relu", [m], "/meta_act/Relu")
+    cat = g.op("Concat", [p, m], "/head/Concat", axis=1)  # 1x16
+    s = g.linear(cat, 16, 1, "/head/fc")
+    g.op("Sigmoid", [s], "/head/Sigmoid", outputs=["head/score:0"])
+    a = g.op("Add", [p, m], "/aux/Add")
+    g.op("Tanh", [a], "/aux/Tanh", outputs=["aux"])
+    g.output("feat", F32, [1, 8, 8, 8])
+    g.output("head/score:0", F32, [1, 1])
+    g.output("aux", F32, [1, 8])
+    return _zoo(
+        "multi_io", g, {"image": (1, 3, 16, 16), "meta": (1, 8)},
+        note="two inputs, three outputs; an output name with '/' and ':' (head/score:0); "
+        "an intermediate tensor (feat) that is also a graph output",
+    )
+
+
+def _int64_shape() -> ZooModel:
+    g = _Graph("int64_shape")
+    x = g.input("x", F32, ["batch", 3, 8, 8])
+    y = g.conv(x, 3, 4, 3, "/conv", gain=np.sqrt(2.0))
+    y = g.op("Relu", [y], "/relu/Relu")  # (B,4,8,8)
+    shp = g.op("Shape", [y], "/Shape")
+
+    def dim(i):
+        return g.op("Gather", [shp, g.const(np.int64(i))], "/Gather", axis=0)  # 0-d int64
+
+    def unsq(t):
+        return g.op("Unsqueeze", [t, g.const([0], np.int64)], "/Unsqueeze")
+
+    b, c, h, w = dim(0), dim(1), dim(2), dim(3)
+    # int(h * 0.5) -> Cast / Mul / Floor / Cast
+    hf = g.op("Cast", [h], "/Cast", to=F32)
+    hf = g.op("Mul", [hf, g.const(np.float32(0.5))], "/Mul")
+    hf = g.op("Floor", [hf], "/Floor")
+    h2 = g.op("Cast", [hf], "/Cast", to=I64)
+    # w // 2 * 2 and c * 2 -> int64 Div / Mul by int64 constants
+    w2 = g.op("Div", [w, g.const(np.int64(2))], "/Div")
+    w2 = g.op("Mul", [w2, g.const(np.int64(2))], "/Mul")
+    c2 = g.op("Mul", [c, g.const(np.int64(2))], "/Mul")
+    s1 = g.op("Concat", [unsq(b), unsq(c2), unsq(h2), unsq(w2)], "/Concat", axis=0)
+    r = g.op("Reshape", [y, s1], "/Reshape")  # (B,8,4,8)
+    cscale = g.init("channel_scale", g.rng.uniform(0.5, 1.5, size=(1, 8, 1, 1)).astype(np.float32))
+    r = g.op("Mul", [r, cscale], "/Mul")
+    # flatten: x.view(x.size(0), c * h * w)
+    chw = g.op("Mul", [c, g.op("Mul", [h, w], "/Mul")], "/Mul")
+    s2 = g.op("Concat", [unsq(b), unsq(chw)], "/Concat", axis=0)
+    flat = g.op("Reshape", [r, s2], "/Reshape")  # (B,256)
+    g.linear(flat, 256, 10, "/fc", output="output")
+    g.output("output", F32, ["batch", 10])
+    return _zoo(
+        "int64_shape", g, {"x": (2, 3, 8, 8)},
+        note="dynamic batch (dim_param 'batch'); Shape/Gather/Unsqueeze/Concat/Reshape shape arithmetic, "
+        "Cast/Floor and int64 Mul/Div",
+    )
+
+
+def _silu_chain() -> ZooModel:
+    g = _Graph("silu_chain")
+    x = g.input("input", F32, [1, 8, 16, 16])
+    h = x
+    for i, (cin, cout, k) in enumerate([(8, 16, 3), (16, 16, 3), (16, 16, 1), (16, 8, 3)]):
+        h = g.conv(h, cin, cout, k, f"/layers/layers.{i}/conv", gain=np.sqrt(2.0))
+        h = g.silu(h, f"/layers/layers.{i}/act")
+    r = g.rng
+    h = g.op("Mul", [h, g.init("mul_const", r.uniform(0.5, 1.5, size=(1, 8, 1, 1)).astype(np.float32))], "/Mul")
+    h = g.op("Add", [h, g.init("add_const", (r.standard_normal(size=(8, 1, 1)) * 0.1).astype(np.float32))], "/Add")
+    h = g.op("Sub", [h, g.const(np.float32(0.25))], "/Sub")
+    h = g.op("Div", [h, g.init("div_const", r.uniform(0.5, 2.0, size=(1, 1, 1, 16)).astype(np.float32))], "/Div")
+    h = g.op("Sub", [g.const(np.float32(1.0)), h], "/Sub")  # scalar on the left
+    g.op("Add", [h, x], "/Add", outputs=["output"])
+    g.output("output", F32, [1, 8, 16, 16])
+    return _zoo(
+        "silu_chain", g, {"input": (1, 8, 16, 16)}, atol=1e-4,
+        note="Conv + SiLU (x*Sigmoid(x)) x4, then Mul/Add/Sub/Div with broadcast constants",
+    )
+
+
+def _softmax_argmax() -> ZooModel:
+    g = _Graph("softmax_argmax")
+    x = g.input("input", F32, [2, 32])
+    logits = g.linear(x, 32, 10, "/fc")
+    g.op("Softmax", [logits], "/Softmax", outputs=["probs"], axis=-1)
+    g.op("ArgMax", [logits], "/ArgMax", outputs=["label"], axis=-1, keepdims=0, select_last_index=0)
+    g.output("probs", F32, [2, 10])
+    g.output("label", I64, [2])
+    return _zoo(
+        "softmax_argmax", g, {"input": (2, 32)},
+        note="Gemm -> Softmax (probs, f32) and ArgMax keepdims=0 (label, int64)",
+    )
+
+
+def _make_anchors(sizes: Sequence[tuple[int, int]], strides: Sequence[int], offset: float = 0.5):
+    pts, strs = [], []
+    for (h, w), s in zip(sizes, strides):
+        sx = np.arange(w, dtype=np.float32) + offset
+        sy = np.arange(h, dtype=np.float32) + offset
+        yy, xx = np.meshgrid(sy, sx, indexing="ij")
+        pts.append(np.stack([xx, yy], -1).reshape(-1, 2))
+        strs.append(np.full((h * w, 1), s, dtype=np.float32))
+    anchors = np.concatenate(pts).T[None]  # (1, 2, A)
+    stride = np.concatenate(strs).T  # (1, A)
+    return anchors.astype(np.float32), stride.astype(np.float32)
+
+
+def _yolo_head() -> ZooModel:
+    g = _Graph("yolo_head")
+    nc, reg_max = 8, 16
+    x = g.input("images", F32, [1, 3, 64, 64])
+
+    def cbs(x, cin, cout, k, scope, stride=1):  # ultralytics Conv: conv + BN(folded) + SiLU
+        y = g.conv(x, cin, cout, k, f"{scope}/conv", stride=stride, gain=np.sqrt(2.0))
+        return g.silu(y, f"{scope}/act")
+
+    h = cbs(x, 3, 16, 3, "/model.0", stride=2)  # 32x32
+    h = cbs(h, 16, 32, 3, "/model.1", stride=2)  # 16x16
+    # C2f(32, 32, n=1, shortcut=True)
+    s = "/model.2"
+    h = cbs(h, 32, 32, 1, f"{s}/cv1")
+    y0, y1 = g.op("Split", [h, g.const([16, 16], np.int64, scope=s)], f"{s}/Split", n_out=2, axis=1)
+    m = cbs(y1, 16, 16, 3, f"{s}/m.0/cv1")
+    m = cbs(m, 16, 16, 3, f"{s}/m.0/cv2")
+    m = g.op("Add", [y1, m], f"{s}/m.0/Add")
+    h = g.op("Concat", [y0, y1, m], f"{s}/Concat", axis=1)
+    h = cbs(h, 48, 32, 1, f"{s}/cv2")
+    p3 = cbs(h, 32, 32, 3, "/model.3", stride=2)  # 8x8, stride 8
+    p4 = cbs(p3, 32, 64, 3, "/model.4", stride=2)  # 4x4, stride 16
+
+    # Detect head
+    d = "/model.5"
+    no = 4 * reg_max + nc
+    flat = []
+    for i, (feat, ch) in enumerate([(p3, 32), (p4, 64)]):
+        b = cbs(feat, ch, 32, 3, f"{d}/cv2.{i}/cv2.{i}.0")
+        b = cbs(b, 32, 32, 3, f"{d}/cv2.{i}/cv2.{i}.1")
+        b = g.conv(b, 32, 4 * reg_max, 1, f"{d}/cv2.{i}/cv2.{i}.2")
+        c = cbs(feat, ch, 32, 3, f"{d}/cv3.{i}/cv3.{i}.0")
+        c = cbs(c, 32, 32, 3, f"{d}/cv3.{i}/cv3.{i}.1")
+        c = g.conv(c, 32, nc, 1, f"{d}/cv3.{i}/cv3.{i}.2")
+        bc = g.op("Concat", [b, c], f"{d}/Concat", axis=1)
+        flat.append(g.op("Reshape", [bc, g.const([1, no, -1], np.int64, scope=d)], f"{d}/Reshape"))
+    xcat = g.op("Concat", flat, f"{d}/Concat", axis=2)  # (1, no, A)
+    anchors, strides = _make_anchors([(8, 8), (4, 4)], [8, 16])
+    A = anchors.shape[-1]
+    box, cls = g.op("Split", [xcat, g.const([4 * reg_max, nc], np.int64, scope=d)], f"{d}/Split", n_out=2, axis=1)
+
+    # DFL: (1,64,A) -> (1,4,16,A) -> transpose -> softmax over 16 -> 1x1 conv with arange weights
+    dfl = f"{d}/dfl"
+    t = g.op("Reshape", [box, g.const([1, 4, reg_max, A], np.int64, scope=dfl)], f"{dfl}/Reshape")
+    t = g.op("Transpose", [t], f"{dfl}/Transpose", perm=[0, 2, 1, 3])
+    t = g.op("Softmax", [t], f"{dfl}/Softmax", axis=1)
+    wd = g.init("model.5.dfl.conv.weight", np.arange(reg_max, dtype=np.float32).reshape(1, reg_max, 1, 1))
+    t = g.op(
+        "Conv", [t, wd], f"{dfl}/conv/Conv",
+        dilations=[1, 1], group=1, kernel_shape=[1, 1], pads=[0, 0, 0, 0], strides=[1, 1],
+    )  # (1,1,4,A)
+    dist = g.op("Reshape", [t, g.const([1, 4, A], np.int64, scope=dfl)], f"{dfl}/Reshape")
+
+    # dist2bbox(xywh=True) then * strides
+    def sl(start, end):
+        return g.op(
+            "Slice",
+            [
+                dist,
+                g.const([start], np.int64, scope=d),
+                g.const([end], np.int64, scope=d),
+                g.const([1], np.int64, scope=d),
+                g.const([1], np.int64, scope=d),
+            ],
+            f"{d}/Slice",
+        )
+
+    lt, rb = sl(0, 2), sl(2, 4)
+    anc = g.const(anchors, scope=d)
+    x1y1 = g.op("Sub", [anc, lt], f"{d}/Sub")
+    x2y2 = g.op("Add", [anc, rb], f"{d}/Add")
+    cxy = g.op("Add", [x1y1, x2y2], f"{d}/Add")
+    cxy = g.op("Div", [cxy, g.const(np.float32(2.0), scope=d)], f"{d}/Div")
+    wh = g.op("Sub", [x2y2, x1y1], f"{d}/Sub")
+    dbox = g.op("Concat", [cxy, wh], f"{d}/Concat", axis=1)
+    dbox = g.op("Mul", [dbox, g.const(strides, scope=d)], f"{d}/Mul")
+    cls = g.op("Sigmoid", [cls], f"{d}/Sigmoid")
+    g.op("Concat", [dbox, cls], f"{d}/Concat", outputs=["output0"], axis=1)
+    g.output("output0", F32, [1, 4 + nc, A])
+    return _zoo(
+        "yolo_head", g, {"images": (1, 3, 64, 64)}, rtol=1e-4, atol=1e-4,
+        note="YOLOv8-style: Conv+SiLU backbone with C2f Split, two-scale Detect head, DFL "
+        "(Reshape/Transpose/Softmax/arange Conv), Slice-based dist2bbox with anchors, Div, stride Mul",
+    )
+
+
+_BUILDERS: dict[str, Callable[[], ZooModel]] = {
+    "mlp": _mlp,
+    "resnet_block": _resnet_block,
+    "dw_se": _dw_se,
+    "attention": _attention,
+    "resize_convtranspose": _resize_convtranspose,
+    "split_concat": _split_concat,
+    "multi_io": _multi_io,
+    "int64_shape": _int64_shape,
+    "silu_chain": _silu_chain,
+    "softmax_argmax": _softmax_argmax,
+    "yolo_head": _yolo_head,
+}
+
+NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def build(name: str) -> ZooModel:
+    """Build a fresh copy of zoo model ``name`` (see :data:`NAMES`)."""
+    try:
+        fn = _BUILDERS[name]
+    except KeyError:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(NAMES)}") from None
+    return fn()
+
+
+if __name__ == "__main__":
+    import time
+
+    import onnxruntime as ort
+
+    failed = []
+    for name in NAMES:
+        try:
+            zm = build(name)
+            onnx.checker.check_model(zm.model, full_check=True)
+            assert {k: v.shape for k, v in zm.feeds.items()} == zm.input_shapes, "feeds/input_shapes mismatch"
+            nbytes = sum(numpy_helper.to_array(t).nbytes for t in zm.model.graph.initializer)
+            sess = ort.InferenceSession(zm.model.SerializeToString(), providers=["CPUExecutionProvider"])
+            t0 = time.perf_counter()
+            outs = sess.run(None, zm.feeds)
+            ms = (time.perf_counter() - t0) * 1e3
+            names = [o.name for o in sess.get_outputs()]
+            desc = ", ".join(
+                f"{n}{tuple(o.shape)}:{o.dtype}" + (f" |max|={np.abs(o).max():.3g}" if o.dtype.kind == "f" else "")
+                for n, o in zip(names, outs)
+            )
+            for n, o in zip(names, outs):
+                assert np.all(np.isfinite(o)), f"{n} has non-finite values"
+            print(f"ok   {name:22s} nodes={len(zm.model.graph.node):3d} weights={nbytes / 1024:6.1f}KiB "
+                  f"{ms:6.2f}ms  {desc}")
+        except Exception as e:  # noqa: BLE001
+            failed.append(name)
+            print(f"FAIL {name}: {type(e).__name__}: {e}")
+    if failed:
+        raise SystemExit(f"{len(failed)} model(s) failed: {failed}")
+    print(f"all {len(NAMES)} models ok")

@@ -1,0 +1,45 @@
+"""`tvm-hybrid compile`: build artifacts for one or more targets."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from . import emit_json
+from .options import input_option
+
+log = logging.getLogger("tvm_hybrid.cli")
+
+
+@click.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", "targets", multiple=True, required=True,
+              help="Target profile (repeatable); `host` picks this machine's best.")
+@input_option
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON summary on stdout.")
+def command(model: str, targets: tuple[str, ...], inputs, output: str, as_json: bool) -> None:
+    """Compile an ONNX model into one artifact per target: OUT/<target>/.
+
+    \b
+    tvm-hybrid compile det.onnx --target host --input x:1x3x320x320 -o dist/
+    tvm-hybrid compile det.onnx -t x86-64 -t x86-64-avx2 --input x:1x3x320x320 -o dist/ --json
+    """
+    from ..compiler.package import CompileOptions, compile_model
+
+    opts = CompileOptions(model=Path(model), targets=targets, output=Path(output), inputs=inputs)
+    log.info(
+        "compiling %s for %s%s into %s",
+        model,
+        ", ".join(targets),
+        "".join(f" --input {i.name}:{'x'.join(map(str, i.shape))}" for i in inputs),
+        output,
+    )
+    summaries = compile_model(opts)
+    if as_json:
+        emit_json({"model": model, "artifacts": [s.to_dict() for s in summaries]})
+        return
+    for s in summaries:
+        click.echo(f"{s.path}  {s.segments} segment(s), {s.files} files, {s.bytes / 2**20:.2f} MiB, {s.seconds:.1f} s")

@@ -1,0 +1,123 @@
+"""Per-node facts of an imported model: FLOPs, parameter and activation bytes, predicted time."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..targets import TargetProfile
+from .importer import ImportedModel, supported_op_types
+
+# Ops whose cost is a few operations per output element rather than one.
+_TRANSCENDENTAL = {"Softmax": 5, "LogSoftmax": 5, "Erf": 8, "Gelu": 10, "Sigmoid": 4, "Tanh": 6, "Exp": 4,
+                   "HardSwish": 3, "HardSigmoid": 2, "LayerNormalization": 8, "BatchNormalization": 2,
+                   "InstanceNormalization": 8, "Resize": 4}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    op_type: str
+    inputs: list[str]
+    outputs: list[str]
+    flops: int
+    param_bytes: int
+    activation_bytes: int
+    supported: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def node_name(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}_{index}"
+
+
+def analyze(imported: ImportedModel, profile: TargetProfile | None = None) -> list[NodeInfo]:
+    """FLOPs and bytes per node, and whether the frontend and the profile support it."""
+    model = imported.model
+    g = model.graph
+    shapes: dict[str, tuple[tuple[int, ...], int]] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = (tuple(max(d.dim_value, 0) for d in tt.shape.dim), tt.elem_type)
+    inits = {t.name: t for t in g.initializer}
+    for t in g.initializer:
+        shapes[t.name] = (tuple(t.dims), t.data_type)
+    supported = supported_op_types()
+    unsupported_here = set(profile.capacity.get("unsupported_ops", [])) if profile else set()
+    allowed_dtypes = set(profile.capacity.get("dtypes", [])) if profile else set()
+    infos = []
+    for i, node in enumerate(g.node):
+        outs = [o for o in node.output if o]
+        ins = [x for x in node.input if x]
+        pbytes = sum(_nbytes(*shapes[x]) for x in ins if x in inits and x in shapes)
+        abytes = sum(_nbytes(*shapes[o]) for o in outs if o in shapes)
+        ok = node.op_type in supported and node.op_type not in unsupported_here
+        if ok and allowed_dtypes:
+            for name in ins + outs:
+                if name in shapes and _dtype_name(shapes[name][1]) not in allowed_dtypes:
+                    ok = False
+        infos.append(
+            NodeInfo(
+                name=node_name(node, i),
+                op_type=node.op_type,
+                inputs=ins,
+                outputs=outs,
+                flops=_flops(node, shapes),
+                param_bytes=pbytes,
+                activation_bytes=abytes,
+                supported=ok,
+            )
+        )
+    return infos
+
+
+def _dtype_name(elem_type: int) -> str:
+    try:
+        return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
+    except Exception:
+        return "unknown"
+
+
+def _nbytes(shape: tuple[int, ...], elem_type: int) -> int:
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except Exception:
+        itemsize = 4
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+def _flops(node: onnx.NodeProto, shapes) -> int:
+    def shp(name):
+        return shapes.get(name, ((), 0))[0]
+
+    out = shp(node.output[0]) if node.output else ()
+    out_elems = int(np.prod(out, dtype=np.int64)) if out else 0
+    op = node.op_type
+    if op == "Conv" and len(node.input) > 1:
+        w = shp(node.input[1])
+        if len(w) >= 3:
+            return 2 * out_elems * int(np.prod(w[1:], dtype=np.int64))
+    if op == "ConvTranspose" and len(node.input) > 1:
+        w, x = shp(node.input[1]), shp(node.input[0])
+        if len(w) >= 3 and x:
+            return 2 * int(np.prod(x, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
+    if op in ("MatMul", "Gemm") and len(node.input) > 1:
+        a = shp(node.input[0])
+        if a:
+            k = a[0] if op == "Gemm" and any(x.name == "transA" and x.i for x in node.attribute) else a[-1]
+            return 2 * out_elems * k
+    return out_elems * _TRANSCENDENTAL.get(op, 1)
+
+
+def predicted_ms(flops: int, bytes_moved: int, profile: TargetProfile) -> float:
+    """Roofline time: the slower of compute at peak and memory traffic at peak bandwidth."""
+    gflops = float(profile.capacity.get("peak_gflops", 1.0))
+    gbps = float(profile.capacity.get("bandwidth_gbps", 1.0))
+    return max(flops / (gflops * 1e9), bytes_moved / (gbps * 1e9)) * 1e3

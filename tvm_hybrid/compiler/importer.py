@@ -1,0 +1,431 @@
+"""ONNX import: check, fix dynamic shapes, fold constants, convert to Relax."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from ..errors import UnsupportedError, UsageError
+from ..manifest import TensorSpec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32", "float16", "float64", "bfloat16", "int8", "uint8", "int16", "uint16",
+    "int32", "uint32", "int64", "uint64", "bool",
+}  # fmt: skip
+_SHAPE_RE = re.compile(r"^\d+(x\d+)*$")
+# Folding stops at outputs this large: weights-sized constants are fine, but a folded
+# ConstantOfShape the size of an activation would only bloat the artifact.
+_FOLD_MAX_ELEMENTS = 1 << 22
+# Nodes whose value is not a function of their inputs.
+_NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputOverride:
+    """A user's ``--input NAME:1x3x224x224[:float32]``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> InputOverride:
+        """Parse ``NAME:DIMS[:DTYPE]``; NAME may itself hold colons (``input:0``)."""
+        parts = text.rsplit(":", 2)
+        if len(parts) == 3 and parts[2] in _DTYPES and _SHAPE_RE.match(parts[1]):
+            return cls(parts[0], _dims(parts[1]), parts[2])
+        parts = text.rsplit(":", 1)
+        if len(parts) == 2 and parts[0] and _SHAPE_RE.match(parts[1]):
+            return cls(parts[0], _dims(parts[1]))
+        raise UsageError(
+            f"bad --input {text!r}: expected NAME:DIMS[:DTYPE], e.g. x:1x3x320x320 or x:1x3x320x320:float32"
+        )
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split("x"))
+
+
+@dataclasses.dataclass
+class ImportedModel:
+    """An ONNX model with every shape fixed and constants folded, ready for Relax."""
+
+    name: str
+    sha256: str
+    model: onnx.ModelProto
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    opset: int
+
+    @property
+    def op_types(self) -> list[str]:
+        return sorted({n.op_type for n in self.model.graph.node})
+
+
+def load(path: str | Path, overrides: list[InputOverride] | tuple = ()) -> ImportedModel:
+    """Read, check, fix shapes and fold an ONNX file; raises UsageError on bad input."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read model {path}: {e.strerror or e}") from e
+    model = parse(data, str(path))
+    imported = prepare(model, overrides)
+    imported.name = path.stem
+    imported.sha256 = hashlib.sha256(data).hexdigest()
+    return imported
+
+
+def parse(data: bytes, where: str = "model") -> onnx.ModelProto:
+    """Decode and check ONNX bytes; anything malformed becomes one UsageError line."""
+    if not data:
+        raise UsageError(f"{where} is empty, not an ONNX model")
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as e:  # protobuf raises DecodeError or RuntimeWarning-ish errors
+        raise UsageError(f"{where} is not an ONNX model (protobuf decode failed: {_first_line(e)})") from e
+    if not model.graph.node and not model.graph.output:
+        raise UsageError(f"{where} is not an ONNX model (it has no graph)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise UsageError(f"{where} is not a valid ONNX model: {_first_line(e)}") from e
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ()) -> ImportedModel:
+    """Fix input shapes, infer shapes, fold constants; returns a new model."""
+    model = _copy(model)
+    graph = model.graph
+    _check_domains(model)
+    init_names = {t.name for t in graph.initializer}
+    real_inputs = [i for i in graph.input if i.name not in init_names]
+    by_name = {o.name: o for o in overrides}
+    unknown = set(by_name) - {i.name for i in real_inputs}
+    if unknown:
+        raise UsageError(
+            f"--input names {', '.join(sorted(unknown))}, which the model does not have; "
+            f"its inputs are {', '.join(i.name for i in real_inputs)}"
+        )
+    missing = []
+    for vi in real_inputs:
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise UnsupportedError(f"input {vi.name!r} is not a tensor; only tensor inputs are supported")
+        ov = by_name.get(vi.name)
+        if ov is not None:
+            if tt.HasField("shape") and len(tt.shape.dim) != len(ov.shape):
+                raise UsageError(
+                    f"--input {vi.name}: the model's input has rank {len(tt.shape.dim)}, "
+                    f"got {len(ov.shape)} dims ({'x'.join(map(str, ov.shape))})"
+                )
+            for d, (dim, want) in enumerate(zip(tt.shape.dim, ov.shape)):
+                if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != want:
+                    raise UsageError(
+                        f"--input {vi.name}: dim {d} is fixed to {dim.dim_value} in the model, got {want}"
+                    )
+            del tt.shape.dim[:]
+            for v in ov.shape:
+                tt.shape.dim.add().dim_value = v
+            if ov.dtype:
+                tt.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(ov.dtype))
+        else:
+            if not tt.HasField("shape"):
+                missing.append(f"{vi.name} (unknown rank)")
+                continue
+            dyn = [
+                (d, dim.dim_param or "?")
+                for d, dim in enumerate(tt.shape.dim)
+                if not dim.HasField("dim_value") or dim.dim_value <= 0
+            ]
+            if dyn:
+                shown = "x".join(
+                    str(dim.dim_value) if dim.HasField("dim_value") and dim.dim_value > 0 else (dim.dim_param or "?")
+                    for dim in tt.shape.dim
+                )
+                missing.append(f"{vi.name} [{shown}]")
+    if missing:
+        raise UsageError(
+            "dynamic input dims must be fixed: " + ", ".join(missing)
+            + "; give each with --input NAME:DIMS, e.g. --input "
+            + _example(real_inputs, by_name)
+        )
+    # Shapes of intermediates recorded by the exporter may hold the old dynamic dims.
+    del graph.value_info[:]
+    for out in graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    model = _infer(model)
+    model = fold_constants(model)
+    inputs = [_spec(vi) for vi in model.graph.input if vi.name not in {t.name for t in model.graph.initializer}]
+    outputs = []
+    for vi in model.graph.output:
+        spec = _spec(vi)
+        if spec.shape is None or any(d < 0 for d in spec.shape):
+            raise UnsupportedError(
+                f"output {vi.name!r} has a data-dependent shape that cannot be fixed at compile time "
+                "(ops like NonZero or NonMaxSuppression); tvm-hybrid compiles static shapes only"
+            )
+        outputs.append(spec)
+    return ImportedModel(
+        name=model.graph.name or "model",
+        sha256=hashlib.sha256(model.SerializeToString()).hexdigest(),
+        model=model,
+        inputs=inputs,
+        outputs=outputs,
+        opset=_opset(model),
+    )
+
+
+def _example(inputs: list[onnx.ValueInfoProto], given: dict) -> str:
+    parts = []
+    for vi in inputs:
+        if vi.name in given:
+            continue
+        dims = [
+            str(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else "1"
+            for d in vi.type.tensor_type.shape.dim
+        ]
+        parts.append(f"{vi.name}:{'x'.join(dims)}")
+    return " --input ".join(parts)
+
+
+def _check_domains(model: onnx.ModelProto) -> None:
+    foreign = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        raise UnsupportedError(
+            f"unsupported ops (custom domains): {', '.join(foreign)}; export the model with standard ONNX ops"
+        )
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as e:
+        raise UsageError(f"ONNX shape inference failed: {_first_line(e)}") from e
+
+
+def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    tt = vi.type.tensor_type
+    dtype = str(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else "float32"
+    shape = None
+    if tt.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+    return TensorSpec(vi.name, tuple(shape) if shape is not None else None, dtype)
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if all(d >= 0 for d in dims):
+            shapes[vi.name] = tuple(dims)
+    return shapes
+
+
+def fold_constants(model: onnx.ModelProto, max_rounds: int = 20) -> onnx.ModelProto:
+    """Evaluate every node whose inputs are known at compile time, and Shape/Size of static tensors.
+
+    Exporters (PyTorch, Paddle) emit shape arithmetic (Shape → Gather → Concat → Reshape) that
+    TVM's importer can only take as constants. Once input shapes are fixed it is all constant;
+    onnx's reference evaluator computes it with ONNX's own semantics.
+    """
+    for _ in range(max_rounds):
+        changed = _fold_round(model)
+        if not changed:
+            break
+        model = _infer(model)
+    return model
+
+
+def _fold_round(model: onnx.ModelProto) -> bool:
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    consts: dict[str, np.ndarray] = {t.name: None for t in g.initializer}  # values loaded lazily
+    init_by_name = {t.name: t for t in g.initializer}
+    shapes = _static_shapes(model)
+    graph_outputs = {o.name for o in g.output}
+    opsets = list(model.opset_import)
+    new_inits: list[onnx.TensorProto] = []
+    keep: list[onnx.NodeProto] = []
+    changed = False
+
+    def value(name: str) -> np.ndarray:
+        if consts[name] is None:
+            consts[name] = numpy_helper.to_array(init_by_name[name])
+        return consts[name]
+
+    for node in g.node:
+        outs: list[np.ndarray] | None = None
+        ins = [i for i in node.input if i]
+        if node.op_type == "Constant":
+            # As an initializer, later nodes can fold through it.
+            try:
+                outs = [numpy_helper.to_array(_constant_value(node))]
+            except ValueError:
+                outs = None
+        elif node.op_type == "Shape" and ins and ins[0] in shapes:
+            rank = len(shapes[ins[0]])
+            start = _attr(node, "start", 0)
+            end = _attr(node, "end", rank)
+            outs = [np.array(shapes[ins[0]], dtype=np.int64)[slice(start, end)]]
+        elif node.op_type == "Size" and ins and ins[0] in shapes:
+            outs = [np.array(int(np.prod(shapes[ins[0]])), dtype=np.int64)]
+        elif (
+            ins
+            and node.op_type not in _NONDETERMINISTIC
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+            and all(i in consts for i in ins)
+            and all(o not in graph_outputs for o in node.output)
+        ):
+            out_shapes = [shapes.get(o) for o in node.output]
+            if all(s is not None and int(np.prod(s)) <= _FOLD_MAX_ELEMENTS for s in out_shapes):
+                try:
+                    sess = ReferenceEvaluator(_single_node_model(node, g, opsets, init_by_name, new_inits))
+                    outs = sess.run(None, {})
+                except Exception as e:  # an op the reference cannot run stays in the graph
+                    log.debug("not folding %s (%s): %s", node.name, node.op_type, e)
+                    outs = None
+        if outs is None:
+            keep.append(node)
+            continue
+        for name, arr in zip(node.output, outs):
+            if not name:
+                continue
+            arr = np.asarray(arr)
+            t = numpy_helper.from_array(arr, name)
+            new_inits.append(t)
+            init_by_name[name] = t
+            consts[name] = arr
+        changed = True
+    if not changed:
+        return False
+    del g.node[:]
+    g.node.extend(keep)
+    g.initializer.extend(new_inits)
+    _prune(model)
+    return True
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:
+    for a in node.attribute:
+        if a.name == "value":
+            return a.t
+        if a.name == "value_float":
+            return numpy_helper.from_array(np.array(a.f, dtype=np.float32))
+        if a.name == "value_floats":
+            return numpy_helper.from_array(np.array(list(a.floats), dtype=np.float32))
+        if a.name == "value_int":
+            return numpy_helper.from_array(np.array(a.i, dtype=np.int64))
+        if a.name == "value_ints":
+            return numpy_helper.from_array(np.array(list(a.ints), dtype=np.int64))
+    raise ValueError("constant without a dense value")
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _single_node_model(node, graph, opsets, init_by_name, new_inits) -> onnx.ModelProto:
+    ins = [i for i in node.input if i]
+    inits = [init_by_name[i] for i in dict.fromkeys(ins)]
+    outs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
+    sub = helper.make_graph([node], "fold", [], outs, initializer=inits)
+    return helper.make_model(sub, opset_imports=opsets)
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop nodes and initializers nothing needs any more."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    live = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+    live.reverse()
+    del g.node[:]
+    g.node.extend(live)
+    old_inits = {t.name for t in g.initializer}
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    # Old-IR models list initializers among the inputs too; those go with their initializer.
+    ins = [i for i in g.input if i.name not in old_inits or i.name in needed]
+    del g.input[:]
+    g.input.extend(ins)
+    vis = [v for v in g.value_info if v.name in needed]
+    del g.value_info[:]
+    g.value_info.extend(vis)
+
+
+def supported_op_types() -> set[str]:
+    """ONNX op types TVM's Relax frontend converts."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    return set(_get_convert_map()) | {"Constant", "If"}
+
+
+def unsupported_ops(imported: ImportedModel, extra_unsupported: tuple | list = ()) -> list[str]:
+    """Every op type in the model that the frontend or the target cannot take."""
+    supported = supported_op_types()
+    return sorted({t for t in imported.op_types if t not in supported or t in extra_unsupported})
+
+
+def to_relax(imported: ImportedModel):
+    """Convert to a Relax IRModule with the weights bound as constants."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    bad = unsupported_ops(imported)
+    if bad:
+        raise UnsupportedError(f"unsupported ops: {', '.join(bad)} (TVM's ONNX frontend cannot convert them)")
+    shapes = {s.name: list(s.shape) for s in imported.inputs}
+    dtypes = {s.name: s.dtype for s in imported.inputs}
+    sink = io.StringIO()
+    try:
+        # The frontend prints the failing node to stdout; keep stdout clean for --json.
+        with contextlib.redirect_stdout(sink):
+            mod = from_onnx(imported.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
+    except Exception as e:
+        detail = sink.getvalue().strip().splitlines()
+        where = f" ({detail[0][:200]})" if detail else ""
+        raise UnsupportedError(f"TVM's ONNX frontend failed: {_first_line(e)}{where}") from e
+    return mod

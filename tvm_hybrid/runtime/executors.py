@@ -1,0 +1,64 @@
+"""Device executors, one per segment format, in a table; each is imported only when used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ArtifactError, RuntimeFailure
+from ._tvm import tvm_runtime
+
+
+class TVMVMExecutor:
+    """A segment compiled by TVM Relax into a shared library run by the Relax VM."""
+
+    def __init__(self, root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None):
+        tvm = tvm_runtime()
+        from tvm.runtime.vm import VirtualMachine
+
+        self._tvm = tvm
+        lib_path = root / segment["library"]
+        self.device = _device(tvm, target, device)
+        self.device_name = str(self.device)
+        try:
+            lib = tvm.runtime.load_module(str(lib_path))
+            self._vm = VirtualMachine(lib, self.device)
+            self._main = self._vm["main"]
+        except Exception as e:
+            raise RuntimeFailure(
+                f"cannot load {segment['library']} on {self.device_name}: {str(e).strip().splitlines()[-1]}; "
+                "was it compiled for this machine's architecture?"
+            ) from e
+        self._n_out = len(segment["outputs"])
+
+    def run(self, args: list[np.ndarray]) -> list[np.ndarray]:
+        tvm = self._tvm
+        out = self._main(*[tvm.runtime.tensor(a, self.device) for a in args])
+        if self._n_out == 1 and hasattr(out, "numpy"):
+            return [out.numpy()]
+        return [o.numpy() for o in out]
+
+
+def _device(tvm, target: dict[str, Any], override: str | None):
+    kind = override or target.get("tvm_target", {}).get("kind", "llvm")
+    kind = {"llvm": "cpu", "c": "cpu"}.get(kind, kind)
+    dev = tvm.device(kind, 0)
+    if not dev.exist:
+        raise RuntimeFailure(f"device {kind}:0 is not present on this machine; the artifact needs it")
+    return dev
+
+
+EXECUTORS: dict[str, Callable[..., Any]] = {"tvm-vm": TVMVMExecutor}
+
+
+def create_executor(root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None = None):
+    fmt = segment.get("format", "tvm-vm")
+    if fmt not in EXECUTORS:
+        raise ArtifactError(
+            f"segment {segment.get('id')} has format {fmt!r}; this runtime runs {', '.join(EXECUTORS)}"
+        )
+    if "library" not in segment:
+        raise ArtifactError(f"segment {segment.get('id')} names no library file")
+    return EXECUTORS[fmt](root, segment, target, device)
