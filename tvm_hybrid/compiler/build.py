@@ -22,7 +22,7 @@ class BuildResult:
     default_kernels: int = 0
 
 
-def optimize(mod, profile: TargetProfile):
+def optimize(mod, profile: TargetProfile, database=None):
     """The Relax passes every build runs, ending with fused TIR kernels (the tuning granularity).
 
     The ONNX importer leaves composite ops (batch_norm, layer_norm, gelu…) that only
@@ -51,7 +51,29 @@ def optimize(mod, profile: TargetProfile):
     with target:
         mod = seq(mod)
     _check_legalized(mod)
-    return mod
+    if database is not None:
+        # Tuned kernels first; apply_default leaves functions already scheduled alone.
+        from tvm.s_tir import meta_schedule as ms
+
+        with target, database:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    from .schedules import apply_default
+
+    return apply_default(mod, profile)
+
+
+def kernel_counts(mod) -> tuple[int, int]:
+    """(tuned, default): PrimFuncs scheduled from a tuning database, and the rest."""
+    import tvm
+
+    tuned = default = 0
+    for _, f in mod.functions.items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            if f.attrs is not None and "tvm_hybrid.tuned" in f.attrs:
+                tuned += 1
+            else:
+                default += 1
+    return tuned, default
 
 
 def _check_legalized(mod) -> None:
@@ -93,8 +115,8 @@ def build(mod, profile: TargetProfile, out_lib: Path) -> BuildResult:
     fcompile = _fcompile(profile)
     out_lib.parent.mkdir(parents=True, exist_ok=True)
     ex.export_library(str(out_lib), fcompile=fcompile)
-    kernels = sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
-    return BuildResult(library=out_lib, default_kernels=kernels)
+    tuned, default = kernel_counts(mod)
+    return BuildResult(library=out_lib, tuned_kernels=tuned, default_kernels=default)
 
 
 def _fcompile(profile: TargetProfile):
