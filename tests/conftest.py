@@ -1,0 +1,118 @@
+"""Shared fixtures: real models, a session-wide cache of compiled artifacts, the onnxruntime reference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+MODELS = HERE / "models"
+DET = MODELS / "ch_PP-OCRv4_det_infer.onnx"
+CLS = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+# One profile for most tests: every x86-64 CI machine since 2013 runs AVX2 code.
+TARGET = "x86-64-avx2"
+
+sys.path.insert(0, str(HERE))
+
+
+def reference(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """onnxruntime's outputs, by name: the reference every test compares against."""
+    import onnxruntime as ort
+
+    src = model if isinstance(model, (str, Path)) else model.SerializeToString()
+    sess = ort.InferenceSession(str(src) if isinstance(src, Path) else src, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, feeds)))
+
+
+def assert_close(got: dict, want: dict, rtol: float, atol: float) -> None:
+    """Every output matches: |got - want| <= atol + rtol * |want| (numpy's allclose), same dtype."""
+    assert list(got) == list(want), (list(got), list(want))
+    for name in want:
+        g, w = got[name], want[name]
+        assert g.shape == w.shape, (name, g.shape, w.shape)
+        assert g.dtype == w.dtype, (name, g.dtype, w.dtype)
+        if np.issubdtype(w.dtype, np.integer) or w.dtype == bool:
+            np.testing.assert_array_equal(g, w, err_msg=name)
+        else:
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=name)
+
+
+class ArtifactCache:
+    """Compiles each (model, inputs, target) once per test session."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._done: dict[tuple, Path] = {}
+
+    def get(self, model_path: Path, inputs: dict[str, tuple[int, ...]], target: str = TARGET) -> Path:
+        from tvm_hybrid.compiler.importer import InputOverride
+        from tvm_hybrid.compiler.package import CompileOptions, compile_model
+
+        key = (str(model_path), tuple(sorted(inputs.items())), target)
+        if key not in self._done:
+            out = self.root / f"a{len(self._done)}"
+            [summary] = compile_model(
+                CompileOptions(
+                    model=model_path,
+                    targets=(target,),
+                    output=out,
+                    inputs=tuple(InputOverride(k, tuple(v)) for k, v in inputs.items()),
+                )
+            )
+            self._done[key] = summary.path
+        return self._done[key]
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> ArtifactCache:
+    return ArtifactCache(tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="session")
+def zoo_files(tmp_path_factory):
+    """Each zoo model written once as a .onnx file."""
+    import zoo
+
+    root = tmp_path_factory.mktemp("zoo")
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            z = zoo.build(name)
+            p = root / f"{name}.onnx"
+            p.write_bytes(z.model.SerializeToString())
+            cache[name] = (z, p)
+        return cache[name]
+
+    return get
+
+
+def cli(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real `tvm-hybrid` command line in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tvm_hybrid", *args], capture_output=True, text=True, cwd=cwd, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tvm-hybrid {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def text_image(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A synthetic page of dark strokes on paper, normalized as PP-OCR does: the detector fires on it."""
+    rng = np.random.default_rng(seed)
+    batch = []
+    for _ in range(n):
+        img = np.full((h, w, 3), 235.0) + rng.normal(0, 8, (h, w, 3))
+        for _ in range(max(2, h // 40)):
+            y, x, length = rng.integers(0, h - 16), rng.integers(0, w // 2), rng.integers(w // 4, w // 2)
+            for cx in range(x, min(w, x + length), 7):
+                img[y : y + 12, cx : cx + 4] = rng.uniform(0, 60)
+        img = np.clip(img, 0, 255) / 255.0
+        img = (img - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+        batch.append(img.transpose(2, 0, 1))
+    return np.stack(batch).astype(np.float32)
