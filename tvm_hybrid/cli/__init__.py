@@ -23,7 +23,7 @@ class _Formatter(logging.Formatter):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tvm-hybrid")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logs, and the traceback on errors.")
-@click.option("--quiet", "-q", is_flag=True, help="Only errors on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr (the default when stderr is not a terminal).")
 def cli(verbose: bool, quiet: bool) -> None:
     """Compile ONNX models with Apache TVM for edge targets; run them on the device, with the cloud
     taking what the device cannot carry.
@@ -38,7 +38,14 @@ def cli(verbose: bool, quiet: bool) -> None:
     handler.setFormatter(_Formatter())
     root = logging.getLogger("tvm_hybrid")
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    # Progress is for people: a pipeline (stderr not a terminal) sees only warnings and the error line.
+    if verbose:
+        level = logging.DEBUG
+    elif quiet or not sys.stderr.isatty():
+        level = logging.WARNING
+    else:
+        level = logging.INFO
+    root.setLevel(level)
     root.propagate = False
 
 

@@ -1,0 +1,161 @@
+"""The edge runtime: import isolation, integrity checks, .tar artifacts, input validation."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from conftest import CLS, reference, text_image
+
+from tvm_hybrid.errors import ArtifactError, UsageError
+from tvm_hybrid.runtime import Session
+
+CLS_SHAPE = {"x": (1, 3, 48, 192)}
+
+
+@pytest.fixture
+def cls_artifact(artifacts, tmp_path):
+    """A private copy of the compiled classifier, free to tamper with."""
+    dst = tmp_path / "art"
+    shutil.copytree(artifacts.get(CLS, CLS_SHAPE), dst)
+    return dst
+
+
+def test_runtime_import_loads_no_compiler(artifacts):
+    """An edge app importing the runtime and running a model never loads libtvm_compiler, onnx
+    or tvm_hybrid.compiler."""
+    art = artifacts.get(CLS, CLS_SHAPE)
+    code = f"""
+import sys, numpy as np
+from tvm_hybrid.runtime import Session
+s = Session({str(art)!r})
+out = s.run({{"x": np.zeros((1, 3, 48, 192), np.float32)}})
+maps = open("/proc/self/maps").read()
+print({{
+    "compiler_so": "libtvm_compiler" in maps,
+    "runtime_so": "libtvm_runtime" in maps,
+    "onnx": any(m == "onnx" or m.startswith("onnx.") for m in sys.modules),
+    "compiler_pkg": any(m.startswith("tvm_hybrid.compiler") or m.startswith("tvm_hybrid.cli") for m in sys.modules),
+    "relax": "tvm.relax" in sys.modules,
+    "outputs": len(out),
+}})
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    facts = eval(proc.stdout.strip().splitlines()[-1])
+    assert facts == {"compiler_so": False, "runtime_so": True, "onnx": False, "compiler_pkg": False,
+                     "relax": False, "outputs": 1}  # fmt: skip
+
+
+def test_runtime_modules_do_not_import_the_compiler_side():
+    """Dependencies point one way: runtime never imports compiler, cli, onnx (static check)."""
+    import ast
+    import pathlib
+
+    import tvm_hybrid
+
+    root = pathlib.Path(tvm_hybrid.__file__).parent
+    for path in list((root / "runtime").glob("*.py")) + [root / "manifest.py", root / "errors.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            else:
+                continue
+            for name in names:
+                parts = name.lstrip(".").split(".")
+                assert parts[0] not in ("onnx", "onnxruntime"), f"{path.name} imports {name}"
+                assert "compiler" not in parts and "cli" not in parts, f"{path.name} imports {name}"
+                assert not name.startswith("tvm.relax"), f"{path.name} imports {name}"
+
+
+def test_tampered_library_is_refused_before_loading(cls_artifact):
+    lib = cls_artifact / "segments" / "0.so"
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="fails its checksum"):
+        Session(cls_artifact)
+
+
+def test_missing_file_and_bad_manifest_are_artifact_errors(cls_artifact):
+    m = json.loads((cls_artifact / "manifest.json").read_text())
+    (cls_artifact / "segments" / "0.so").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        Session(cls_artifact)
+    for broken, match in [
+        ("{not json", "not valid JSON"),
+        (json.dumps({**m, "schema": "tvm-hybrid/artifact@99"}), "schema"),
+        (json.dumps({**m, "segments": []}), "no segments"),
+        (json.dumps({**m, "files": [{"path": "../../etc/passwd", "sha256": "0"}]}), "escapes"),
+        (json.dumps({**m, "versions": {**m["versions"], "tvm": "0.19.0"}}), "TVM 0.19.0"),
+    ]:
+        (cls_artifact / "manifest.json").write_text(broken)
+        with pytest.raises(ArtifactError, match=match):
+            Session(cls_artifact)
+
+
+def test_tar_artifact_runs_like_the_directory(artifacts, tmp_path):
+    art = artifacts.get(CLS, CLS_SHAPE)
+    tar = tmp_path / "cls.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(art, arcname="cls")
+    x = text_image(1, 48, 192)
+    with Session(tar) as s:
+        got = s.run({"x": x})
+        unpacked = s._art.root
+        assert unpacked.exists()
+    assert not unpacked.exists(), "the unpacked copy outlived the session"
+    want = reference(CLS, {"x": x})
+    np.testing.assert_allclose(next(iter(got.values())), next(iter(want.values())), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["traversal", "absolute", "symlink", "device"])
+def test_unsafe_tar_members_are_refused(tmp_path, kind):
+    tar = tmp_path / f"{kind}.tar"
+    with tarfile.open(tar, "w") as tf:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = 2
+        tf.addfile(info, io.BytesIO(b"{}"))
+        evil = tarfile.TarInfo({"traversal": "../evil.so", "absolute": "/tmp/evil.so"}.get(kind, "segments/0.so"))
+        if kind == "symlink":
+            evil.type, evil.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tf.addfile(evil)
+        elif kind == "device":
+            evil.type = tarfile.CHRTYPE
+            tf.addfile(evil)
+        else:
+            evil.size = 4
+            tf.addfile(evil, io.BytesIO(b"evil"))
+    with pytest.raises(ArtifactError, match="escapes|link or special"):
+        Session(tar)
+    assert not (tmp_path.parent / "evil.so").exists()
+
+
+def test_input_validation_names_shapes_and_dtypes(artifacts):
+    with Session(artifacts.get(CLS, CLS_SHAPE)) as s:
+        x = np.zeros((1, 3, 48, 192), np.float32)
+        with pytest.raises(UsageError, match="missing input.*x 1x3x48x192 float32"):
+            s.run({})
+        with pytest.raises(UsageError, match="unknown input.*y"):
+            s.run({"x": x, "y": x})
+        with pytest.raises(UsageError, match="must be float32, got float64"):
+            s.run({"x": x.astype(np.float64)})
+        with pytest.raises(UsageError, match="shape 1x3x48x192, got 2x3x48x192"):
+            s.run({"x": np.zeros((2, 3, 48, 192), np.float32)})
+        # Non-contiguous views are fine: the runtime copies them.
+        wide = np.zeros((1, 3, 48, 384), np.float32)[..., ::2]
+        assert next(iter(s.run({"x": wide}).values())).shape == (1, 2)
+
+
+def test_trace_reports_each_segment(artifacts):
+    with Session(artifacts.get(CLS, CLS_SHAPE)) as s:
+        s.run({"x": text_image(1, 48, 192)})
+        [t] = s.trace
+    assert t["placement"] == "device" and t["ms"] > 0 and t["bytes_sent"] == 0 and t["segment"] == 0
