@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""TVM (tvm-hybrid artifacts) vs onnxruntime latency on the shared models, same thread count.
+
+Runs are interleaved (ort, tvm, ort, tvm, …) so both see the same machine state; medians are
+reported, with ratios against onnxruntime in the same run, and achieved GFLOP/s against a
+practical fp32 peak measured in the same run (numpy/OpenBLAS sgemm on the same threads).
+
+    python scripts/bench.py                       # both shared models, 2 threads, 30 runs
+    python scripts/bench.py --runs 50 --threads 1 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {
+    "ppocr-det 1x3x320x320": (ROOT / "tests/models/ch_PP-OCRv4_det_infer.onnx", (1, 3, 320, 320)),
+    "ppocr-cls 1x3x48x192": (ROOT / "tests/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192)),
+}
+
+
+@dataclasses.dataclass
+class Variant:
+    """One way of building the model with tvm-hybrid."""
+
+    name: str
+    compile_kwargs: dict
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--runs", type=int, default=30, help="timed runs per engine (after warm-up)")
+    ap.add_argument("--target", default="host")
+    ap.add_argument("--model", action="append", choices=list(MODELS), help="default: all")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    # Both engines read their thread count once, at start-up.
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from tvm_hybrid.compiler import analysis, importer
+    from tvm_hybrid.compiler.package import CompileOptions, compile_model
+    from tvm_hybrid.runtime import Session
+    from tvm_hybrid.targets import resolve
+
+    profile = resolve(args.target)
+    peak = practical_peak_gflops(np)
+    variants = available_variants()
+    rows = []
+    for label in args.model or list(MODELS):
+        path, shape = MODELS[label]
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        imp = importer.load(path, [importer.InputOverride("x", shape)])
+        gflop = sum(i.flops for i in analysis.analyze(imp)) / 1e9
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        ort_sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        engines = {"onnxruntime": lambda: ort_sess.run(None, {"x": x})}
+        sessions = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for v in variants:
+                t0 = time.perf_counter()
+                [s] = compile_model(
+                    CompileOptions(model=path, targets=(profile.name,), output=Path(tmp) / v.name,
+                                   inputs=(importer.InputOverride("x", shape),), **v.compile_kwargs)  # fmt: skip
+                )
+                compile_s = time.perf_counter() - t0
+                sess = Session(s.path)
+                sessions.append(sess)
+                kernels = sess.manifest["segments"][0].get("kernels", {})
+                engines[v.name] = (lambda sess=sess: sess.run({"x": x}))
+                print(f"# {label}: {v.name} compiled in {compile_s:.1f} s, kernels {kernels}", file=sys.stderr)
+            times = interleaved(engines, args.runs)
+            for sess in sessions:
+                sess.close()
+        ort_ms = statistics.median(times["onnxruntime"])
+        for name, ts in times.items():
+            ms = statistics.median(ts)
+            rows.append(
+                {
+                    "model": label,
+                    "engine": name,
+                    "median_ms": round(ms, 3),
+                    "vs_onnxruntime": round(ms / ort_ms, 2),
+                    "gflops": round(gflop / (ms / 1e3), 1),
+                    "pct_of_peak": round(100 * gflop / (ms / 1e3) / peak, 1),
+                    "runs": len(ts),
+                }
+            )
+    print_table(rows, args, profile.name, peak)
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "target": profile.name, "peak_gflops": peak,
+                                         "rows": rows}, indent=2))  # fmt: skip
+
+
+def available_variants() -> list[Variant]:
+    """TVM untuned always; TVM tuned too once the compiler takes tuning logs."""
+    from tvm_hybrid.compiler.package import CompileOptions
+
+    if "tuning_logs" not in {f.name for f in dataclasses.fields(CompileOptions)}:
+        return [Variant("tvm", {})]
+    return [Variant("tvm-untuned", {"tuning_logs": None}), Variant("tvm-tuned", {})]
+
+
+def interleaved(engines: dict, runs: int) -> dict[str, list[float]]:
+    """Warm each engine up, then time them in turn, ``runs`` rounds."""
+    for fn in engines.values():
+        for _ in range(3):
+            fn()
+    times = {k: [] for k in engines}
+    for _ in range(runs):
+        for k, fn in engines.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def practical_peak_gflops(np) -> float:
+    """fp32 GFLOP/s of a large sgemm on the configured threads: the machine's practical peak."""
+    n = 2048
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    a @ a
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return round(2 * n**3 / best / 1e9, 1)
+
+
+def print_table(rows, args, target, peak) -> None:
+    print(f"\n{args.threads} thread(s), target {target}, medians of {args.runs} interleaved runs; "
+          f"practical fp32 peak (sgemm) {peak} GFLOP/s\n")  # fmt: skip
+    print("| model | engine | median ms | vs onnxruntime | GFLOP/s | % of peak |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['engine']} | {r['median_ms']:.2f} | {r['vs_onnxruntime']:.2f}x | "
+              f"{r['gflops']:.1f} | {r['pct_of_peak']:.1f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
