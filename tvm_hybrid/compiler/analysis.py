@@ -116,6 +116,17 @@ def _flops(node: onnx.NodeProto, shapes) -> int:
     return out_elems * _TRANSCENDENTAL.get(op, 1)
 
 
+def tensor_bytes(imported: ImportedModel) -> dict[str, int]:
+    """Size in bytes of every tensor with a static shape (inputs, intermediates, outputs)."""
+    g = imported.model.graph
+    out = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            out[vi.name] = _nbytes(tuple(max(d.dim_value, 0) for d in tt.shape.dim), tt.elem_type)
+    return out
+
+
 def predicted_ms(flops: int, bytes_moved: int, profile: TargetProfile) -> float:
     """Roofline time: the slower of compute at peak and memory traffic at peak bandwidth."""
     gflops = float(profile.capacity.get("peak_gflops", 1.0))

@@ -1,0 +1,478 @@
+"""Device/cloud placement: minimum predicted end-to-end latency by s-t min-cut (as in DADS).
+
+Every node runs either on the device (source side S) or in the cloud (sink side T). The cut's
+capacity is exactly the predicted latency without the round trip:
+
+    sum(device ms of S) + sum(cloud ms of T) + sum(bytes of tensors crossing S→T) / bandwidth
+    + bytes of model outputs computed in T (they come back) / bandwidth
+
+and infinite edges encode the constraints: a node the device cannot run stays out of S; with one
+crossing (a device prefix, a cloud suffix) no edge may run from T back to S; a node that reads the
+model's input stays in S when the input must stay local. A tensor read by several cloud nodes is
+sent once (one auxiliary vertex per tensor). The round trip is a constant paid once when T is not
+empty, so the optimum is the better of the min-cut plus RTT and all-device.
+
+The device memory budget (weights + peak activations) is not a cut constraint (it is a knapsack
+over an order ideal, NP-hard in general); it is met by Lagrangian relaxation: each node's device
+cost grows by λ per byte it keeps on the device, λ searched until the plan fits. Plans are exact
+when the budget does not bind, and feasible when it does.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+import sys
+from typing import Any
+
+from ..errors import UnsupportedError, UsageError
+
+INF = float("inf")
+
+
+# --------------------------------------------------------------------------------------------
+# Units
+# --------------------------------------------------------------------------------------------
+_RATE = {"bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9, "bit/s": 1, "kbit/s": 1e3, "mbit/s": 1e6, "gbit/s": 1e9}
+_TIME = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+_SIZE = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _parse(text: str | float | int, table: dict[str, float], what: str, example: str) -> float:
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z/]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in table:
+        raise UsageError(f"bad {what} {text!r}: expected a number with a unit, e.g. {example} ({', '.join(table)})")
+    return float(m.group(1)) * table[unit]
+
+
+def parse_bandwidth(text) -> float:
+    """'20Mbps' → bits per second."""
+    return _parse(text, _RATE, "bandwidth", "20Mbps")
+
+
+def parse_duration_ms(text) -> float:
+    """'40ms' → milliseconds."""
+    return _parse(text, _TIME, "duration", "40ms")
+
+
+def parse_size(text) -> float:
+    """'512MiB' → bytes."""
+    return _parse(text, _SIZE, "size", "512MiB")
+
+
+# --------------------------------------------------------------------------------------------
+# The abstract graph the planner works on
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PNode:
+    name: str
+    op: str
+    inputs: list[str]  # tensor names (model inputs or other nodes' outputs; weights excluded)
+    outputs: list[str]
+    device_ms: float  # INF when the device cannot run it
+    cloud_ms: float  # INF when the cloud cannot run it either
+    param_bytes: int = 0
+    flops: int = 0
+
+
+@dataclasses.dataclass
+class PlanGraph:
+    nodes: list[PNode]  # in a topological order
+    tensor_bytes: dict[str, int]
+    model_inputs: list[str]
+    model_outputs: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    bandwidth_bps: float
+    rtt_ms: float
+
+    def transfer_ms(self, nbytes: float) -> float:
+        return nbytes * 8 / self.bandwidth_bps * 1e3
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    link: Link
+    memory_bytes: float = INF
+    keep_input_local: bool = True
+    max_crossings: int = 1
+
+
+@dataclasses.dataclass
+class Cost:
+    device_ms: float
+    cloud_ms: float
+    transfer_ms: float
+    rtt_ms: float
+    bytes_up: int
+    bytes_down: int
+
+    @property
+    def total_ms(self) -> float:
+        return self.device_ms + self.cloud_ms + self.transfer_ms + self.rtt_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["total_ms"] = self.total_ms
+        return {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in d.items()}
+
+
+@dataclasses.dataclass
+class Plan:
+    on_device: list[bool]  # per node
+    reasons: list[str | None]  # per cloud node: unsupported-op, memory, latency
+    cost: Cost
+    device_memory: dict[str, int]
+    baselines: dict[str, Cost | None]  # all-device, all-cloud (None when infeasible)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: the objective the planner minimizes, written out directly
+# --------------------------------------------------------------------------------------------
+def producers(g: PlanGraph) -> dict[str, int]:
+    return {t: i for i, n in enumerate(g.nodes) for t in n.outputs}
+
+
+def evaluate(g: PlanGraph, on_device: list[bool], link: Link) -> Cost:
+    """Predicted latency of a placement: compute on each side, tensors crossing, one RTT per crossing."""
+    prod = producers(g)
+    dev = sum(n.device_ms for n, d in zip(g.nodes, on_device) if d)
+    cloud = sum(n.cloud_ms for n, d in zip(g.nodes, on_device) if not d)
+    up = down = 0
+    sent_up, sent_down = set(), set()
+    for n, d in zip(g.nodes, on_device):
+        for t in dict.fromkeys(n.inputs):
+            src_dev = on_device[prod[t]] if t in prod else True  # model inputs live on the device
+            if src_dev and not d and t not in sent_up:
+                up += g.tensor_bytes[t]
+                sent_up.add(t)
+            elif not src_dev and d and t not in sent_down:
+                down += g.tensor_bytes[t]
+                sent_down.add(t)
+    for t in g.model_outputs:
+        if t in prod and not on_device[prod[t]] and t not in sent_down:
+            down += g.tensor_bytes[t]
+            sent_down.add(t)
+    crossings = count_crossings(g, on_device)
+    return Cost(
+        device_ms=dev,
+        cloud_ms=cloud,
+        transfer_ms=link.transfer_ms(up + down),
+        rtt_ms=link.rtt_ms * crossings,
+        bytes_up=up,
+        bytes_down=down,
+    )
+
+
+def count_crossings(g: PlanGraph, on_device: list[bool]) -> int:
+    """Round trips to the cloud: the number of cloud segments when run in order."""
+    if all(on_device):
+        return 0
+    segs = segments_in_order(g, on_device)
+    return sum(1 for placement, _ in segs if placement == "cloud")
+
+
+def feasible(g: PlanGraph, on_device: list[bool], opts: PlanOptions) -> bool:
+    prod = producers(g)
+    for n, d in zip(g.nodes, on_device):
+        if d and n.device_ms == INF or not d and n.cloud_ms == INF:
+            return False
+        if opts.keep_input_local and not d and any(t in g.model_inputs for t in n.inputs):
+            return False
+        if opts.max_crossings == 1 and d and any(t in prod and not on_device[prod[t]] for t in n.inputs):
+            return False
+    if count_crossings(g, on_device) > opts.max_crossings:
+        return False
+    return memory_use(g, on_device)["total"] <= opts.memory_bytes
+
+
+def memory_use(g: PlanGraph, on_device: list[bool]) -> dict[str, int]:
+    """Device memory: weights of device nodes + peak of live device tensors in execution order."""
+    weights = sum(n.param_bytes for n, d in zip(g.nodes, on_device) if d)
+    last_use: dict[str, int] = {}
+    for i, n in enumerate(g.nodes):
+        for t in n.inputs:
+            last_use[t] = i
+    for t in g.model_outputs:
+        last_use[t] = len(g.nodes)
+    live: dict[str, int] = {t: g.tensor_bytes[t] for t in g.model_inputs}
+    peak = sum(live.values())
+    for i, (n, d) in enumerate(zip(g.nodes, on_device)):
+        if d:
+            for t in n.outputs:
+                live[t] = g.tensor_bytes.get(t, 0)
+            peak = max(peak, sum(live.values()))
+        for t in list(live):
+            if last_use.get(t, -1) <= i and t not in g.model_inputs:
+                del live[t]
+    return {"weights": weights, "activations": peak, "total": weights + peak}
+
+
+def segments_in_order(g: PlanGraph, on_device: list[bool]) -> list[tuple[str, list[int]]]:
+    """Group nodes into maximal runs of one placement, in a topological order that keeps
+    each placement's nodes together where the dependencies allow."""
+    n = len(g.nodes)
+    prod = producers(g)
+    deps = [{prod[t] for t in node.inputs if t in prod} for node in g.nodes]
+    users = [[] for _ in range(n)]
+    for i, ds in enumerate(deps):
+        for j in ds:
+            users[j].append(i)
+    indeg = [len(d) for d in deps]
+    ready = {True: collections.deque(), False: collections.deque()}
+    for i in range(n):
+        if indeg[i] == 0:
+            ready[on_device[i]].append(i)
+    segs: list[tuple[str, list[int]]] = []
+    side = True
+    while ready[True] or ready[False]:
+        if not ready[side]:
+            side = not side
+        run = []
+        while ready[side]:
+            i = ready[side].popleft()
+            run.append(i)
+            for u in users[i]:
+                indeg[u] -= 1
+                if indeg[u] == 0:
+                    ready[on_device[u]].append(u)
+        segs.append(("device" if side else "cloud", sorted(run)))
+    return segs
+
+
+# --------------------------------------------------------------------------------------------
+# Solving: min-cut
+# --------------------------------------------------------------------------------------------
+class _MaxFlow:
+    """Dinic's algorithm on float capacities."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.adj: list[list[int]] = [[] for _ in range(n)]
+        self.to: list[int] = []
+        self.cap: list[float] = []
+
+    def add(self, u: int, v: int, c: float) -> None:
+        if c <= 0:
+            return
+        self.adj[u].append(len(self.to))
+        self.to.append(v)
+        self.cap.append(c)
+        self.adj[v].append(len(self.to))
+        self.to.append(u)
+        self.cap.append(0.0)
+
+    def source_side(self, s: int, t: int) -> list[bool]:
+        eps = 1e-12
+        # Augmenting paths are as long as the graph is deep (hundreds of layers).
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 4 * self.n + 1000))
+        while True:
+            level = [-1] * self.n
+            level[s] = 0
+            q = collections.deque([s])
+            while q:
+                u = q.popleft()
+                for e in self.adj[u]:
+                    if self.cap[e] > eps and level[self.to[e]] < 0:
+                        level[self.to[e]] = level[u] + 1
+                        q.append(self.to[e])
+            if level[t] < 0:
+                break
+            it = [0] * self.n
+
+            def dfs(u: int, f: float) -> float:
+                if u == t:
+                    return f
+                while it[u] < len(self.adj[u]):
+                    e = self.adj[u][it[u]]
+                    v = self.to[e]
+                    if self.cap[e] > eps and level[v] == level[u] + 1:
+                        got = dfs(v, min(f, self.cap[e]))
+                        if got > eps:
+                            self.cap[e] -= got
+                            self.cap[e ^ 1] += got
+                            return got
+                    it[u] += 1
+                return 0.0
+
+            while True:
+                f = dfs(s, INF)
+                if f <= eps:
+                    break
+                if f == INF:  # an infinite path: the constraints cannot all hold
+                    raise _Infeasible()
+        seen = [False] * self.n
+        seen[s] = True
+        q = collections.deque([s])
+        while q:
+            u = q.popleft()
+            for e in self.adj[u]:
+                if self.cap[e] > eps and not seen[self.to[e]]:
+                    seen[self.to[e]] = True
+                    q.append(self.to[e])
+        return seen
+
+
+class _Infeasible(Exception):
+    pass
+
+
+def _min_cut(g: PlanGraph, opts: PlanOptions, lam: float) -> list[bool]:
+    """The placement minimizing the cut objective (+ λ·device bytes); see the module docstring."""
+    n = len(g.nodes)
+    prod = producers(g)
+    consumers: dict[str, list[int]] = collections.defaultdict(list)
+    for i, node in enumerate(g.nodes):
+        for t in dict.fromkeys(node.inputs):
+            consumers[t].append(i)
+    tensors = [t for t in consumers]
+    S, T = n, n + 1
+    aux = {t: n + 2 + k for k, t in enumerate(tensors)}
+    mf = _MaxFlow(n + 2 + len(tensors))
+    link = opts.link
+    outs = set(g.model_outputs)
+    for i, node in enumerate(g.nodes):
+        ret = link.transfer_ms(sum(g.tensor_bytes[t] for t in node.outputs if t in outs))
+        cloud = node.cloud_ms + ret
+        dev = node.device_ms + lam * (node.param_bytes + sum(g.tensor_bytes.get(t, 0) for t in node.outputs))
+        pinned_local = opts.keep_input_local and any(t in g.model_inputs for t in node.inputs)
+        mf.add(S, i, INF if pinned_local else cloud)  # cut when i is in the cloud
+        mf.add(i, T, dev)  # cut when i is on the device
+    for t in tensors:
+        src = prod.get(t, S)  # model inputs are produced on the device
+        mf.add(src, aux[t], link.transfer_ms(g.tensor_bytes[t]))
+        for c in consumers[t]:
+            mf.add(aux[t], c, INF)
+            if opts.max_crossings == 1 and src != S:
+                mf.add(c, src, INF)  # no edge from the cloud back to the device
+    side = mf.source_side(S, T)
+    return side[:n]
+
+
+def solve(g: PlanGraph, opts: PlanOptions) -> Plan:
+    """Minimum predicted latency placement under the options' constraints."""
+    if opts.max_crossings != 1:
+        raise UsageError(
+            f"--max-crossings {opts.max_crossings} is not supported yet; plans have one crossing "
+            "(a device prefix, a cloud suffix)"
+        )
+    all_dev = [True] * len(g.nodes)
+    all_cloud = [False] * len(g.nodes)
+    baselines = {
+        "all-device": evaluate(g, all_dev, opts.link) if feasible(g, all_dev, opts) else None,
+        "all-cloud": evaluate(g, all_cloud, opts.link)
+        if feasible(g, all_cloud, dataclasses.replace(opts, keep_input_local=False, memory_bytes=INF))
+        else None,
+    }
+    try:
+        best = _min_cut(g, opts, 0.0)
+    except _Infeasible:
+        raise UnsupportedError(_infeasible_reason(g, opts)) from None
+    unconstrained = list(best)
+    if memory_use(g, best)["total"] > opts.memory_bytes:
+        best = _fit_memory(g, opts)
+    candidates = [best]
+    if baselines["all-device"] is not None:
+        candidates.append(all_dev)
+    best = min(
+        (c for c in candidates if feasible(g, c, opts)),
+        key=lambda c: (evaluate(g, c, opts.link).total_ms, -sum(c)),
+        default=None,
+    )
+    if best is None:
+        raise UnsupportedError(_infeasible_reason(g, opts))
+    reasons: list[str | None] = []
+    for i, node in enumerate(g.nodes):
+        if best[i]:
+            reasons.append(None)
+        elif node.device_ms == INF:
+            reasons.append("unsupported-op")
+        elif unconstrained[i]:
+            reasons.append("memory")
+        else:
+            reasons.append("latency")
+    return Plan(best, reasons, evaluate(g, best, opts.link), memory_use(g, best), baselines)
+
+
+def _fit_memory(g: PlanGraph, opts: PlanOptions) -> list[bool]:
+    """Smallest λ (ms per byte kept on the device) whose min-cut fits the memory budget."""
+    lo, hi = 0.0, 1e-9
+    while True:
+        cand = _min_cut(g, opts, hi)
+        if memory_use(g, cand)["total"] <= opts.memory_bytes:
+            break
+        if hi > 1e6:
+            raise UnsupportedError(
+                f"no placement fits the device memory budget of {opts.memory_bytes / 2**20:.0f} MiB, even with "
+                "everything possible in the cloud (the nodes that read the input stay local; "
+                "--no-keep-input-local lifts that, or raise --memory)"
+            )
+        lo, hi = hi, hi * 4
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        c = _min_cut(g, opts, mid)
+        if memory_use(g, c)["total"] <= opts.memory_bytes:
+            hi, cand = mid, c
+        else:
+            lo = mid
+    return cand
+
+
+def _infeasible_reason(g: PlanGraph, opts: PlanOptions) -> str:
+    both = sorted({n.op for n in g.nodes if n.device_ms == INF and n.cloud_ms == INF})
+    if both:
+        return f"unsupported ops on the device and in the cloud: {', '.join(both)}"
+    local = [n for n in g.nodes if n.device_ms == INF and any(t in g.model_inputs for t in n.inputs)]
+    if opts.keep_input_local and local:
+        return (
+            f"{local[0].op} node {local[0].name} reads the model's input but the device cannot run it; "
+            "pass --no-keep-input-local to let the cloud read the input"
+        )
+    return "no placement satisfies the constraints (device support, memory, crossings)"
+
+
+# --------------------------------------------------------------------------------------------
+# From an imported ONNX model and two target profiles
+# --------------------------------------------------------------------------------------------
+def graph_from_model(imported, device, cloud) -> PlanGraph:
+    """The planner's graph: per-node roofline times on both profiles, tensor sizes, support."""
+    from . import analysis
+
+    infos = analysis.analyze(imported, device)
+    cloud_infos = analysis.analyze(imported, cloud) if cloud is not None else None
+    model = imported.model
+    inits = {t.name for t in model.graph.initializer}
+    sizes = analysis.tensor_bytes(imported)
+    nodes = []
+    for k, info in enumerate(infos):
+        moved = info.param_bytes + info.activation_bytes + sum(sizes.get(t, 0) for t in info.inputs if t not in inits)
+        dev_ms = analysis.predicted_ms(info.flops, moved, device) if info.supported else INF
+        if cloud_infos is not None and cloud_infos[k].supported:
+            cloud_ms = analysis.predicted_ms(info.flops, moved, cloud)
+        else:
+            cloud_ms = INF
+        nodes.append(
+            PNode(
+                name=info.name,
+                op=info.op_type,
+                inputs=[t for t in info.inputs if t not in inits],
+                outputs=list(info.outputs),
+                device_ms=dev_ms,
+                cloud_ms=cloud_ms,
+                param_bytes=info.param_bytes,
+                flops=info.flops,
+            )
+        )
+    return PlanGraph(
+        nodes=nodes,
+        tensor_bytes=sizes,
+        model_inputs=[t.name for t in imported.inputs],
+        model_outputs=[t.name for t in imported.outputs],
+    )
