@@ -58,7 +58,7 @@ def main() -> int:
     import tvm
     from tvm import relax
 
-    from tvm_hybrid.compiler import build, importer, schedules
+    from tvm_hybrid.compiler import build, importer
     from tvm_hybrid.targets import resolve
 
     profile = resolve(args.target)
@@ -66,12 +66,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     mod = importer.to_relax(imported)
-    if args.no_default:
-        saved = schedules.apply_default
-        schedules.apply_default = lambda m, p: m
-    mod = build.optimize(mod, profile)
-    if args.no_default:
-        schedules.apply_default = saved
+    mod = build.fuse(mod, profile) if args.no_default else build.optimize(mod, profile)
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = build.build(mod, profile, Path(tmp) / "m.so")

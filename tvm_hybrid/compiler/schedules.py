@@ -2,9 +2,459 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections.abc import Sequence
+
 from ..targets import TargetProfile
+
+log = logging.getLogger(__name__)
+
+# Attributes that mark a PrimFunc as already scheduled (by a tuning database or by hand).
+_SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled", "tvm_hybrid.tuned")
+
+# f32 SIMD lanes by LLVM CPU name; anything unknown gets SSE's 4.
+_AVX512_CPUS = {"skylake-avx512", "cascadelake", "cooperlake", "icelake-server", "icelake-client",
+                "tigerlake", "sapphirerapids", "emeraldrapids", "graniterapids", "znver4", "znver5",
+                "x86-64-v4", "cannonlake", "rocketlake", "knl", "knm"}  # fmt: skip
+_AVX2_CPUS = {"haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake", "znver1",
+              "znver2", "znver3", "x86-64-v3", "cascadelake-avx2", "bdver4", "gracemont"}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuConfig:
+    """What the heuristic schedule needs to know about the CPU."""
+
+    lanes: int  # f32 lanes of one SIMD register
+    max_rows: int = 8  # register-tile rows (output channels) a reduction keeps in flight
+    accumulators: int = 12  # vector registers the accumulator tile may take
+    parallel_min_work: int = 1 << 14  # below this many multiply-adds, threads cost more than they save
+    unroll_max_step: int = 64
+
+
+def cpu_config(target) -> CpuConfig:
+    """The schedule settings for an llvm target, from its mcpu and mattr."""
+    mcpu = str(target.attrs.get("mcpu", "") or "")
+    mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
+    if mcpu in _AVX512_CPUS or "+avx512f" in mattr:
+        return CpuConfig(lanes=16, accumulators=24)  # 32 zmm registers
+    if mcpu in _AVX2_CPUS or "+avx2" in mattr or "+avx" in mattr:
+        return CpuConfig(lanes=8)
+    return CpuConfig(lanes=4)
 
 
 def apply_default(mod, profile: TargetProfile):
-    """Schedule every PrimFunc not yet scheduled; today TVM's unscheduled lowering is used as is."""
+    """Give every PrimFunc not yet scheduled a heuristic CPU schedule (llvm targets only).
+
+    Functions a tuning database scheduled are left alone. A kernel whose structure the
+    heuristic does not handle keeps TVM's unscheduled lowering; the build never fails here.
+    The result depends only on the module and the target, so builds are reproducible.
+    """
+    import tvm
+
+    target = profile.tvm()
+    if target.kind.name != "llvm":
+        return mod
+    cfg = cpu_config(target)
+    updates = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
+            continue
+        try:
+            new = schedule_func(func, cfg)
+        except Exception as e:  # an s_tir primitive refused: keep the unscheduled kernel
+            log.debug("default schedule failed for %s: %s", gv.name_hint, str(e).splitlines()[0][:200])
+            continue
+        if new is not None:
+            updates[gv] = new.with_attr("tirx.is_scheduled", True)
+    if not updates:
+        return mod
+    mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+    for gv, func in updates.items():
+        mod[gv] = func
+    log.debug("default schedules for %d kernels", len(updates))
     return mod
+
+
+def _is_scheduled(func) -> bool:
+    attrs = func.attrs
+    return attrs is not None and any(k in attrs and bool(attrs[k]) for k in _SCHEDULED_ATTRS)
+
+
+def schedule_func(func, cfg: CpuConfig):
+    """A scheduled copy of ``func``, or None when the heuristic does not apply."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    blocks = _child_blocks(sch)
+    if blocks is None:
+        return None
+    _inline(sch, blocks)
+    blocks = _child_blocks(sch)
+    done: set[str] = set()
+    for block in blocks:
+        name = sch.get(block).name_hint
+        if name in done:
+            continue
+        if _is_reduction(sch, block):
+            attached = _schedule_reduction(sch, block, cfg)
+            done.update(attached)
+        else:
+            _schedule_spatial(sch, block, cfg)
+        done.add(name)
+    return sch.mod["main"]
+
+
+# -- analysis ------------------------------------------------------------------------------
+
+
+def _child_blocks(sch):
+    """The blocks directly under the root, each alone in its own loop nest, or None."""
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    blocks = list(sch.get_child_blocks(root))
+    for b in blocks:
+        block = sch.get(b)
+        loops = sch.get_loops(b)
+        if len(loops) != len(block.iter_vars):
+            return None
+        for loop, iv in zip(loops, block.iter_vars):
+            if not _same_int(sch.get(loop).extent, iv.dom.extent):
+                return None
+    return blocks
+
+
+def _same_int(a, b) -> bool:
+    try:
+        return int(a) == int(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_reduction(sch, block) -> bool:
+    return any(iv.iter_type == 2 for iv in sch.get(block).iter_vars)
+
+
+def _extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _has_call(expr, names: tuple[str, ...]) -> bool:
+    """Whether ``expr`` calls an op whose name contains one of ``names``."""
+    import tvm
+
+    found = [False]
+
+    def visit(e):
+        if isinstance(e, tvm.ir.Call) and any(n in str(getattr(e.op, "name", e.op)) for n in names):
+            found[0] = True
+
+    _walk(expr, visit)
+    return found[0]
+
+
+# Child fields of TIR expression nodes; TVM 0.27 has no Python expression visitor for them.
+_CHILD_FIELDS = ("args", "indices", "a", "b", "value", "condition", "true_value", "false_value")
+
+
+def _walk(node, visit) -> None:
+    """Pre-order walk over a TIR expression tree."""
+    import tvm
+
+    stack = [node]
+    while stack:
+        e = stack.pop()
+        visit(e)
+        if isinstance(e, tvm.ir.Op):
+            continue
+        for field in _CHILD_FIELDS:
+            child = getattr(e, field, None)
+            if child is None:
+                continue
+            if isinstance(child, tvm.ir.expr.Expr):
+                stack.append(child)
+            elif isinstance(child, Sequence):
+                stack.extend(c for c in child if isinstance(c, tvm.ir.expr.Expr))
+
+
+# -- inlining ------------------------------------------------------------------------------
+
+
+def _inline(sch, blocks) -> None:
+    """Inline injective producers into their consumers, so a fused kernel is one loop nest.
+
+    A producer that a reduction reads is inlined only when it is cheap and unconditional
+    (a transpose, a cast): a reduction reads each input many times, and a padding
+    ``if_then_else`` inside its inner loop stops vectorization. Those stay separate stages.
+    """
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock(sch.mod["main"].body.block.name_hint))}
+    for b in blocks:
+        block = sch.get(b)
+        if block.name_hint in outputs or _is_reduction(sch, b):
+            continue
+        if not _is_simple_store(block):
+            continue
+        consumers = sch.get_consumers(b)
+        if any(_is_reduction(sch, c) for c in consumers):
+            if _has_call(block.body.value, ("if_then_else", "exp", "sigmoid", "tanh", "erf", "log", "sqrt", "pow")):
+                continue
+        try:
+            sch.compute_inline(b)
+        except Exception:  # not inlinable (e.g. read twice with different indices by a reduction)
+            pass
+
+
+def _is_simple_store(block) -> bool:
+    import tvm
+
+    return isinstance(block.body, tvm.tirx.BufferStore) and block.init is None
+
+
+# -- reductions ----------------------------------------------------------------------------
+
+
+def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
+    """Register-tile a reduction: parallel outer spatial tiles, reduction loops, then a
+    (rows x lanes) tile of accumulators with the lanes vectorized.
+
+    Returns the names of consumer blocks computed inside its tiles.
+    """
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    ivs = list(stmt.iter_vars)
+    spatial = [(lp, iv) for lp, iv in zip(loops, ivs) if iv.iter_type == 0]
+    reduce = [lp for lp, iv in zip(loops, ivs) if iv.iter_type == 2]
+    if not spatial or len(spatial) + len(reduce) != len(loops):
+        return set()
+    out_index = list(stmt.writes[0].region)
+    inner_var = next((iv.var for lp, iv in reversed(spatial) if _extent(sch, lp) > 1), spatial[-1][1].var)
+    dominant = _dominant_read(stmt, inner_var)
+
+    # Vector axis: the innermost spatial axis of extent > 1, when it is the output's last index
+    # and the dominant read's too (contiguous, or strided for a strided convolution).
+    vec = None
+    for i in range(len(spatial) - 1, -1, -1):
+        lp, iv = spatial[i]
+        if _extent(sch, lp) > 1:
+            if _is_var(out_index[-1].min, iv.var) and _in_last_index(dominant, iv.var):
+                vec = i
+            break
+    if vec is not None and vec > 0 and _extent(sch, spatial[vec][0]) % cfg.lanes:
+        # A short row (10x10 maps): fuse it with the axis above when both the output and the
+        # dominant read are dense over the pair, as in a 1x1 convolution, so vectors stay full.
+        lp2, iv2 = spatial[vec - 1]
+        if _dense_pair(stmt, dominant, iv2.var, spatial[vec][1].var):
+            fused_vec = sch.fuse(lp2, spatial[vec][0])
+            spatial = spatial[: vec - 1] + [(fused_vec, spatial[vec][1])] + spatial[vec + 1 :]
+            vec -= 1
+    lanes = 0
+    if vec is not None:
+        lanes = _vector_width(_extent(sch, spatial[vec][0]), cfg.lanes)
+    # A strided read (stride-2 convolution) would become one scalar load a lane under TVM's
+    # vectorizer; left as a serial innermost loop, LLVM vectorizes it with shuffles instead.
+    tvm_vectorize = bool(lanes) and _unit_stride(dominant.region[-1].min, spatial[vec][1].var)
+    # Row axis: the largest other spatial axis the dominant read does not depend on (its
+    # values are reused across rows while they sit in registers).
+    row = None
+    if lanes:
+        best = 1
+        for i, (lp, iv) in enumerate(spatial):
+            if i == vec or dominant is None or _uses_var(dominant, iv.var):
+                continue
+            if _extent(sch, lp) > best:
+                best, row = _extent(sch, lp), i
+    rows = 1
+    if row is not None:
+        max_rows = max(1, min(cfg.max_rows, cfg.accumulators // _vector_ops(lanes, cfg.lanes)))
+        rows = _row_factor(_extent(sch, spatial[row][0]), max_rows)
+
+    outer, inner = [], []
+    for i, (lp, _) in enumerate(spatial):
+        if i == vec and lanes:
+            o, v = sch.split(lp, factors=[None, lanes])
+            outer.append(o)
+            vec_inner = v
+        elif i == row and rows > 1:
+            o, r = sch.split(lp, factors=[None, rows])
+            outer.append(o)
+            inner.append(r)
+        else:
+            outer.append(lp)
+    if lanes:
+        inner.append(vec_inner)
+    sch.reorder(*outer, *reduce, *inner)
+
+    attached: set[str] = set()
+    consumers = sch.get_consumers(block)
+    if len(consumers) == 1 and not _is_reduction(sch, consumers[0]) and inner:
+        try:
+            sch.reverse_compute_at(consumers[0], outer[-1], preserve_unit_loops=False)
+            cl = sch.get_loops(consumers[0])
+            if lanes and len(cl) > len(outer) and _extent(sch, cl[-1]) == lanes:
+                sch.vectorize(cl[-1])
+            attached.add(sch.get(consumers[0]).name_hint)
+        except Exception:
+            pass
+
+    work = _work(sch, block)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if work >= cfg.parallel_min_work and _extent(sch, fused) > 1:
+        sch.parallel(fused)
+    sch.annotate(fused, "pragma_auto_unroll_max_step", cfg.unroll_max_step)
+    sch.annotate(fused, "pragma_unroll_explicit", 1)
+    if tvm_vectorize:
+        sch.vectorize(vec_inner)  # before decompose_reduction: the update block alone is no reduction
+    if reduce:
+        sch.decompose_reduction(block, reduce[0])
+    return attached
+
+
+def _dominant_read(stmt, var):
+    """The largest read that ``var`` (the innermost spatial axis) indexes: the activation of a
+    convolution, the right-hand side of a matmul. None when no read uses it."""
+    best, best_size = None, -1
+    for r in stmt.reads:
+        if r.source.same_as(stmt.writes[0].source) or not _uses_var(r, var):
+            continue
+        size = 1
+        for d in r.source.shape:
+            try:
+                size *= int(d)
+            except TypeError:
+                size *= 1 << 20
+        if size > best_size:
+            best, best_size = r, size
+    return best
+
+
+def _is_var(expr, var) -> bool:
+    return expr.same_as(var)
+
+
+def _uses_var(region, var) -> bool:
+    found = [False]
+
+    def visit(e):
+        if e.same_as(var):
+            found[0] = True
+
+    for rng in region.region:
+        _walk(rng.min, visit)
+    return found[0]
+
+
+def _dense_pair(stmt, dominant, outer_var, inner_var) -> bool:
+    """Whether the output and the dominant read are indexed ``[..., outer, inner]`` exactly and
+    have the same two trailing dims, so fusing the two axes gives contiguous addresses."""
+    if dominant is None:
+        return False
+    out = stmt.writes[0]
+    for region in (out, dominant):
+        if len(region.region) < 2:
+            return False
+        if not (_is_var(region.region[-2].min, outer_var) and _is_var(region.region[-1].min, inner_var)):
+            return False
+    oshape, dshape = out.source.shape, dominant.source.shape
+    return all(_same_int(oshape[i], dshape[i]) for i in (-2, -1))
+
+
+def _unit_stride(expr, var) -> bool:
+    """Whether ``expr`` is ``var`` plus terms free of it (stride 1 along ``var``)."""
+    import tvm
+
+    if expr.same_as(var):
+        return True
+    if isinstance(expr, (tvm.tirx.Add, tvm.tirx.Sub)):
+        a_uses, b_uses = _expr_uses(expr.a, var), _expr_uses(expr.b, var)
+        if a_uses and not b_uses:
+            return _unit_stride(expr.a, var)
+        if b_uses and not a_uses and isinstance(expr, tvm.tirx.Add):
+            return _unit_stride(expr.b, var)
+    return False
+
+
+def _expr_uses(expr, var) -> bool:
+    found = [False]
+
+    def visit(e):
+        if e.same_as(var):
+            found[0] = True
+
+    _walk(expr, visit)
+    return found[0]
+
+
+def _in_last_index(region, var) -> bool:
+    if region is None:
+        return False
+    found = [False]
+
+    def visit(e):
+        if e.same_as(var):
+            found[0] = True
+
+    _walk(region.region[-1].min, visit)
+    return found[0]
+
+
+def _vector_width(extent: int, lanes: int) -> int:
+    """The vector length for a loop of ``extent``: a divisor of it, at most two registers wide,
+    that keeps the most elements per SIMD instruction; 0 when none is 4 or more.
+
+    Lengths need not be powers of two: LLVM splits a 20-lane vector into 16 + 4.
+    """
+    best, best_score = 0, 0.0
+    for d in range(4, min(extent, 2 * lanes) + 1):
+        if extent % d:
+            continue
+        score = d / _vector_ops(d, lanes)
+        if score > best_score + 1e-9:
+            best, best_score = d, score
+    return best
+
+
+def _vector_ops(width: int, lanes: int) -> int:
+    """SIMD instructions LLVM needs for one ``width``-lane vector: full registers plus the
+    power-of-two pieces of the remainder."""
+    return max(1, width // lanes + bin(width % lanes).count("1"))
+
+
+def _row_factor(extent: int, max_rows: int) -> int:
+    for r in range(max_rows, 1, -1):
+        if extent % r == 0:
+            return r
+    return 1
+
+
+def _work(sch, block) -> int:
+    total = 1
+    for iv in sch.get(block).iter_vars:
+        total *= int(iv.dom.extent)
+    return total
+
+
+# -- spatial blocks ------------------------------------------------------------------------
+
+
+def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
+    """Parallel outer loops and a vectorized innermost loop.
+
+    A block with a condition (padding, dilation) keeps a serial innermost loop: TVM's vectorizer
+    scalarizes ``if_then_else``, while LLVM's loop vectorizer turns it into selects.
+    """
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    stmt = sch.get(block)
+    conditional = _is_simple_store(stmt) and _has_call(stmt.body.value, ("if_then_else",))
+    lanes = 0 if conditional else _vector_width(_extent(sch, loops[-1]), cfg.lanes)
+    if lanes:
+        o, v = sch.split(loops[-1], factors=[None, lanes])
+        outer = list(loops[:-1]) + [o]
+    else:
+        v = None
+        outer = list(loops[:-1]) if len(loops) > 1 else list(loops)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if _work(sch, block) >= cfg.parallel_min_work and _extent(sch, fused) > 1:
+        sch.parallel(fused)
+    if v is not None:
+        sch.vectorize(v)

@@ -1,0 +1,129 @@
+"""Default CPU schedules: every kernel stays correct, builds are reproducible, tuned kernels are kept.
+
+Models compile through the same optimize() + build() as the CLI and are compared against
+onnxruntime with each zoo model's stated tolerance (f32: rtol 1e-4, atol 1e-5 unless stated).
+"""
+
+from __future__ import annotations
+
+import pytest
+import zoo
+from conftest import CLS, TARGET, assert_close, reference, text_image
+
+from tvm_hybrid.compiler import build, importer, schedules
+from tvm_hybrid.targets import host_profile_name, resolve
+
+
+def _compile(model, shapes: dict, target: str, tmp_path):
+    import tvm
+    from tvm import relax
+
+    overrides = [importer.InputOverride(k, tuple(v)) for k, v in shapes.items()]
+    imported = importer.prepare(model, overrides)
+    profile = resolve(target)
+    mod = build.optimize(importer.to_relax(imported), profile)
+    result = build.build(mod, profile, tmp_path / "m.so")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(result.library)), tvm.cpu())
+    names = [s.name for s in imported.inputs]
+    outs = [o.name for o in imported.model.graph.output]
+    return mod, result, lambda feeds: _run(vm, [feeds[n] for n in names], outs)
+
+
+def _run(vm, args, out_names):
+    import tvm
+
+    res = vm["main"](*[tvm.runtime.tensor(a) for a in args])
+    flat = [res] if isinstance(res, tvm.runtime.Tensor) else list(res)
+    return {n: t.numpy() for n, t in zip(out_names, flat)}
+
+
+# Conv stacks, depthwise + squeeze-excite, attention (matmul, softmax), conv-transpose + resize,
+# reductions: one model of each kernel family the heuristic schedules differently.
+ZOO = ["resnet_block", "dw_se", "attention", "resize_convtranspose", "softmax_argmax", "mlp"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_model_with_default_schedules_matches_onnxruntime(name, tmp_path):
+    z = zoo.build(name)
+    mod, result, run = _compile(z.model, z.input_shapes, TARGET, tmp_path)
+    assert result.default_kernels > 0
+    assert_close(run(z.feeds), reference(z.model, z.feeds), z.rtol, z.atol)
+
+
+def test_cls_with_default_schedules_matches_onnxruntime(tmp_path):
+    import onnx
+
+    model = onnx.load(str(CLS))
+    x = text_image(1, 48, 192)
+    mod, _, run = _compile(model, {"x": (1, 3, 48, 192)}, host_profile_name(), tmp_path)
+    assert _scheduled(mod) >= 0.9 * _kernels(mod), "most kernels should get a default schedule"
+    assert_close(run({"x": x}), reference(model, {"x": x}), rtol=1e-4, atol=1e-5)
+
+
+def _kernels(mod) -> int:
+    import tvm
+
+    return sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
+
+
+def _scheduled(mod) -> int:
+    import tvm
+
+    return sum(
+        isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs
+        for f in mod.functions.values()
+    )
+
+
+def _fused(name: str, target: str):
+    """The zoo model's Relax module after fusion, before default schedules."""
+    z = zoo.build(name)
+    imported = importer.prepare(z.model, [importer.InputOverride(k, tuple(v)) for k, v in z.input_shapes.items()])
+    return build.fuse(importer.to_relax(imported), resolve(target))
+
+
+def test_default_schedules_are_deterministic():
+    import tvm
+
+    mod = _fused("resnet_block", TARGET)
+    a = schedules.apply_default(mod, resolve(TARGET))
+    b = schedules.apply_default(mod, resolve(TARGET))
+    assert _scheduled(a) == _kernels(a)
+    tvm.ir.assert_structural_equal(a, b)
+
+
+def test_already_scheduled_kernels_are_left_alone():
+    import tvm
+
+    mod = _fused("resnet_block", TARGET)
+    gv, func = next((gv, f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+    marked = func.with_attr("tirx.is_scheduled", True)
+    mod[gv] = marked
+    out = schedules.apply_default(mod, resolve(TARGET))
+    assert out[gv].same_as(marked)
+
+
+def test_unusual_kernel_falls_back_to_unscheduled(monkeypatch):
+    """A schedule that raises keeps TVM's unscheduled lowering for that kernel; the build goes on."""
+    mod = _fused("mlp", TARGET)
+
+    def boom(func, cfg):
+        raise RuntimeError("analysis failed")
+
+    monkeypatch.setattr(schedules, "schedule_func", boom)
+    out = schedules.apply_default(mod, resolve(TARGET))
+    assert _scheduled(out) == 0
+
+
+def test_simd_width_follows_the_profile():
+    assert schedules.cpu_config(resolve("x86-64-avx512").tvm()).lanes == 16
+    assert schedules.cpu_config(resolve("x86-64-avx2").tvm()).lanes == 8
+    assert schedules.cpu_config(resolve("x86-64").tvm()).lanes == 4
+
+
+def test_non_llvm_target_is_unchanged():
+    import dataclasses
+
+    mod = _fused("mlp", TARGET)
+    cuda = dataclasses.replace(resolve(TARGET), tvm_target={"kind": "cuda"}, tvm_host=None)
+    assert schedules.apply_default(mod, cuda).same_as(mod)
