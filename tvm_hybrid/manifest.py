@@ -118,9 +118,18 @@ def validate(m: Any, where: str = MANIFEST) -> None:
             raise ArtifactError(f"{where}: file path {p!r} escapes the artifact")
         paths.add(p)
     for i, seg in enumerate(m["segments"]):
-        lib = seg.get("library")
-        if lib is not None and lib not in paths:
-            raise ArtifactError(f"{where}: segment {i} library {lib!r} is not among the listed files")
+        for key in ("library", "fallback_library", "onnx"):
+            lib = seg.get(key)
+            if lib is not None and lib not in paths:
+                raise ArtifactError(f"{where}: segment {i} {key} {lib!r} is not among the listed files")
+        if seg["placement"] == "device" and "library" not in seg:
+            raise ArtifactError(f"{where}: device segment {i} names no library")
+        ep = seg.get("endpoint")
+        if ep is not None and not (isinstance(ep, dict) and isinstance(ep.get("model"), str)
+                                   and isinstance(ep.get("version"), str)):  # fmt: skip
+            raise ArtifactError(f"{where}: segment {i} endpoint needs model and version")
+        if seg["placement"] == "cloud" and ep is None:
+            raise ArtifactError(f"{where}: cloud segment {i} names no endpoint")
 
 
 def _need(d: dict, key: str, typ: type, where: str) -> None:

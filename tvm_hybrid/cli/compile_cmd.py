@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import emit_json
-from .options import input_option
+from .options import input_option, plan_options, plan_settings
 
 log = logging.getLogger("tvm_hybrid.cli")
 
@@ -18,18 +18,23 @@ log = logging.getLogger("tvm_hybrid.cli")
 @click.option("--target", "-t", "targets", multiple=True, required=True,
               help="Target profile (repeatable); `host` picks this machine's best.")
 @input_option
+@plan_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON summary on stdout.")
-def command(model: str, targets: tuple[str, ...], inputs, output: str, as_json: bool) -> None:
-    """Compile an ONNX model into one artifact per target: OUT/<target>/.
+def command(model: str, targets: tuple[str, ...], inputs, output: str, as_json: bool, **kw) -> None:
+    """Compile an ONNX model into one artifact per target: OUT/<target>/ (and OUT/<cloud>/ when
+    the plan sends segments to the cloud).
 
     \b
     tvm-hybrid compile det.onnx --target host --input x:1x3x320x320 -o dist/
     tvm-hybrid compile det.onnx -t x86-64 -t x86-64-avx2 --input x:1x3x320x320 -o dist/ --json
+    tvm-hybrid compile det.onnx -t x86-64 --input x:1x3x640x640 --memory 20MiB -o dist/   # split
     """
     from ..compiler.package import CompileOptions, compile_model
 
-    opts = CompileOptions(model=Path(model), targets=targets, output=Path(output), inputs=inputs)
+    cloud, settings = plan_settings(kw)
+    opts = CompileOptions(model=Path(model), targets=targets, output=Path(output), inputs=inputs,
+                          cloud=cloud, plan=settings)  # fmt: skip
     log.info(
         "compiling %s for %s%s into %s",
         model,
@@ -42,4 +47,5 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, as_json: 
         emit_json({"model": model, "artifacts": [s.to_dict() for s in summaries]})
         return
     for s in summaries:
-        click.echo(f"{s.path}  {s.segments} segment(s), {s.files} files, {s.bytes / 2**20:.2f} MiB, {s.seconds:.1f} s")
+        click.echo(f"{s.path}  {' + '.join(s.placement)} segment(s), {s.files} files, "
+                   f"{s.bytes / 2**20:.2f} MiB, {s.seconds:.1f} s")  # fmt: skip

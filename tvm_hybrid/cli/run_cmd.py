@@ -20,24 +20,34 @@ def _parse_feed(text: str) -> tuple[str | None, str]:
 @click.argument("artifact", type=click.Path())
 @click.option("--input", "-i", "feeds", multiple=True, metavar="NAME=FILE.npy",
               help="An input as a .npy file (repeatable); NAME= may be left out for a one-input model.")
+@click.option("--cloud-url", metavar="URL", help="KServe v2 server hosting the cloud segments (tvm-hybrid serve).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Bearer token for the cloud, in a file.")
+@click.option("--fallback", type=click.Choice(["auto", "off", "cloud"]), default="auto", show_default=True,
+              help="auto: a failed segment runs once on the other side; off: never; cloud: cloud first.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds to wait for the cloud per call.")
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Write NAME.npy for each output here.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run N times and report the median latency.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (outputs, trace, latency).")
-def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repeat: int, as_json: bool) -> None:
+def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_file: str | None, fallback: str,
+            timeout: float, output_dir: str | None, repeat: int, as_json: bool) -> None:  # fmt: skip
     """Run an artifact (directory or .tar) on inputs from .npy files.
 
     \b
     tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --output-dir out/
     tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --repeat 50 --json
+    tvm-hybrid run dist/x86-64 --input x=image.npy --cloud-url http://127.0.0.1:8000
     """
     import numpy as np
 
     from ..errors import UsageError
     from ..manifest import safe_filename
     from ..runtime import Session
+    from .serve_cmd import read_token
 
-    with Session(artifact) as sess:
+    token = read_token(token_file)
+    with Session(artifact, cloud_url=cloud_url, token=token, fallback=fallback, timeout=timeout) as sess:
         arrays = {}
         for text in feeds:
             name, path = _parse_feed(text)

@@ -1,4 +1,4 @@
-"""compile: import once, build per target, write each artifact atomically."""
+"""compile: import once, plan and build per target, write each artifact atomically."""
 
 from __future__ import annotations
 
@@ -15,11 +15,36 @@ import onnx
 
 from .. import __version__
 from .. import manifest as mf
-from ..errors import UsageError
+from ..errors import UnsupportedError, UsageError
 from ..targets import TargetProfile, resolve
 from . import analysis, build, importer
+from . import plan as planner
+from .split import SegmentModel, endpoint_name, split
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSettings:
+    """The plan flags: link to the cloud, device memory budget, constraints (None = the profile's)."""
+
+    bandwidth: str | None = None
+    rtt: str | None = None
+    memory: str | None = None
+    keep_input_local: bool = True
+    max_crossings: int = 1
+
+    def options(self, device: TargetProfile) -> planner.PlanOptions:
+        link = device.link
+        bw = self.bandwidth or link.get("bandwidth") or "20Mbps"
+        rtt = self.rtt or link.get("rtt") or "40ms"
+        mem = planner.parse_size(self.memory) if self.memory else float(device.capacity.get("memory_bytes", planner.INF))
+        return planner.PlanOptions(
+            link=planner.Link(planner.parse_bandwidth(bw), planner.parse_duration_ms(rtt)),
+            memory_bytes=mem,
+            keep_input_local=self.keep_input_local,
+            max_crossings=self.max_crossings,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +55,8 @@ class CompileOptions:
     targets: tuple[str, ...]
     output: Path
     inputs: tuple[importer.InputOverride, ...] = ()
+    cloud: str | None = "cloud-x86"  # None: never split (unsupported ops are an error)
+    plan: PlanSettings = PlanSettings()
 
 
 @dataclasses.dataclass
@@ -40,6 +67,7 @@ class ArtifactSummary:
     bytes: int
     segments: int
     seconds: float
+    placement: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -47,8 +75,23 @@ class ArtifactSummary:
         return d
 
 
+def plan_for(imported: importer.ImportedModel, device: TargetProfile, cloud: TargetProfile | None,
+             settings: PlanSettings) -> tuple[planner.PlanGraph, planner.Plan]:  # fmt: skip
+    """The placement of every node for one device target (all-device when there is no cloud)."""
+    graph = planner.graph_from_model(imported, device, cloud)
+    if cloud is None:
+        bad = sorted({n.op for n in graph.nodes if n.device_ms == planner.INF})
+        if bad:
+            raise UnsupportedError(f"unsupported ops for target {device.name}: {', '.join(bad)}")
+    opts = settings.options(device)
+    if cloud is None:
+        opts = dataclasses.replace(opts, memory_bytes=planner.INF)
+    return graph, planner.solve(graph, opts)
+
+
 def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
-    """Build one artifact per target under ``opts.output``; nothing is left behind on failure."""
+    """Build one artifact per target (and one for the cloud when a plan uses it) under ``opts.output``;
+    nothing is left behind on failure."""
     if not opts.targets:
         raise UsageError("no --target given; run `tvm-hybrid targets` to list them, or use --target host")
     profiles = [resolve(t) for t in opts.targets]
@@ -56,37 +99,67 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UsageError(f"target {', '.join(dup)} given twice (host resolves to {resolve('host').name})")
+    cloud = resolve(opts.cloud) if opts.cloud else None
+    if cloud is not None and cloud.placement != "cloud":
+        raise UsageError(f"--cloud {cloud.name} is a device profile; cloud profiles: cloud-x86")
     imported = importer.load(opts.model, list(opts.inputs))
     out = Path(opts.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
     summaries = []
+    cloud_segments: dict[str, tuple[SegmentModel, TargetProfile]] = {}
     try:
         for prof in profiles:
             t0 = time.perf_counter()
-            stage = Path(tempfile.mkdtemp(prefix=f".{prof.name}.tmp-", dir=out))
-            stage.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
-            staged.append((stage, out / prof.name))
-            m = build_artifact(imported, prof, stage)
-            summaries.append(
-                ArtifactSummary(
-                    target=prof.name,
-                    path=out / prof.name,
-                    files=len(m["files"]) + 1,
-                    bytes=sum(f["size"] for f in m["files"]),
-                    segments=len(m["segments"]),
-                    seconds=round(time.perf_counter() - t0, 2),
-                )
-            )
+            stage = _stage(out, prof.name, staged)
+            graph, plan = plan_for(imported, prof, cloud, opts.plan)
+            segs = split(imported, graph, plan)
+            m = build_artifact(imported, prof, cloud, segs, graph, plan, stage, opts.plan)
+            for seg in segs:
+                if seg.placement == "cloud" or _cloud_copy(seg, opts.plan):
+                    cloud_segments[endpoint_name(imported.name, seg.id) + seg.version] = (seg, graph)
+            summaries.append(_summary(prof.name, out, m, t0))
+        if cloud_segments:
+            t0 = time.perf_counter()
+            stage = _stage(out, cloud.name, staged)
+            m = build_cloud_artifact(imported, cloud, list(cloud_segments.values()), stage)
+            summaries.append(_summary(cloud.name, out, m, t0))
         for stage, final in staged:
             _replace_dir(stage, final)
     except BaseException:
         for stage, _ in staged:
             shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
         raise
     return summaries
+
+
+def _stage(out: Path, name: str, staged: list) -> Path:
+    stage = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
+    stage.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
+    staged.append((stage, out / name))
+    return stage
+
+
+def _summary(name: str, out: Path, m: dict, t0: float) -> ArtifactSummary:
+    return ArtifactSummary(
+        target=name,
+        path=out / name,
+        files=len(m["files"]) + 1,
+        bytes=sum(f["size"] for f in m["files"]),
+        segments=len(m["segments"]),
+        seconds=round(time.perf_counter() - t0, 2),
+        placement=[s["placement"] for s in m["segments"]],
+    )
+
+
+def _cloud_copy(seg: SegmentModel, settings: PlanSettings) -> bool:
+    """A device segment is also served by the cloud (a fallback) when its input may leave the device."""
+    return seg.placement == "device" and not settings.keep_input_local
 
 
 def _replace_dir(stage: Path, final: Path) -> None:
@@ -100,36 +173,94 @@ def _replace_dir(stage: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build_artifact(imported: importer.ImportedModel, profile: TargetProfile, root: Path) -> dict[str, Any]:
-    """Compile the whole model as one device segment into ``root``; returns the manifest."""
-    unsupported = importer.unsupported_ops(imported, profile.capacity.get("unsupported_ops", []))
-    if unsupported:
-        from ..errors import UnsupportedError
-
-        raise UnsupportedError(f"unsupported ops for target {profile.name}: {', '.join(unsupported)}")
+def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, root: Path, rel: str) -> build.BuildResult:
+    """ONNX (sub-)model → Relax → optimized → shared library at ``root/rel``."""
     log.info("building %s for %s", imported.name, profile.name)
     mod = importer.to_relax(imported)
     mod = build.optimize(mod, profile)
-    lib_rel = "segments/0.so"
-    result = build.build(mod, profile, root / lib_rel)
-    infos = analysis.analyze(imported, profile)
-    flops = sum(i.flops for i in infos)
-    moved = sum(i.param_bytes + i.activation_bytes for i in infos)
-    segment = {
-        "id": 0,
-        "placement": "device",
-        "format": "tvm-vm",
-        "library": lib_rel,
-        "nodes": [i.name for i in infos],
-        "inputs": [t.to_dict() for t in imported.inputs],
-        "outputs": [t.to_dict() for t in imported.outputs],
-        "predicted": {"flops": flops, "ms": round(analysis.predicted_ms(flops, moved, profile), 4)},
-        "kernels": {"tuned": result.tuned_kernels, "default": result.default_kernels},
+    return build.build(mod, profile, root / rel)
+
+
+def _segment_entry(seg: SegmentModel, graph: planner.PlanGraph) -> dict[str, Any]:
+    """A manifest segment; its predicted ms is the planner's: per-op rooflines on its side, summed."""
+    nodes = {n.name: n for n in graph.nodes}
+    side = "device_ms" if seg.placement == "device" else "cloud_ms"
+    ms = sum(getattr(nodes[n], side) for n in seg.node_names)
+    return {
+        "id": seg.id,
+        "placement": seg.placement,
+        "nodes": seg.node_names,
+        "inputs": [t.to_dict() for t in seg.imported.inputs],
+        "outputs": [t.to_dict() for t in seg.imported.outputs],
+        "predicted": {"flops": sum(nodes[n].flops for n in seg.node_names), "ms": round(ms, 4)},
     }
+
+
+def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None, segs: list[SegmentModel],
+                   graph: planner.PlanGraph, plan: planner.Plan, root: Path, settings: PlanSettings) -> dict[str, Any]:  # fmt: skip
+    """The device artifact: device segments compiled for the target, cloud segments as endpoints
+    (with a local fallback build where the device can run them)."""
+    files, entries = [], []
+    for seg in segs:
+        e = _segment_entry(seg, graph)
+        if seg.placement == "device":
+            rel = f"segments/{seg.id}.so"
+            r = compile_segment(seg.imported, profile, root, rel)
+            e.update(format="tvm-vm", library=rel, kernels={"tuned": r.tuned_kernels, "default": r.default_kernels})
+            files.append(rel)
+            if _cloud_copy(seg, settings):
+                e["endpoint"] = {"model": endpoint_name(imported.name, seg.id), "version": seg.version}
+        else:
+            e.update(reason=seg.reason, endpoint={"model": endpoint_name(imported.name, seg.id), "version": seg.version})
+            if seg.reason != "unsupported-op":
+                rel = f"segments/{seg.id}.so"
+                compile_segment(seg.imported, profile, root, rel)
+                e.update(format="tvm-vm", fallback_library=rel)
+                files.append(rel)
+        entries.append(e)
+    m = _manifest(imported, profile, entries, root, files)
+    link = settings.options(profile).link
+    m["plan"] = {
+        "link": {"bandwidth_bps": link.bandwidth_bps, "rtt_ms": link.rtt_ms},
+        "predicted": plan.cost.to_dict(),
+        "baselines": {k: (v.to_dict() if v else None) for k, v in plan.baselines.items()},
+        "device_memory": plan.device_memory,
+        "cloud": cloud.name if cloud and any(s.placement == "cloud" for s in segs) else None,
+    }
+    (root / mf.MANIFEST).write_text(mf.dumps(m))
+    return m
+
+
+def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[SegmentModel, planner.PlanGraph]],
+                         root: Path) -> dict[str, Any]:  # fmt: skip
+    """The cloud artifact: every segment a device artifact sends to the cloud, compiled for the
+    cloud profile and kept as ONNX (servable by any engine), under its endpoint name and version."""
+    files, entries = [], []
+    for k, (seg, graph) in enumerate(sorted(segs, key=lambda sp: (sp[0].id, sp[0].version))):
+        e = _segment_entry(dataclasses.replace(seg, placement="cloud"), graph)
+        e["id"] = k
+        e["placement"] = "cloud"
+        name = endpoint_name(imported.name, seg.id)
+        rel = f"segments/{name}-{seg.version}.so"
+        onnx_rel = f"segments/{name}-{seg.version}.onnx"
+        r = compile_segment(seg.imported, cloud, root, rel)
+        (root / onnx_rel).write_bytes(seg.onnx_bytes)
+        e.update(format="tvm-vm", library=rel, onnx=onnx_rel, endpoint={"model": name, "version": seg.version},
+                 kernels={"tuned": r.tuned_kernels, "default": r.default_kernels})  # fmt: skip
+        if seg.reason:
+            e["reason"] = seg.reason
+        files += [rel, onnx_rel]
+        entries.append(e)
+    m = _manifest(imported, cloud, entries, root, files)
+    (root / mf.MANIFEST).write_text(mf.dumps(m))
+    return m
+
+
+def _manifest(imported, profile: TargetProfile, segments: list[dict], root: Path, files: list[str]) -> dict[str, Any]:
     import tvm
     import tvm_ffi
 
-    manifest = {
+    m = {
         "schema": mf.SCHEMA,
         "tool": {"name": "tvm-hybrid", "version": __version__},
         "versions": {
@@ -142,9 +273,49 @@ def build_artifact(imported: importer.ImportedModel, profile: TargetProfile, roo
         "inputs": [t.to_dict() for t in imported.inputs],
         "outputs": [t.to_dict() for t in imported.outputs],
         "target": profile.to_dict(),
-        "segments": [segment],
-        "files": [mf.file_entry(root, lib_rel)],
+        "segments": segments,
+        "files": [mf.file_entry(root, rel) for rel in files],
     }
-    mf.validate(manifest)
-    (root / mf.MANIFEST).write_text(mf.dumps(manifest))
-    return manifest
+    mf.validate(m)
+    return m
+
+
+def describe_plan(imported, device: TargetProfile, cloud: TargetProfile | None, settings: PlanSettings) -> dict[str, Any]:
+    """The plan as `tvm-hybrid plan --json` prints it: segments (as in manifests), ops, latencies."""
+    graph, plan = plan_for(imported, device, cloud, settings)
+    segs = split(imported, graph, plan)
+    segments = []
+    for seg in segs:
+        e = _segment_entry(seg, graph)
+        if seg.placement == "cloud":
+            e.update(reason=seg.reason, endpoint={"model": endpoint_name(imported.name, seg.id), "version": seg.version})
+        segments.append(e)
+    opts = settings.options(device)
+    ops = [
+        {
+            "name": n.name,
+            "op": n.op,
+            "placement": "device" if on else "cloud",
+            "reason": why,
+            "device_ms": n.device_ms if n.device_ms != planner.INF else None,
+            "cloud_ms": n.cloud_ms if n.cloud_ms != planner.INF else None,
+            "flops": n.flops,
+            "param_bytes": n.param_bytes,
+            "output_bytes": sum(graph.tensor_bytes.get(t, 0) for t in n.outputs),
+        }
+        for n, on, why in zip(graph.nodes, plan.on_device, plan.reasons)
+    ]
+    return {
+        "model": {"name": imported.name, "sha256": imported.sha256},
+        "target": device.name,
+        "cloud": cloud.name if cloud else None,
+        "link": {"bandwidth_bps": opts.link.bandwidth_bps, "rtt_ms": opts.link.rtt_ms},
+        "memory_budget": opts.memory_bytes if opts.memory_bytes != planner.INF else None,
+        "keep_input_local": settings.keep_input_local,
+        "max_crossings": settings.max_crossings,
+        "segments": segments,
+        "predicted": plan.cost.to_dict(),
+        "baselines": {k: (v.to_dict() if v else None) for k, v in plan.baselines.items()},
+        "device_memory": plan.device_memory,
+        "ops": ops,
+    }

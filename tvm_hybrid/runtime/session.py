@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -9,9 +10,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import ArtifactError, RuntimeFailure, UsageError
+from ..errors import RuntimeFailure, UsageError
 from ..manifest import TensorSpec
 from .artifact import Artifact, open_artifact
+from .cloud import CloudClient, LinkShaper
 from .executors import create_executor
 
 log = logging.getLogger(__name__)
@@ -20,11 +22,16 @@ FALLBACKS = ("auto", "off", "cloud")
 
 
 class Session:
-    """Runs a compiled artifact.
+    """Runs a compiled artifact: device segments here, cloud segments on a KServe v2 server.
 
-    >>> sess = Session("dist/x86-64-avx2")
+    >>> sess = Session("dist/x86-64-avx2", cloud_url="http://127.0.0.1:8000")
     >>> out = sess.run({"x": image})          # {"output name": np.ndarray}
     >>> sess.trace                             # [{"segment": 0, "placement": "device", "ms": 3.1, ...}]
+
+    ``fallback``: ``auto`` runs each segment where the plan put it and, when that fails, once
+    more on the other side if the artifact allows it (a cloud copy of a device segment; a local
+    build of a cloud segment the device can run); ``off`` never moves a segment; ``cloud`` runs
+    every segment the cloud serves in the cloud, and nothing it serves locally.
     """
 
     def __init__(
@@ -34,44 +41,96 @@ class Session:
         token: str | None = None,
         fallback: str = "auto",
         device: str | None = None,
+        timeout: float = 30.0,
+        link: LinkShaper | None = None,
     ):
         if fallback not in FALLBACKS:
             raise UsageError(f"fallback must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
         self.fallback = fallback
-        self.cloud_url = cloud_url
-        self.token = token
         self._art: Artifact = open_artifact(artifact)
         self.manifest = self._art.manifest
         self.inputs: list[TensorSpec] = self._art.inputs
         self.outputs: list[TensorSpec] = self._art.outputs
         self.trace: list[dict[str, Any]] = []
-        self._executors = []
+        self._cloud = CloudClient(cloud_url, token, timeout, link) if cloud_url else None
+        self._steps: list[_Step] = []
         try:
             for seg in self.manifest["segments"]:
-                if seg["placement"] != "device":
-                    raise RuntimeFailure(
-                        f"segment {seg['id']} is placed in the cloud; this runtime version runs device segments only"
-                    )
-                self._executors.append(create_executor(self._art.root, seg, self.manifest["target"], device))
+                self._steps.append(self._plan_step(seg, device))
         except BaseException:
             self.close()
             raise
+
+    def _plan_step(self, seg: dict[str, Any], device: str | None) -> _Step:
+        ep = seg.get("endpoint")
+        local_lib = seg.get("library") or seg.get("fallback_library")
+        can_cloud = ep is not None and self._cloud is not None
+        want_cloud = seg["placement"] == "cloud" or (self.fallback == "cloud" and ep is not None)
+        if want_cloud and not can_cloud:
+            if self.fallback == "auto" and local_lib:
+                want_cloud = False  # no cloud configured: the device runs its local build
+            else:
+                hint = "pass --cloud-url (Session(cloud_url=...))" if ep else "recompile it with a cloud"
+                raise RuntimeFailure(
+                    f"segment {seg['id']} runs in the cloud ({ep['model'] if ep else 'no endpoint'}) "
+                    f"and no cloud is configured; {hint}"
+                    + ("" if local_lib else ", or plan it onto the device")
+                )
+        local = None
+        if local_lib and (not want_cloud or self.fallback == "auto"):
+            local = create_executor(self._art.root, {**seg, "library": local_lib}, self.manifest["target"], device)
+        remote = (ep["model"], ep["version"]) if can_cloud else None
+        order = ["cloud", "device"] if want_cloud else ["device", "cloud"]
+        if self.fallback != "auto":
+            order = order[:1]
+        order = [o for o in order if (o == "device" and local is not None) or (o == "cloud" and remote is not None)]
+        return _Step(seg, local, remote, order)
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run the model on named inputs; returns the named outputs as numpy arrays."""
         env = self._check_feeds(feeds)
         trace = []
-        for seg, ex in zip(self.manifest["segments"], self._executors):
-            args = [env[t["name"]] for t in seg["inputs"]]
-            t0 = time.perf_counter()
-            try:
-                outs = ex.run(args)
-            except Exception as e:
-                raise RuntimeFailure(f"segment {seg['id']} failed on the device: {e}") from e
-            ms = (time.perf_counter() - t0) * 1e3
-            for t, arr in zip(seg["outputs"], outs):
-                env[t["name"]] = arr
-            trace.append({"segment": seg["id"], "placement": "device", "ran_on": ex.device_name, "ms": ms, "bytes_sent": 0})
+        for step in self._steps:
+            seg = step.segment
+            args = {t["name"]: env[t["name"]] for t in seg["inputs"]}
+            errors = []
+            for where in step.order:
+                t0 = time.perf_counter()
+                try:
+                    if where == "device":
+                        outs = dict(zip((t["name"] for t in seg["outputs"]), step.local.run(list(args.values()))))
+                        sent, ran_on = 0, step.local.device_name
+                    else:
+                        outs, sent = self._cloud.infer(*step.remote, args)
+                        ran_on = self._cloud.url
+                except Exception as e:
+                    errors.append(f"{where}: {_one_line(e)}")
+                    log.warning("segment %s failed on the %s: %s", seg["id"], where, _one_line(e))
+                    continue
+                missing = [t["name"] for t in seg["outputs"] if t["name"] not in outs]
+                if missing:
+                    errors.append(f"{where}: outputs {missing} missing from the reply")
+                    continue
+                env.update({t["name"]: outs[t["name"]] for t in seg["outputs"]})
+                trace.append(
+                    {
+                        "segment": seg["id"],
+                        "placement": where,
+                        "planned": seg["placement"],
+                        "fallback": where != step.order[0],
+                        "ran_on": ran_on,
+                        "ms": (time.perf_counter() - t0) * 1e3,
+                        "bytes_sent": sent,
+                    }
+                )
+                break
+            else:
+                self.trace = trace
+                raise RuntimeFailure(
+                    f"segment {seg['id']} ({seg['placement']}) failed"
+                    + (f": {'; '.join(errors)}" if errors else "")
+                    + ("" if self.fallback == "auto" else f" (fallback is {self.fallback!r})")
+                )
         self.trace = trace
         return {o.name: env[o.name] for o in self.outputs}
 
@@ -107,8 +166,10 @@ class Session:
         return env
 
     def close(self) -> None:
-        """Release the executors and any unpacked files."""
-        self._executors = []
+        """Release the executors, the cloud connection and any unpacked files."""
+        self._steps = []
+        if getattr(self, "_cloud", None) is not None:
+            self._cloud.close()
         self._art.close()
 
     def __enter__(self) -> Session:
@@ -118,8 +179,21 @@ class Session:
         self.close()
 
 
+@dataclasses.dataclass
+class _Step:
+    """How one segment runs: where first, and where else if that fails."""
+
+    segment: dict[str, Any]
+    local: Any  # an executor, or None
+    remote: tuple[str, str] | None  # (model, version) on the cloud, or None
+    order: list[str]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def _fmt_shape(shape) -> str:
     return "x".join(str(d) for d in shape) if shape else "scalar"
 
-
-__all__ = ["Session", "ArtifactError"]

@@ -1,0 +1,62 @@
+"""`plan --plot`: per-layer compute and transfer size with the split, and latency vs bandwidth."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..errors import UsageError
+
+
+def plot_plan(imported, device, cloud, settings, doc: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    from .package import plan_for
+    from .plan import parse_bandwidth
+
+    ops = doc["ops"]
+    fig, (ax1, ax3) = plt.subplots(2, 1, figsize=(11, 8), constrained_layout=True)
+    xs = range(len(ops))
+    dev = [o["device_ms"] or 0.0 for o in ops]
+    colors = ["tab:blue" if o["placement"] == "device" else "tab:orange" for o in ops]
+    ax1.bar(xs, dev, color=colors, width=1.0)
+    ax1.set_ylabel("predicted device ms per op")
+    ax1.set_xlabel("op, in graph order (blue: device, orange: cloud)")
+    ax2 = ax1.twinx()
+    ax2.plot(xs, [o["output_bytes"] / 1e3 for o in ops], color="tab:green", lw=1)
+    ax2.set_ylabel("output size, kB (what a cut there sends)", color="tab:green")
+    first_cloud = next((i for i, o in enumerate(ops) if o["placement"] == "cloud"), None)
+    if first_cloud is not None:
+        ax1.axvline(first_cloud - 0.5, color="red", ls="--", label="split")
+        ax1.legend(loc="upper right")
+    ax1.set_title(f"{imported.name}: {device.name}" + (f" + {cloud.name}" if cloud else ""))
+
+    if cloud is not None:
+        rates = [parse_bandwidth(f"{r}Mbps") for r in (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)]
+        series = {"all-device": [], "all-cloud": [], "hybrid plan": []}
+        for r in rates:
+            s = dataclasses.replace(settings, bandwidth=f"{r / 1e6}Mbps")
+            _, plan = plan_for(imported, device, cloud, s)
+            for k in ("all-device", "all-cloud"):
+                b = plan.baselines[k]
+                series[k].append(b.total_ms if b else float("nan"))
+            series["hybrid plan"].append(plan.cost.total_ms)
+        for k, v in series.items():
+            ax3.plot([r / 1e6 for r in rates], v, marker="o", label=k, ls="--" if k != "hybrid plan" else "-")
+        ax3.set_xscale("log")
+        ax3.set_yscale("log")
+        ax3.set_xlabel("bandwidth, Mbps")
+        ax3.set_ylabel("predicted end-to-end latency, ms")
+        ax3.set_title(f"RTT {doc['link']['rtt_ms']:g} ms")
+        ax3.legend()
+        ax3.grid(True, which="both", alpha=0.3)
+    else:
+        ax3.set_axis_off()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
