@@ -12,6 +12,8 @@ from ..targets import TargetProfile
 
 log = logging.getLogger(__name__)
 
+_TUNED_ATTR = "tvm_hybrid.tuned"
+
 
 @dataclasses.dataclass
 class BuildResult:
@@ -23,13 +25,30 @@ class BuildResult:
 
 
 def optimize(mod, profile: TargetProfile, database=None):
-    """The Relax passes every build runs, ending with fused TIR kernels (the tuning granularity).
+    """The Relax passes every build runs, ending with scheduled TIR kernels.
+
+    ``fuse`` makes the fused kernels (the tuning granularity); a tuning ``database`` (a
+    MetaSchedule database, or a ``tune.TuningLog``) then schedules the kernels it has records
+    for, and ``schedules.apply_default`` takes the rest.
+    """
+    mod = fuse(mod, profile)
+    if database is not None:
+        mod = apply_database(mod, profile, database)
+    from .schedules import apply_default
+
+    return apply_default(mod, profile)
+
+
+def fuse(mod, profile: TargetProfile):
+    """Legalize and fuse a Relax module into fused TIR kernels: what tuning extracts tasks from.
 
     The ONNX importer leaves composite ops (batch_norm, layer_norm, gelu…) that only
     ``DecomposeOpsForInference`` turns into legalizable primitives; without it, an op with no
     legalization reaches VM codegen and fails with "CodeGenVM cannot emit this Relax operator".
     Running decomposition *before* ``LegalizeOps``, and folding constants on both sides of it,
     is what lets real exported models (BN-folded detectors, SiLU/HardSwish chains) build.
+    Tuning and building must both start from this module: database records are keyed by
+    the kernels' TIR, so any pass difference means no record matches.
     """
     import tvm
     from tvm import relax
@@ -51,15 +70,57 @@ def optimize(mod, profile: TargetProfile, database=None):
     with target:
         mod = seq(mod)
     _check_legalized(mod)
-    if database is not None:
-        # Tuned kernels first; apply_default leaves functions already scheduled alone.
-        from tvm.s_tir import meta_schedule as ms
+    return mod
 
-        with target, database:
-            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    from .schedules import apply_default
 
-    return apply_default(mod, profile)
+def apply_database(mod, profile: TargetProfile, database):
+    """Schedule the kernels a tuning database has records for; mark them ``tvm_hybrid.tuned``.
+
+    ``database`` is a MetaSchedule database, or a ``tune.TuningLog`` that also knows each
+    kernel's default-schedule time as measured when tuning: a tuned record slower than that
+    is not applied, so a log never makes a build slower than the defaults (a short tuning
+    run often finds nothing better). ``MetaScheduleApplyDatabase`` sets ``tirx.is_scheduled``
+    on each kernel it replaces; the ones that gain it here are the tuned ones.
+    """
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    db = getattr(database, "database", database)
+    default_ms = getattr(database, "default_ms", None) or {}
+
+    def scheduled(f) -> bool:
+        return f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))
+
+    before = {gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and not scheduled(f)}
+    target = profile.tvm()
+    with target, db:
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    kept = 0
+    for gv, f in list(mod.functions.items()):
+        if gv not in before or not isinstance(f, tvm.tirx.PrimFunc) or not scheduled(f):
+            continue
+        workload = _normalize_mod(before[gv])
+        default = default_ms.get(tvm_ffi.structural_hash(workload))
+        if default is not None:
+            record = db.query_tuning_record(workload, target, gv.name_hint)
+            tuned = median_ms(record.run_secs) if record is not None and record.run_secs else None
+            if tuned is None or tuned >= default:
+                mod[gv] = before[gv]  # the default schedule was faster when measured
+                kept += 1
+                continue
+        mod[gv] = f.with_attr(_TUNED_ATTR, True)
+    if kept:
+        log.debug("%d tuned kernels were slower than their default schedule; kept the default", kept)
+    return mod
+
+
+def median_ms(run_secs) -> float:
+    """The median of MetaSchedule run times (seconds), in milliseconds."""
+    vals = sorted(float(v) for v in run_secs)
+    n = len(vals)
+    return 1e3 * (vals[n // 2] if n % 2 else (vals[n // 2 - 1] + vals[n // 2]) / 2)
 
 
 def kernel_counts(mod) -> tuple[int, int]:
@@ -69,7 +130,7 @@ def kernel_counts(mod) -> tuple[int, int]:
     tuned = default = 0
     for _, f in mod.functions.items():
         if isinstance(f, tvm.tirx.PrimFunc):
-            if f.attrs is not None and "tvm_hybrid.tuned" in f.attrs:
+            if f.attrs is not None and _TUNED_ATTR in f.attrs:
                 tuned += 1
             else:
                 default += 1

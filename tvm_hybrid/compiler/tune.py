@@ -1,0 +1,999 @@
+"""MetaSchedule tuning into one JSON database per target profile: tuning_logs/<target>/."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import HybridError, RuntimeFailure, UnsupportedError, UsageError
+from ..targets import TargetProfile, resolve
+from . import build, importer
+
+log = logging.getLogger(__name__)
+
+#: Overrides the default tuning-log root (the repository's tuning_logs/).
+ENV = "TVM_HYBRID_TUNING_LOGS"
+META = "meta.json"
+#: Each kernel's default-schedule time when it was last tuned, by workload hash.
+DEFAULTS = "defaults.json"
+META_SCHEMA = "tvm-hybrid/tuning-log@1"
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+#: The trial budget when --trials is not given: this many per task.
+DEFAULT_TRIALS_PER_TASK = 16
+# MetaSchedule commits a failed trial with this run time.
+_FAILED_SECS = 1e10
+# Give up early when this many trials in, nothing has built (or run).
+_FAIL_FAST_TRIALS = 16
+
+
+class TuningInterrupted(HybridError):
+    """Tuning was stopped by a signal; every record measured before it is saved (exit 130)."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, report: TuneReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def default_logs_dir() -> Path:
+    """The tuning-log root: $TVM_HYBRID_TUNING_LOGS, or tuning_logs/ next to the package source."""
+    env = os.environ.get(ENV)
+    if env:
+        return Path(env)
+    import tvm_hybrid
+
+    return Path(tvm_hybrid.__file__).resolve().parent.parent / "tuning_logs"
+
+
+def target_dir(logs: Path, profile: TargetProfile) -> Path:
+    """Where one target's database lives: ``logs/<profile name>/``."""
+    return Path(logs) / profile.name
+
+
+# --------------------------------------------------------------------------------------------
+# options and results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneOptions:
+    """Everything `tvm-hybrid tune` needs, resolved before the long work starts."""
+
+    model: Path
+    target: str
+    inputs: tuple[importer.InputOverride, ...] = ()
+    #: Measured trials wanted for this model's kernels in the database, counting the records
+    #: already there (so a rerun after an interruption continues); default 16 per task.
+    trials: int | None = None
+    #: At most this many measured trials for any one kernel (records already there count).
+    trials_per_task: int | None = None
+    max_minutes: float | None = None
+    logs: Path = dataclasses.field(default_factory=default_logs_dir)
+    rpc_tracker: str | None = None  # HOST:PORT
+    rpc_key: str | None = None
+    #: Cores of the device that runs the kernels (MetaSchedule's num-cores); default: asked.
+    num_cores: int | None = None
+    #: Candidates measured per round for one task; default from the budget.
+    trials_per_iter: int | None = None
+    seed: int | None = None
+    #: Seconds one measurement may take before it counts as failed.
+    run_timeout: float = 60.0
+    #: The evolutionary search's population (smaller is faster, explores less).
+    population: int = 512
+
+
+@dataclasses.dataclass
+class TaskReport:
+    """One kernel: its default schedule against the best the database holds."""
+
+    name: str
+    weight: int
+    flops: float
+    default_ms: float | None
+    tuned_ms: float | None  # the record a build applies: the best valid one
+    trials: int  # measured in this run (failed ones included)
+    records: int  # measured records in the database for this kernel, all runs
+    build_errors: int = 0
+    run_errors: int = 0
+
+    @property
+    def applied_ms(self) -> float | None:
+        """The kernel's time in a build with this log: the tuned record only where it is faster."""
+        if self.tuned_ms is None or (self.default_ms is not None and self.default_ms <= self.tuned_ms):
+            return self.default_ms
+        return self.tuned_ms
+
+
+@dataclasses.dataclass
+class TuneReport:
+    """What a tuning run did, per task and in total."""
+
+    target: str
+    database: Path
+    tasks: list[TaskReport]
+    trials: int
+    budget: int
+    seconds: float
+    stopped: str  # "budget", "time", "interrupted", "nothing-to-do", "exhausted"
+    runner: str
+    first_error: str | None = None
+
+    @property
+    def default_ms(self) -> float | None:
+        """Kernel time of the whole model with default schedules (sum of weight × kernel)."""
+        vals = [t.weight * t.default_ms for t in self.tasks if t.default_ms is not None]
+        return sum(vals) if len(vals) == len(self.tasks) else None
+
+    @property
+    def tuned_ms(self) -> float | None:
+        """Kernel time of the model as a build with this log makes it (per kernel, the faster of
+        its tuned record and its default schedule)."""
+        vals = [t.weight * t.applied_ms for t in self.tasks if t.applied_ms is not None]
+        return sum(vals) if len(vals) == len(self.tasks) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "database": str(self.database),
+            "trials": self.trials,
+            "budget": self.budget,
+            "seconds": round(self.seconds, 2),
+            "stopped": self.stopped,
+            "runner": self.runner,
+            "default_ms": self.default_ms,
+            "tuned_ms": self.tuned_ms,
+            "tasks": [{**dataclasses.asdict(t), "applied_ms": t.applied_ms} for t in self.tasks],
+        }
+
+
+@dataclasses.dataclass
+class Progress:
+    """A snapshot for progress displays, sent after every measured batch."""
+
+    phase: str  # "baseline", "tuning", "done"
+    tasks: int
+    tasks_done: int
+    trials: int  # measured in this run
+    budget: int  # trials this run may measure
+    elapsed: float  # seconds since measuring candidates started
+    deadline: float | None  # seconds left under --max-minutes
+    best_ms: float | None  # model kernel time with the best schedules so far
+    default_ms: float | None
+    task: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# the database directory: meta.json, lock, damaged tails
+# --------------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import tvm
+    import tvm_ffi
+
+    return {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "")}
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def _profile_target(profile: TargetProfile) -> dict[str, Any]:
+    return {"target": dict(profile.tvm_target), "host": dict(profile.tvm_host) if profile.tvm_host else None}
+
+
+def read_meta(d: Path) -> dict[str, Any] | None:
+    """A database directory's meta.json, or None when it has none."""
+    path = d / META
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}); fix or remove it") from e
+    if not isinstance(meta, dict) or meta.get("schema") != META_SCHEMA:
+        raise UsageError(f"{path} is not a tvm-hybrid tuning-log meta file (schema {META_SCHEMA})")
+    return meta
+
+
+def _mismatch(meta: dict[str, Any] | None, profile: TargetProfile, d: Path) -> str | None:
+    """Why the database in ``d`` must not be used for ``profile``, or None."""
+    has_db = (d / RECORDS).exists() or (d / WORKLOADS).exists()
+    if meta is None:
+        return f"{d} has a MetaSchedule database but no {META}, so its target is unknown" if has_db else None
+    if meta.get("target") != _profile_target(profile):
+        return (
+            f"{d} was tuned for TVM target {json.dumps(meta.get('target'), sort_keys=True)}, "
+            f"but profile {profile.name} is {json.dumps(_profile_target(profile), sort_keys=True)}"
+        )
+    have = _versions()["tvm"]
+    made = str(meta.get("tvm", ""))
+    if _minor(made) != _minor(have):
+        return f"{d} was tuned with TVM {made}; this is TVM {have}, whose schedules may differ"
+    return None
+
+
+def _write_meta(d: Path, meta: dict[str, Any]) -> None:
+    tmp = d / f".{META}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, d / META)
+
+
+@contextlib.contextmanager
+def _locked(d: Path):
+    """One tuning run per database: two writers would interleave workload indices."""
+    import fcntl
+
+    path = d / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise UsageError(
+                f"{d} is being tuned by another process (pid {pid}); wait for it, or tune into another --logs DIR"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _complete_lines(path: Path) -> tuple[bytes, bytes]:
+    """(the complete JSON lines, a damaged tail) of a database file."""
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    body, tail = data[:cut], data[cut:]
+    # A last line can be complete but cut short if a writer died between write and newline.
+    lines = body.splitlines(keepends=True)
+    while lines:
+        try:
+            json.loads(lines[-1])
+            break
+        except ValueError:
+            tail = lines.pop() + tail
+    return b"".join(lines), tail
+
+
+def _repair(d: Path) -> None:
+    """Cut a record a killed run left half-written; the cut bytes are kept beside the file."""
+    for name in (WORKLOADS, RECORDS):
+        path = d / name
+        if not path.is_file():
+            continue
+        body, tail = _complete_lines(path)
+        if tail:
+            keep = path.with_name(f"{name}.partial-{int(time.time())}")
+            keep.write_bytes(tail)
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_bytes(body)
+            os.replace(tmp, path)
+            log.warning("%s ended in a half-written line (a killed run); cut it, kept in %s", path, keep.name)
+
+
+def _json_database(d: Path, allow_missing: bool):
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        return ms.database.JSONDatabase(work_dir=str(d), allow_missing=allow_missing, module_equality="structural")
+    except Exception as e:  # a line MetaSchedule cannot parse: the file was edited or damaged
+        msg = str(e).strip().splitlines()
+        raise UsageError(f"tuning database {d} cannot be read ({msg[0][:200] if msg else type(e).__name__}); "
+                         "move it away and tune again") from e
+
+
+@dataclasses.dataclass
+class TuningLog:
+    """A target's tuning log opened for a build: the MetaSchedule database, and the default
+    schedules' times measured when tuning (a tuned record slower than its default is not applied)."""
+
+    path: Path
+    database: Any
+    default_ms: dict[int, float]
+
+
+def _read_defaults(d: Path) -> dict[int, float]:
+    try:
+        data = json.loads((d / DEFAULTS).read_text())
+        return {int(k): float(v["ms"]) for k, v in data.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        log.warning("ignoring %s (%s): tuned kernels are applied without comparing to defaults", d / DEFAULTS, e)
+        return {}
+
+
+def _write_defaults(d: Path, tasks, defaults: list[float | None]) -> None:
+    import tvm_ffi
+
+    path = d / DEFAULTS
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    for task, ms_ in zip(tasks, defaults):
+        if ms_ is not None:
+            data[str(tvm_ffi.structural_hash(task.dispatched[0]))] = {"kernel": task.task_name, "ms": ms_}
+    tmp = d / f".{DEFAULTS}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def open_database(logs: Path | None, profile: TargetProfile) -> TuningLog | None:
+    """The target's tuning log for a build, or None (no logs, none for this target, or not usable).
+
+    A database made for another TVM target or another TVM minor version is not applied:
+    a warning says so, and every kernel falls back to its default schedule.
+    """
+    if logs is None:
+        return None
+    d = target_dir(logs, profile)
+    if not (d / RECORDS).is_file():
+        log.debug("no tuning log for %s in %s", profile.name, logs)
+        return None
+    problem = _mismatch(read_meta(d), profile, d)
+    if problem:
+        log.warning("not applying tuning log: %s", problem)
+        return None
+    body_w, tail_w = _complete_lines(d / WORKLOADS) if (d / WORKLOADS).is_file() else (b"", b"")
+    body_r, tail_r = _complete_lines(d / RECORDS)
+    if not tail_w and not tail_r:
+        db = _json_database(d, allow_missing=False)
+    else:
+        # A run is writing (or was killed mid-line): read the complete lines from a copy.
+        with tempfile.TemporaryDirectory(prefix="tvm-hybrid-db-") as tmp:
+            Path(tmp, WORKLOADS).write_bytes(body_w)
+            Path(tmp, RECORDS).write_bytes(body_r)
+            db = _json_database(Path(tmp), allow_missing=False)
+    return TuningLog(path=d, database=db, default_ms=_read_defaults(d))
+
+
+# --------------------------------------------------------------------------------------------
+# building and running candidates
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _fast_getmodule():
+    """Make ``inspect.getmodule`` cheap for frames of pseudo-files (``<string>``, ``<frozen …>``).
+
+    TVMScript calls ``inspect.stack()`` for every ``@T.prim_func``; for a frame whose file is
+    not a real file, ``getmodule`` scans every loaded module and finds nothing. Importing
+    ``tvm.s_tir.tensor_intrin`` (hundreds of prim_funcs, imported by every MetaSchedule
+    TuneContext and by each LocalBuilder worker) took 13-38 s here because of it; answering
+    None for those frames up front, which is what the scan returns, makes it about 2 s.
+    """
+    import inspect
+
+    orig = inspect.getmodule
+
+    def getmodule(obj, _filename=None):
+        if _filename and _filename[:1] == "<" and _filename[-1:] == ">" and inspect.isframe(obj):
+            return None
+        return orig(obj, _filename)
+
+    inspect.getmodule = getmodule
+    try:
+        yield
+    finally:
+        inspect.getmodule = orig
+
+
+def _import_tensor_intrin() -> None:
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" not in sys.modules:
+        t0 = time.perf_counter()
+        with _fast_getmodule():
+            import tvm.s_tir.tensor_intrin  # noqa: F401
+        log.debug("imported tvm.s_tir.tensor_intrin in %.1f s", time.perf_counter() - t0)
+
+
+def _make_builder(scratch: Path, profile: TargetProfile):
+    """A MetaSchedule builder that compiles in this process.
+
+    MetaSchedule's LocalBuilder compiles in fresh popen workers whose first build imports
+    ``tvm.s_tir.tensor_intrin`` — longer than its timeout on a slow machine, so every
+    candidate came back "Build errors" and nothing was measured. Here each candidate is
+    compiled and linked (with the profile's C++ compiler, so remote devices need none) right
+    here, each in its own directory (MetaSchedule's RemoveBuildArtifact deletes the directory).
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+
+    fcompile = build._fcompile(profile)
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def build(self, build_inputs):
+            results = []
+            for bi in build_inputs:
+                self.count += 1
+                out = Path(tempfile.mkdtemp(prefix=f"b{self.count}-", dir=scratch))
+                try:
+                    path = _build_kernel(bi.mod, bi.target, out / f"kernel{self.count}.so", fcompile)
+                    results.append(BuilderResult(str(path), None))
+                except Exception as e:  # a candidate that does not compile is a failed trial
+                    shutil.rmtree(out, ignore_errors=True)
+                    results.append(BuilderResult(None, f"InProcessBuilder: {type(e).__name__}: {e}"))
+            return results
+
+    return InProcessBuilder()
+
+
+def _build_kernel(mod, target, path: Path, fcompile) -> Path:
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    # As MetaSchedule's default_build: measure with the weight layout rewrite taken out.
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    rt_mod = tvm.compile(mod, target=target)
+    rt_mod.export_library(str(path), fcompile=fcompile)
+    return path
+
+
+def _parse_tracker(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"bad --rpc-tracker {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9190")
+    return host, int(port)
+
+
+def _make_runner(opts: TuneOptions, evaluator):
+    from tvm.s_tir import meta_schedule as ms
+
+    if opts.rpc_tracker:
+        host, port = _parse_tracker(opts.rpc_tracker)
+        config = ms.runner.RPCConfig(
+            tracker_host=host,
+            tracker_port=port,
+            tracker_key=opts.rpc_key,
+            session_priority=1,
+            session_timeout_sec=int(opts.run_timeout),
+        )
+        return ms.runner.RPCRunner(config, evaluator_config=evaluator, max_workers=1), (
+            f"rpc://{host}:{port}/{opts.rpc_key}"
+        )
+    # LocalRunner's one popen worker imports only the runtime side of MetaSchedule (about 1 s,
+    # checked once at construction), not tensor_intrin.
+    return ms.runner.LocalRunner(timeout_sec=opts.run_timeout, evaluator_config=evaluator), "local"
+
+
+def _remote_cores(opts: TuneOptions) -> int:
+    """Ask a device from the tracker how many threads its TVM runtime uses; checks it is there."""
+    from tvm import rpc
+
+    host, port = _parse_tracker(opts.rpc_tracker or "")
+    try:
+        tracker = rpc.connect_tracker(host, port)
+        sess = tracker.request(opts.rpc_key, priority=1, session_timeout=60, max_retry=2)
+        return int(sess.get_function("runtime.NumThreads")())
+    except Exception as e:
+        first = str(e).strip().splitlines()
+        raise RuntimeFailure(
+            f"cannot get a device with key {opts.rpc_key!r} from the RPC tracker at {host}:{port} "
+            f"({first[-1][:200] if first else type(e).__name__}); check the tracker and that a server "
+            "registered with that key (python -m tvm.exec.query_rpc_tracker --port PORT)"
+        ) from e
+
+
+def _tuning_target(profile: TargetProfile, cores: int):
+    import tvm
+
+    target = dict(profile.tvm_target, **{"num-cores": cores})
+    if profile.tvm_host is not None:
+        return tvm.target.Target(target, host=dict(profile.tvm_host))
+    return tvm.target.Target(target)
+
+
+def _measure_defaults(tasks, builder, runner, target, profile: TargetProfile) -> list[float | None]:
+    """Each kernel's time with the schedule a build without tuning logs gives it."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    from .schedules import apply_default
+
+    kind = target.kind.name
+    inputs, args = [], []
+    for task in tasks:
+        # A copy: the task's module is what tuning starts from and must stay unscheduled.
+        with target:
+            mod = apply_default(task.dispatched[0].clone(), profile)
+        inputs.append(BuilderInput(mod, target))
+        args.append(ArgInfo.from_prim_func(mod["main"]))
+    built = builder.build(inputs)
+    runner_inputs, index = [], []
+    for i, b in enumerate(built):
+        if b.error_msg is None:
+            runner_inputs.append(RunnerInput(b.artifact_path, {"llvm": "cpu"}.get(kind, kind), args[i]))
+            index.append(i)
+        else:
+            log.debug("default schedule of %s did not build: %s", tasks[i].task_name, b.error_msg)
+    out: list[float | None] = [None] * len(tasks)
+    for i, fut in zip(index, runner.run(runner_inputs)):
+        res = fut.result()
+        if res.error_msg is None and res.run_secs:
+            out[i] = build.median_ms(res.run_secs)
+        else:
+            log.debug("default schedule of %s did not run: %s", tasks[i].task_name, res.error_msg)
+    for b in built:
+        if b.artifact_path:
+            shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the run's state, the task scheduler and the measure callback
+# --------------------------------------------------------------------------------------------
+
+
+class _Run:
+    """Counts, best times and stop conditions shared by the scheduler and the callback."""
+
+    def __init__(self, names, weights, existing, best_db, budget, cap, deadline, stop, on_progress, defaults):
+        n = len(names)
+        self.names = names
+        self.weights = weights
+        self.existing = existing  # measured records per task before this run
+        self.budget = budget
+        self.cap = cap
+        self.deadline = deadline  # time.monotonic() value or None
+        self.stop = stop
+        self.on_progress = on_progress
+        self.defaults = defaults
+        self.t0 = time.monotonic()  # reset when the search starts
+        self.trials = [0] * n
+        self.build_ok = [0] * n
+        self.build_err = [0] * n
+        self.run_ok = [0] * n
+        self.run_err = [0] * n
+        self.best = list(best_db)  # ms, from the database and this run
+        # Best time after each batch, for the gradient; a task with records starts with one entry.
+        self.history: list[list[float]] = [[b] if b is not None else [] for b in best_db]
+        self.picks = [0] * n
+        self.done = [False] * n
+        self.exhausted = [False] * n  # the search found no new candidate for it
+        self.first_error: str | None = None
+        self.reason: str | None = None
+        self.rng = random.Random(0)
+
+    # -- stop conditions
+    def should_stop(self) -> bool:
+        if self.reason is None:
+            total = sum(self.trials)
+            if self.stop.is_set():
+                self.reason = "interrupted"
+            elif self.deadline is not None and time.monotonic() >= self.deadline:
+                self.reason = "time"
+            elif total >= min(_FAIL_FAST_TRIALS, self.budget) and sum(self.build_ok) == 0:
+                self.reason = "no-builds"
+            elif total >= min(_FAIL_FAST_TRIALS, self.budget) and sum(self.run_ok) == 0:
+                self.reason = "no-runs"
+        return self.reason is not None
+
+    def at_cap(self, i: int) -> bool:
+        return self.exhausted[i] or (self.cap is not None and self.existing[i] + self.trials[i] >= self.cap)
+
+    # -- choosing the next task: MetaSchedule's gradient rule (alpha 0.2, window 3)
+    def pick(self, free: list[int]) -> int:
+        fresh = [i for i in free if self.picks[i] == 0 and not self.history[i]]
+        if fresh:
+            choice = fresh[0]
+        else:
+            alpha, w = 0.2, 3
+            grads = []
+            for i in free:
+                h = self.history[i]
+                n = len(h)
+                if n and h[-1] < 1e9:
+                    g1 = (h[-1 - w] - h[-1]) / w if n >= 1 + w else 0.0
+                    g2 = h[-1] / n
+                    grads.append((alpha * g1 + (1 - alpha) * g2) * self.weights[i])
+                else:
+                    grads.append(-1e9)
+            if max(grads) == min(grads):
+                choice = self.rng.choice(free)
+            else:
+                choice = free[grads.index(max(grads))]
+        self.picks[choice] += 1
+        return choice
+
+    # -- results of one measured batch (already committed to the database)
+    def record(self, i: int, builder_results, runner_results) -> None:
+        if not len(builder_results):
+            self.exhausted[i] = True  # its search space is used up; choosing it again only costs time
+        times = []
+        for b, r in zip(builder_results, runner_results):
+            self.trials[i] += 1
+            if b.error_msg is not None:
+                self.build_err[i] += 1
+                self.first_error = self.first_error or f"build: {b.error_msg}"
+                continue
+            self.build_ok[i] += 1
+            if r.error_msg is not None or not r.run_secs:
+                self.run_err[i] += 1
+                self.first_error = self.first_error or f"run: {r.error_msg}"
+                continue
+            ms_ = build.median_ms(r.run_secs)
+            if ms_ >= _FAILED_SECS * 1e3:
+                self.run_err[i] += 1
+                continue
+            self.run_ok[i] += 1
+            times.append(ms_)
+        if times:
+            self.best[i] = min([*times, *([self.best[i]] if self.best[i] is not None else [])])
+        if self.best[i] is not None:
+            self.history[i].append(self.best[i])
+        self.progress("tuning", self.names[i])
+
+    def model_ms(self, use_tuned: bool) -> float | None:
+        """Sum of weight × kernel time: default schedules, or the faster of default and tuned."""
+        total = 0.0
+        for i, w in enumerate(self.weights):
+            vals = [v for v in (self.defaults[i], self.best[i] if use_tuned else None) if v is not None]
+            if not vals:
+                return None
+            total += w * min(vals)
+        return total
+
+    def progress(self, phase: str, task: str = "") -> None:
+        if self.on_progress is None:
+            return
+        left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        self.on_progress(
+            Progress(
+                phase=phase,
+                tasks=len(self.names),
+                tasks_done=sum(self.done),
+                trials=sum(self.trials),
+                budget=self.budget,
+                elapsed=time.monotonic() - self.t0,
+                deadline=left,
+                best_ms=self.model_ms(True),
+                default_ms=self.model_ms(False),
+                task=task,
+            )
+        )
+
+
+def _make_scheduler(run: _Run):
+    """MetaSchedule's gradient task choice, but committing every finished batch before the next.
+
+    MetaSchedule's GradientBased scheduler joins no result until every task had its first
+    round, so a run killed during the first (longest) round loses everything it measured.
+    Here finished batches are joined (which commits them to the database) before the next
+    task is chosen, and the run stops cleanly on a signal or the time limit.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.task_scheduler import PyTaskScheduler
+
+    @derived_object
+    class CommitEarlyScheduler(PyTaskScheduler):
+        def next_task_id(self) -> int:
+            sched = self._outer()
+            tasks = sched.tasks_
+            for i in range(len(tasks)):
+                sched.touch_task(i)
+            while True:
+                for i, t in enumerate(tasks):
+                    run.done[i] = bool(t.is_terminated) or run.at_cap(i)
+                if run.should_stop():
+                    return -1
+                alive = [i for i, t in enumerate(tasks) if not t.is_terminated]
+                busy = [i for i in alive if tasks[i].runner_futures is not None]
+                free = [i for i in alive if i not in busy and not run.at_cap(i)]
+                if free:
+                    return run.pick(free)
+                if not busy:
+                    return -1
+                sched.join_running_task(busy[0])  # wait for a device to report
+
+    return CommitEarlyScheduler()
+
+
+def _make_callback(run: _Run):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class Record(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            run.record(int(task_id), builder_results, runner_results)
+
+    return Record()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event):
+    """SIGINT/SIGTERM finish the batch in flight and save it; a second SIGINT aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        log.warning("stopping after the batch being measured (Ctrl-C again to abort now)")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _quiet_metaschedule(log_dir: Path):
+    """MetaSchedule logs every trial to stdout; send that to files in ``log_dir`` only."""
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    level = ms_log.level
+    ms_log.setLevel(logging.WARNING)  # its console handler takes this level; files get DEBUG
+    try:
+        yield
+    finally:
+        # Close the log files (a later run in this process deletes the directory).
+        for name in [ms_log.name, *logging.root.manager.loggerDict]:
+            if name.startswith(ms_log.name):
+                lg = logging.getLogger(name)
+                for h in list(lg.handlers):
+                    if isinstance(h, logging.FileHandler):
+                        h.close()
+                        lg.removeHandler(h)
+        ms_log.setLevel(level)
+
+
+# --------------------------------------------------------------------------------------------
+# the tuning run
+# --------------------------------------------------------------------------------------------
+
+
+def _check(opts: TuneOptions) -> None:
+    if opts.trials is not None and opts.trials < 1:
+        raise UsageError(f"--trials must be at least 1, got {opts.trials}")
+    if opts.trials_per_task is not None and opts.trials_per_task < 1:
+        raise UsageError(f"--trials-per-task must be at least 1, got {opts.trials_per_task}")
+    if opts.max_minutes is not None and opts.max_minutes <= 0:
+        raise UsageError(f"--max-minutes must be positive, got {opts.max_minutes}")
+    if opts.num_cores is not None and opts.num_cores < 1:
+        raise UsageError(f"--num-cores must be at least 1, got {opts.num_cores}")
+    if bool(opts.rpc_tracker) != bool(opts.rpc_key):
+        raise UsageError("--rpc-tracker and --rpc-key go together: give both to tune on a device, or neither")
+    if opts.rpc_tracker:
+        _parse_tracker(opts.rpc_tracker)
+
+
+def _measured(db, mods) -> tuple[list[int], list[float | None]]:
+    """Per task: measured records in the database (failed trials not counted), and the time (ms)
+    of the record a build applies (MetaSchedule's best valid one; None when there is none)."""
+    ids = [db.commit_workload(mod) if db.has_workload(mod) else None for mod in mods]
+    counts = [0] * len(mods)
+    best: list[float | None] = [None] * len(mods)
+    if not any(w is not None for w in ids):
+        return counts, best
+    for rec in db.get_all_tuning_records():
+        for i, wl in enumerate(ids):
+            if wl is not None and rec.workload.same_as(wl):
+                secs = [float(s) for s in (rec.run_secs or [])]
+                if secs and max(secs) < _FAILED_SECS:
+                    counts[i] += 1
+                break
+    for i, wl in enumerate(ids):
+        if wl is not None:
+            top = db.get_top_k(wl, 1)
+            if top:
+                best[i] = build.median_ms(top[0].run_secs)
+    return counts, best
+
+
+def tune_model(opts: TuneOptions, on_progress: Callable[[Progress], None] | None = None) -> TuneReport:
+    """Tune a model's kernels for a target into ``opts.logs/<target>/``; returns what was done.
+
+    Records are committed to MetaSchedule's JSON database as each batch is measured, so a
+    killed run keeps them, and a rerun counts them against ``opts.trials``. SIGINT or
+    SIGTERM stops after the batch in flight and raises TuningInterrupted; raises
+    RuntimeFailure when no candidate builds or runs.
+    """
+    _check(opts)
+    t_start = time.monotonic()
+    profile = resolve(opts.target)
+    imported = importer.load(opts.model, list(opts.inputs))
+    bad = importer.unsupported_ops(imported, profile.capacity.get("unsupported_ops", []))
+    if bad:
+        raise UnsupportedError(f"unsupported ops for target {profile.name}: {', '.join(bad)}")
+    fused = build.fuse(importer.to_relax(imported), profile)
+
+    d = target_dir(opts.logs, profile)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the tuning log directory {d}: {e.strerror or e}") from e
+    with _locked(d):
+        meta = read_meta(d)
+        problem = _mismatch(meta, profile, d)
+        if problem:
+            raise UsageError(f"{problem}; tune into another --logs DIR, or move {d} away")
+        if meta is None:
+            meta = {"schema": META_SCHEMA, "profile": profile.name, "target": _profile_target(profile),
+                    **_versions(), "created": _now(), "runs": []}  # fmt: skip
+            _write_meta(d, meta)
+        _repair(d)
+        return _tune_locked(opts, profile, imported, fused, d, meta, on_progress, t_start)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_start) -> TuneReport:
+    import psutil  # noqa: F401  (MetaSchedule needs it; fail here with a clear message if missing)
+    from tvm.s_tir import meta_schedule as ms
+
+    _import_tensor_intrin()
+    if opts.rpc_tracker:
+        cores = opts.num_cores or _remote_cores(opts)
+    else:
+        cores = opts.num_cores or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    target = _tuning_target(profile, cores)
+    extracted = [t for t in ms.relax_integration.extract_tasks(fused, target) if not _scheduled(t)]
+    db = _json_database(d, allow_missing=True)
+    mods = [t.dispatched[0] for t in extracted]
+    existing, best_db = _measured(db, mods)
+    n = len(extracted)
+    budget_total = opts.trials if opts.trials is not None else DEFAULT_TRIALS_PER_TASK * n
+    cap = opts.trials_per_task
+    have = sum(min(e, cap) if cap else e for e in existing)
+    budget = max(0, budget_total - have)
+    log.info(
+        "%s: %d kernels to tune for %s (num-cores %d); the database has %d measured trials of them, "
+        "budget %d, so %d to measure",
+        imported.name, n, profile.name, cores, have, budget_total, budget,
+    )  # fmt: skip
+
+    scratch = Path(tempfile.mkdtemp(prefix="tvm-hybrid-tune-"))
+    stop = threading.Event()
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100, enable_cpu_cache_flush=False)
+    try:
+        builder = _make_builder(scratch, profile)
+        runner, runner_name = _make_runner(opts, evaluator)
+        deadline = time.monotonic() + 60 * opts.max_minutes if opts.max_minutes else None
+        names = [t.task_name for t in extracted]
+        run = _Run(names, [int(t.weight) for t in extracted], existing, best_db, budget, cap, deadline, stop,
+                   on_progress, [None] * n)  # fmt: skip
+        with _stop_on_signals(stop):
+            if n:
+                run.progress("baseline")
+                run.defaults = _measure_defaults(extracted, builder, runner, target, profile)
+            if budget > 0 and n and not stop.is_set():
+                _search(opts, extracted, target, d, db, builder, runner, run, cap, budget, cores)
+        reason = run.reason or ("nothing-to-do" if budget == 0 else "budget")
+        if reason == "budget" and sum(run.trials) < budget:
+            reason = "exhausted"  # every task's search space ran dry (or reached its cap)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    _write_defaults(d, extracted, run.defaults)
+    counts, best_now = _measured(db, mods)
+    tasks = [
+        TaskReport(
+            name=names[i], weight=run.weights[i], flops=_flops(mods[i]), default_ms=run.defaults[i], tuned_ms=best_now[i],
+            trials=run.trials[i], records=counts[i], build_errors=run.build_err[i], run_errors=run.run_err[i],
+        )
+        for i in range(n)
+    ]  # fmt: skip
+    report = TuneReport(
+        target=profile.name, database=d, tasks=tasks, trials=sum(run.trials), budget=budget,
+        seconds=time.monotonic() - t_start, stopped=reason, runner=runner_name, first_error=run.first_error,
+    )  # fmt: skip
+    meta["runs"].append(
+        {"finished": _now(), "model": imported.name, "model_sha256": imported.sha256, "trials": report.trials,
+         "stopped": reason, "runner": runner_name, "num_cores": cores, **_versions()}  # fmt: skip
+    )
+    _write_meta(d, meta)
+    run.progress("done")
+    if reason in ("no-builds", "no-runs"):
+        what = "built" if reason == "no-builds" else "ran"
+        raise RuntimeFailure(
+            f"tuning measured nothing: none of the first {report.trials} candidates {what} "
+            f"({_first_line(run.first_error)}); MetaSchedule's logs are in {d / 'logs'}"
+        )
+    if reason == "interrupted":
+        raise TuningInterrupted(
+            f"interrupted after {report.trials} trials; every measured record is saved in {d}; "
+            "rerun the same command to continue",
+            report,
+        )
+    return report
+
+
+def _first_line(text: str | None) -> str:
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[0][:300] if lines else "no error message"
+
+
+def _scheduled(task) -> bool:
+    attrs = task.dispatched[0]["main"].attrs
+    return attrs is not None and bool(attrs.get("tirx.is_scheduled", False))
+
+
+def _flops(mod) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(mod))
+    except Exception:  # data-dependent loops: no estimate
+        return 0.0
+
+
+def _search(opts, extracted, target, d: Path, db, builder, runner, run: _Run, cap, budget, cores) -> None:
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    n = len(extracted)
+    run.t0 = time.monotonic()
+    per_task = cap if cap else budget
+    share = max(1, math.ceil(budget / n))
+    per_iter = opts.trials_per_iter or max(2, min(64, share // 2))
+    log_dir = d / "logs"
+    shutil.rmtree(log_dir, ignore_errors=True)  # the last run's logs only
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with _quiet_metaschedule(log_dir):
+        loggers = get_loggers_from_work_dir(str(d), [t.task_name for t in extracted])
+        contexts = []
+        for task, logger, rand_state in zip(extracted, loggers, fork_seed(opts.seed, n=n)):
+            contexts.append(
+                ms.TuneContext(
+                    mod=task.dispatched[0],
+                    target=target,
+                    space_generator="post-order-apply",
+                    search_strategy=ms.search_strategy.EvolutionarySearch(population_size=opts.population),
+                    task_name=task.task_name,
+                    logger=logger,
+                    rand_state=rand_state,
+                    num_threads=cores if not opts.rpc_tracker else "physical",
+                ).clone()
+            )
+        callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _make_callback(run)]
+        ms.tune_tasks(
+            tasks=contexts,
+            task_weights=[float(t.weight) for t in extracted],
+            work_dir=str(d),
+            max_trials_global=budget,
+            max_trials_per_task=per_task,
+            num_trials_per_iter=per_iter,
+            builder=builder,
+            runner=runner,
+            database=db,
+            cost_model=ms.cost_model.CostModel.create("xgb", num_tuning_cores=min(cores, os.cpu_count() or 1)),
+            measure_callbacks=callbacks,
+            task_scheduler=_make_scheduler(run),
+        )
