@@ -32,6 +32,10 @@ class CpuConfig:
     unroll_max_step: int = 64
 
 
+class ScheduleRefused(Exception):
+    """The heuristic would produce a wrong or pointless schedule for this kernel."""
+
+
 def cpu_config(target) -> CpuConfig:
     """The schedule settings for an llvm target, from its mcpu and mattr."""
     mcpu = str(target.attrs.get("mcpu", "") or "")
@@ -238,14 +242,6 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
             if _is_var(out_index[-1].min, iv.var) and _in_last_index(dominant, iv.var):
                 vec = i
             break
-    if vec is not None and vec > 0 and _extent(sch, spatial[vec][0]) % cfg.lanes:
-        # A short row (10x10 maps): fuse it with the axis above when both the output and the
-        # dominant read are dense over the pair, as in a 1x1 convolution, so vectors stay full.
-        lp2, iv2 = spatial[vec - 1]
-        if _dense_pair(stmt, dominant, iv2.var, spatial[vec][1].var):
-            fused_vec = sch.fuse(lp2, spatial[vec][0])
-            spatial = spatial[: vec - 1] + [(fused_vec, spatial[vec][1])] + spatial[vec + 1 :]
-            vec -= 1
     lanes = 0
     if vec is not None:
         lanes = _vector_width(_extent(sch, spatial[vec][0]), cfg.lanes)
@@ -263,7 +259,7 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
             if _extent(sch, lp) > best:
                 best, row = _extent(sch, lp), i
     rows = 1
-    if row is not None:
+    if row is not None and tvm_vectorize:
         max_rows = max(1, min(cfg.max_rows, cfg.accumulators // _vector_ops(lanes, cfg.lanes)))
         rows = _row_factor(_extent(sch, spatial[row][0]), max_rows)
 
@@ -286,14 +282,17 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
     attached: set[str] = set()
     consumers = sch.get_consumers(block)
     if len(consumers) == 1 and not _is_reduction(sch, consumers[0]) and inner:
-        try:
-            sch.reverse_compute_at(consumers[0], outer[-1], preserve_unit_loops=False)
-            cl = sch.get_loops(consumers[0])
-            if lanes and len(cl) > len(outer) and _extent(sch, cl[-1]) == lanes:
-                sch.vectorize(cl[-1])
-            attached.add(sch.get(consumers[0]).name_hint)
-        except Exception:
-            pass
+        sch.reverse_compute_at(consumers[0], outer[-1], preserve_unit_loops=False)
+        cl = sch.get_loops(consumers[0])[len(outer) :]
+        # The epilogue must cover exactly the tile: a wider region would read accumulators
+        # other tiles own and race with them on the output. s_tir does not check this.
+        tile = rows * max(lanes, 1)
+        extents = [_const_extent(sch, lp) for lp in cl]
+        if None in extents or _product(extents) != tile:
+            raise ScheduleRefused(f"epilogue region of {sch.get(block).name_hint} is not its tile")
+        if lanes and cl and extents[-1] == lanes:
+            sch.vectorize(cl[-1])
+        attached.add(sch.get(consumers[0]).name_hint)
 
     work = _work(sch, block)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
@@ -342,21 +341,6 @@ def _uses_var(region, var) -> bool:
     return found[0]
 
 
-def _dense_pair(stmt, dominant, outer_var, inner_var) -> bool:
-    """Whether the output and the dominant read are indexed ``[..., outer, inner]`` exactly and
-    have the same two trailing dims, so fusing the two axes gives contiguous addresses."""
-    if dominant is None:
-        return False
-    out = stmt.writes[0]
-    for region in (out, dominant):
-        if len(region.region) < 2:
-            return False
-        if not (_is_var(region.region[-2].min, outer_var) and _is_var(region.region[-1].min, inner_var)):
-            return False
-    oshape, dshape = out.source.shape, dominant.source.shape
-    return all(_same_int(oshape[i], dshape[i]) for i in (-2, -1))
-
-
 def _unit_stride(expr, var) -> bool:
     """Whether ``expr`` is ``var`` plus terms free of it (stride 1 along ``var``)."""
     import tvm
@@ -397,19 +381,15 @@ def _in_last_index(region, var) -> bool:
 
 
 def _vector_width(extent: int, lanes: int) -> int:
-    """The vector length for a loop of ``extent``: a divisor of it, at most two registers wide,
-    that keeps the most elements per SIMD instruction; 0 when none is 4 or more.
+    """The widest vector, at most one register, that divides ``extent``; 0 below 4 lanes.
 
-    Lengths need not be powers of two: LLVM splits a 20-lane vector into 16 + 4.
+    It need not be a power of two (a 10-lane vector is an 8 and a 2 to LLVM), but it must not
+    exceed a register: wider vectors come out several times slower.
     """
-    best, best_score = 0, 0.0
-    for d in range(4, min(extent, 2 * lanes) + 1):
-        if extent % d:
-            continue
-        score = d / _vector_ops(d, lanes)
-        if score > best_score + 1e-9:
-            best, best_score = d, score
-    return best
+    for d in range(min(extent, lanes), 3, -1):
+        if extent % d == 0:
+            return d
+    return 0
 
 
 def _vector_ops(width: int, lanes: int) -> int:
@@ -423,6 +403,20 @@ def _row_factor(extent: int, max_rows: int) -> int:
         if extent % r == 0:
             return r
     return 1
+
+
+def _const_extent(sch, loop) -> int | None:
+    try:
+        return int(sch.get(loop).extent)
+    except (TypeError, ValueError):
+        return None
+
+
+def _product(values) -> int:
+    total = 1
+    for v in values:
+        total *= v
+    return total
 
 
 def _work(sch, block) -> int:
