@@ -20,8 +20,13 @@ log = logging.getLogger("tvm_hybrid.cli")
 @input_option
 @plan_options
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--tuning-logs", type=click.Path(file_okay=False), default=None,
+              help="Tuning-log root whose <target>/ database is applied "
+                   "(default: $TVM_HYBRID_TUNING_LOGS or the repository's tuning_logs/).")
+@click.option("--no-tuning-logs", is_flag=True, help="Default schedules only; apply no tuning log.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON summary on stdout.")
-def command(model: str, targets: tuple[str, ...], inputs, output: str, as_json: bool, **kw) -> None:
+def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_logs: str | None,
+            no_tuning_logs: bool, as_json: bool, **kw) -> None:  # fmt: skip
     """Compile an ONNX model into one artifact per target: OUT/<target>/ (and OUT/<cloud>/ when
     the plan sends segments to the cloud).
 
@@ -31,10 +36,17 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, as_json: 
     tvm-hybrid compile det.onnx -t x86-64 --input x:1x3x640x640 --memory 20MiB -o dist/   # split
     """
     from ..compiler.package import CompileOptions, compile_model
+    from ..compiler.tune import default_logs_dir
+    from ..errors import UsageError
 
+    if tuning_logs and no_tuning_logs:
+        raise UsageError("--tuning-logs and --no-tuning-logs contradict each other; give one")
+    if tuning_logs and not Path(tuning_logs).is_dir():
+        raise UsageError(f"--tuning-logs {tuning_logs} is not a directory (tune into it with `tvm-hybrid tune --logs`)")
+    logs = None if no_tuning_logs else Path(tuning_logs) if tuning_logs else default_logs_dir()
     cloud, settings = plan_settings(kw)
     opts = CompileOptions(model=Path(model), targets=targets, output=Path(output), inputs=inputs,
-                          cloud=cloud, plan=settings)  # fmt: skip
+                          cloud=cloud, plan=settings, tuning_logs=logs)  # fmt: skip
     log.info(
         "compiling %s for %s%s into %s",
         model,
@@ -48,4 +60,5 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, as_json: 
         return
     for s in summaries:
         click.echo(f"{s.path}  {' + '.join(s.placement)} segment(s), {s.files} files, "
-                   f"{s.bytes / 2**20:.2f} MiB, {s.seconds:.1f} s")  # fmt: skip
+                   f"{s.bytes / 2**20:.2f} MiB, {s.seconds:.1f} s, "
+                   f"{s.kernels['tuned']} kernels tuned, {s.kernels['default']} default")  # fmt: skip

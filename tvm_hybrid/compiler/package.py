@@ -17,7 +17,7 @@ from .. import __version__
 from .. import manifest as mf
 from ..errors import UnsupportedError, UsageError
 from ..targets import TargetProfile, resolve
-from . import analysis, build, importer
+from . import analysis, build, importer, tune
 from . import plan as planner
 from .split import SegmentModel, endpoint_name, split
 
@@ -57,6 +57,8 @@ class CompileOptions:
     inputs: tuple[importer.InputOverride, ...] = ()
     cloud: str | None = "cloud-x86"  # None: never split (unsupported ops are an error)
     plan: PlanSettings = PlanSettings()
+    #: Tuning-log root whose <target>/ database is applied; None builds with default schedules only.
+    tuning_logs: Path | None = dataclasses.field(default_factory=tune.default_logs_dir)
 
 
 @dataclasses.dataclass
@@ -68,6 +70,7 @@ class ArtifactSummary:
     segments: int
     seconds: float
     placement: list[str] = dataclasses.field(default_factory=list)
+    kernels: dict[str, int] = dataclasses.field(default_factory=lambda: {"tuned": 0, "default": 0})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -110,6 +113,7 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     out.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
     summaries = []
+    logs = {p.name: tune.open_database(opts.tuning_logs, p) for p in [*profiles, *([cloud] if cloud else [])]}
     cloud_segments: dict[str, tuple[SegmentModel, TargetProfile]] = {}
     try:
         for prof in profiles:
@@ -117,7 +121,7 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
             stage = _stage(out, prof.name, staged)
             graph, plan = plan_for(imported, prof, cloud, opts.plan)
             segs = split(imported, graph, plan)
-            m = build_artifact(imported, prof, cloud, segs, graph, plan, stage, opts.plan)
+            m = build_artifact(imported, prof, cloud, segs, graph, plan, stage, opts.plan, logs[prof.name])
             for seg in segs:
                 if seg.placement == "cloud" or _cloud_copy(seg, opts.plan):
                     cloud_segments[endpoint_name(imported.name, seg.id) + seg.version] = (seg, graph)
@@ -125,7 +129,7 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
         if cloud_segments:
             t0 = time.perf_counter()
             stage = _stage(out, cloud.name, staged)
-            m = build_cloud_artifact(imported, cloud, list(cloud_segments.values()), stage)
+            m = build_cloud_artifact(imported, cloud, list(cloud_segments.values()), stage, logs[cloud.name])
             summaries.append(_summary(cloud.name, out, m, t0))
         for stage, final in staged:
             _replace_dir(stage, final)
@@ -154,6 +158,7 @@ def _summary(name: str, out: Path, m: dict, t0: float) -> ArtifactSummary:
         segments=len(m["segments"]),
         seconds=round(time.perf_counter() - t0, 2),
         placement=[s["placement"] for s in m["segments"]],
+        kernels={k: sum(s.get("kernels", {}).get(k, 0) for s in m["segments"]) for k in ("tuned", "default")},
     )
 
 
@@ -173,12 +178,16 @@ def _replace_dir(stage: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, root: Path, rel: str) -> build.BuildResult:
-    """ONNX (sub-)model → Relax → optimized → shared library at ``root/rel``."""
+def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, root: Path, rel: str,
+                    tuning: tune.TuningLog | None = None) -> build.BuildResult:  # fmt: skip
+    """ONNX (sub-)model → Relax → optimized (with the target's tuning log) → shared library at ``root/rel``."""
     log.info("building %s for %s", imported.name, profile.name)
     mod = importer.to_relax(imported)
-    mod = build.optimize(mod, profile)
-    return build.build(mod, profile, root / rel)
+    mod = build.optimize(mod, profile, database=tuning)
+    result = build.build(mod, profile, root / rel)
+    log.info("%s: %d kernels tuned, %d default%s", imported.name, result.tuned_kernels, result.default_kernels,
+             f" (tuning log {tuning.path})" if tuning else " (no tuning log)")  # fmt: skip
+    return result
 
 
 def _segment_entry(seg: SegmentModel, graph: planner.PlanGraph) -> dict[str, Any]:
@@ -197,7 +206,8 @@ def _segment_entry(seg: SegmentModel, graph: planner.PlanGraph) -> dict[str, Any
 
 
 def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None, segs: list[SegmentModel],
-                   graph: planner.PlanGraph, plan: planner.Plan, root: Path, settings: PlanSettings) -> dict[str, Any]:  # fmt: skip
+                   graph: planner.PlanGraph, plan: planner.Plan, root: Path, settings: PlanSettings,
+                   tuning: tune.TuningLog | None = None) -> dict[str, Any]:  # fmt: skip
     """The device artifact: device segments compiled for the target, cloud segments as endpoints
     (with a local fallback build where the device can run them)."""
     files, entries = [], []
@@ -205,7 +215,7 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
         e = _segment_entry(seg, graph)
         if seg.placement == "device":
             rel = f"segments/{seg.id}.so"
-            r = compile_segment(seg.imported, profile, root, rel)
+            r = compile_segment(seg.imported, profile, root, rel, tuning)
             e.update(format="tvm-vm", library=rel, kernels={"tuned": r.tuned_kernels, "default": r.default_kernels})
             files.append(rel)
             if _cloud_copy(seg, settings):
@@ -214,7 +224,7 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
             e.update(reason=seg.reason, endpoint={"model": endpoint_name(imported.name, seg.id), "version": seg.version})
             if seg.reason != "unsupported-op":
                 rel = f"segments/{seg.id}.so"
-                compile_segment(seg.imported, profile, root, rel)
+                compile_segment(seg.imported, profile, root, rel, tuning)
                 e.update(format="tvm-vm", fallback_library=rel)
                 files.append(rel)
         entries.append(e)
@@ -232,7 +242,7 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
 
 
 def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[SegmentModel, planner.PlanGraph]],
-                         root: Path) -> dict[str, Any]:  # fmt: skip
+                         root: Path, tuning: tune.TuningLog | None = None) -> dict[str, Any]:  # fmt: skip
     """The cloud artifact: every segment a device artifact sends to the cloud, compiled for the
     cloud profile and kept as ONNX (servable by any engine), under its endpoint name and version."""
     files, entries = [], []
@@ -243,7 +253,7 @@ def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[Segmen
         name = endpoint_name(imported.name, seg.id)
         rel = f"segments/{name}-{seg.version}.so"
         onnx_rel = f"segments/{name}-{seg.version}.onnx"
-        r = compile_segment(seg.imported, cloud, root, rel)
+        r = compile_segment(seg.imported, cloud, root, rel, tuning)
         (root / onnx_rel).write_bytes(seg.onnx_bytes)
         e.update(format="tvm-vm", library=rel, onnx=onnx_rel, endpoint={"model": name, "version": seg.version},
                  kernels={"tuned": r.tuned_kernels, "default": r.default_kernels})  # fmt: skip
