@@ -8,6 +8,7 @@ import hashlib
 import io
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -422,7 +423,9 @@ def to_relax(imported: ImportedModel):
     sink = io.StringIO()
     try:
         # The frontend prints the failing node to stdout; keep stdout clean for --json.
-        with contextlib.redirect_stdout(sink):
+        # It also warns about renaming inputs to identifiers; the VM takes them by position.
+        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             mod = from_onnx(imported.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
     except Exception as e:
         detail = sink.getvalue().strip().splitlines()

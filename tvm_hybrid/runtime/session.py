@@ -105,7 +105,8 @@ class Session:
                         ran_on = self._cloud.url
                 except Exception as e:
                     errors.append(f"{where}: {_one_line(e)}")
-                    log.warning("segment %s failed on the %s: %s", seg["id"], where, _one_line(e))
+                    if where != step.order[-1]:
+                        log.warning("segment %s failed on the %s (%s); trying the other side", seg["id"], where, _one_line(e))
                     continue
                 missing = [t["name"] for t in seg["outputs"] if t["name"] not in outs]
                 if missing:
