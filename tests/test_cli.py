@@ -147,7 +147,11 @@ def test_run_on_a_non_artifact_exits_4(tmp_path):
 
 
 def test_demo_runs_the_bundled_model_end_to_end():
+    """The README's main job: compile with a split, run split over loopback, then fall back."""
     proc = cli("demo", "--json", check=True)
     doc = json.loads(proc.stdout)
-    assert doc["reference"]["ok"] and doc["reference"]["max_abs_diff"] < 1e-4
-    assert doc["outputs"] == {"save_infer_model/scale_0.tmp_1": [1, 2]}
+    compile_step, split, fallback = doc["steps"]
+    assert list(compile_step["artifacts"].values()) == [["device", "cloud"], ["cloud"]]
+    assert [t["placement"] for t in split["trace"]] == ["device", "cloud"]
+    assert [(t["placement"], t["fallback"]) for t in fallback["trace"]] == [("device", False), ("device", True)]
+    assert doc["ok"] and split["max_abs_diff"] < 1e-4 and fallback["max_abs_diff"] < 1e-4
