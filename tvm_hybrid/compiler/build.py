@@ -53,10 +53,15 @@ def fuse(mod, profile: TargetProfile):
     import tvm
     from tvm import relax
 
+    from .schedules import conv_transpose_as_conv
+
     target = profile.tvm()
     seq = tvm.transform.Sequential(
         [
             relax.transform.DecomposeOpsForInference(),
+            # Before legalization: TVM's conv2d_transpose kernel convolves over a zero-dilated
+            # input; stride == kernel upsampling becomes a 1x1 conv + pixel shuffle (4x less work).
+            conv_transpose_as_conv(),
             relax.transform.CanonicalizeBindings(),
             relax.transform.FoldConstant(),
             relax.transform.LegalizeOps(),
