@@ -33,6 +33,9 @@ class PlanSettings:
     memory: str | None = None
     keep_input_local: bool = True
     max_crossings: int = 1
+    # Calibration: measured ms / roofline ms on each side (scripts/bench_split.py measures them).
+    device_scale: float = 1.0
+    cloud_scale: float = 1.0
 
     def options(self, device: TargetProfile) -> planner.PlanOptions:
         link = device.link
@@ -82,6 +85,9 @@ def plan_for(imported: importer.ImportedModel, device: TargetProfile, cloud: Tar
              settings: PlanSettings) -> tuple[planner.PlanGraph, planner.Plan]:  # fmt: skip
     """The placement of every node for one device target (all-device when there is no cloud)."""
     graph = planner.graph_from_model(imported, device, cloud)
+    for n in graph.nodes:
+        n.device_ms *= settings.device_scale
+        n.cloud_ms *= settings.cloud_scale
     if cloud is None:
         bad = sorted({n.op for n in graph.nodes if n.device_ms == planner.INF})
         if bad:
