@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+
 import click
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
 
 def read_token(path: str | None) -> str | None:
@@ -20,28 +26,68 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
+def _size(ctx, param, value: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?\s*", value, re.IGNORECASE)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a size like 64MiB, 500kB or 1048576")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
 @click.command("serve")
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path())
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--token-file", type=click.Path(dir_okay=False), help="Require `Authorization: Bearer <token>`.")
-def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | None) -> None:
-    """Serve cloud artifacts' segments over the KServe v2 protocol.
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Require `Authorization: Bearer <token>` (401 without).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Requests computed at once: TVM VMs per model and threads running them  [default: CPU cores].")
+@click.option("--max-request-size", default="64MiB", show_default=True, callback=_size,
+              help="Larger request bodies are refused with 413.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=None,
+              help="Inferences queued or running beyond which requests get 503  [default: 32 per worker].")
+@click.option("--access-log", default="-", show_default=True, metavar="PATH",
+              help="One JSON line per request: '-' for stderr, a file path, or 'off'.")
+@click.option("--graceful-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM/SIGINT, seconds that in-flight requests get to finish.")
+def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | None, workers: int | None,
+            max_request_size: int, max_queue: int | None, access_log: str, graceful_timeout: float) -> None:  # fmt: skip
+    """Serve cloud artifacts' segments over the KServe v2 protocol (any v2 client works).
 
     \b
     tvm-hybrid serve dist/cloud-x86 --port 8000 --token-file token.txt
     curl localhost:8000/v2/health/ready
+    curl -H "Authorization: Bearer $(cat token.txt)" localhost:8000/metrics
     """
+    workers = workers or os.cpu_count() or 1
+    # Each worker thread gets its own TVM thread pool: share the cores instead of oversubscribing.
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
     import uvicorn
 
     from ..server.app import Registry, create_app
 
     token = read_token(token_file)
-    registry = Registry(list(artifacts))
-    app = create_app(registry, token)
+    _setup_access_log(access_log)
+    registry = Registry(list(artifacts), workers=workers)
+    app = create_app(registry, token, max_request_bytes=max_request_size, max_queue=max_queue)
     names = ", ".join(f"{n}/{v}" for n, vs in sorted(registry.models.items()) for v in sorted(vs))
-    click.echo(f"tvm-hybrid: serving {names} on http://{host}:{port}", err=True)
+    click.echo(f"tvm-hybrid: serving {names} on http://{host}:{port} ({workers} workers)", err=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=graceful_timeout, http="h11")  # fmt: skip
     finally:
         registry.close()
+
+
+def _setup_access_log(where: str) -> None:
+    import logging
+
+    logger = logging.getLogger("tvm_hybrid.access")
+    logger.propagate = False
+    logger.handlers.clear()
+    if where == "off":
+        logger.setLevel(logging.WARNING)
+        return
+    handler = logging.StreamHandler(sys.stderr) if where == "-" else logging.FileHandler(where)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

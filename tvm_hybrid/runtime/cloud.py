@@ -1,10 +1,20 @@
-"""A small KServe v2 client for cloud segments (standard library HTTP, binary tensors)."""
+"""A KServe v2 client for cloud segments: standard-library HTTP, binary tensors, and the hardening
+an edge device needs against a cloud that is slow, down or restarting.
+
+Every call is bounded by ``CloudPolicy.budget`` seconds (connect, send, wait, read, retries and
+backoff together); connection errors and 503/502 are retried with jittered exponential backoff;
+after ``breaker_failures`` failed calls in a row a circuit breaker skips the cloud for
+``breaker_cooldown`` seconds, then lets one trial call through (half-open) and closes on success.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import http.client
+import io
 import json
+import logging
+import random
 import socket
 import threading
 import time
@@ -16,9 +26,24 @@ import numpy as np
 from ..errors import RuntimeFailure, UsageError
 from ..protocol import HEADER_LENGTH, ProtocolError, decode, encode
 
+log = logging.getLogger(__name__)
+
+_RETRY_STATUS = (502, 503)  # the server (or a proxy in front of it) says: not now, try again
+
 
 class CloudUnavailable(RuntimeFailure):
     """The cloud could not be reached or did not answer in time (a fallback may apply)."""
+
+
+def wire_version(version: str) -> str:
+    """The version as sent on the wire: Triton needs integer versions, so a hexadecimal content
+    hash (the manifest's form) travels as its decimal value; ``tvm-hybrid serve`` accepts both."""
+    if version.isdigit():
+        return version
+    try:
+        return str(int(version, 16))
+    except ValueError:
+        return version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,28 +57,200 @@ class LinkShaper:
         time.sleep(self.rtt_ms / 1e3 + nbytes * 8 / self.bandwidth_bps)
 
 
-class CloudClient:
-    """Calls ``POST /v2/models/{name}/versions/{v}/infer`` with binary tensors in and out."""
+@dataclasses.dataclass(frozen=True)
+class CloudPolicy:
+    """How patiently the client talks to the cloud (seconds unless named otherwise)."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0, shaper: LinkShaper | None = None):
+    budget: float = 30.0  # the most one infer() call may take, everything included
+    connect_timeout: float = 3.0  # per TCP connect
+    read_timeout: float = 30.0  # per wait for bytes from the server
+    retries: int = 2  # extra attempts after a connection error or a 503/502
+    backoff: float = 0.05  # first wait before a retry; doubles each time, with jitter
+    backoff_max: float = 1.0
+    breaker_failures: int = 3  # failed calls in a row that open the circuit breaker
+    breaker_cooldown: float = 10.0  # how long an open breaker skips the cloud
+
+    def __post_init__(self):
+        for f in ("budget", "connect_timeout", "read_timeout"):
+            if not getattr(self, f) > 0:
+                raise UsageError(f"cloud {f} must be more than 0 seconds, got {getattr(self, f)}")
+        if self.retries < 0 or self.breaker_failures < 1 or self.breaker_cooldown < 0 or self.backoff < 0:
+            raise UsageError("cloud retries and backoff must be >= 0, breaker_failures >= 1")
+
+
+class CircuitBreaker:
+    """closed → (N failures in a row) → open → (cool-down) → half-open → closed or open again."""
+
+    def __init__(self, failures: int, cooldown: float):
+        self.failures, self.cooldown = failures, cooldown
+        self._lock = threading.Lock()
+        self._count = 0
+        self._opened_at: float | None = None
+        self._trial = False  # a half-open trial call is under way
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            if self._opened_at is None:
+                return "closed"
+            return "half-open" if time.monotonic() - self._opened_at >= self.cooldown else "open"
+
+    def admit(self) -> float | None:
+        """None if a call may go; else the seconds left until the breaker lets one through."""
+        with self._lock:
+            if self._opened_at is None:
+                return None
+            left = self._opened_at + self.cooldown - time.monotonic()
+            if left > 0:
+                return left
+            if self._trial:
+                return 0.0  # one trial at a time; the others keep skipping the cloud
+            self._trial = True
+            return None
+
+    def success(self) -> None:
+        with self._lock:
+            if self._opened_at is not None:
+                log.warning("cloud is back: circuit breaker closed")
+            self._count, self._opened_at, self._trial = 0, None, False
+
+    def failure(self) -> None:
+        with self._lock:
+            self._count += 1
+            if self._opened_at is not None or self._count >= self.failures:
+                if self._opened_at is None or self._trial:
+                    log.warning("cloud failed %d call(s) in a row: skipping it for %.1f s", self._count, self.cooldown)
+                self._opened_at, self._trial = time.monotonic(), False
+
+
+class CloudClient:
+    """Calls ``POST /v2/models/{name}/versions/{v}/infer`` with binary tensors in and out.
+
+    Thread-safe: one keep-alive connection per calling thread, one breaker for the client.
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float | None = None,
+                 shaper: LinkShaper | None = None, policy: CloudPolicy | None = None):  # fmt: skip
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise UsageError(f"cloud URL {url!r} must look like http://HOST:PORT")
+        if policy is None:
+            policy = CloudPolicy() if timeout is None else CloudPolicy(budget=timeout, read_timeout=timeout)
         self.url = url
         self._scheme, self._host, self._port = u.scheme, u.hostname, u.port
         self._prefix = u.path.rstrip("/")
         self.token = token
-        self.timeout = timeout
+        self.policy = policy
         self.shaper = shaper
+        self.breaker = CircuitBreaker(policy.breaker_failures, policy.breaker_cooldown)
         self._local = threading.local()
 
-    def _conn(self) -> http.client.HTTPConnection:
+    @property
+    def timeout(self) -> float:
+        return self.policy.budget
+
+    def infer(self, model: str, version: str, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """Run a served segment; returns its outputs and the bytes sent.
+
+        Raises CloudUnavailable when the cloud cannot answer within the budget (or the breaker is
+        open), RuntimeFailure when it answers with an error."""
+        deadline = time.monotonic() + self.policy.budget
+        wait = self.breaker.admit()
+        if wait is not None:
+            raise CloudUnavailable(f"cloud at {self.url} is skipped after repeated failures (circuit breaker open, "
+                                   f"next try in {wait:.1f} s)")  # fmt: skip
+        body, headers = encode(feeds, binary=True, parameters={"binary_data_output": True})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        path = f"{self._prefix}/v2/models/{model}/versions/{wire_version(version)}/infer"
+        try:
+            status, resp_headers, data = self._request("POST", path, body, headers, deadline)
+        except CloudUnavailable:
+            self.breaker.failure()
+            raise
+        if status != 200:
+            msg = _error_text(data)
+            if status >= 500:  # the cloud is unwell: counts towards the breaker
+                self.breaker.failure()
+                cls = CloudUnavailable if status in (*_RETRY_STATUS, 504) else RuntimeFailure
+                raise cls(f"cloud at {self.url} failed {model}/{version} ({status}): {msg}")
+            self.breaker.success()  # the cloud is up; the request was wrong
+            raise RuntimeFailure(f"cloud at {self.url} refused {model}/{version} ({status}): {msg}")
+        try:
+            _, outs = decode(data, resp_headers.get(HEADER_LENGTH.lower()), key="outputs")
+        except ProtocolError as e:
+            self.breaker.failure()
+            raise RuntimeFailure(f"cloud at {self.url} sent a malformed reply: {e}") from e
+        self.breaker.success()
+        if self.shaper:
+            self.shaper.delay(len(body) + len(data))
+        return outs, len(body)
+
+    def _request(self, method: str, path: str, body: bytes, headers: dict[str, str], deadline: float):
+        """One HTTP exchange, retried on connection errors and 503/502 while the budget lasts."""
+        p = self.policy
+        retries, backoff, last, reconnected = 0, p.backoff, "sent nothing", False
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                last = f"did not answer within the {p.budget:g} s budget ({last})"
+                break
+            conn, reused = self._conn()
+            conn.deadline = deadline
+            retry_after, phase = None, "connect"
+            try:
+                if conn.sock is None:
+                    conn.timeout = min(p.connect_timeout, left)
+                    conn.connect()
+                phase = "read"
+                conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                status, resp_headers = resp.status, {k.lower(): v for k, v in resp.getheaders()}
+                if resp.will_close:
+                    self._drop()
+                if status not in _RETRY_STATUS:
+                    return status, resp_headers, data
+                last = f"answered {status}: {_error_text(data)}"
+                retry_after = _seconds(resp_headers.get("retry-after"))
+            except _BudgetSpent:
+                self._drop()
+                last = f"did not answer within the {p.budget:g} s budget"
+                break
+            except socket.timeout as e:
+                self._drop()
+                if phase == "read":  # a slow server: waiting again would not make it faster
+                    raise CloudUnavailable(f"cloud at {self.url} sent nothing for {p.read_timeout:g} s (read timeout)") from e
+                last = f"is unreachable: connect timed out after {conn.timeout:g} s"
+            except (OSError, http.client.HTTPException) as e:
+                self._drop()
+                last = f"is unreachable: {_one_line(e)}"
+                if reused and not reconnected and not isinstance(e, ConnectionRefusedError):
+                    reconnected = True  # a kept-alive connection the server closed: reconnect at once
+                    continue
+            if retries >= p.retries:
+                break
+            retries += 1
+            pause = min(p.backoff_max, backoff) * random.uniform(0.5, 1.0)
+            if retry_after is not None:
+                pause = max(pause, retry_after)
+            if pause >= deadline - time.monotonic():
+                last += f"; no time left in the {p.budget:g} s budget for retry {retries}"
+                break
+            log.debug("cloud %s; retry %d in %.3f s", last, retries, pause)
+            time.sleep(pause)
+            backoff *= 2
+        raise CloudUnavailable(f"cloud at {self.url} {last}" + (f" (after {retries} retries)" if retries else ""))
+
+    def _conn(self) -> tuple[http.client.HTTPConnection, bool]:
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-            conn = cls(self._host, self._port, timeout=self.timeout)
-            self._local.conn = conn
-        return conn
+        if conn is not None:
+            return conn, conn.sock is not None
+        cls = _HTTPSConnection if self._scheme == "https" else _HTTPConnection
+        conn = cls(self._host, self._port, timeout=self.policy.connect_timeout)
+        conn.read_timeout = self.policy.read_timeout
+        self._local.conn = conn
+        return conn, False
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -61,47 +258,91 @@ class CloudClient:
             conn.close()
             self._local.conn = None
 
-    def infer(self, model: str, version: str, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        """Run a served segment; returns its outputs and the bytes sent."""
-        body, headers = encode(feeds, binary=True, parameters={"binary_data_output": True})
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        path = f"{self._prefix}/v2/models/{model}/versions/{version}/infer"
-        status, resp_headers, data = self._request("POST", path, body, headers)
-        if status != 200:
-            msg = _error_text(data)
-            if status in (502, 503, 504):
-                raise CloudUnavailable(f"cloud at {self.url} answered {status}: {msg}")
-            raise RuntimeFailure(f"cloud at {self.url} refused {model}/{version} ({status}): {msg}")
-        try:
-            _, outs = decode(data, resp_headers.get(HEADER_LENGTH.lower()), key="outputs")
-        except ProtocolError as e:
-            raise RuntimeFailure(f"cloud at {self.url} sent a malformed reply: {e}") from e
-        if self.shaper:
-            self.shaper.delay(len(body) + len(data))
-        return outs, len(body)
-
-    def _request(self, method: str, path: str, body: bytes, headers: dict[str, str]):
-        for attempt in (0, 1):  # a kept-alive connection the server closed is retried once, fresh
-            conn = self._conn()
-            try:
-                conn.request(method, path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-            except (ConnectionError, http.client.HTTPException, socket.timeout, OSError) as e:
-                self._drop()
-                if attempt == 1 or isinstance(e, (socket.timeout, ConnectionRefusedError)):
-                    raise CloudUnavailable(f"cloud at {self.url} is unreachable: {e or type(e).__name__}") from e
-        raise AssertionError("unreachable")
-
     def close(self) -> None:
         self._drop()
+
+
+class _BudgetSpent(socket.timeout):
+    """The call's budget ran out while waiting on the socket."""
+
+
+class _DeadlineSocket:
+    """A socket whose every send and receive waits at most min(read timeout, time left in the budget)."""
+
+    def __init__(self, sock: socket.socket, conn: Any):
+        self._sock, self._conn = sock, conn
+
+    def _arm(self) -> None:
+        left = self._conn.deadline - time.monotonic()
+        if left <= 0:
+            raise _BudgetSpent("budget spent")
+        if left <= self._conn.read_timeout:
+            self._sock.settimeout(left)
+            self._budget_bound = True
+        else:
+            self._sock.settimeout(self._conn.read_timeout)
+            self._budget_bound = False
+
+    def _guard(self, fn, *args):
+        self._arm()
+        try:
+            return fn(*args)
+        except socket.timeout:
+            if self._budget_bound:
+                raise _BudgetSpent("budget spent") from None
+            raise
+
+    def sendall(self, data, *flags):
+        return self._guard(self._sock.sendall, data, *flags)
+
+    def recv_into(self, buf, *args):
+        return self._guard(self._sock.recv_into, buf, *args)
+
+    def makefile(self, mode: str = "rb", *args, **kwargs):
+        return io.BufferedReader(socket.SocketIO(self, "rb"))
+
+    def _decref_socketios(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+class _DeadlineMixin:
+    deadline: float = float("inf")
+    read_timeout: float = 30.0
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self.sock = _DeadlineSocket(self.sock, self)  # type: ignore[has-type]
+
+
+class _HTTPConnection(_DeadlineMixin, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_DeadlineMixin, http.client.HTTPSConnection):
+    pass
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _error_text(data: bytes) -> str:
     try:
         doc: Any = json.loads(data)
         return str(doc.get("error", doc))[:300]
-    except ValueError:
+    except (ValueError, AttributeError):
         return data[:300].decode(errors="replace")

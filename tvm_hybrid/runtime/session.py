@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import RuntimeFailure, UsageError
 from ..manifest import TensorSpec
 from .artifact import Artifact, open_artifact
-from .cloud import CloudClient, LinkShaper
+from .cloud import CloudClient, CloudPolicy, LinkShaper
 from .executors import create_executor
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class Session:
         device: str | None = None,
         timeout: float = 30.0,
         link: LinkShaper | None = None,
+        cloud_policy: CloudPolicy | None = None,
     ):
         if fallback not in FALLBACKS:
             raise UsageError(f"fallback must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
@@ -52,7 +53,8 @@ class Session:
         self.inputs: list[TensorSpec] = self._art.inputs
         self.outputs: list[TensorSpec] = self._art.outputs
         self.trace: list[dict[str, Any]] = []
-        self._cloud = CloudClient(cloud_url, token, timeout, link) if cloud_url else None
+        # ``timeout`` bounds each cloud call (retries included); ``cloud_policy`` sets every knob.
+        self._cloud = CloudClient(cloud_url, token, timeout, link, cloud_policy) if cloud_url else None
         self._steps: list[_Step] = []
         try:
             for seg in self.manifest["segments"]:
