@@ -486,21 +486,35 @@ def _make_runner(opts: TuneOptions, evaluator):
 
 
 def _remote_cores(opts: TuneOptions) -> int:
-    """Ask a device from the tracker how many threads its TVM runtime uses; checks it is there."""
+    """Check the tracker has a device with the key, and ask it how many threads its TVM runtime uses."""
+    import socket
+
     from tvm import rpc
 
     host, port = _parse_tracker(opts.rpc_tracker or "")
+    where = f"the RPC tracker at {host}:{port}"
+    try:  # TVM's own client retries a refused connection for a minute; fail at once instead
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        raise RuntimeFailure(f"cannot reach {where} ({e.strerror or e}); is the tracker running "
+                             "(python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190)?") from e  # fmt: skip
     try:
         tracker = rpc.connect_tracker(host, port)
+        keys = sorted({item["key"].split(":", 1)[-1] for item in tracker.summary().get("server_info", [])})
+        if opts.rpc_key not in keys:
+            raise RuntimeFailure(
+                f"no device with key {opts.rpc_key!r} is registered with {where} (keys there: "
+                f"{', '.join(keys) or 'none'}); start one: python -m tvm.exec.rpc_server "
+                f"--tracker {host}:{port} --key {opts.rpc_key}"
+            )
         sess = tracker.request(opts.rpc_key, priority=1, session_timeout=60, max_retry=2)
         return int(sess.get_function("runtime.NumThreads")())
+    except RuntimeFailure:
+        raise
     except Exception as e:
-        first = str(e).strip().splitlines()
-        raise RuntimeFailure(
-            f"cannot get a device with key {opts.rpc_key!r} from the RPC tracker at {host}:{port} "
-            f"({first[-1][:200] if first else type(e).__name__}); check the tracker and that a server "
-            "registered with that key (python -m tvm.exec.query_rpc_tracker --port PORT)"
-        ) from e
+        first = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise RuntimeFailure(f"cannot get a device with key {opts.rpc_key!r} from {where} "
+                             f"({first[-1][:200] if first else type(e).__name__})") from e  # fmt: skip
 
 
 def _tuning_target(profile: TargetProfile, cores: int):
@@ -587,16 +601,23 @@ class _Run:
     # -- stop conditions
     def should_stop(self) -> bool:
         if self.reason is None:
-            total = sum(self.trials)
             if self.stop.is_set():
                 self.reason = "interrupted"
             elif self.deadline is not None and time.monotonic() >= self.deadline:
                 self.reason = "time"
-            elif total >= min(_FAIL_FAST_TRIALS, self.budget) and sum(self.build_ok) == 0:
-                self.reason = "no-builds"
-            elif total >= min(_FAIL_FAST_TRIALS, self.budget) and sum(self.run_ok) == 0:
-                self.reason = "no-runs"
+            elif sum(self.trials) >= min(_FAIL_FAST_TRIALS, self.budget):
+                self.reason = self.failure()
         return self.reason is not None
+
+    def failure(self) -> str | None:
+        """"no-builds" or "no-runs" when trials were made and none of them built, or ran."""
+        if not sum(self.trials):
+            return None
+        if not sum(self.build_ok):
+            return "no-builds"
+        if not sum(self.run_ok):
+            return "no-runs"
+        return None
 
     def at_cap(self, i: int) -> bool:
         return self.exhausted[i] or (self.cap is not None and self.existing[i] + self.trials[i] >= self.cap)
@@ -854,7 +875,8 @@ def _now() -> str:
 
 
 def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_start) -> TuneReport:
-    import psutil  # noqa: F401  (MetaSchedule needs it; fail here with a clear message if missing)
+    import psutil  # MetaSchedule needs it (and cloudpickle, for its popen workers)
+    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
     _import_tensor_intrin()
@@ -889,12 +911,15 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
         run = _Run(names, [int(t.weight) for t in extracted], existing, best_db, budget, cap, deadline, stop,
                    on_progress, [None] * n)  # fmt: skip
         with _stop_on_signals(stop):
-            if n:
+            if n and budget > 0:
                 run.progress("baseline")
                 run.defaults = _measure_defaults(extracted, builder, runner, target, profile)
+            elif n:  # nothing to measure: the default times from when these kernels were tuned
+                known = _read_defaults(d)
+                run.defaults = [known.get(tvm_ffi.structural_hash(m)) for m in mods]
             if budget > 0 and n and not stop.is_set():
                 _search(opts, extracted, target, d, db, builder, runner, run, cap, budget, cores)
-        reason = run.reason or ("nothing-to-do" if budget == 0 else "budget")
+        reason = run.reason or run.failure() or ("nothing-to-do" if budget == 0 else "budget")
         if reason == "budget" and sum(run.trials) < budget:
             reason = "exhausted"  # every task's search space ran dry (or reached its cap)
     finally:
@@ -935,8 +960,11 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
 
 
 def _first_line(text: str | None) -> str:
-    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
-    return lines[0][:300] if lines else "no error message"
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    if not lines:
+        return "no error message"
+    line = lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
+    return line[:300]
 
 
 def _scheduled(task) -> bool:
