@@ -116,3 +116,72 @@ def text_image(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
         img = (img - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
         batch.append(img.transpose(2, 0, 1))
     return np.stack(batch).astype(np.float32)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`tvm-hybrid serve` in a subprocess on loopback; its stderr (the access log) goes to a file."""
+
+    def __init__(self, artifacts: list[Path], token_file: Path | None = None, *args: str, port: int | None = None):
+        import tempfile
+        import time
+        import urllib.request
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "tvm_hybrid", "serve", *map(str, artifacts), "--port", str(self.port), *args]
+        if token_file:
+            cmd += ["--token-file", str(token_file)]
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}: {self.stderr()}")
+            try:
+                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError("server did not get ready in 120 s")
+
+    def stderr(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye to clients, requests in flight are cut off."""
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def split_cls(tmp_path_factory):
+    """PP-OCR cls for a device with a 600 KiB budget: a device prefix and a cloud suffix."""
+    from tvm_hybrid.compiler.importer import InputOverride
+    from tvm_hybrid.compiler.package import CompileOptions, PlanSettings, compile_model
+
+    out = tmp_path_factory.mktemp("split")
+    summaries = compile_model(
+        CompileOptions(model=CLS, targets=(TARGET,), output=out, inputs=(InputOverride("x", (1, 3, 48, 192)),),
+                       plan=PlanSettings(memory="600KiB"))  # fmt: skip
+    )
+    assert [s.target for s in summaries] == [TARGET, "cloud-x86"]
+    return out

@@ -8,72 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLS, TARGET, assert_close, cli, reference, text_image
+from conftest import CLS, TARGET, Server, assert_close, cli, free_port, reference, text_image
 
 from tvm_hybrid.compiler.importer import InputOverride
-from tvm_hybrid.compiler.package import CompileOptions, PlanSettings, compile_model
+from tvm_hybrid.compiler.package import CompileOptions, compile_model
 from tvm_hybrid.errors import RuntimeFailure
 from tvm_hybrid.runtime import Session
 
 TOKEN = "s3cret-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`tvm-hybrid serve` in a subprocess on loopback."""
-
-    def __init__(self, artifacts: list[Path], token_file: Path | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "tvm_hybrid", "serve", *map(str, artifacts), "--port", str(self.port)]
-        if token_file:
-            args += ["--token-file", str(token_file)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {self.proc.stderr.read()}")
-            try:
-                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise AssertionError("server did not get ready in 120 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-@pytest.fixture(scope="module")
-def split_cls(tmp_path_factory):
-    """PP-OCR cls for a device with a 600 KiB budget: a device prefix and a cloud suffix."""
-    out = tmp_path_factory.mktemp("split")
-    summaries = compile_model(
-        CompileOptions(model=CLS, targets=(TARGET,), output=out, inputs=(InputOverride("x", (1, 3, 48, 192)),),
-                       plan=PlanSettings(memory="600KiB"))  # fmt: skip
-    )
-    assert [s.target for s in summaries] == [TARGET, "cloud-x86"]
-    return out
 
 
 @pytest.fixture(scope="module")

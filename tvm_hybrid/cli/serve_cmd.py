@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import sys
 
 import click
@@ -71,11 +73,32 @@ def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | 
     app = create_app(registry, token, max_request_bytes=max_request_size, max_queue=max_queue)
     names = ", ".join(f"{n}/{v}" for n, vs in sorted(registry.models.items()) for v in sorted(vs))
     click.echo(f"tvm-hybrid: serving {names} on http://{host}:{port} ({workers} workers)", err=True)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http="h11",
+                            timeout_graceful_shutdown=graceful_timeout)  # fmt: skip
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                    timeout_graceful_shutdown=graceful_timeout, http="h11")  # fmt: skip
+        _server_class()(config).run()
     finally:
         registry.close()
+    click.echo("tvm-hybrid: stopped", err=True)
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but SIGTERM/SIGINT end in a graceful shutdown and exit status 0
+        (uvicorn re-raises the signal after shutting down, which skips our cleanup)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in previous.items():
+                    signal.signal(s, h)
+
+    return Server
 
 
 def _setup_access_log(where: str) -> None:
