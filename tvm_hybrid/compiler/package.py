@@ -126,6 +126,8 @@ def build_artifact(imported: importer.ImportedModel, profile: TargetProfile, roo
         "predicted": {"flops": flops, "ms": round(analysis.predicted_ms(flops, moved, profile), 4)},
         "kernels": {"tuned": result.tuned_kernels, "default": result.default_kernels},
     }
+    if result.device_code is not None:
+        segment["device_code"] = result.device_code
     import tvm
     import tvm_ffi
 
