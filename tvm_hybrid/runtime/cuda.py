@@ -85,3 +85,20 @@ def cuda_device(tvm, device_code: dict[str, Any] | None, device_id: int = 0):
             f"code ({have}); recompile for it, e.g. --target cuda-sm{version.replace('.', '')}"
         )
     return dev
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs the driver reports (0 without a driver); asks the driver directly, no TVM."""
+    import ctypes
+
+    try:
+        drv = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    n = ctypes.c_int(0)
+    try:
+        if drv.cuInit(0) != 0 or drv.cuDeviceGetCount(ctypes.byref(n)) != 0:
+            return 0
+    except AttributeError:
+        return 0
+    return n.value
