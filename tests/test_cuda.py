@@ -221,27 +221,30 @@ def test_compatibility_rules_for_running_device_code():
     assert all(runs_on(v, cloud) for v in ("8.0", "8.6", "8.9", "9.0", "10.0")) and not runs_on("7.5", cloud)
 
 
+def test_profile_for_a_gpu_prefers_its_own_sass_then_ptx():
+    from tvm_hybrid.compiler.cuda import profile_for_gpu
+
+    assert profile_for_gpu("8.7", "aarch64") == "cuda-sm87"  # Jetson Orin
+    assert profile_for_gpu("8.7", "x86_64") == "cuda-sm86"  # SASS of the same major, x86 host
+    assert profile_for_gpu("7.5", "x86_64") == "cuda-sm75"
+    assert profile_for_gpu("9.0", "x86_64") == "cuda-sm90"
+    assert profile_for_gpu("12.0", "x86_64") == "cuda-sm90"  # Blackwell: PTX JIT
+    assert profile_for_gpu("7.0", "x86_64") is None  # Volta: CUDA 13 dropped it
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 
 def _gpu_target() -> str:
     """The built-in CUDA profile for this machine's GPU 0 and CPU."""
-    from tvm_hybrid.targets import all_profiles
+    from tvm_hybrid.compiler.cuda import profile_for_gpu
+    from tvm_hybrid.runtime.cuda import gpu_compute_capability
 
-    import tvm
-
-    cc = str(tvm.cuda(0).compute_version)
-    machine = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}[platform.machine()]
-    fits = []
-    for p in all_profiles().values():
-        if p.family != "cuda" or p.placement != "device" or not (p.tvm_host or {}).get("mtriple", "").startswith(machine):
-            continue
-        arch = p.tvm_target["arch"]
-        if runs_on(cc, {"sass": [arch], "ptx": ["compute_" + arch[3:]]}):
-            fits.append((int(arch[3:]), p.name))
-    if not fits:
-        pytest.skip(f"no built-in CUDA profile for compute capability {cc} on {machine}")
-    return max(fits)[1]
+    cc = gpu_compute_capability(0)
+    name = profile_for_gpu(cc) if cc else None
+    if name is None:
+        pytest.skip(f"no built-in CUDA profile for compute capability {cc} on {platform.machine()}")
+    return name
 
 
 def _gpu_close(got, want, rtol, atol):

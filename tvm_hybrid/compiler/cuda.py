@@ -103,6 +103,33 @@ def _arch_number(arch: str) -> int:
     return int(_ARCH_RE.match(arch).group(2))
 
 
+def profile_for_gpu(compute_version: str, machine: str | None = None) -> str | None:
+    """The built-in device profile that best fits a GPU of ``compute_version`` on this CPU.
+
+    Prefers SASS for the GPU's own arch (or the newest of its major), else PTX the driver JITs.
+    """
+    import platform
+
+    from ..runtime.cuda import runs_on
+    from ..targets import all_profiles
+
+    machine = machine or platform.machine()
+    prefix = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(machine.lower(), machine)
+    best: tuple[int, int, str] | None = None
+    for p in all_profiles().values():
+        if not is_cuda(p) or p.placement != "device" or not str((p.tvm_host or {}).get("mtriple", "")).startswith(prefix):
+            continue
+        arch = str(p.tvm_target.get("arch", ""))
+        if not _ARCH_RE.match(arch):
+            continue
+        n = _arch_number(arch)
+        sass_fits = runs_on(compute_version, {"sass": [arch]})
+        if sass_fits or runs_on(compute_version, {"ptx": ["compute_" + arch[3:]]}):
+            key = (int(sass_fits), n, p.name)
+            best = max(best, key) if best else key
+    return best[2] if best else None
+
+
 # ----------------------------------------------------------------------------- schedules
 
 
@@ -238,7 +265,8 @@ def ensure_cuda_codegen() -> str:
         return _driver["mode"]
     import tvm_ffi
     from tvm.base import _LOADED_LIBS
-    from tvm_ffi.libinfo import load_lib_ctypes
+
+    from ..runtime.cuda import load_tvm_cuda_library
 
     mode = "driver"
     if "tvm_runtime_cuda" not in _LOADED_LIBS:
@@ -250,9 +278,7 @@ def ensure_cuda_codegen() -> str:
             stub = stub_libcuda(runtime_dir / "libtvm_runtime_cuda.so")
             _driver["stub_handle"] = ctypes.CDLL(str(stub), mode=ctypes.RTLD_GLOBAL)
         try:
-            _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-                package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
-            )
+            load_tvm_cuda_library()
         except (OSError, RuntimeError) as e:
             raise UnsupportedError(
                 f"TVM's CUDA runtime library could not be loaded ({str(e).strip().splitlines()[0][:200]}); "

@@ -41,18 +41,27 @@ def _needs(device_code: dict[str, Any]) -> str:
     return f"an NVIDIA GPU ({arch} or newer)" if arch else "an NVIDIA GPU"
 
 
-def _load_cuda_runtime(needs: str) -> None:
-    """``import tvm`` in runtime-only mode loads no device backends; load TVM's CUDA library here."""
+def load_tvm_cuda_library() -> None:
+    """Load ``libtvm_runtime_cuda`` into this process if it is not in yet.
+
+    ``import tvm`` loads it only when the full TVM is imported *and* the driver's libcuda.so.1
+    resolves; runtime-only TVM (edge apps) loads no device backends at all. Raises OSError or
+    RuntimeError as the loader does (e.g. libcuda.so.1 missing).
+    """
     from tvm.base import _LOADED_LIBS
     from tvm_ffi.libinfo import load_lib_ctypes
 
     if "tvm_runtime_cuda" in _LOADED_LIBS:
         return
     runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+        package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+    )
+
+
+def _load_cuda_runtime(needs: str) -> None:
     try:
-        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
-        )
+        load_tvm_cuda_library()
     except (OSError, RuntimeError) as e:
         text = str(e)
         if "libcuda.so" in text:
@@ -87,18 +96,38 @@ def cuda_device(tvm, device_code: dict[str, Any] | None, device_id: int = 0):
     return dev
 
 
-def gpu_count() -> int:
-    """NVIDIA GPUs the driver reports (0 without a driver); asks the driver directly, no TVM."""
+def _driver():
     import ctypes
 
     try:
         drv = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
+        return drv if drv.cuInit(0) == 0 else None
+    except (OSError, AttributeError):
+        return None
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs the driver reports (0 without a driver); asks the driver directly, no TVM."""
+    import ctypes
+
+    drv = _driver()
     n = ctypes.c_int(0)
-    try:
-        if drv.cuInit(0) != 0 or drv.cuDeviceGetCount(ctypes.byref(n)) != 0:
-            return 0
-    except AttributeError:
+    if drv is None or drv.cuDeviceGetCount(ctypes.byref(n)) != 0:
         return 0
     return n.value
+
+
+def gpu_compute_capability(device_id: int = 0) -> str | None:
+    """GPU ``device_id``'s compute capability as "8.7", or None without one."""
+    import ctypes
+
+    drv = _driver()
+    if drv is None or device_id >= gpu_count():
+        return None
+    major, minor = ctypes.c_int(0), ctypes.c_int(0)
+    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76
+    if drv.cuDeviceGetAttribute(ctypes.byref(major), 75, device_id) != 0:
+        return None
+    if drv.cuDeviceGetAttribute(ctypes.byref(minor), 76, device_id) != 0:
+        return None
+    return f"{major.value}.{minor.value}"
