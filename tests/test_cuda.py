@@ -117,7 +117,7 @@ def test_ppocr_cls_compiles_to_sass_and_ptx(target, artifacts, tmp_path):
     fatbin.write_bytes(lib[start : start + hsize + fsize])
     listing = subprocess.run([tool, "--list-elf", "--list-ptx", str(fatbin)], capture_output=True, text=True,
                              check=True).stdout  # fmt: skip
-    arch = target.removeprefix("cuda-")
+    arch = "sm_" + target.removeprefix("cuda-sm")
     assert f"{arch}.cubin" in listing and f"{arch}.ptx" in listing, listing
 
 
@@ -219,6 +219,15 @@ def test_compatibility_rules_for_running_device_code():
     assert not runs_on("9.0", {"sass": ["sm_80"], "ptx": []})
     cloud = {"sass": ["sm_80", "sm_86", "sm_89", "sm_90"], "ptx": ["compute_80"]}
     assert all(runs_on(v, cloud) for v in ("8.0", "8.6", "8.9", "9.0", "10.0")) and not runs_on("7.5", cloud)
+
+
+@pytest.mark.skipif(gpu_count() > 0, reason="a GPU is present")
+def test_tuning_a_cuda_target_without_a_gpu_says_so():
+    from tvm_hybrid.compiler.cuda import prepare_tuning
+    from tvm_hybrid.targets import resolve
+
+    with pytest.raises(UnsupportedError, match="tuning cuda-sm87 needs an NVIDIA GPU"):
+        prepare_tuning(resolve("cuda-sm87"))
 
 
 def test_profile_for_a_gpu_prefers_its_own_sass_then_ptx():

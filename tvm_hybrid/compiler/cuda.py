@@ -379,6 +379,37 @@ def device_compile(profile: TargetProfile) -> Iterator[DeviceCompile]:
             tvm_ffi.remove_global_func(name)
 
 
+def prepare_tuning(profile: TargetProfile) -> None:
+    """Ready this process for MetaSchedule on a CUDA target; UnsupportedError without a GPU.
+
+    MetaSchedule measures candidates on the GPU, so tuning needs one (compiling does not: it
+    uses dlight's defaults). Its builder workers are fresh processes that compile through TVM's
+    own ``tvm_callback_cuda_compile``, which defaults to NVRTC (needs ``cuda-bindings``); without
+    that package they are switched to nvcc, which they find on PATH.
+    """
+    import importlib.util
+
+    from ..runtime.cuda import gpu_compute_capability
+
+    cc = gpu_compute_capability(0)
+    if cc is None:
+        raise UnsupportedError(
+            f"tuning {profile.name} needs an NVIDIA GPU to measure kernels on, and this machine has none; "
+            "compile without tuning (dlight default schedules) or tune on a machine with the GPU"
+        )
+    from ..runtime.cuda import runs_on
+
+    codegen = CudaCodegen.from_profile(profile)
+    if not runs_on(cc, {"sass": [codegen.arch]}):
+        log.warning("tuning %s on a GPU of compute capability %s: timings may not carry over", profile.name, cc)
+    nvcc = find_nvcc()
+    if importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None:
+        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+        nvcc_dir = str(Path(nvcc).parent)
+        if nvcc_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = nvcc_dir + os.pathsep + os.environ.get("PATH", "")
+
+
 # ----------------------------------------------------------------------------- verification
 
 
@@ -428,7 +459,7 @@ def verify_device_code(library: Path, job: DeviceCompile, target_name: str) -> d
     every kernel TVM generated in each; returns the manifest's ``device_code`` record.
 
     Raises UnsupportedError when device code is missing: such an artifact would load on the
-    device and fail there, or JIT from nothing.
+    device and fail there, or JIT from nothing. (Even a lone Reshape is a copy kernel on the GPU.)
     """
     codegen = job.codegen
     if job.fatbins == 0:
