@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
 MODELS = {
     "ppocr-cls 1x3x48x192": (ROOT / "tests/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", {"x": (1, 3, 48, 192)}),
     "ppocr-cls 8x3x48x192": (ROOT / "tests/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", {"x": (8, 3, 48, 192)}),
@@ -43,6 +44,7 @@ def main() -> None:
 
     import numpy as np
     import onnxruntime as ort
+    from bench import interleaved  # scripts/bench.py: warm-up, then engines timed in turn
 
     from tvm_hybrid.compiler.cuda import profile_for_gpu
     from tvm_hybrid.compiler.importer import InputOverride
@@ -104,20 +106,6 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"compute_capability": cc, "target": target, "baseline": baseline,
                                          "rows": rows}, indent=2))  # fmt: skip
-
-
-def interleaved(engines: dict, runs: int) -> dict[str, list[float]]:
-    """Warm each engine up (the first CUDA calls load modules and JIT PTX), then time them in turn."""
-    for fn in engines.values():
-        for _ in range(5):
-            fn()
-    times = {k: [] for k in engines}
-    for _ in range(runs):
-        for k, fn in engines.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 if __name__ == "__main__":
