@@ -10,6 +10,8 @@ if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 # Debian packages: a C++ compiler links the artifacts (export_library).
 need=()
 command -v g++ >/dev/null || need+=(g++)
+# Jetson Orin (cuda-sm87) artifacts hold ARM64 host code: linked with the cross compiler.
+command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need[*]}"
   $SUDO apt-get update -qq
@@ -18,3 +20,11 @@ fi
 
 # Python packages: the tool (pinned TVM and tvm-ffi, see pyproject.toml) and the test extras.
 $PY -m pip install -q --disable-pip-version-check -e ".[test]"
+
+# CUDA targets compile device code with nvcc (no GPU or driver needed). Not installable from here:
+# without it, CUDA compiles fail with a message and the CUDA tests skip, saying why.
+if ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] && [ ! -x /usr/local/cuda/bin/nvcc ]; then
+  echo "setup: nvcc (CUDA toolkit 12.x/13.x) not found on PATH, in ${CUDA_HOME:-\$CUDA_HOME} or /usr/local/cuda:" \
+       "CUDA targets (cuda-sm75 … cloud-cuda) cannot be compiled and tests/test_cuda.py will skip;" \
+       "install it from https://developer.nvidia.com/cuda-downloads to enable them"
+fi

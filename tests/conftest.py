@@ -19,6 +19,19 @@ TARGET = "x86-64-avx2"
 sys.path.insert(0, str(HERE))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where the NVIDIA driver reports a GPU."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    from tvm_hybrid.runtime.cuda import gpu_count
+
+    if gpu_count() == 0:
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU (the driver reports none on this machine)")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+
+
 def reference(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """onnxruntime's outputs, by name: the reference every test compares against."""
     import onnxruntime as ort

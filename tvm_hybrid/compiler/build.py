@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -22,6 +23,7 @@ class BuildResult:
     library: Path
     tuned_kernels: int = 0
     default_kernels: int = 0
+    device_code: dict | None = None  # GPU targets: what the library holds (arch, SASS, PTX)
 
 
 def optimize(mod, profile: TargetProfile, database=None):
@@ -34,6 +36,10 @@ def optimize(mod, profile: TargetProfile, database=None):
     mod = fuse(mod, profile)
     if database is not None:
         mod = apply_database(mod, profile, database)
+    from . import cuda
+
+    if cuda.is_cuda(profile):
+        return cuda.schedule(mod, profile)
     from .schedules import apply_default
 
     return apply_default(mod, profile)
@@ -175,14 +181,18 @@ def build(mod, profile: TargetProfile, out_lib: Path) -> BuildResult:
     """Compile an optimized Relax module for the profile and export it as a shared library."""
     import tvm
 
+    from . import cuda
+
     target = profile.tvm()
-    with target:
-        ex = tvm.compile(mod, target=target)
     fcompile = _fcompile(profile)
+    gpu = cuda.device_compile(profile) if cuda.is_cuda(profile) else contextlib.nullcontext()
+    with gpu as job, target:
+        ex = tvm.compile(mod, target=target)
     out_lib.parent.mkdir(parents=True, exist_ok=True)
     ex.export_library(str(out_lib), fcompile=fcompile)
+    device_code = cuda.verify_device_code(out_lib, job, profile.name) if job is not None else None
     tuned, default = kernel_counts(mod)
-    return BuildResult(library=out_lib, tuned_kernels=tuned, default_kernels=default)
+    return BuildResult(library=out_lib, tuned_kernels=tuned, default_kernels=default, device_code=device_code)
 
 
 def _fcompile(profile: TargetProfile):

@@ -223,6 +223,8 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
             rel = f"segments/{seg.id}.so"
             r = compile_segment(seg.imported, profile, root, rel, tuning)
             e.update(format="tvm-vm", library=rel, kernels={"tuned": r.tuned_kernels, "default": r.default_kernels})
+            if r.device_code is not None:
+                e["device_code"] = r.device_code
             files.append(rel)
             if _cloud_copy(seg, settings):
                 e["endpoint"] = {"model": endpoint_name(imported.name, seg.id), "version": seg.version}
@@ -263,6 +265,8 @@ def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[Segmen
         (root / onnx_rel).write_bytes(seg.onnx_bytes)
         e.update(format="tvm-vm", library=rel, onnx=onnx_rel, endpoint={"model": name, "version": seg.version},
                  kernels={"tuned": r.tuned_kernels, "default": r.default_kernels})  # fmt: skip
+        if r.device_code is not None:
+            e["device_code"] = r.device_code
         if seg.reason:
             e["reason"] = seg.reason
         files += [rel, onnx_rel]

@@ -20,7 +20,7 @@ class TVMVMExecutor:
 
         self._tvm = tvm
         lib_path = root / segment["library"]
-        self.device = _device(tvm, target, device)
+        self.device = _device(tvm, target, device, segment)
         self.device_name = str(self.device)
         try:
             lib = tvm.runtime.load_module(str(lib_path))
@@ -41,9 +41,13 @@ class TVMVMExecutor:
         return [o.numpy() for o in out]
 
 
-def _device(tvm, target: dict[str, Any], override: str | None):
+def _device(tvm, target: dict[str, Any], override: str | None, segment: dict[str, Any] | None = None):
     kind = override or target.get("tvm_target", {}).get("kind", "llvm")
     kind = {"llvm": "cpu", "c": "cpu"}.get(kind, kind)
+    if kind == "cuda":
+        from .cuda import cuda_device
+
+        return cuda_device(tvm, (segment or {}).get("device_code"))
     dev = tvm.device(kind, 0)
     if not dev.exist:
         raise RuntimeFailure(f"device {kind}:0 is not present on this machine; the artifact needs it")
