@@ -17,7 +17,7 @@ from .. import __version__
 from .. import manifest as mf
 from ..errors import UsageError
 from ..targets import TargetProfile, resolve
-from . import analysis, build, importer
+from . import analysis, build, importer, webgpu
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,26 @@ def build_artifact(imported: importer.ImportedModel, profile: TargetProfile, roo
 
         raise UnsupportedError(f"unsupported ops for target {profile.name}: {', '.join(unsupported)}")
     log.info("building %s for %s", imported.name, profile.name)
+    if webgpu.is_webgpu(profile):
+        imported = webgpu.narrow_index_constants(imported)
+        webgpu.check_supported(imported, profile)
     mod = importer.to_relax(imported)
     mod = build.optimize(mod, profile)
-    lib_rel = "segments/0.so"
-    result = build.build(mod, profile, root / lib_rel)
+    if webgpu.is_webgpu(profile):
+        built = webgpu.build(mod, profile, root / "segments", "0")
+        lib_rel, files = f"segments/{built['plan']}", [f"segments/{f}" for f in built["files"]]
+        result = build.BuildResult(root / lib_rel, *build.kernel_counts(mod))
+    else:
+        lib_rel = "segments/0.so"
+        result = build.build(mod, profile, root / lib_rel)
+        files = [lib_rel]
     infos = analysis.analyze(imported, profile)
     flops = sum(i.flops for i in infos)
     moved = sum(i.param_bytes + i.activation_bytes for i in infos)
     segment = {
         "id": 0,
         "placement": "device",
-        "format": "tvm-vm",
+        "format": webgpu.FORMAT if webgpu.is_webgpu(profile) else "tvm-vm",
         "library": lib_rel,
         "nodes": [i.name for i in infos],
         "inputs": [t.to_dict() for t in imported.inputs],
@@ -143,7 +152,7 @@ def build_artifact(imported: importer.ImportedModel, profile: TargetProfile, roo
         "outputs": [t.to_dict() for t in imported.outputs],
         "target": profile.to_dict(),
         "segments": [segment],
-        "files": [mf.file_entry(root, lib_rel)],
+        "files": [mf.file_entry(root, f) for f in files],
     }
     mf.validate(manifest)
     (root / mf.MANIFEST).write_text(mf.dumps(manifest))
