@@ -252,7 +252,7 @@ class _Planner:
         self.kernels: dict[str, dict[str, Any]] = {}
         self.launches: list[dict[str, Any]] = []
         self.env: dict[Any, Any] = {}  # relax Var -> view dict / tuple of views / ("storage", id)
-        self._const_ids: dict[int, dict[str, Any]] = {}
+        self._const_ids: dict[Any, dict[str, Any]] = {}
 
     # -- buffers -------------------------------------------------------------------------------
     def _buffer(self, kind: str, nbytes: int, **extra) -> int:
@@ -261,7 +261,7 @@ class _Planner:
         return bid
 
     def _constant(self, const) -> dict[str, Any]:
-        key = id(const)
+        key = const  # TVM objects hash and compare by handle: one upload per constant
         if key in self._const_ids:
             return self._const_ids[key]
         arr = const.value.numpy()
