@@ -24,12 +24,16 @@ def _parse_feed(text: str) -> tuple[str | None, str]:
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run N times and report the median latency.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (outputs, trace, latency).")
-def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repeat: int, as_json: bool) -> None:
+@click.option("--device", default=None, metavar="NAME",
+              help="Device to run on; for Vulkan artifacts a wgpu adapter name (or $TVM_HYBRID_WGPU_ADAPTER).")
+def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repeat: int, as_json: bool,
+            device: str | None) -> None:
     """Run an artifact (directory or .tar) on inputs from .npy files.
 
     \b
     tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --output-dir out/
     tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --repeat 50 --json
+    tvm-hybrid run dist/vulkan-adreno --input x=image.npy --device llvmpipe
     """
     import numpy as np
 
@@ -37,7 +41,7 @@ def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repea
     from ..manifest import safe_filename
     from ..runtime import Session
 
-    with Session(artifact) as sess:
+    with Session(artifact, device=device) as sess:
         arrays = {}
         for text in feeds:
             name, path = _parse_feed(text)
