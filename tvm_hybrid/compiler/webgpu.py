@@ -35,6 +35,7 @@ FORMAT = "wgsl-plan"
 PLAN_VERSION = 1
 #: numpy dtypes WGSL storage buffers hold (no f64, no i64, no 8/16-bit integers).
 WGSL_DTYPES = {"float32": "f32", "float16": "f16", "int32": "i32", "uint32": "u32"}
+_NO_WGSL = {"int64", "uint64", "float64", "complex64", "complex128"}
 _MAX_GRID = 65535
 _BINDING_RE = re.compile(r"@group\(0\)\s*@binding\((\d+)\)\s*var<storage,\s*(read_write|read)>\s*(\w+)\s*:\s*array<(\w+)>")
 _WORKGROUP_RE = re.compile(r"@workgroup_size\((\d+),\s*(\d+),\s*(\d+)\)")
@@ -69,8 +70,11 @@ def is_webgpu(profile: TargetProfile) -> bool:
 
 
 def rejected_nodes(imported, profile: TargetProfile) -> list[Rejected]:
-    """Every ONNX node the Vulkan target cannot take: listed unsupported ops, and data tensors
-    of a dtype WGSL has not (int64, float64…) that no compile-time folding removed."""
+    """Every ONNX node the Vulkan target cannot take: the profile's unsupported ops, and nodes with
+    64-bit data tensors (WGSL has no i64/f64) that compile-time folding did not remove.
+
+    Shape-like inputs (Reshape's shape, Slice's starts…) are read at compile time and do not count.
+    The planner can send these nodes elsewhere; until then compile refuses them (exit 3)."""
     from onnx import helper
 
     g = imported.model.graph
@@ -97,7 +101,9 @@ def rejected_nodes(imported, profile: TargetProfile) -> list[Rejected]:
         for x in data:
             if x in types:
                 dt = str(np.dtype(helper.tensor_dtype_to_np_dtype(types[x])))
-                if dt not in allowed:
+                # 64-bit types never reach WGSL; narrower ones (bool, int8) are fine inside a fused
+                # kernel, and a kernel that stores one is named by the plan's buffer check.
+                if dt in _NO_WGSL or (dt in WGSL_DTYPES and dt not in allowed):
                     bad.add(dt)
         if bad:
             out.append(Rejected(name, node.op_type, f"{'/'.join(sorted(bad))} data; WGSL has {', '.join(sorted(allowed))}"))
