@@ -37,6 +37,8 @@ PLAN_VERSION = 1
 WGSL_DTYPES = {"float32": "f32", "float16": "f16", "int32": "i32", "uint32": "u32"}
 _NO_WGSL = {"int64", "uint64", "float64", "complex64", "complex128"}
 _MAX_GRID = 65535
+# The largest minStorageBufferOffsetAlignment WebGPU allows: a bound range must start at a multiple.
+_OFFSET_ALIGN = 256
 _BINDING_RE = re.compile(r"@group\(0\)\s*@binding\((\d+)\)\s*var<storage,\s*(read_write|read)>\s*(\w+)\s*:\s*array<(\w+)>")
 _WORKGROUP_RE = re.compile(r"@workgroup_size\((\d+),\s*(\d+),\s*(\d+)\)")
 # TVM's webgpu codegen guards folded grids with `idx > packGridDimX`, which lets block index
@@ -432,6 +434,11 @@ class _Planner:
         if kinfo["workgroup_size"] != block:
             raise UnsupportedError(f"{kname}: WGSL workgroup size {kinfo['workgroup_size']} != launch {block}")
         for view, b in zip(binds, kinfo["bindings"]):
+            if view["offset"] % _OFFSET_ALIGN:
+                raise UnsupportedError(
+                    f"{kname}: tensor at byte offset {view['offset']} of its storage; WebGPU binds at "
+                    f"multiples of {_OFFSET_ALIGN}"
+                )
             if view["dtype"] != b["dtype"]:
                 raise UnsupportedError(f"{kname}: binding {b['name']} is {b['dtype']}, tensor is {view['dtype']}")
         self.launches.append(
