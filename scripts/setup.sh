@@ -7,11 +7,14 @@ PY=${PYTHON:-python3}
 SUDO=""
 if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 
-# Debian packages: a C++ compiler links the artifacts (export_library).
+# Debian packages: a C++ compiler links the artifacts (export_library); a Vulkan loader and
+# Mesa's lavapipe (Vulkan on the CPU) run the Vulkan targets' tests without a GPU.
 need=()
 command -v g++ >/dev/null || need+=(g++)
 # Jetson Orin (cuda-sm87) artifacts hold ARM64 host code: linked with the cross compiler.
 command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
+[ -e /usr/lib/x86_64-linux-gnu/libvulkan.so.1 ] || ldconfig -p | grep -q 'libvulkan\.so\.1' || need+=(libvulkan1)
+ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || need+=(mesa-vulkan-drivers)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need[*]}"
   $SUDO apt-get update -qq

@@ -29,6 +29,8 @@ def test_targets_json_lists_profiles_and_host():
         assert t["capacity"]["memory_bytes"] > 0 and t["capacity"]["peak_gflops"] > 0
         if t["family"] == "x86":
             assert t["tvm_target"]["kind"] == "llvm" and t["tvm_target"]["mtriple"] == "x86_64-linux-gnu"
+        if t["family"] == "vulkan":  # WGSL kernels for wgpu; the llvm host code is never shipped
+            assert t["tvm_target"]["kind"] == "webgpu" and t["placement"] == "device"
 
 
 def test_inspect_json_counts_ops_params_and_flops():

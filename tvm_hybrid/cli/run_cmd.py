@@ -30,14 +30,17 @@ def _parse_feed(text: str) -> tuple[str | None, str]:
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run N times and report the median latency.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (outputs, trace, latency).")
+@click.option("--device", default=None, metavar="NAME",
+              help="Device to run on; for Vulkan artifacts a wgpu adapter name (or $TVM_HYBRID_WGPU_ADAPTER).")
 def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_file: str | None, fallback: str,
-            timeout: float, output_dir: str | None, repeat: int, as_json: bool) -> None:  # fmt: skip
+            timeout: float, output_dir: str | None, repeat: int, as_json: bool, device: str | None) -> None:  # fmt: skip
     """Run an artifact (directory or .tar) on inputs from .npy files.
 
     \b
     tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --output-dir out/
     tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --repeat 50 --json
     tvm-hybrid run dist/x86-64 --input x=image.npy --cloud-url http://127.0.0.1:8000
+    tvm-hybrid run dist/vulkan-adreno --input x=image.npy --device llvmpipe
     """
     import numpy as np
 
@@ -47,7 +50,7 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
     from .serve_cmd import read_token
 
     token = read_token(token_file)
-    with Session(artifact, cloud_url=cloud_url, token=token, fallback=fallback, timeout=timeout) as sess:
+    with Session(artifact, cloud_url=cloud_url, token=token, fallback=fallback, timeout=timeout, device=device) as sess:
         arrays = {}
         for text in feeds:
             name, path = _parse_feed(text)

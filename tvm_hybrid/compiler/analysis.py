@@ -10,6 +10,7 @@ import onnx
 from onnx import helper
 
 from ..targets import TargetProfile
+from . import webgpu
 from .importer import ImportedModel, supported_op_types
 
 # Ops whose cost is a few operations per output element rather than one.
@@ -52,6 +53,10 @@ def analyze(imported: ImportedModel, profile: TargetProfile | None = None) -> li
     supported = supported_op_types()
     unsupported_here = set(profile.capacity.get("unsupported_ops", [])) if profile else set()
     allowed_dtypes = set(profile.capacity.get("dtypes", [])) if profile else set()
+    rejected = None
+    if profile is not None and webgpu.is_webgpu(profile):
+        # WGSL's rules (64-bit data only; shape inputs are compile-time) live with the Vulkan build.
+        rejected = {r.node for r in webgpu.rejected_nodes(webgpu.narrow_index_constants(imported), profile)}
     infos = []
     for i, node in enumerate(g.node):
         outs = [o for o in node.output if o]
@@ -59,7 +64,9 @@ def analyze(imported: ImportedModel, profile: TargetProfile | None = None) -> li
         pbytes = sum(_nbytes(*shapes[x]) for x in ins if x in inits and x in shapes)
         abytes = sum(_nbytes(*shapes[o]) for o in outs if o in shapes)
         ok = node.op_type in supported and node.op_type not in unsupported_here
-        if ok and allowed_dtypes:
+        if rejected is not None:
+            ok = node.op_type in supported and node_name(node, i) not in rejected
+        elif ok and allowed_dtypes:
             for name in ins + outs:
                 if name in shapes and _dtype_name(shapes[name][1]) not in allowed_dtypes:
                     ok = False

@@ -17,7 +17,7 @@ from .. import __version__
 from .. import manifest as mf
 from ..errors import UnsupportedError, UsageError
 from ..targets import TargetProfile, resolve
-from . import analysis, build, importer, tune
+from . import analysis, build, importer, tune, webgpu
 from . import plan as planner
 from .split import SegmentModel, endpoint_name, split
 
@@ -184,16 +184,38 @@ def _replace_dir(stage: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, root: Path, rel: str,
-                    tuning: tune.TuningLog | None = None) -> build.BuildResult:  # fmt: skip
-    """ONNX (sub-)model → Relax → optimized (with the target's tuning log) → shared library at ``root/rel``."""
+@dataclasses.dataclass
+class CompiledSegment:
+    """One segment built for one profile: its main file, every file it needs, its format."""
+
+    result: build.BuildResult
+    format: str
+    library: str
+    files: list[str]
+
+
+def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, root: Path, stem: str,
+                    tuning: tune.TuningLog | None = None) -> CompiledSegment:  # fmt: skip
+    """ONNX (sub-)model → Relax → optimized (with the target's tuning log) → ``root/segments/<stem>.*``:
+    a shared library for the TVM VM, or a WGSL launch plan for Vulkan targets."""
     log.info("building %s for %s", imported.name, profile.name)
+    if webgpu.is_webgpu(profile):
+        imported = webgpu.narrow_index_constants(imported)
+        webgpu.check_supported(imported, profile)
     mod = importer.to_relax(imported)
     mod = build.optimize(mod, profile, database=tuning)
-    result = build.build(mod, profile, root / rel)
+    if webgpu.is_webgpu(profile):
+        built = webgpu.build(mod, profile, root / "segments", stem)
+        lib, files = f"segments/{built['plan']}", [f"segments/{f}" for f in built["files"]]
+        result = build.BuildResult(root / lib, *build.kernel_counts(mod))
+        fmt = webgpu.FORMAT
+    else:
+        lib = f"segments/{stem}.so"
+        result = build.build(mod, profile, root / lib)
+        files, fmt = [lib], "tvm-vm"
     log.info("%s: %d kernels tuned, %d default%s", imported.name, result.tuned_kernels, result.default_kernels,
              f" (tuning log {tuning.path})" if tuning else " (no tuning log)")  # fmt: skip
-    return result
+    return CompiledSegment(result, fmt, lib, files)
 
 
 def _segment_entry(seg: SegmentModel, graph: planner.PlanGraph) -> dict[str, Any]:
@@ -220,21 +242,20 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
     for seg in segs:
         e = _segment_entry(seg, graph)
         if seg.placement == "device":
-            rel = f"segments/{seg.id}.so"
-            r = compile_segment(seg.imported, profile, root, rel, tuning)
-            e.update(format="tvm-vm", library=rel, kernels={"tuned": r.tuned_kernels, "default": r.default_kernels})
+            c = compile_segment(seg.imported, profile, root, str(seg.id), tuning)
+            r = c.result
+            e.update(format=c.format, library=c.library, kernels={"tuned": r.tuned_kernels, "default": r.default_kernels})
             if r.device_code is not None:
                 e["device_code"] = r.device_code
-            files.append(rel)
+            files += c.files
             if _cloud_copy(seg, settings):
                 e["endpoint"] = {"model": endpoint_name(imported.name, seg.id), "version": seg.version}
         else:
             e.update(reason=seg.reason, endpoint={"model": endpoint_name(imported.name, seg.id), "version": seg.version})
             if seg.reason != "unsupported-op":
-                rel = f"segments/{seg.id}.so"
-                compile_segment(seg.imported, profile, root, rel, tuning)
-                e.update(format="tvm-vm", fallback_library=rel)
-                files.append(rel)
+                c = compile_segment(seg.imported, profile, root, str(seg.id), tuning)
+                e.update(format=c.format, fallback_library=c.library)
+                files += c.files
         entries.append(e)
     m = _manifest(imported, profile, entries, root, files)
     link = settings.options(profile).link
@@ -259,17 +280,17 @@ def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[Segmen
         e["id"] = k
         e["placement"] = "cloud"
         name = endpoint_name(imported.name, seg.id)
-        rel = f"segments/{name}-{seg.version}.so"
         onnx_rel = f"segments/{name}-{seg.version}.onnx"
-        r = compile_segment(seg.imported, cloud, root, rel, tuning)
+        c = compile_segment(seg.imported, cloud, root, f"{name}-{seg.version}", tuning)
+        r = c.result
         (root / onnx_rel).write_bytes(seg.onnx_bytes)
-        e.update(format="tvm-vm", library=rel, onnx=onnx_rel, endpoint={"model": name, "version": seg.version},
+        e.update(format=c.format, library=c.library, onnx=onnx_rel, endpoint={"model": name, "version": seg.version},
                  kernels={"tuned": r.tuned_kernels, "default": r.default_kernels})  # fmt: skip
         if r.device_code is not None:
             e["device_code"] = r.device_code
         if seg.reason:
             e["reason"] = seg.reason
-        files += [rel, onnx_rel]
+        files += c.files + [onnx_rel]
         entries.append(e)
     m = _manifest(imported, cloud, entries, root, files)
     (root / mf.MANIFEST).write_text(mf.dumps(m))

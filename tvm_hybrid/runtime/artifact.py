@@ -75,6 +75,10 @@ def open_artifact(path: str | Path) -> Artifact:
 
 def check_versions(m: dict[str, Any]) -> None:
     """Refuse artifacts built by a TVM whose runtime ABI this one may not load."""
+    from .executors import NEEDS_TVM
+
+    if not any(seg.get("format", "tvm-vm") in NEEDS_TVM for seg in m["segments"] if seg["placement"] == "device"):
+        return  # e.g. wgsl-plan segments run on wgpu alone: no TVM on the device
     built = m["versions"].get("tvm", "")
     here = versions()["tvm"]
     if _minor(built) != _minor(here):

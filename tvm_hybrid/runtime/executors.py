@@ -54,7 +54,16 @@ def _device(tvm, target: dict[str, Any], override: str | None, segment: dict[str
     return dev
 
 
-EXECUTORS: dict[str, Callable[..., Any]] = {"tvm-vm": TVMVMExecutor}
+def _wgpu_executor(root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None):
+    """WGSL kernels + launch plan on Vulkan through wgpu (no TVM); imported only when used."""
+    from .wgpu_executor import WGPUExecutor
+
+    return WGPUExecutor(root, segment, target, device)
+
+
+EXECUTORS: dict[str, Callable[..., Any]] = {"tvm-vm": TVMVMExecutor, "wgsl-plan": _wgpu_executor}
+#: Formats whose executor loads TVM's runtime (and so whose artifacts must match its version).
+NEEDS_TVM = {"tvm-vm"}
 
 
 def create_executor(root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None = None):
