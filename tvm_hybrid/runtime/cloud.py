@@ -227,6 +227,7 @@ class CloudClient:
                 last = f"is unreachable: {_one_line(e)}"
                 if reused and not reconnected and not isinstance(e, ConnectionRefusedError):
                     reconnected = True  # a kept-alive connection the server closed: reconnect at once
+                    log.debug("cloud %s on a kept-alive connection; reconnecting", last)
                     continue
             if retries >= p.retries:
                 break
