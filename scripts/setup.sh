@@ -21,8 +21,8 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
 
-# Python packages: the tool (pinned TVM and tvm-ffi, see pyproject.toml) and the test extras.
-$PY -m pip install -q --disable-pip-version-check -e ".[test]"
+# Python packages: the tool (pinned TVM and tvm-ffi, see pyproject.toml), the server and the test extras.
+$PY -m pip install -q --disable-pip-version-check -e ".[test,serve]"
 
 # CUDA targets compile device code with nvcc (no GPU or driver needed). Not installable from here:
 # without it, CUDA compiles fail with a message and the CUDA tests skip, saying why.

@@ -63,7 +63,14 @@ def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | 
     # Each worker thread gets its own TVM thread pool: share the cores instead of oversubscribing.
     os.environ.setdefault("TVM_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
-    import uvicorn
+    try:
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        from ..errors import UsageError
+
+        raise UsageError(f"serve needs {e.name}: pip install 'tvm-hybrid[serve]'") from e
 
     from ..server.app import Registry, create_app
 
