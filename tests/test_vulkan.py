@@ -10,6 +10,7 @@ FMAs; the observed worst cases are ~1e-4 relative (PP-OCRv4 det: max |diff| 1.6e
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -104,13 +105,38 @@ print({{"tvm": any(k == "tvm" or k.startswith("tvm.") for k in sys.modules), "li
 
 
 def test_int64_data_is_refused_naming_the_op(zoo_files, tmp_path):
-    """WGSL has no i64: ArgMax's int64 output makes compile exit 3 and name the node."""
+    """WGSL has no i64: with no cloud to send it to, ArgMax's int64 output makes compile exit 3
+    and name the node."""
     _, path = zoo_files("softmax_argmax")
-    proc = cli("compile", str(path), "--target", "vulkan-mali", "-o", str(tmp_path / "out"))
+    proc = cli("compile", str(path), "--target", "vulkan-mali", "--cloud", "none", "-o", str(tmp_path / "out"))
     assert proc.returncode == 3, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "XDG_RUNTIME_DIR" not in ln]
     assert len(lines) == 1 and "ArgMax /ArgMax" in lines[0] and "int64" in lines[0], lines
     assert not (tmp_path / "out" / "vulkan-mali").exists()
+
+
+def test_ops_vulkan_cannot_run_go_to_the_cloud(zoo_files, tmp_path):
+    """With a cloud, the planner sends what WGSL cannot take (ArgMax's int64) there: Gemm and
+    Softmax run on Vulkan, ArgMax on the cloud server, and the answers match onnxruntime."""
+    from test_hybrid import Server
+
+    from tvm_hybrid.compiler.importer import InputOverride
+    from tvm_hybrid.compiler.package import CompileOptions, compile_model
+
+    z, path = zoo_files("softmax_argmax")
+    out = tmp_path / "out"
+    compile_model(CompileOptions(model=path, targets=("vulkan-mali",), output=out,
+                                 inputs=tuple(InputOverride(k, v) for k, v in z.input_shapes.items())))  # fmt: skip
+    m = json.loads((out / "vulkan-mali" / "manifest.json").read_text())
+    assert [(s["placement"], s.get("reason")) for s in m["segments"]] == [("device", None), ("cloud", "unsupported-op")]
+    assert m["segments"][0]["format"] == "wgsl-plan"
+    srv = Server([out / "cloud-x86"])
+    try:
+        with Session(out / "vulkan-mali", cloud_url=srv.url, fallback="off") as s:
+            got = s.run(z.feeds)
+    finally:
+        srv.stop()
+    assert_close(got, reference(z.model, z.feeds), RTOL, ATOL)
 
 
 def test_grid_over_65535_workgroups_is_folded(tmp_path, artifacts):

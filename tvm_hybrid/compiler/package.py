@@ -90,6 +90,8 @@ def plan_for(imported: importer.ImportedModel, device: TargetProfile, cloud: Tar
         n.cloud_ms *= settings.cloud_scale
     if cloud is None:
         bad = sorted({n.op for n in graph.nodes if n.device_ms == planner.INF})
+        if bad and webgpu.is_webgpu(device):
+            webgpu.check_supported(webgpu.narrow_index_constants(imported), device)  # names each node and why
         if bad:
             raise UnsupportedError(f"unsupported ops for target {device.name}: {', '.join(bad)}")
     opts = settings.options(device)
