@@ -28,7 +28,9 @@ class CpuConfig:
     lanes: int  # f32 lanes of one SIMD register
     max_rows: int = 8  # register-tile rows (output channels) a reduction keeps in flight
     accumulators: int = 12  # vector registers the accumulator tile may take
-    parallel_min_work: int = 1 << 14  # below this many multiply-adds, threads cost more than they save
+    # Below this many multiply-adds (an element of a spatial kernel counts as 4), waking the
+    # thread pool costs more than it saves, the more so on a machine shared with other jobs.
+    parallel_min_work: int = 1 << 20
     unroll_max_step: int = 64
 
 
@@ -73,9 +75,9 @@ def apply_default(mod, profile: TargetProfile):
             updates[gv] = new.with_attr("tirx.is_scheduled", True)
     if not updates:
         return mod
-    mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+    mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
     for gv, func in updates.items():
-        mod[gv] = func
+        mod[gv] = func  # on the copy: the caller's module stays as it was
     log.debug("default schedules for %d kernels", len(updates))
     return mod
 
@@ -281,7 +283,14 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
 
     attached: set[str] = set()
     consumers = sch.get_consumers(block)
-    if len(consumers) == 1 and not _is_reduction(sch, consumers[0]) and inner:
+    if (
+        len(consumers) == 1
+        and inner
+        and not _is_reduction(sch, consumers[0])
+        # Elementwise over the result (a conv's bias/BN/activation), not a broadcast back
+        # over the reduced axis (softmax's exp), which no tile of this block covers.
+        and _domain_size(sch.get(consumers[0])) == _domain_size(stmt, spatial_only=True)
+    ):
         sch.reverse_compute_at(consumers[0], outer[-1], preserve_unit_loops=False)
         cl = sch.get_loops(consumers[0])[len(outer) :]
         # The epilogue must cover exactly the tile: a wider region would read accumulators
@@ -405,6 +414,14 @@ def _row_factor(extent: int, max_rows: int) -> int:
     return 1
 
 
+def _domain_size(stmt, spatial_only: bool = False) -> int:
+    total = 1
+    for iv in stmt.iter_vars:
+        if not spatial_only or iv.iter_type == 0:
+            total *= int(iv.dom.extent)
+    return total
+
+
 def _const_extent(sch, loop) -> int | None:
     try:
         return int(sch.get(loop).extent)
@@ -448,7 +465,7 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
         v = None
         outer = list(loops[:-1]) if len(loops) > 1 else list(loops)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    if _work(sch, block) >= cfg.parallel_min_work and _extent(sch, fused) > 1:
+    if 4 * _work(sch, block) >= cfg.parallel_min_work and _extent(sch, fused) > 1:
         sch.parallel(fused)
     if v is not None:
         sch.vectorize(v)
