@@ -879,7 +879,6 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
-    _import_tensor_intrin()
     if opts.rpc_tracker:
         cores = opts.num_cores or _remote_cores(opts)
     else:
@@ -986,6 +985,7 @@ def _search(opts, extracted, target, d: Path, db, builder, runner, run: _Run, ca
     from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
     from tvm.s_tir.meta_schedule.utils import fork_seed
 
+    _import_tensor_intrin()  # TuneContext imports it; faster here
     n = len(extracted)
     run.t0 = time.monotonic()
     per_task = cap if cap else budget
