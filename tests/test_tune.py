@@ -290,3 +290,14 @@ def test_one_tuning_run_per_database(tmp_path):
 def test_bad_tune_options_exit_2(tmp_path, args, needle):
     model = tiny_model(tmp_path / "tiny.onnx")
     assert needle in one_line_error(hybrid("tune", str(model), "-t", TARGET, "--logs", str(tmp_path), *args), 2)
+
+
+def test_a_target_of_another_architecture_needs_an_rpc_device(tmp_path):
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    text = (Path(__file__).resolve().parents[1] / "targets" / f"{TARGET}.toml").read_text()
+    text = text.replace(f'name = "{TARGET}"', 'name = "arm64-test"').replace("x86_64-linux-gnu", "aarch64-linux-gnu")
+    (profiles / "arm.toml").write_text(text.replace('mcpu = "haswell"', 'mcpu = "cortex-a76"'))
+    proc = hybrid("tune", str(tiny_model(tmp_path / "tiny.onnx")), "-t", "arm64-test", "--logs", str(tmp_path),
+                  env={"TVM_HYBRID_TARGETS_PATH": str(profiles)})  # fmt: skip
+    assert "--rpc-tracker HOST:PORT --rpc-key KEY" in one_line_error(proc, 2)

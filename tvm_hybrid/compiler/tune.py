@@ -568,34 +568,34 @@ def _measure_defaults(tasks, builder, runner, target, profile: TargetProfile) ->
 # --------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
 class _Run:
     """Counts, best times and stop conditions shared by the scheduler and the callback."""
 
-    def __init__(self, names, weights, existing, best_db, budget, cap, deadline, stop, on_progress, defaults):
-        n = len(names)
-        self.names = names
-        self.weights = weights
-        self.existing = existing  # measured records per task before this run
-        self.budget = budget
-        self.cap = cap
-        self.deadline = deadline  # time.monotonic() value or None
-        self.stop = stop
-        self.on_progress = on_progress
-        self.defaults = defaults
-        self.t0 = time.monotonic()  # reset when the search starts
+    names: list[str]
+    weights: list[int]
+    existing: list[int]  # measured records per task before this run
+    best: list[float | None]  # ms: the best record, from the database and this run
+    budget: int
+    cap: int | None
+    deadline: float | None  # a time.monotonic() value
+    stop: threading.Event
+    on_progress: Callable[[Progress], None] | None = None
+    defaults: list[float | None] = dataclasses.field(default_factory=list)
+    t0: float = dataclasses.field(default_factory=time.monotonic)  # reset when the search starts
+    first_error: str | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        self.defaults = self.defaults or [None] * n
         self.trials = [0] * n
-        self.build_ok = [0] * n
-        self.build_err = [0] * n
-        self.run_ok = [0] * n
-        self.run_err = [0] * n
-        self.best = list(best_db)  # ms, from the database and this run
+        self.build_ok, self.build_err, self.run_ok, self.run_err = ([0] * n for _ in range(4))
         # Best time after each batch, for the gradient; a task with records starts with one entry.
-        self.history: list[list[float]] = [[b] if b is not None else [] for b in best_db]
+        self.history: list[list[float]] = [[b] if b is not None else [] for b in self.best]
         self.picks = [0] * n
         self.done = [False] * n
         self.exhausted = [False] * n  # the search found no new candidate for it
-        self.first_error: str | None = None
-        self.reason: str | None = None
         self.rng = random.Random(0)
 
     # -- stop conditions
@@ -812,6 +812,22 @@ def _check(opts: TuneOptions) -> None:
         _parse_tracker(opts.rpc_tracker)
 
 
+def _check_runs_here(opts: TuneOptions, profile: TargetProfile) -> None:
+    """Kernels for another CPU architecture cannot be measured here (and emulation times mean nothing)."""
+    import platform
+
+    if opts.rpc_tracker:
+        return
+    norm = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
+    arch = str(profile.tvm_target.get("mtriple", "")).split("-")[0].lower()
+    host = platform.machine().lower()
+    if arch and norm.get(arch, arch) != norm.get(host, host):
+        raise UsageError(
+            f"target {profile.name} is {arch} and this machine is {host}: measure on the device, through "
+            "its RPC tracker: --rpc-tracker HOST:PORT --rpc-key KEY"
+        )
+
+
 def _measured(db, mods) -> tuple[list[int], list[float | None]]:
     """Per task: measured records in the database (failed trials not counted), and the time (ms)
     of the record a build applies (MetaSchedule's best valid one; None when there is none)."""
@@ -846,6 +862,7 @@ def tune_model(opts: TuneOptions, on_progress: Callable[[Progress], None] | None
     _check(opts)
     t_start = time.monotonic()
     profile = resolve(opts.target)
+    _check_runs_here(opts, profile)
     imported = importer.load(opts.model, list(opts.inputs))
     bad = importer.unsupported_ops(imported, profile.capacity.get("unsupported_ops", []))
     if bad:
@@ -907,8 +924,8 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
         runner, runner_name = _make_runner(opts, evaluator)
         deadline = time.monotonic() + 60 * opts.max_minutes if opts.max_minutes else None
         names = [t.task_name for t in extracted]
-        run = _Run(names, [int(t.weight) for t in extracted], existing, best_db, budget, cap, deadline, stop,
-                   on_progress, [None] * n)  # fmt: skip
+        run = _Run(names=names, weights=[int(t.weight) for t in extracted], existing=existing, best=list(best_db),
+                   budget=budget, cap=cap, deadline=deadline, stop=stop, on_progress=on_progress)  # fmt: skip
         with _stop_on_signals(stop):
             if n and budget > 0:
                 run.progress("baseline")
