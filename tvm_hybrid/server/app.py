@@ -103,7 +103,7 @@ class Registry:
         if not versions:
             return None
         if version is None:
-            # No version asked: the one most recently compiled (all are content hashes).
+            # No version asked: a fixed choice among content hashes (the runtime always names one).
             return max(versions.values(), key=lambda m: m.version) if len(versions) > 1 else next(iter(versions.values()))
         return versions.get(self._aliases.get((name, version), version))
 
