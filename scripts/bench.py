@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's tvm_hybrid, whatever is installed
 MODELS = {
     "ppocr-det 1x3x320x320": (ROOT / "tests/models/ch_PP-OCRv4_det_infer.onnx", (1, 3, 320, 320)),
     "ppocr-cls 1x3x48x192": (ROOT / "tests/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192)),

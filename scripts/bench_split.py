@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's tvm_hybrid, whatever is installed
 sys.path.insert(0, str(ROOT / "tests"))
 
 LINKS = [(bw, rtt) for bw in ("1Mbps", "10Mbps", "100Mbps") for rtt in ("20ms", "80ms")]
