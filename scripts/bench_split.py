@@ -171,7 +171,8 @@ class Server:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.proc = subprocess.Popen([sys.executable, "-m", "tvm_hybrid", "serve", *map(str, self.artifacts),
-                                      "--port", str(port)], stderr=subprocess.DEVNULL)  # fmt: skip
+                                      "--port", str(port)], stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
             try:
