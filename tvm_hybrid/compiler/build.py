@@ -36,6 +36,11 @@ def optimize(mod, profile: TargetProfile, database=None):
     mod = fuse(mod, profile)
     if database is not None:
         mod = apply_database(mod, profile, database)
+    return apply_defaults(mod, profile)
+
+
+def apply_defaults(mod, profile: TargetProfile):
+    """The default schedule of every kernel not yet scheduled: dlight on CUDA, heuristics on CPUs."""
     from . import cuda
 
     if cuda.is_cuda(profile):

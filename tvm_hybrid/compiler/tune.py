@@ -437,7 +437,7 @@ def _make_builder(scratch: Path, profile: TargetProfile):
                 self.count += 1
                 out = Path(tempfile.mkdtemp(prefix=f"b{self.count}-", dir=scratch))
                 try:
-                    path = _build_kernel(bi.mod, bi.target, out / f"kernel{self.count}.so", fcompile)
+                    path = _build_kernel(bi.mod, bi.target, out / f"kernel{self.count}.so", fcompile, profile)
                     results.append(BuilderResult(str(path), None))
                 except Exception as e:  # a candidate that does not compile is a failed trial
                     shutil.rmtree(out, ignore_errors=True)
@@ -447,13 +447,17 @@ def _make_builder(scratch: Path, profile: TargetProfile):
     return InProcessBuilder()
 
 
-def _build_kernel(mod, target, path: Path, fcompile) -> Path:
+def _build_kernel(mod, target, path: Path, fcompile, profile: TargetProfile) -> Path:
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from . import cuda
+
     # As MetaSchedule's default_build: measure with the weight layout rewrite taken out.
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    rt_mod = tvm.compile(mod, target=target)
+    gpu = cuda.device_compile(profile) if cuda.is_cuda(profile) else contextlib.nullcontext()
+    with gpu, target:
+        rt_mod = tvm.compile(mod, target=target)
     rt_mod.export_library(str(path), fcompile=fcompile)
     return path
 
@@ -520,7 +524,9 @@ def _remote_cores(opts: TuneOptions) -> int:
 def _tuning_target(profile: TargetProfile, cores: int):
     import tvm
 
-    target = dict(profile.tvm_target, **{"num-cores": cores})
+    target = dict(profile.tvm_target)
+    if target.get("kind") == "llvm":  # MetaSchedule's CPU rules need the core count
+        target["num-cores"] = cores
     if profile.tvm_host is not None:
         return tvm.target.Target(target, host=dict(profile.tvm_host))
     return tvm.target.Target(target)
@@ -532,14 +538,12 @@ def _measure_defaults(tasks, builder, runner, target, profile: TargetProfile) ->
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
-    from .schedules import apply_default
-
     kind = target.kind.name
     inputs, args = [], []
     for task in tasks:
         # A copy: the task's module is what tuning starts from and must stay unscheduled.
         with target:
-            mod = apply_default(task.dispatched[0].clone(), profile)
+            mod = build.apply_defaults(task.dispatched[0].clone(), profile)
         inputs.append(BuilderInput(mod, target))
         args.append(ArgInfo.from_prim_func(mod["main"]))
     built = builder.build(inputs)
@@ -816,7 +820,18 @@ def _check_runs_here(opts: TuneOptions, profile: TargetProfile) -> None:
     """Kernels for another CPU architecture cannot be measured here (and emulation times mean nothing)."""
     import platform
 
+    from . import cuda
+
+    kind = profile.tvm_target.get("kind")
+    if kind not in ("llvm", "cuda"):
+        raise UnsupportedError(
+            f"tuning {profile.name} ({kind}) is not supported: MetaSchedule tuning covers CPU (llvm) and CUDA "
+            "targets; compile uses the default schedules"
+        )
     if opts.rpc_tracker:
+        return
+    if cuda.is_cuda(profile):
+        cuda.prepare_tuning(profile)  # a GPU to measure on, and nvcc; UnsupportedError without one
         return
     norm = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
     arch = str(profile.tvm_target.get("mtriple", "")).split("-")[0].lower()
