@@ -24,14 +24,24 @@ def _parse_feed(text: str) -> tuple[str | None, str]:
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run N times and report the median latency.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (outputs, trace, latency).")
-def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repeat: int, as_json: bool) -> None:
+@click.option("--emulate", is_flag=True,
+              help="Run an artifact built for another CPU (aarch64) here, under qemu-user: real outputs, meaningless timings.")
+def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repeat: int, as_json: bool,
+            emulate: bool) -> None:
     """Run an artifact (directory or .tar) on inputs from .npy files.
 
     \b
     tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --output-dir out/
     tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --repeat 50 --json
+    tvm-hybrid run dist/arm64-cortex-a76 --input x=image.npy --output-dir out/ --emulate
     """
     import numpy as np
+
+    if emulate:
+        from ..emulate import artifact_target, needs_emulation
+
+        if needs_emulation(artifact_target(artifact)):
+            return _run_emulated(artifact, feeds, output_dir, repeat, as_json)
 
     from ..errors import UsageError
     from ..manifest import safe_filename
@@ -83,6 +93,38 @@ def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repea
         flat = np.array2string(a.reshape(-1)[:6], precision=4, separator=", ")
         click.echo(f"{n}  {'x'.join(map(str, a.shape))} {a.dtype}  {flat}{'…' if a.size > 6 else ''}{where}")
     click.echo(f"latency  {median:.3f} ms (median of {repeat})")
+
+
+def _run_emulated(artifact: str, feeds, output_dir, repeat: int, as_json: bool) -> None:
+    """This command again, on the artifact's architecture under qemu-user; its exit code is ours."""
+    import json
+    import logging
+    import sys
+
+    from ..emulate import run_emulated
+    from ..errors import RuntimeFailure
+    from . import _state
+
+    args = [f"--input={f}" for f in feeds] + [f"--repeat={repeat}"]
+    args += [f"--output-dir={output_dir}"] if output_dir else []
+    args += ["--json"] if as_json else []
+    if repeat > 1:
+        logging.getLogger("tvm_hybrid.cli").warning(
+            "timings under emulation mean nothing (qemu translates every instruction); "
+            "measure on the device, or tune over RPC (tune --rpc-tracker)"
+        )
+    proc = run_emulated(artifact, args, capture=True, verbose=_state["verbose"])
+    if proc.returncode < 0:
+        raise RuntimeFailure(f"the emulated run died with signal {-proc.returncode}; rerun with --verbose")
+    if proc.returncode != 0:  # the child printed its one-line error on stderr: same exit code, no second line
+        sys.exit(proc.returncode)
+    if as_json:
+        doc = json.loads(proc.stdout)
+        doc["emulated"] = proc.to_dict()
+        emit_json(doc)
+        return
+    click.echo(proc.stdout, nl=False)
+    click.echo(f"(emulated with {proc.emulator}: the outputs are the device's, the latency is not)")
 
 
 def _num(x):

@@ -56,6 +56,8 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UsageError(f"target {', '.join(dup)} given twice (host resolves to {resolve('host').name})")
+    for prof in profiles:  # a missing cross compiler fails now, not after minutes of compiling
+        build.check_toolchain(prof)
     imported = importer.load(opts.model, list(opts.inputs))
     out = Path(opts.output)
     if out.exists() and not out.is_dir():
