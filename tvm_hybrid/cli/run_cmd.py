@@ -41,7 +41,7 @@ def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repea
         from ..emulate import artifact_target, needs_emulation
 
         if needs_emulation(artifact_target(artifact)):
-            return _run_emulated(artifact, feeds, output_dir, repeat, as_json)
+            return _run_emulated(artifact, _forwarded_options(click.get_current_context()), repeat, as_json)
 
     from ..errors import UsageError
     from ..manifest import safe_filename
@@ -95,7 +95,22 @@ def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repea
     click.echo(f"latency  {median:.3f} ms (median of {repeat})")
 
 
-def _run_emulated(artifact: str, feeds, output_dir, repeat: int, as_json: bool) -> None:
+def _forwarded_options(ctx: click.Context) -> list[str]:
+    """This command's options as given (--emulate left out), to run the same command under emulation."""
+    args = []
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if not isinstance(p, click.Option) or p.name == "emulate" or value in (None, (), p.default):
+            continue
+        flag = max(p.opts, key=len)
+        if p.is_flag:
+            args.append(flag)
+            continue
+        args += [f"{flag}={v}" for v in (value if p.multiple else [value])]
+    return args
+
+
+def _run_emulated(artifact: str, args: list[str], repeat: int, as_json: bool) -> None:
     """This command again, on the artifact's architecture under qemu-user; its exit code is ours."""
     import json
     import logging
@@ -105,9 +120,6 @@ def _run_emulated(artifact: str, feeds, output_dir, repeat: int, as_json: bool) 
     from ..errors import RuntimeFailure
     from . import _state
 
-    args = [f"--input={f}" for f in feeds] + [f"--repeat={repeat}"]
-    args += [f"--output-dir={output_dir}"] if output_dir else []
-    args += ["--json"] if as_json else []
     if repeat > 1:
         logging.getLogger("tvm_hybrid.cli").warning(
             "timings under emulation mean nothing (qemu translates every instruction); "
