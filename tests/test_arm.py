@@ -221,3 +221,14 @@ def test_tuning_an_arm_target_locally_is_refused_without_rpc():
         emulate.check_tuning_target(arm, rpc_tracker=None)
     emulate.check_tuning_target(arm, rpc_tracker="127.0.0.1:9190")  # a real board measures: allowed
     assert emulate.timing_meaningless(resolve("x86-64").to_dict()) is None
+
+
+def test_a_gpu_profile_with_an_arm_host_is_aarch64_but_not_emulatable():
+    """Jetson-class profiles: the CPU side is aarch64 (so not native on x86), the kernels need the GPU."""
+    jetson = {"name": "jetson", "tvm_target": {"kind": "cuda", "arch": "sm_87"},
+              "tvm_host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}}  # fmt: skip
+    assert emulate.target_arch(jetson) == "aarch64" and not emulate.emulatable(jetson)
+    assert emulate.emulatable(resolve("arm64").to_dict())
+    if emulate.host_arch() != "aarch64":
+        with pytest.raises(emulate.RuntimeFailure, match="run it on the device$"):
+            emulate.check_native(jetson)

@@ -74,14 +74,20 @@ def host_arch() -> str:
 
 
 def target_arch(target: dict[str, Any]) -> str:
-    """The architecture a resolved profile (or a manifest's ``target``) compiles for.
+    """The CPU architecture a resolved profile (or a manifest's ``target``) compiles for.
 
     Takes the profile as a dict (``TargetProfile.to_dict()`` or ``manifest["target"]``): the
-    first field of its LLVM ``mtriple``; profiles without one build for this machine.
+    first field of the host's LLVM ``mtriple`` (a GPU profile's CPU side, e.g. Jetson's aarch64),
+    else of the target's; profiles with neither build for this machine.
     """
-    triple = (target.get("tvm_target") or {}).get("mtriple", "")
+    triple = (target.get("tvm_host") or {}).get("mtriple") or (target.get("tvm_target") or {}).get("mtriple", "")
     arch = triple.split("-", 1)[0].lower() if triple else host_arch()
     return _MACHINE_ALIASES.get(arch, arch)
+
+
+def emulatable(target: dict[str, Any]) -> bool:
+    """Whether this machine can run the target's artifacts under emulation: CPU code of a known architecture."""
+    return target_arch(target) in ARCHES and (target.get("tvm_target") or {}).get("kind", "llvm") in ("llvm", "c")
 
 
 def needs_emulation(target: dict[str, Any]) -> bool:
@@ -404,6 +410,9 @@ def run_emulated(
     target = artifact_target(artifact)
     arch = target_arch(target)
     spec = _arch(arch)
+    if not emulatable(target):
+        kind = (target.get("tvm_target") or {}).get("kind")
+        raise UsageError(f"--emulate runs CPU artifacts only; {target.get('name', '?')} is a {kind} target: run it on its device")
     emulator = _emulator_for(spec, target)
     sr = find_sysroot(arch)
     with tempfile.TemporaryDirectory(prefix="tvm-hybrid-emu-") as tmp:
@@ -422,7 +431,7 @@ def check_native(target: dict[str, Any], name: str = "the artifact") -> None:
     """RuntimeFailure, pointing at --emulate, when the artifact is for another architecture."""
     arch = target_arch(target)
     if arch != host_arch():
-        how = " or on this machine with --emulate" if arch in ARCHES else ""
+        how = " or on this machine with --emulate" if emulatable(target) else ""
         raise RuntimeFailure(
             f"{name} is built for {arch} ({target.get('name', '?')}) and this machine is {host_arch()}; "
             f"run it on the device{how}"
