@@ -7,12 +7,18 @@ PY=${PYTHON:-python3}
 SUDO=""
 if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 
-# Debian packages: a C++ compiler links the artifacts (export_library); a Vulkan loader and
-# Mesa's lavapipe (Vulkan on the CPU) run the Vulkan targets' tests without a GPU.
+# Debian packages: a C++ compiler links the artifacts (export_library); the aarch64 cross compiler
+# links arm64 and Jetson (cuda-sm87) artifacts; qemu-user runs arm64 artifacts here
+# (TVM_HYBRID_SETUP_ARM=0 skips the emulation part); a Vulkan loader and Mesa's lavapipe
+# (Vulkan on the CPU) run the Vulkan targets' tests without a GPU.
+ARM=${TVM_HYBRID_SETUP_ARM:-1}
 need=()
 command -v g++ >/dev/null || need+=(g++)
-# Jetson Orin (cuda-sm87) artifacts hold ARM64 host code: linked with the cross compiler.
 command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu)
+if [ "$ARM" != 0 ] && [ "$(uname -m)" = x86_64 ]; then
+  command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
+  [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
+fi
 [ -e /usr/lib/x86_64-linux-gnu/libvulkan.so.1 ] || ldconfig -p | grep -q 'libvulkan\.so\.1' || need+=(libvulkan1)
 ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || need+=(mesa-vulkan-drivers)
 if [ ${#need[@]} -gt 0 ]; then
@@ -30,4 +36,10 @@ if ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvc
   echo "setup: nvcc (CUDA toolkit 12.x/13.x) not found on PATH, in ${CUDA_HOME:-\$CUDA_HOME} or /usr/local/cuda:" \
        "CUDA targets (cuda-sm75 … cloud-cuda) cannot be compiled and tests/test_cuda.py will skip;" \
        "install it from https://developer.nvidia.com/cuda-downloads to enable them"
+fi
+
+# The aarch64 sysroot `tvm-hybrid run --emulate` runs arm64 artifacts in (Debian arm64 python3.11
+# + the pinned wheels, ~/.cache/tvm-hybrid/aarch64-sysroot); returns at once when it is ready.
+if [ "$ARM" != 0 ] && [ "$(uname -m)" = x86_64 ]; then
+  $PY -m tvm_hybrid.emulate setup >/dev/null
 fi

@@ -24,6 +24,7 @@ def test_targets_json_lists_profiles_and_host():
     doc = json.loads(proc.stdout)
     names = {t["name"] for t in doc["targets"]}
     assert {"x86-64", "x86-64-avx2", "x86-64-avx512", "cloud-x86"} <= names
+    assert {"arm64", "arm64-cortex-a55", "arm64-cortex-a76", "arm64-neoverse-n1"} <= names
     assert doc["host"] in names
     for t in doc["targets"]:
         assert t["capacity"]["memory_bytes"] > 0 and t["capacity"]["peak_gflops"] > 0
@@ -31,6 +32,8 @@ def test_targets_json_lists_profiles_and_host():
             assert t["tvm_target"]["kind"] == "llvm" and t["tvm_target"]["mtriple"] == "x86_64-linux-gnu"
         if t["family"] == "vulkan":  # WGSL kernels for wgpu; the llvm host code is never shipped
             assert t["tvm_target"]["kind"] == "webgpu" and t["placement"] == "device"
+        if t["family"] == "arm64":
+            assert t["tvm_target"]["kind"] == "llvm" and t["tvm_target"]["mtriple"] == "aarch64-linux-gnu"
 
 
 def test_inspect_json_counts_ops_params_and_flops():

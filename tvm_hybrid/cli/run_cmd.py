@@ -32,8 +32,11 @@ def _parse_feed(text: str) -> tuple[str | None, str]:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (outputs, trace, latency).")
 @click.option("--device", default=None, metavar="NAME",
               help="Device to run on; for Vulkan artifacts a wgpu adapter name (or $TVM_HYBRID_WGPU_ADAPTER).")
+@click.option("--emulate", is_flag=True,
+              help="Run an artifact built for another CPU (aarch64) here, under qemu-user: real outputs, meaningless timings.")
 def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_file: str | None, fallback: str,
-            timeout: float, output_dir: str | None, repeat: int, as_json: bool, device: str | None) -> None:  # fmt: skip
+            timeout: float, output_dir: str | None, repeat: int, as_json: bool, device: str | None,
+            emulate: bool) -> None:  # fmt: skip
     """Run an artifact (directory or .tar) on inputs from .npy files.
 
     \b
@@ -41,8 +44,15 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
     tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --repeat 50 --json
     tvm-hybrid run dist/x86-64 --input x=image.npy --cloud-url http://127.0.0.1:8000
     tvm-hybrid run dist/vulkan-adreno --input x=image.npy --device llvmpipe
+    tvm-hybrid run dist/arm64-cortex-a76 --input x=image.npy --output-dir out/ --emulate
     """
     import numpy as np
+
+    if emulate:
+        from ..emulate import artifact_target, needs_emulation
+
+        if needs_emulation(artifact_target(artifact)):
+            return _run_emulated(artifact, _forwarded_options(click.get_current_context()), repeat, as_json)
 
     from ..errors import UsageError
     from ..manifest import safe_filename
@@ -96,6 +106,50 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
         flat = np.array2string(a.reshape(-1)[:6], precision=4, separator=", ")
         click.echo(f"{n}  {'x'.join(map(str, a.shape))} {a.dtype}  {flat}{'…' if a.size > 6 else ''}{where}")
     click.echo(f"latency  {median:.3f} ms (median of {repeat})")
+
+
+def _forwarded_options(ctx: click.Context) -> list[str]:
+    """This command's options as given (--emulate left out), to run the same command under emulation."""
+    args = []
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if not isinstance(p, click.Option) or p.name == "emulate" or value in (None, (), p.default):
+            continue
+        flag = max(p.opts, key=len)
+        if p.is_flag:
+            args.append(flag)
+            continue
+        args += [f"{flag}={v}" for v in (value if p.multiple else [value])]
+    return args
+
+
+def _run_emulated(artifact: str, args: list[str], repeat: int, as_json: bool) -> None:
+    """This command again, on the artifact's architecture under qemu-user; its exit code is ours."""
+    import json
+    import logging
+    import sys
+
+    from ..emulate import run_emulated
+    from ..errors import RuntimeFailure
+    from . import _state
+
+    if repeat > 1:
+        logging.getLogger("tvm_hybrid.cli").warning(
+            "timings under emulation mean nothing (qemu translates every instruction); "
+            "measure on the device, or tune over RPC (tune --rpc-tracker)"
+        )
+    proc = run_emulated(artifact, args, capture=True, verbose=_state["verbose"])
+    if proc.returncode < 0:
+        raise RuntimeFailure(f"the emulated run died with signal {-proc.returncode}; rerun with --verbose")
+    if proc.returncode != 0:  # the child printed its one-line error on stderr: same exit code, no second line
+        sys.exit(proc.returncode)
+    if as_json:
+        doc = json.loads(proc.stdout)
+        doc["emulated"] = proc.to_dict()
+        emit_json(doc)
+        return
+    click.echo(proc.stdout, nl=False)
+    click.echo(f"(emulated with {proc.emulator}: the outputs are the device's, the latency is not)")
 
 
 def _num(x):

@@ -200,6 +200,11 @@ def build(mod, profile: TargetProfile, out_lib: Path) -> BuildResult:
     return BuildResult(library=out_lib, tuned_kernels=tuned, default_kernels=default, device_code=device_code)
 
 
+def check_toolchain(profile: TargetProfile) -> None:
+    """UsageError, saying how to install it, when the compiler the profile links with is missing."""
+    _fcompile(profile)
+
+
 def _fcompile(profile: TargetProfile):
     """The C++ compiler export_library links with: the host's, or the profile's cross compiler."""
     from tvm.support import cc

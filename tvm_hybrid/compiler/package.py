@@ -110,6 +110,8 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UsageError(f"target {', '.join(dup)} given twice (host resolves to {resolve('host').name})")
+    for prof in profiles:  # a missing cross compiler fails now, not after minutes of compiling
+        build.check_toolchain(prof)
     cloud = resolve(opts.cloud) if opts.cloud else None
     if cloud is not None and cloud.placement != "cloud":
         raise UsageError(f"--cloud {cloud.name} is a device profile; cloud profiles: cloud-x86")

@@ -15,6 +15,9 @@ class TVMVMExecutor:
     """A segment compiled by TVM Relax into a shared library run by the Relax VM."""
 
     def __init__(self, root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None):
+        from ..emulate import check_native
+
+        check_native(target, f"artifact segment {segment['library']}")  # before dlopen fails obscurely
         tvm = tvm_runtime()
         from tvm.runtime.vm import VirtualMachine
 
