@@ -818,8 +818,6 @@ def _check(opts: TuneOptions) -> None:
 
 def _check_runs_here(opts: TuneOptions, profile: TargetProfile) -> None:
     """Kernels for another CPU architecture cannot be measured here (and emulation times mean nothing)."""
-    import platform
-
     from . import cuda
 
     kind = profile.tvm_target.get("kind")
@@ -833,14 +831,9 @@ def _check_runs_here(opts: TuneOptions, profile: TargetProfile) -> None:
     if cuda.is_cuda(profile):
         cuda.prepare_tuning(profile)  # a GPU to measure on, and nvcc; UnsupportedError without one
         return
-    norm = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
-    arch = str(profile.tvm_target.get("mtriple", "")).split("-")[0].lower()
-    host = platform.machine().lower()
-    if arch and norm.get(arch, arch) != norm.get(host, host):
-        raise UsageError(
-            f"target {profile.name} is {arch} and this machine is {host}: measure on the device, through "
-            "its RPC tracker: --rpc-tracker HOST:PORT --rpc-key KEY"
-        )
+    from ..emulate import check_tuning_target
+
+    check_tuning_target(profile.to_dict(), opts.rpc_tracker)  # qemu timings would mean nothing
 
 
 def _measured(db, mods) -> tuple[list[int], list[float | None]]:
