@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads for TVM and onnxruntime (default 2)")
     ap.add_argument("--top", type=int, default=15, help="kernels to list (default 15)")
     ap.add_argument("--no-default", action="store_true", help="skip apply_default (baseline)")
+    ap.add_argument("--ort-no-spin", action="store_true", help="stop onnxruntime's workers spinning between runs")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile")
     args = ap.parse_args()
 
@@ -82,6 +83,8 @@ def main() -> int:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
         opts.inter_op_num_threads = 1
+        if args.ort_no_spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(imported.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
         def run_tvm():
@@ -99,12 +102,13 @@ def main() -> int:
             err = float(np.abs(g.astype(np.float64) - w).max()) if w.size else 0.0
             print(f"output {i}: shape {w.shape} max|err| {err:.3g} (scale {scale:.3g})")
 
-        # Rounds of a few back-to-back runs of each, timing all but the first of a block: both
-        # thread pools spin for a while after a run, and that spinning would steal the two
-        # cores from whichever engine runs next.
+        # Rounds of a few back-to-back runs of each, timing all but the first of a block, with a
+        # pause between blocks: both thread pools spin for a while after a run, and that
+        # spinning would steal the two cores from whichever engine runs next.
         tt, to = [], []
         for _ in range(args.runs):
             for fn, times in ((run_tvm, tt), (run_ort, to)):
+                time.sleep(0.05)
                 fn()
                 for _ in range(2):
                     s = time.perf_counter()
