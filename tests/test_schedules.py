@@ -127,3 +127,28 @@ def test_non_llvm_target_is_unchanged():
     mod = _fused("mlp", TARGET)
     cuda = dataclasses.replace(resolve(TARGET), tvm_target={"kind": "cuda"}, tvm_host=None)
     assert schedules.apply_default(mod, cuda).same_as(mod)
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,pads",
+    [((2, 2), (2, 2), (0, 0, 0, 0)), ((3, 3), (2, 2), (1, 1, 1, 1))],
+    ids=["k2s2-rewritten", "k3s2p1-kept"],
+)
+def test_conv_transpose_matches_onnxruntime(kernel, stride, pads, tmp_path):
+    """stride == kernel becomes a 1x1 conv + pixel shuffle; any other keeps TVM's own kernel."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.RandomState(0)
+    w = numpy_helper.from_array(rng.uniform(-1, 1, (8, 4, *kernel)).astype(np.float32), "w")
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], kernel_shape=kernel, strides=stride, pads=pads)
+    graph = helper.make_graph(
+        [node], "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = {"x": rng.uniform(-1, 1, (1, 8, 10, 12)).astype(np.float32)}
+    mod, _, run = _compile(model, {"x": (1, 8, 10, 12)}, TARGET, tmp_path)
+    rewritten = "conv2d_transpose" not in " ".join(gv.name_hint for gv in mod.functions)
+    assert rewritten == (kernel == stride)
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 
 from ..targets import TargetProfile
@@ -192,7 +193,8 @@ def _inline(sch, blocks) -> None:
     (a transpose, a cast): a reduction reads each input many times, and a padding
     ``if_then_else`` inside its inner loop stops vectorization. Those stay separate stages.
     """
-    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock(sch.mod["main"].body.block.name_hint))}
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for b in blocks:
         block = sch.get(b)
         if block.name_hint in outputs or _is_reduction(sch, b):
@@ -297,7 +299,7 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
         # other tiles own and race with them on the output. s_tir does not check this.
         tile = rows * max(lanes, 1)
         extents = [_const_extent(sch, lp) for lp in cl]
-        if None in extents or _product(extents) != tile:
+        if None in extents or math.prod(extents) != tile:
             raise ScheduleRefused(f"epilogue region of {sch.get(block).name_hint} is not its tile")
         if lanes and cl and extents[-1] == lanes:
             sch.vectorize(cl[-1])
@@ -339,15 +341,7 @@ def _is_var(expr, var) -> bool:
 
 
 def _uses_var(region, var) -> bool:
-    found = [False]
-
-    def visit(e):
-        if e.same_as(var):
-            found[0] = True
-
-    for rng in region.region:
-        _walk(rng.min, visit)
-    return found[0]
+    return any(_expr_uses(rng.min, var) for rng in region.region)
 
 
 def _unit_stride(expr, var) -> bool:
@@ -377,16 +371,7 @@ def _expr_uses(expr, var) -> bool:
 
 
 def _in_last_index(region, var) -> bool:
-    if region is None:
-        return False
-    found = [False]
-
-    def visit(e):
-        if e.same_as(var):
-            found[0] = True
-
-    _walk(region.region[-1].min, visit)
-    return found[0]
+    return region is not None and _expr_uses(region.region[-1].min, var)
 
 
 def _vector_width(extent: int, lanes: int) -> int:
@@ -429,18 +414,8 @@ def _const_extent(sch, loop) -> int | None:
         return None
 
 
-def _product(values) -> int:
-    total = 1
-    for v in values:
-        total *= v
-    return total
-
-
 def _work(sch, block) -> int:
-    total = 1
-    for iv in sch.get(block).iter_vars:
-        total *= int(iv.dom.extent)
-    return total
+    return _domain_size(sch.get(block))
 
 
 # -- spatial blocks ------------------------------------------------------------------------
