@@ -55,10 +55,12 @@ def emit_json(doc) -> None:
 
 
 def _register() -> None:
-    from . import compile_cmd, demo_cmd, inspect_cmd, run_cmd, targets_cmd
+    from . import compile_cmd, demo_cmd, inspect_cmd, run_cmd, sign_cmd, targets_cmd
 
     for mod in (targets_cmd, inspect_cmd, compile_cmd, run_cmd, demo_cmd):
         cli.add_command(mod.command)
+    for cmd in sign_cmd.commands:
+        cli.add_command(cmd)
 
 
 _register()

@@ -23,8 +23,11 @@ def _parse_feed(text: str) -> tuple[str | None, str]:
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Write NAME.npy for each output here.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run N times and report the median latency.")
+@click.option("--verify-key", type=click.Path(dir_okay=False), envvar="TVM_HYBRID_VERIFY_KEY", show_envvar=True,
+              help="PEM public key; the artifact must carry a valid signature by it (`tvm-hybrid sign`).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (outputs, trace, latency).")
-def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repeat: int, as_json: bool) -> None:
+def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repeat: int, verify_key: str | None,
+            as_json: bool) -> None:
     """Run an artifact (directory or .tar) on inputs from .npy files.
 
     \b
@@ -37,7 +40,7 @@ def command(artifact: str, feeds: tuple[str, ...], output_dir: str | None, repea
     from ..manifest import safe_filename
     from ..runtime import Session
 
-    with Session(artifact) as sess:
+    with Session(artifact, verify_key=verify_key) as sess:
         arrays = {}
         for text in feeds:
             name, path = _parse_feed(text)

@@ -16,14 +16,11 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import UnsupportedError, UsageError
-from ..manifest import TensorSpec
+from ..manifest import DTYPES, TensorSpec
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32", "float16", "float64", "bfloat16", "int8", "uint8", "int16", "uint16",
-    "int32", "uint32", "int64", "uint64", "bool",
-}  # fmt: skip
+_DTYPES = DTYPES
 _SHAPE_RE = re.compile(r"^\d+(x\d+)*$")
 # Folding stops at outputs this large: weights-sized constants are fine, but a folded
 # ConstantOfShape the size of an activation would only bloat the artifact.

@@ -60,6 +60,7 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     out = Path(opts.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output {out} exists and is not a directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
     summaries = []
@@ -85,6 +86,8 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     except BaseException:
         for stage, _ in staged:
             shutil.rmtree(stage, ignore_errors=True)
+        if created:  # a failed compile leaves no trace, not even an empty output directory
+            shutil.rmtree(out, ignore_errors=True)
         raise
     return summaries
 

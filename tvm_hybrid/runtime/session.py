@@ -25,6 +25,10 @@ class Session:
     >>> sess = Session("dist/x86-64-avx2")
     >>> out = sess.run({"x": image})          # {"output name": np.ndarray}
     >>> sess.trace                             # [{"segment": 0, "placement": "device", "ms": 3.1, ...}]
+
+    ``verify_key`` (a PEM public key file or bytes; default ``$TVM_HYBRID_VERIFY_KEY``) requires
+    the artifact to carry a valid signature by that key (``tvm-hybrid sign``); otherwise it is
+    refused with ArtifactError before any of its code is loaded.
     """
 
     def __init__(
@@ -34,13 +38,14 @@ class Session:
         token: str | None = None,
         fallback: str = "auto",
         device: str | None = None,
+        verify_key: str | Path | bytes | None = None,
     ):
         if fallback not in FALLBACKS:
             raise UsageError(f"fallback must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
         self.fallback = fallback
         self.cloud_url = cloud_url
         self.token = token
-        self._art: Artifact = open_artifact(artifact)
+        self._art: Artifact = open_artifact(artifact, verify_key)
         self.manifest = self._art.manifest
         self.inputs: list[TensorSpec] = self._art.inputs
         self.outputs: list[TensorSpec] = self._art.outputs
@@ -69,6 +74,11 @@ class Session:
             except Exception as e:
                 raise RuntimeFailure(f"segment {seg['id']} failed on the device: {e}") from e
             ms = (time.perf_counter() - t0) * 1e3
+            if len(outs) != len(seg["outputs"]):
+                raise ArtifactError(
+                    f"segment {seg['id']} returned {len(outs)} outputs, its manifest lists {len(seg['outputs'])}: "
+                    "the manifest does not describe this library; recompile the model"
+                )
             for t, arr in zip(seg["outputs"], outs):
                 env[t["name"]] = arr
             trace.append({"segment": seg["id"], "placement": "device", "ran_on": ex.device_name, "ms": ms, "bytes_sent": 0})
