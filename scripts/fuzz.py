@@ -161,9 +161,9 @@ ONNX_KINDS = (
 
 
 @st.composite
-def onnx_case(draw, base: bytes):
+def onnx_case(draw, base: bytes, kinds=ONNX_KINDS):
     """(kind, model bytes, extra CLI args) for one malformed-model case."""
-    kind = draw(st.sampled_from(ONNX_KINDS))
+    kind = draw(st.sampled_from(kinds))
     args = list(BASE_INPUT)
     if kind == "random-bytes":
         return kind, draw(st.binary(min_size=0, max_size=512)), args
@@ -356,9 +356,9 @@ def _paths(doc, prefix=()):
 
 
 @st.composite
-def artifact_case(draw, base_dir: Path, key_dir: Path):
+def artifact_case(draw, base_dir: Path, key_dir: Path, kinds=ARTIFACT_KINDS):
     """(kind, mutate(dir) -> artifact path, extra args) for one malformed-artifact case."""
-    kind = draw(st.sampled_from(ARTIFACT_KINDS))
+    kind = draw(st.sampled_from(kinds))
     manifest = (base_dir / "manifest.json").read_bytes()
     extra: list[str] = []
     if kind == "manifest-random":
@@ -591,24 +591,26 @@ class Fuzzer:
         generate_key(self.keys / "other.key")
         (self.keys / "garbage.pub").write_bytes(b"-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----\n")
 
-    def onnx_cases(self, n: int, isolate: bool = False, seed: int | None = None, raise_on_problem: bool = False):
+    def onnx_cases(self, n: int, isolate: bool = False, seed: int | None = None, raise_on_problem: bool = False,
+                   kinds=ONNX_KINDS):
+        """Run n malformed-model cases, spread evenly over the kinds."""
+        for kind, k in _spread(n, kinds):
+            self._run(onnx_case(self.base, (kind,)), k, seed, raise_on_problem,
+                      lambda case: compile_case(self.tmp, *case, isolate))  # fmt: skip
+
+    def artifact_cases(self, n: int, isolate: bool = False, seed: int | None = None, raise_on_problem: bool = False,
+                       kinds=ARTIFACT_KINDS):
+        """Run n malformed-artifact cases, spread evenly over the kinds."""
+        for kind, k in _spread(n, kinds):
+            self._run(artifact_case(self.artifact, self.keys, (kind,)), k, seed, raise_on_problem,
+                      lambda case: run_case(self.tmp, self.artifact, self.feed, *case, isolate))  # fmt: skip
+
+    def _run(self, strategy, n: int, seed: int | None, raise_on_problem: bool, one) -> None:
         @settings(max_examples=n, deadline=None, database=None, derandomize=seed is None,
                   suppress_health_check=list(HealthCheck), print_blob=False)  # fmt: skip
-        @given(case=onnx_case(self.base))
+        @given(case=strategy)
         def body(case):
-            o = compile_case(self.tmp, *case, isolate)
-            self.outcomes.append(o)
-            if raise_on_problem and o.problem:
-                raise AssertionError(f"{o.kind}: {o.problem}\nargv: {o.argv}\nstderr: {o.stderr[-2000:]}")
-
-        _seeded(body, seed)()
-
-    def artifact_cases(self, n: int, isolate: bool = False, seed: int | None = None, raise_on_problem: bool = False):
-        @settings(max_examples=n, deadline=None, database=None, derandomize=seed is None,
-                  suppress_health_check=list(HealthCheck), print_blob=False)  # fmt: skip
-        @given(case=artifact_case(self.artifact, self.keys))
-        def body(case):
-            o = run_case(self.tmp, self.artifact, self.feed, *case, isolate)
+            o = one(case)
             self.outcomes.append(o)
             if raise_on_problem and o.problem:
                 raise AssertionError(f"{o.kind}: {o.problem}\nargv: {o.argv}\nstderr: {o.stderr[-2000:]}")
@@ -631,6 +633,12 @@ class Fuzzer:
         return "\n".join(lines)
 
 
+def _spread(n: int, kinds) -> list[tuple[str, int]]:
+    """n cases over the kinds, as evenly as whole numbers allow (every kind gets one when n allows)."""
+    q, r = divmod(n, len(kinds))
+    return [(k, q + (i < r)) for i, k in enumerate(kinds) if q + (i < r) > 0]
+
+
 def _seeded(fn, seed: int | None):
     if seed is None:
         return fn
@@ -643,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=200, help="cases per family (default 200)")
     ap.add_argument("--family", choices=["onnx", "artifact", "both"], default="both")
+    ap.add_argument("--kind", action="append", help="only these case kinds (repeatable): "
+                    + ", ".join(ONNX_KINDS + ARTIFACT_KINDS))
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: hypothesis' derandomized run)")
     ap.add_argument("--subprocess", action="store_true", help="run each case in a child process (isolates crashes)")
     ap.add_argument("--keep-failures", type=Path, help="write each failing case's argv and stderr here")
@@ -651,10 +661,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tvm-hybrid-fuzz-") as d:
         fz = Fuzzer(Path(d))
         t0 = time.perf_counter()
-        if args.family in ("onnx", "both"):
-            fz.onnx_cases(args.cases, args.subprocess, args.seed)
-        if args.family in ("artifact", "both"):
-            fz.artifact_cases(args.cases, args.subprocess, args.seed)
+        onnx_kinds = tuple(k for k in ONNX_KINDS if not args.kind or k in args.kind)
+        art_kinds = tuple(k for k in ARTIFACT_KINDS if not args.kind or k in args.kind)
+        if args.family in ("onnx", "both") and onnx_kinds:
+            fz.onnx_cases(args.cases, args.subprocess, args.seed, kinds=onnx_kinds)
+        if args.family in ("artifact", "both") and art_kinds:
+            fz.artifact_cases(args.cases, args.subprocess, args.seed, kinds=art_kinds)
         dt = time.perf_counter() - t0
     bad = [o for o in fz.outcomes if o.problem]
     print(fz.table())
