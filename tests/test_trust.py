@@ -79,6 +79,7 @@ def _edit_manifest(root, fn):
         (lambda m: m["segments"].append(dict(m["segments"][0])), "used twice"),
         (lambda m: m["target"].update(tvm_target="llvm"), "tvm_target"),
         (lambda m: m["versions"].update(tvm=27), "must be strings"),
+        (lambda m: m["inputs"][0].update(shape=None), "has no shape"),  # was exit 1 (fuzz)
         (lambda m: m.update(schema="tvm-hybrid/artifact@2"), r"tvm-hybrid/artifact@1"),
         (lambda m: m["versions"].update(tvm="0.26.0"), r"loads TVM 0\.27\.x artifacts"),
     ],
@@ -244,3 +245,11 @@ def test_cli_keygen_sign_verify_run_and_fleet_env(mlp_artifact, art, keys, tmp_p
     assert len(r.stderr.strip().splitlines()) == 1
     r = cli("sign", str(art), "--key", str(tmp_path / "nope.key"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_null_tvm_target_runs_on_the_cpu(mlp_artifact, art):
+    """Found by scripts/fuzz.py: `"tvm_target": null` was an internal error (exit 1)."""
+    z, _ = mlp_artifact
+    _edit_manifest(art, lambda m: m["target"].update(tvm_target=None))
+    with Session(art) as s:
+        assert s.run(z.feeds)

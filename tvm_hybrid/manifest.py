@@ -153,6 +153,9 @@ def validate(m: Any, where: str = MANIFEST) -> None:
         raise ArtifactError(f"{where}: target.tvm_target must be an object with a 'kind'")
     for key in ("inputs", "outputs"):
         _tensors(m[key], f"{where}: {key}")
+        for t in m[key]:  # the runtime checks feeds against these: artifacts are static-shaped
+            if t.get("shape") is None:
+                raise ArtifactError(f"{where}: {key[:-1]} {t['name'][:100]!r} has no shape")
     if not m["outputs"]:
         raise ArtifactError(f"{where}: the model has no outputs")
     paths = _files(m["files"], where)

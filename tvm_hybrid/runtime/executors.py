@@ -42,7 +42,7 @@ class TVMVMExecutor:
 
 
 def _device(tvm, target: dict[str, Any], override: str | None):
-    kind = override or target.get("tvm_target", {}).get("kind", "llvm")
+    kind = override or (target.get("tvm_target") or {}).get("kind", "llvm")
     kind = {"llvm": "cpu", "c": "cpu"}.get(kind, kind)
     try:
         dev = tvm.device(kind, 0)
