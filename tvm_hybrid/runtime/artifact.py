@@ -56,6 +56,8 @@ def open_artifact(path: str | Path, verify_key=None, *, use_env: bool = True) ->
     pins every file's sha256, so nothing unsigned is ever loaded.
     """
     path = Path(path)
+    if isinstance(verify_key, str) and not verify_key:  # an empty setting is no setting, as in the env
+        verify_key = None
     if verify_key is None and use_env:
         from ..signing import key_from_env
 
