@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import manifest as mf
-from .errors import ArtifactError, UsageError
+from .errors import ArtifactError, UsageError, one_line
 
 SIG_SCHEMA = "tvm-hybrid/signature@1"
 ENV_KEY = "TVM_HYBRID_VERIFY_KEY"
@@ -83,7 +83,7 @@ def load_public_keys(key) -> list[Any]:
         try:
             k = serialization.load_pem_public_key(block)
         except (ValueError, TypeError) as e:
-            raise UsageError(f"{where} is not a readable PEM public key: {_one_line(e)}") from e
+            raise UsageError(f"{where} is not a readable PEM public key: {one_line(e)}") from e
         if not isinstance(k, (ed25519.Ed25519PublicKey, ec.EllipticCurvePublicKey)):
             raise UsageError(f"{where}: {type(k).__name__} keys are not supported; use Ed25519 or ECDSA keys")
         keys.append(k)
@@ -98,11 +98,11 @@ def load_private_key(key) -> Any:
         k = serialization.load_pem_private_key(data, password=None)
     except TypeError as e:  # encrypted
         raise UsageError(
-            f"{where} is encrypted; tvm-hybrid signs with unencrypted PEM keys kept in a secret store: {_one_line(e)}"
+            f"{where} is encrypted; tvm-hybrid signs with unencrypted PEM keys kept in a secret store: {one_line(e)}"
         ) from e
     except ValueError as e:
         raise UsageError(
-            f"{where} is not a readable PEM private key ({_one_line(e)}); create one with `tvm-hybrid keygen -o KEY`"
+            f"{where} is not a readable PEM private key ({one_line(e)}); create one with `tvm-hybrid keygen -o KEY`"
         ) from e
     if not isinstance(k, (ed25519.Ed25519PrivateKey, ec.EllipticCurvePrivateKey)):
         raise UsageError(f"{where}: {type(k).__name__} keys are not supported; use Ed25519 or ECDSA keys")
@@ -194,7 +194,7 @@ def verify_artifact_signature(root: Path, manifest_bytes: bytes, public_key) -> 
     try:
         sig = base64.b64decode(doc["signature"], validate=True)
     except ValueError as e:
-        raise ArtifactError(f"artifact signature is not valid base64: {_one_line(e)}") from e
+        raise ArtifactError(f"artifact signature is not valid base64: {one_line(e)}") from e
     msg = _CONTEXT + manifest_bytes
     try:
         if isinstance(key, ed25519.Ed25519PublicKey):
@@ -225,7 +225,7 @@ def _read_signature(root: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError) as e:
-        raise ArtifactError(f"{path} is not a valid signature file: {_one_line(e)}") from e
+        raise ArtifactError(f"{path} is not a valid signature file: {one_line(e)}") from e
     if not isinstance(doc, dict) or doc.get("schema") != SIG_SCHEMA:
         raise ArtifactError(f"{path} is not a {SIG_SCHEMA} signature; re-sign with this tvm-hybrid")
     for k in ("key_id", "manifest_sha256", "signature"):
@@ -257,8 +257,3 @@ def generate_key(path: str | Path, overwrite: bool = False) -> tuple[Path, Path,
     except OSError as e:
         raise UsageError(f"cannot write the key to {priv_path}: {e.strerror or e}") from e
     return priv_path, pub_path, key_id(key.public_key())
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .. import manifest as mf
-from ..errors import ArtifactError
+from ..errors import ArtifactError, one_line
 from ._tvm import versions
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def safe_extract(tar_path: Path, dest: Path, max_bytes: int | None = None) -> No
                 with open(target, "xb") as out:
                     shutil.copyfileobj(src, out)
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        raise ArtifactError(f"{tar_path} is not a readable artifact tar: {_one_line(e)}") from e
+        raise ArtifactError(f"{tar_path} is not a readable artifact tar: {one_line(e)}") from e
 
 
 def _max_tar_bytes() -> int:
@@ -184,8 +184,3 @@ def _max_tar_bytes() -> int:
     except ValueError:
         raise ArtifactError(f"{MAX_TAR_BYTES_ENV}={text[:40]!r} is not a number of bytes") from None
     return value
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
