@@ -29,3 +29,9 @@ class RuntimeFailure(HybridError):
     """Running failed: device missing, cloud unreachable with no fallback (exit 5)."""
 
     exit_code = 5
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's first line (or its type name), for a one-line error message."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:limit]

@@ -29,6 +29,8 @@ def _parse_feed(text: str) -> tuple[str | None, str]:
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Write NAME.npy for each output here.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run N times and report the median latency.")
+@click.option("--verify-key", type=click.Path(dir_okay=False), envvar="TVM_HYBRID_VERIFY_KEY", show_envvar=True,
+              help="PEM public key; the artifact must carry a valid signature by it (`tvm-hybrid sign`).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (outputs, trace, latency).")
 @click.option("--device", default=None, metavar="NAME",
               help="Device to run on; for Vulkan artifacts a wgpu adapter name (or $TVM_HYBRID_WGPU_ADAPTER).")
@@ -36,7 +38,7 @@ def _parse_feed(text: str) -> tuple[str | None, str]:
               help="Run an artifact built for another CPU (aarch64) here, under qemu-user: real outputs, meaningless timings.")
 def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_file: str | None, fallback: str,
             timeout: float, output_dir: str | None, repeat: int, as_json: bool, device: str | None,
-            emulate: bool) -> None:  # fmt: skip
+            emulate: bool, verify_key: str | None) -> None:  # fmt: skip
     """Run an artifact (directory or .tar) on inputs from .npy files.
 
     \b
@@ -60,7 +62,8 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
     from .serve_cmd import read_token
 
     token = read_token(token_file)
-    with Session(artifact, cloud_url=cloud_url, token=token, fallback=fallback, timeout=timeout, device=device) as sess:
+    with Session(artifact, cloud_url=cloud_url, token=token, fallback=fallback, timeout=timeout, device=device,
+                 verify_key=verify_key) as sess:
         arrays = {}
         for text in feeds:
             name, path = _parse_feed(text)

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -17,18 +18,22 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import UnsupportedError, UsageError
-from ..manifest import TensorSpec
+from ..manifest import DTYPES, TensorSpec
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32", "float16", "float64", "bfloat16", "int8", "uint8", "int16", "uint16",
-    "int32", "uint32", "int64", "uint64", "bool",
-}  # fmt: skip
+_DTYPES = DTYPES
 _SHAPE_RE = re.compile(r"^\d+(x\d+)*$")
 # Folding stops at outputs this large: weights-sized constants are fine, but a folded
 # ConstantOfShape the size of an activation would only bloat the artifact.
 _FOLD_MAX_ELEMENTS = 1 << 22
+# TVM 0.27 indexes tensors with int32 in places (RewriteDataflowReshape fails on a literal of
+# 2**32), and its size arithmetic overflows further up (a ConstantOfShape of 2**60 elements
+# crashed its constant folder with heap corruption): bigger tensors are refused before TVM sees them.
+MAX_TENSOR_ELEMENTS = (1 << 31) - 1
+# What is left computable at compile time after our folding (outputs past _FOLD_MAX_ELEMENTS) is
+# folded by Relax's FoldConstant, in compile-time memory, into the artifact: capped too.
+MAX_CONSTANT_BYTES = 1 << 30
 # Nodes whose value is not a function of their inputs.
 _NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
@@ -99,6 +104,8 @@ def parse(data: bytes, where: str = "model") -> onnx.ModelProto:
         raise UsageError(f"{where} is not an ONNX model (protobuf decode failed: {_first_line(e)})") from e
     if not model.graph.node and not model.graph.output:
         raise UsageError(f"{where} is not an ONNX model (it has no graph)")
+    if not model.graph.output:
+        raise UsageError(f"{where} has no graph outputs; nothing to compile")
     try:
         onnx.checker.check_model(model)
     except Exception as e:
@@ -175,9 +182,16 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
             out.type.tensor_type.ClearField("shape")
     model = _infer(model)
     model = fold_constants(model)
+    check_sizes(model)
     inputs = [_spec(vi) for vi in model.graph.input if vi.name not in {t.name for t in model.graph.initializer}]
     outputs = []
+    consts = {t.name for t in model.graph.initializer}
     for vi in model.graph.output:
+        if vi.name in consts:
+            raise UnsupportedError(
+                f"output {vi.name!r} is a constant (an initializer, or folded to one), not computed from the inputs; "
+                "tvm-hybrid compiles outputs that depend on the inputs"
+            )
         spec = _spec(vi)
         if spec.shape is None or any(d < 0 for d in spec.shape):
             raise UnsupportedError(
@@ -243,6 +257,60 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     if tt.HasField("shape"):
         shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
     return TensorSpec(vi.name, tuple(shape) if shape is not None else None, dtype)
+
+
+def check_sizes(model: onnx.ModelProto) -> None:
+    """Refuse tensors no target could hold, and compile-time constants too big to fold, by name.
+
+    Shapes come from ONNX shape inference, so this runs before TVM allocates anything.
+    """
+    g = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.value_info) + list(g.output)}
+    shapes = _static_shapes(model)
+
+    def elements(name: str) -> int | None:
+        shape = shapes.get(name)
+        if shape is None:
+            return None
+        n = 1
+        for d in shape:
+            n *= d
+        return n
+
+    def nbytes(name: str) -> int | None:
+        n = elements(name)
+        return None if n is None else n * _itemsize(types.get(name, 0))
+
+    def show(name: str) -> str:
+        return f"{name[:100]!r} ({'x'.join(map(str, shapes[name]))})"
+
+    for name in shapes:
+        n = elements(name)
+        if n > MAX_TENSOR_ELEMENTS:
+            raise UnsupportedError(
+                f"tensor {show(name)} has {n:.3g} elements; TVM compiles tensors of at most 2**31-1 elements "
+                "(it indexes them with int32); check the model's shapes and the --input dims"
+            )
+    consts = {t.name for t in g.initializer}
+    for node in g.node:
+        ins = [i for i in node.input if i]
+        if ins and all(i in consts for i in ins) and node.op_type not in _NONDETERMINISTIC:
+            for o in node.output:
+                consts.add(o)
+                size = nbytes(o)
+                if size is not None and size > MAX_CONSTANT_BYTES:
+                    raise UnsupportedError(
+                        f"{node.op_type} node {node.name[:100]!r} computes a constant {show(o)} of "
+                        f"{size / 2**30:.3g} GiB at compile time, over the {MAX_CONSTANT_BYTES >> 30} GiB tvm-hybrid folds "
+                        "into an artifact; compute it from an input instead"
+                    )
+
+
+def _itemsize(elem_type: int) -> int:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except Exception:  # undefined, string or exotic types: count elements
+        return 1
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -421,14 +489,50 @@ def to_relax(imported: ImportedModel):
     shapes = {s.name: list(s.shape) for s in imported.inputs}
     dtypes = {s.name: s.dtype for s in imported.inputs}
     sink = io.StringIO()
-    try:
-        # The frontend prints the failing node to stdout; keep stdout clean for --json.
-        # It also warns about renaming inputs to identifiers; the VM takes them by position.
-        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            mod = from_onnx(imported.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
-    except Exception as e:
-        detail = sink.getvalue().strip().splitlines()
-        where = f" ({detail[0][:200]})" if detail else ""
-        raise UnsupportedError(f"TVM's ONNX frontend failed: {_first_line(e)}{where}") from e
+    failure = None
+    # The frontend prints the failing node to stdout (keep stdout clean for --json), and when it
+    # fails TVM's native side warns on stderr as its half-built IR is freed; the CLI promises one
+    # error line, so native stderr goes to the debug log while the frontend runs and is released.
+    with _native_stderr_to_log():
+        try:
+            # It also warns about renaming inputs to identifiers; the VM takes them by position.
+            with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                mod = from_onnx(imported.model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
+        except Exception as e:
+            log.debug("TVM's ONNX frontend failed", exc_info=True)
+            detail = sink.getvalue().strip().splitlines()
+            where = f" ({detail[0][:200]})" if detail else ""
+            failure = f"TVM's ONNX frontend failed: {_first_line(e)}{where}"
+        if failure is not None:
+            import gc
+
+            gc.collect()  # the failed frontend's frames are gone with `e`; free its IR here
+    if failure is not None:
+        raise UnsupportedError(failure)
     return mod
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log():
+    """Send what native code writes to fd 2 into the debug log instead of the terminal."""
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters): leave it alone
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read(1 << 16).decode("utf-8", "replace").strip()
+            if text:
+                log.debug("TVM (native): %s", text)

@@ -146,7 +146,7 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     except BaseException:
         for stage, _ in staged:
             shutil.rmtree(stage, ignore_errors=True)
-        if created:
+        if created:  # a failed compile leaves no trace, not even an empty output directory
             shutil.rmtree(out, ignore_errors=True)
         raise
     return summaries
@@ -296,17 +296,19 @@ def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[Segmen
             e["reason"] = seg.reason
         files += c.files + [onnx_rel]
         entries.append(e)
-    m = _manifest(imported, cloud, entries, root, files)
+    m = _manifest(imported, cloud, entries, root, files, role="cloud")
     (root / mf.MANIFEST).write_text(mf.dumps(m))
     return m
 
 
-def _manifest(imported, profile: TargetProfile, segments: list[dict], root: Path, files: list[str]) -> dict[str, Any]:
+def _manifest(imported, profile: TargetProfile, segments: list[dict], root: Path, files: list[str],
+              role: str = "device") -> dict[str, Any]:  # fmt: skip
     import tvm
     import tvm_ffi
 
     m = {
         "schema": mf.SCHEMA,
+        "role": role,  # device: run the segments in order; cloud: serve each by its endpoint
         "tool": {"name": "tvm-hybrid", "version": __version__},
         "versions": {
             "tvm_hybrid": __version__,

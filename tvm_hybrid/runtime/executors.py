@@ -45,13 +45,16 @@ class TVMVMExecutor:
 
 
 def _device(tvm, target: dict[str, Any], override: str | None, segment: dict[str, Any] | None = None):
-    kind = override or target.get("tvm_target", {}).get("kind", "llvm")
+    kind = override or (target.get("tvm_target") or {}).get("kind", "llvm")
     kind = {"llvm": "cpu", "c": "cpu"}.get(kind, kind)
     if kind == "cuda":
         from .cuda import cuda_device
 
         return cuda_device(tvm, (segment or {}).get("device_code"))
-    dev = tvm.device(kind, 0)
+    try:
+        dev = tvm.device(kind, 0)
+    except ValueError:
+        raise ArtifactError(f"the artifact's target names device {kind[:40]!r}, which TVM does not know") from None
     if not dev.exist:
         raise RuntimeFailure(f"device {kind}:0 is not present on this machine; the artifact needs it")
     return dev

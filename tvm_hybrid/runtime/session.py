@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import RuntimeFailure, UsageError
+from ..errors import ArtifactError, RuntimeFailure, UsageError
 from ..manifest import TensorSpec
 from .artifact import Artifact, open_artifact
 from .cloud import CloudClient, CloudPolicy, LinkShaper
@@ -32,6 +32,9 @@ class Session:
     more on the other side if the artifact allows it (a cloud copy of a device segment; a local
     build of a cloud segment the device can run); ``off`` never moves a segment; ``cloud`` runs
     every segment the cloud serves in the cloud, and nothing it serves locally.
+    ``verify_key`` (a PEM public key file or bytes; default ``$TVM_HYBRID_VERIFY_KEY``) requires
+    the artifact to carry a valid signature by that key (``tvm-hybrid sign``); otherwise it is
+    refused with ArtifactError before any of its code is loaded.
     """
 
     def __init__(
@@ -44,11 +47,12 @@ class Session:
         timeout: float = 30.0,
         link: LinkShaper | None = None,
         cloud_policy: CloudPolicy | None = None,
+        verify_key: str | Path | bytes | None = None,
     ):
         if fallback not in FALLBACKS:
             raise UsageError(f"fallback must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
         self.fallback = fallback
-        self._art: Artifact = open_artifact(artifact)
+        self._art: Artifact = open_artifact(artifact, verify_key)
         self.manifest = self._art.manifest
         self.inputs: list[TensorSpec] = self._art.inputs
         self.outputs: list[TensorSpec] = self._art.outputs
@@ -100,11 +104,19 @@ class Session:
                 t0 = time.perf_counter()
                 try:
                     if where == "device":
-                        outs = dict(zip((t["name"] for t in seg["outputs"]), step.local.run(list(args.values()))))
+                        res = step.local.run(list(args.values()))
+                        if len(res) != len(seg["outputs"]):
+                            raise ArtifactError(
+                                f"segment {seg['id']} returned {len(res)} outputs, its manifest lists "
+                                f"{len(seg['outputs'])}: the manifest does not describe this library; recompile the model"
+                            )
+                        outs = dict(zip((t["name"] for t in seg["outputs"]), res))
                         sent, ran_on = 0, step.local.device_name
                     else:
                         outs, sent = self._cloud.infer(*step.remote, args)
                         ran_on = self._cloud.url
+                except ArtifactError:
+                    raise
                 except Exception as e:
                     errors.append(f"{where}: {_one_line(e)}")
                     if where != step.order[-1]:
