@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ CLS = MODELS / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 TARGET = "x86-64-avx2"
 
 sys.path.insert(0, str(HERE))
+# Subprocesses (`python -m tvm_hybrid`, the server) run this checkout's code, whatever is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
 
 
 def pytest_collection_modifyitems(config, items):
