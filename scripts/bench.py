@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """TVM (tvm-hybrid artifacts) vs onnxruntime latency on the shared models, same thread count.
 
-Runs are interleaved (ort, tvm, ort, tvm, …) so both see the same machine state; medians are
+Runs are interleaved in short blocks (ort ×5, tvm ×5, …, each block after one untimed run) so
+all engines see the same machine state; medians are
 reported, with ratios against onnxruntime in the same run, and achieved GFLOP/s against a
 practical fp32 peak measured in the same run (numpy/OpenBLAS sgemm on the same threads).
 
@@ -118,17 +119,24 @@ def available_variants() -> list[Variant]:
     return [Variant("tvm-untuned", {"tuning_logs": None}), Variant("tvm-tuned", {})]
 
 
-def interleaved(engines: dict, runs: int) -> dict[str, list[float]]:
-    """Warm each engine up, then time them in turn, ``runs`` rounds."""
+def interleaved(engines: dict, runs: int, block: int = 5) -> dict[str, list[float]]:
+    """Warm each engine up, then time them in turn: rounds of ``block`` timed runs per engine.
+
+    Each block starts with one untimed run: onnxruntime's and TVM's worker threads spin for a
+    while after a run, so the first run after switching engines competes with the previous
+    engine's spinning threads and measures the switch, not the engine.
+    """
     for fn in engines.values():
         for _ in range(3):
             fn()
     times = {k: [] for k in engines}
-    for _ in range(runs):
+    while any(len(ts) < runs for ts in times.values()):
         for k, fn in engines.items():
-            t0 = time.perf_counter()
             fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(min(block, runs - len(times[k]))):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
