@@ -5,6 +5,7 @@ Examples::
     python scripts/profile_kernels.py tests/models/ch_PP-OCRv4_det_infer.onnx --input x:1x3x320x320
     python scripts/profile_kernels.py tests/models/ch_ppocr_mobile_v2.0_cls_infer.onnx --input x:1x3x48x192
     python scripts/profile_kernels.py zoo:resnet_block --no-default   # TVM's unscheduled lowering
+    python scripts/profile_kernels.py MODEL --input x:1x3x320x320 --tuned --target x86-64-avx2
 
 TVM and onnxruntime runs are interleaved (a short block of each per round) and medians
 reported, so a machine shared with other jobs slows both alike.
@@ -50,6 +51,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads for TVM and onnxruntime (default 2)")
     ap.add_argument("--top", type=int, default=15, help="kernels to list (default 15)")
     ap.add_argument("--no-default", action="store_true", help="skip apply_default (baseline)")
+    ap.add_argument("--tuned", action="store_true", help="apply the target's tuning log, as compile does")
     ap.add_argument("--ort-no-spin", action="store_true", help="stop onnxruntime's workers spinning between runs")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile")
     args = ap.parse_args()
@@ -59,7 +61,7 @@ def main() -> int:
     import tvm
     from tvm import relax
 
-    from tvm_hybrid.compiler import build, importer
+    from tvm_hybrid.compiler import build, importer, tune
     from tvm_hybrid.targets import resolve
 
     profile = resolve(args.target)
@@ -67,7 +69,8 @@ def main() -> int:
 
     t0 = time.perf_counter()
     mod = importer.to_relax(imported)
-    mod = build.fuse(mod, profile) if args.no_default else build.optimize(mod, profile)
+    db = tune.open_database(tune.default_logs_dir(), profile) if args.tuned else None
+    mod = build.fuse(mod, profile) if args.no_default else build.optimize(mod, profile, db)
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = build.build(mod, profile, Path(tmp) / "m.so")
