@@ -89,12 +89,7 @@ def read_bytes(artifact_dir: Path) -> bytes:
     A signature covers exactly these bytes, so the caller verifies and parses the same copy.
     """
     path = Path(artifact_dir) / MANIFEST
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise ArtifactError(f"{artifact_dir} is not an artifact: no {MANIFEST} in it") from None
-    except OSError as e:
-        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from e
+    st = _lstat(path, f"{artifact_dir} is not an artifact: no {MANIFEST} in it", str(path))
     if not stat.S_ISREG(st.st_mode):
         # A FIFO would block the read forever; a link could point anywhere.
         raise ArtifactError(f"{path} is not a regular file (a link, pipe or device); artifacts hold plain files")
@@ -111,6 +106,16 @@ def read_bytes(artifact_dir: Path) -> bytes:
     if len(data) > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{path} grew past {MAX_MANIFEST_BYTES >> 20} MiB while being read")
     return data
+
+
+def _lstat(path: Path, missing: str, what: str) -> os.stat_result:
+    """``os.lstat``, its errors as one-line ArtifactErrors: ``missing`` when absent."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        raise ArtifactError(missing) from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read {what}: {e.strerror or e}") from e
 
 
 def loads(data: bytes, where: str = MANIFEST) -> dict[str, Any]:
@@ -285,12 +290,8 @@ def verify_files(artifact_dir: Path, m: dict[str, Any]) -> None:
         here = root
         for i, part in enumerate(rel.split("/")):
             here = here / part
-            try:
-                st = os.lstat(here)
-            except FileNotFoundError:
-                raise ArtifactError(f"artifact file {rel} is missing from {root}; recompile or re-download it") from None
-            except OSError as e:
-                raise ArtifactError(f"cannot read artifact file {rel}: {e.strerror or e}") from e
+            st = _lstat(here, f"artifact file {rel} is missing from {root}; recompile or re-download it",
+                        f"artifact file {rel}")
             last = i == rel.count("/")
             if stat.S_ISLNK(st.st_mode):
                 raise ArtifactError(f"artifact file {rel} is (or is under) a symbolic link; artifacts hold plain files")
