@@ -11,7 +11,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import CLS, reference, text_image
+from conftest import CLS, cli, reference, text_image
 
 from tvm_hybrid.errors import ArtifactError, UsageError
 from tvm_hybrid.runtime import Session
@@ -159,3 +159,40 @@ def test_trace_reports_each_segment(artifacts):
         s.run({"x": text_image(1, 48, 192)})
         [t] = s.trace
     assert t["placement"] == "device" and t["ms"] > 0 and t["bytes_sent"] == 0 and t["segment"] == 0
+
+
+# A Zen 3 EPYC's flags (no AVX-512): the commonest cloud x86 CPU without it.
+ZEN3_FLAGS = frozenset("sse sse2 ssse3 sse4_1 sse4_2 popcnt avx avx2 fma f16c bmi1 bmi2 aes".split())
+
+
+def test_x86_profiles_name_the_cpu_features_their_code_needs():
+    from tvm_hybrid import hostcpu
+    from tvm_hybrid.targets import resolve
+
+    need = {n: hostcpu.x86_features(resolve(n).tvm_target) for n in
+            ("x86-64", "x86-64-avx2", "x86-64-avx512", "cloud-x86", "cloud-x86-avx512")}  # fmt: skip
+    assert need["x86-64"] <= need["x86-64-avx2"] == need["cloud-x86"] < need["x86-64-avx512"] == need["cloud-x86-avx512"]
+    assert {"avx2", "fma"} <= need["x86-64-avx2"] and "avx512f" in need["x86-64-avx512"]
+    # The default cloud profile runs on AVX2-only fleets; the AVX-512 profiles do not.
+    assert hostcpu.missing_features(resolve("cloud-x86").tvm_target, ZEN3_FLAGS) == []
+    assert hostcpu.missing_features(resolve("x86-64-avx512").tvm_target, ZEN3_FLAGS) == [
+        "avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512vl"]  # fmt: skip
+    # mattr adds features; a CPU name nothing is known of is not refused.
+    assert hostcpu.missing_features({"mcpu": "x86-64-v2", "mattr": ["+avx512f", "+fast-gather"]}, ZEN3_FLAGS) == ["avx512f"]
+    assert hostcpu.missing_features({"mcpu": "some-future-cpu"}, ZEN3_FLAGS) == []
+    assert hostcpu.missing_features({"mcpu": "skylake-avx512"}, frozenset()) == []  # no /proc/cpuinfo: unknown
+
+
+def test_artifact_needing_cpu_features_this_cpu_lacks_is_refused_before_loading(artifacts, zoo_files):
+    """AVX-512 code on an AVX2 CPU would die of SIGILL mid-run: exit 5, one line, naming the features."""
+    from tvm_hybrid import hostcpu
+
+    if "avx512f" in hostcpu.cpu_flags() or not hostcpu.cpu_flags():
+        pytest.skip("this CPU runs AVX-512 code (or its features are unknown)")
+    z, path = zoo_files("mlp")
+    art = artifacts.get(path, z.input_shapes, "x86-64-avx512")
+    np.save(art.parent / "x.npy", np.zeros(z.input_shapes["x"], np.float32))
+    proc = cli("run", str(art), "--input", f"x={art.parent / 'x.npy'}")
+    assert proc.returncode == 5, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "x86-64-avx512" in line and "avx512f" in line and "--target host" in line, line

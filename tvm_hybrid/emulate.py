@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import hostcpu
 from .errors import RuntimeFailure, UsageError
 
 log = logging.getLogger(__name__)
@@ -428,7 +429,8 @@ def run_emulated(
 
 
 def check_native(target: dict[str, Any], name: str = "the artifact") -> None:
-    """RuntimeFailure, pointing at --emulate, when the artifact is for another architecture."""
+    """RuntimeFailure when this machine cannot run the artifact's code: another architecture
+    (pointing at --emulate), or x86 code using CPU features this CPU lacks (AVX-512 on AVX2)."""
     arch = target_arch(target)
     if arch != host_arch():
         how = " or on this machine with --emulate" if emulatable(target) else ""
@@ -436,6 +438,15 @@ def check_native(target: dict[str, Any], name: str = "the artifact") -> None:
             f"{name} is built for {arch} ({target.get('name', '?')}) and this machine is {host_arch()}; "
             f"run it on the device{how}"
         )
+    cpu = target.get("tvm_host") or target.get("tvm_target") or {}
+    if arch == "x86_64" and cpu.get("kind", "llvm") in ("llvm", "c"):
+        missing = hostcpu.missing_features(cpu)
+        if missing:
+            raise RuntimeFailure(
+                f"{name} is built for {target.get('name', '?')} (mcpu {cpu.get('mcpu', '?')}) and this CPU lacks "
+                f"{', '.join(missing)}, so it would die of an illegal instruction; compile it for a profile this "
+                "CPU runs (`--target host` picks the best one here)"
+            )
 
 
 # --- python -m tvm_hybrid.emulate ----------------------------------------------------------------

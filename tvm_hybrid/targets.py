@@ -6,7 +6,6 @@ import dataclasses
 import difflib
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from . import hostcpu
 from .errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -100,24 +100,15 @@ def all_profiles() -> dict[str, TargetProfile]:
     return found
 
 
-def host_profile_name(cpu_flags: set[str] | None = None) -> str:
+def host_profile_name(cpu_flags: set[str] | frozenset[str] | None = None) -> str:
     """The best built-in x86 profile for this machine's CPU."""
     if cpu_flags is None:
-        cpu_flags = _cpu_flags()
+        cpu_flags = hostcpu.cpu_flags()
     if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags:
         return "x86-64-avx512"
     if {"avx2", "fma"} <= cpu_flags:
         return "x86-64-avx2"
     return "x86-64"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    m = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
-    return set(m.group(1).split()) if m else set()
 
 
 def resolve(name: str) -> TargetProfile:

@@ -16,7 +16,7 @@ import onnx
 from .. import __version__
 from .. import manifest as mf
 from ..errors import UnsupportedError, UsageError
-from ..targets import TargetProfile, resolve
+from ..targets import TargetProfile, all_profiles, resolve
 from . import analysis, build, importer, tune, webgpu
 from . import plan as planner
 from .split import SegmentModel, endpoint_name, split
@@ -114,7 +114,8 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
         build.check_toolchain(prof)
     cloud = resolve(opts.cloud) if opts.cloud else None
     if cloud is not None and cloud.placement != "cloud":
-        raise UsageError(f"--cloud {cloud.name} is a device profile; cloud profiles: cloud-x86")
+        clouds = sorted(name for name, p in all_profiles().items() if p.placement == "cloud")
+        raise UsageError(f"--cloud {cloud.name} is a device profile; cloud profiles: {', '.join(clouds)}")
     imported = importer.load(opts.model, list(opts.inputs))
     out = Path(opts.output)
     if out.exists() and not out.is_dir():

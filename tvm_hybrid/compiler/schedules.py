@@ -7,20 +7,13 @@ import logging
 import math
 from collections.abc import Sequence
 
+from .. import hostcpu
 from ..targets import TargetProfile
 
 log = logging.getLogger(__name__)
 
 # Attributes that mark a PrimFunc as already scheduled (by a tuning database or by hand).
 _SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled", "tvm_hybrid.tuned")
-
-# f32 SIMD lanes by LLVM CPU name; anything unknown gets SSE's 4.
-_AVX512_CPUS = {"skylake-avx512", "cascadelake", "cooperlake", "icelake-server", "icelake-client",
-                "tigerlake", "sapphirerapids", "emeraldrapids", "graniterapids", "znver4", "znver5",
-                "x86-64-v4", "cannonlake", "rocketlake", "knl", "knm"}  # fmt: skip
-_AVX2_CPUS = {"haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake", "znver1",
-              "znver2", "znver3", "x86-64-v3", "cascadelake-avx2", "bdver4", "gracemont"}  # fmt: skip
-
 
 @dataclasses.dataclass(frozen=True)
 class CpuConfig:
@@ -41,11 +34,12 @@ class ScheduleRefused(Exception):
 
 def cpu_config(target) -> CpuConfig:
     """The schedule settings for an llvm target, from its mcpu and mattr."""
-    mcpu = str(target.attrs.get("mcpu", "") or "")
-    mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
-    if mcpu in _AVX512_CPUS or "+avx512f" in mattr:
+    features = hostcpu.x86_features(
+        {"mcpu": str(target.attrs.get("mcpu", "") or ""), "mattr": [str(a) for a in (target.attrs.get("mattr") or [])]}
+    )  # an unknown CPU counts as SSE: 4 lanes
+    if "avx512f" in features:
         return CpuConfig(lanes=16, accumulators=24)  # 32 zmm registers
-    if mcpu in _AVX2_CPUS or "+avx2" in mattr or "+avx" in mattr:
+    if "avx" in features:
         return CpuConfig(lanes=8)
     return CpuConfig(lanes=4)
 
