@@ -15,7 +15,7 @@ def plot_plan(imported, device, cloud, settings, doc: dict, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+        raise UsageError("--plot needs matplotlib: pip install 'tvm-hybrid[plot]' (or matplotlib)") from None
     from .package import plan_for
     from .plan import parse_bandwidth
 
