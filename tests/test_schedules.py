@@ -121,6 +121,20 @@ def test_simd_width_follows_the_profile():
     assert schedules.cpu_config(resolve("x86-64").tvm()).lanes == 4
 
 
+def test_register_tile_takes_the_most_multiply_adds_per_load():
+    """AVX2's 16 registers: 6 rows x 2 vectors (8 loads, 12 FMAs) beats 8 x 1 (9 loads, 8 FMAs);
+    partial vectors and AVX-512 (measured with one column) keep one column; tiles divide axes."""
+    avx2, avx512 = schedules.CpuConfig(lanes=8), schedules.CpuConfig(lanes=16, accumulators=24, max_cols=1)
+    assert schedules._register_tile(24, 10, 8, avx2) == (6, 2)  # PP-OCRv4 det's 96->24 3x3 head conv
+    assert schedules._register_tile(16, 40, 8, avx2) == (4, 2)  # 6 does not divide 16
+    assert schedules._register_tile(24, 5, 8, avx2) == (8, 1)  # 2 does not divide 5 vectors
+    assert schedules._register_tile(192, 4, 5, avx2) == (6, 1)  # 5-lane vectors: one column
+    assert schedules._register_tile(24, 10, 16, avx512) == (8, 1)
+    for rows_extent, vectors in ((24, 10), (7, 6), (1, 1), (384, 2)):
+        rows, cols = schedules._register_tile(rows_extent, vectors, 8, avx2)
+        assert rows_extent % rows == 0 and vectors % cols == 0 and rows * cols <= avx2.accumulators
+
+
 def test_non_llvm_target_is_unchanged():
     import dataclasses
 
