@@ -29,8 +29,14 @@ X86_MCPU_FEATURES: dict[str, tuple[str, ...]] = {
     "knl": (*_V3, "avx512f", "avx512cd"), "knm": (*_V3, "avx512f", "avx512cd"),
 }  # fmt: skip
 
-#: ``mattr`` features that have a /proc/cpuinfo flag, by prefix (LLVM's other features have none).
-_MATTR_CHECKED = ("avx", "sse", "ssse3", "fma", "f16c", "bmi", "popcnt")
+#: LLVM ``mattr`` feature -> its /proc/cpuinfo flag, for the features checked. The names often
+#: differ (LLVM ``avx512vnni`` is ``avx512_vnni``, ``bmi`` is ``bmi1``, ``sse3`` is ``pni``), so
+#: features not listed are not checked rather than refused on CPUs that have them.
+_MATTR_FLAGS = {
+    "sse4.1": "sse4_1", "sse4.2": "sse4_2", "ssse3": "ssse3", "popcnt": "popcnt", "avx": "avx", "avx2": "avx2",
+    "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "avx512f": "avx512f", "avx512bw": "avx512bw",
+    "avx512cd": "avx512cd", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,9 +56,8 @@ def x86_features(tvm_target: dict[str, Any]) -> set[str]:
     mattr = tvm_target.get("mattr") or []
     for attr in mattr.split(",") if isinstance(mattr, str) else mattr:
         attr = str(attr).strip()
-        name = attr[1:].replace(".", "_") if attr.startswith("+") else ""
-        if name.startswith(_MATTR_CHECKED):
-            need.add(name)
+        if attr.startswith("+") and attr[1:] in _MATTR_FLAGS:
+            need.add(_MATTR_FLAGS[attr[1:]])
     return need
 
 
