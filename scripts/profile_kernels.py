@@ -121,7 +121,7 @@ def main() -> int:
         print(f"end-to-end median over {len(tt)} runs: TVM {mt:.2f} ms, onnxruntime {mo:.2f} ms, ratio {mt / mo:.2f}x")
 
         if not args.no_profile:
-            _profile(vm, args_tvm, args.top)
+            _profile(vm, args_tvm, args.top, _kernel_facts(mod))
     return 0
 
 
@@ -136,7 +136,25 @@ def _flatten(out) -> list[np.ndarray]:
     return res
 
 
-def _profile(vm, args_tvm, top: int, rounds: int = 5) -> None:
+def _kernel_facts(mod) -> dict[str, tuple[float, str]]:
+    """Each kernel's floating-point operations and parameter shapes (inputs, then output)."""
+    import tvm
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    facts = {}
+    for gv, f in mod.functions.items():
+        if not isinstance(f, tvm.tirx.PrimFunc):
+            continue
+        try:
+            flops = float(estimate_tir_flops(tvm.IRModule({"main": f})))
+        except Exception:  # a kernel the estimator cannot walk
+            flops = 0.0
+        shapes = [p.shape for p in f.params if getattr(p, "shape", None) is not None]
+        facts[gv.name_hint] = (flops, " ".join("x".join(str(d) for d in s) for s in shapes))
+    return facts
+
+
+def _profile(vm, args_tvm, top: int, facts: dict | None = None, rounds: int = 5) -> None:
     """Time every VM call with an instrument (TVM 0.27's VM has no profiler); medians over rounds.
 
     Each call is timed between the instrument's before and after hooks, so the numbers include
@@ -170,9 +188,12 @@ def _profile(vm, args_tvm, top: int, rounds: int = 5) -> None:
     rows = sorted(((sum(v), len(v), k) for k, v in totals.items()), reverse=True)
     total = sum(r[0] for r in rows)
     print(f"\nper-kernel (median of {rounds} instrumented runs, sum {total * 1e3:.2f} ms, {n_calls} calls):")
-    print(f"{'ms':>8} {'%':>5} {'calls':>5}  kernel")
+    facts = facts or {}
+    print(f"{'ms':>8} {'%':>5} {'calls':>5} {'GFLOP/s':>7}  kernel [parameter shapes]")
     for t, n, name in rows[:top]:
-        print(f"{t * 1e3:8.3f} {100 * t / total:5.1f} {n:5d}  {name}")
+        flops, shapes = facts.get(name, (0.0, ""))
+        rate = f"{n * flops / t / 1e9:7.1f}" if flops and t else " " * 7
+        print(f"{t * 1e3:8.3f} {100 * t / total:5.1f} {n:5d} {rate}  {name[:60]} [{shapes}]")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,58 @@ def test_register_tile_takes_the_most_multiply_adds_per_load():
         assert rows_extent % rows == 0 and vectors % cols == 0 and rows * cols <= avx2.accumulators
 
 
+def _conv_chain_model():
+    """A 3x3 stride-2 conv (3 -> 16), a 16 -> 96 1x1 conv + HardSwish, a 96 -> 24 3x3 conv at
+    80x80 (a 2.6 MB padded input), a stride-2 pooling conv and a 24 -> 32 1x1 conv + bias at
+    20x20: one kernel for each layout the default schedules change."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "w1"], ["b0"], kernel_shape=[1, 1]),
+        helper.make_node("HardSwish", ["b0"], ["b"]),
+        helper.make_node("Conv", ["b", "w2"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c", "w3"], ["d"], kernel_shape=[4, 4], strides=[4, 4]),
+        helper.make_node("Conv", ["d", "w4", "b4"], ["y"], kernel_shape=[1, 1]),
+    ]
+    inits = [w("w0", 16, 3, 3, 3), w("w1", 96, 16, 1, 1), w("w2", 24, 96, 3, 3), w("w3", 24, 24, 4, 4),
+             w("w4", 32, 24, 1, 1), numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b4")]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "conv_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 160, 160])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 20, 20])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_conv_layouts_vectorize_fully_and_match_onnxruntime(tmp_path):
+    """Stride-2 windows read column phases (unit stride), a 20x20 1x1 conv vectorizes its 400
+    fused pixels by 8 instead of rows of 20 by 5, and the big 3x3 conv keeps its channel
+    tiles innermost; the results still match onnxruntime."""
+    import numpy as np
+    import tvm
+
+    model = _conv_chain_model()
+    x = np.random.default_rng(1).standard_normal((1, 3, 160, 160)).astype(np.float32)
+    mod, result, run = _compile(model, {"x": (1, 3, 160, 160)}, TARGET, tmp_path)
+    assert_close(run({"x": x}), reference(model, {"x": x}), rtol=1e-4, atol=1e-5)
+
+    scripts = {gv.name_hint: f.script() for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    strided = [s for s in scripts.values() if "T.int64(162), T.int64(2), T.int64(81)" in s]
+    assert strided, "the stride-2 conv's padded input should be stored as two column phases"
+    assert "T.vectorized(T.int64(8))" in strided[0]
+    pointwise = [s for n, s in scripts.items() if "T.int64(32), T.int64(400)" in s]
+    assert pointwise and "T.vectorized(T.int64(8))" in pointwise[0], "20x20 pixels as one axis of 400"
+    big = next(s for s in scripts.values() if "T.int64(96), T.int64(82), T.int64(82)" in s)
+    assert "yy_xx_0_ff_0_fused" in big, "channel tiles innermost of the parallel loop"
+
+
 def test_non_llvm_target_is_unchanged():
     import dataclasses
 
