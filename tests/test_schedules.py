@@ -187,6 +187,16 @@ def test_conv_layouts_vectorize_fully_and_match_onnxruntime(tmp_path):
     assert "yy_xx_0_ff_0_fused" in big, "channel tiles innermost of the parallel loop"
 
 
+def test_reductions_along_memory_are_vectorized():
+    """The squeeze-excite's global average pool sums in vectors (rfactor), not one scalar chain."""
+    import tvm
+
+    mod = schedules.apply_default(_fused("dw_se", TARGET), resolve(TARGET))
+    pools = [f.script() for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "mean" in gv.name_hint]
+    assert pools, "dw_se should have a mean kernel"
+    assert all("_rf" in s and "T.vectorized" in s for s in pools)
+
+
 def test_non_llvm_target_is_unchanged():
     import dataclasses
 

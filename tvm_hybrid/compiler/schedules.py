@@ -425,6 +425,8 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
     lanes = 0
     if vec is not None:
         lanes = _vector_width(_extent(sch, spatial[vec][0]), cfg.lanes)
+    elif reduce and _vectorize_reduction(sch, block, spatial, reduce, cfg):
+        return set()
     # A strided read (stride-2 convolution) would become one scalar load a lane under TVM's
     # vectorizer; left as a serial innermost loop, LLVM vectorizes it with shuffles instead.
     tvm_vectorize = bool(lanes) and _flat_unit_stride(dominant, spatial[vec][1].var)
@@ -495,6 +497,42 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
     if reduce:
         sch.decompose_reduction(block, reduce[0])
     return attached
+
+
+def _vectorize_reduction(sch, block, spatial, reduce, cfg: CpuConfig) -> bool:
+    """Vectorize a reduction along memory (a global average pool, a row sum or max, a
+    matrix-vector product) with ``rfactor``: partial results in one vector of lanes, summed
+    at the end. Without it each output is a serial chain of scalar adds, one add latency per
+    element (PP-OCRv4 det's 80x80 mean: 0.64 -> 0.08 ms). Returns whether it applied.
+    """
+    import tvm
+
+    stmt = sch.get(block)
+    r_var = stmt.iter_vars[len(spatial) + len(reduce) - 1].var
+    if stmt.iter_vars[-1].iter_type != 2 or not isinstance(stmt.body, tvm.tirx.BufferStore):
+        return False
+    update = stmt.body.value
+    if not isinstance(update, (tvm.tirx.Add, tvm.tirx.Max, tvm.tirx.Min)):
+        return False
+    acc = update.a
+    if not (isinstance(acc, tvm.ir.expr.TensorLoad) and acc.source.same_as(stmt.body.buffer)):
+        return False
+    dominant = _dominant_read(stmt, r_var)
+    extent = _extent(sch, reduce[-1])
+    lanes = _vector_width(extent, cfg.lanes)
+    if dominant is None or not lanes or lanes < cfg.lanes // 2 or not _flat_unit_stride(dominant, r_var):
+        return False
+    _, lane_loop = sch.split(reduce[-1], factors=[None, lanes])
+    rf = sch.rfactor(lane_loop, factor_axis=len(stmt.writes[0].region))
+    loops = sch.get_loops(rf)
+    outer = loops[: len(spatial)]
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if _work(sch, rf) >= cfg.parallel_min_work and _extent(sch, fused) > 1:
+        sch.parallel(fused)
+    loops = sch.get_loops(rf)
+    sch.vectorize(loops[-1])
+    sch.decompose_reduction(rf, loops[1])
+    return True
 
 
 def _rows_innermost(sch, stmt, dominant, reduce) -> bool:
