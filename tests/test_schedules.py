@@ -228,3 +228,6 @@ def test_conv_transpose_matches_onnxruntime(kernel, stride, pads, tmp_path):
     rewritten = "conv2d_transpose" not in " ".join(gv.name_hint for gv in mod.functions)
     assert rewritten == (kernel == stride)
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+    if rewritten:  # the pixel shuffle iterates (w, phase), phase unrolled: unit-stride reads
+        shuffle = [f.script() for gv, f in mod.functions.items() if "transpose" in gv.name_hint]
+        assert shuffle and "T.unroll(T.int64(2))" in shuffle[0]

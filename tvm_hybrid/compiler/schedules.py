@@ -584,10 +584,15 @@ def _flat_unit_stride(region, var) -> bool:
     along ``var`` in memory (``x[c, f // 20, f % 20]`` is, along ``f``)."""
     from tvm.sym.analyzer import Analyzer
 
+    return _unit_stride(Analyzer().simplify(_flat_index(region)), var)
+
+
+def _flat_index(region):
+    """The element offset a buffer region starts at, row-major."""
     flat = 0
     for rng, dim in zip(region.region, region.source.shape):
         flat = flat * dim + rng.min
-    return _unit_stride(Analyzer().simplify(flat), var)
+    return flat
 
 
 def _uses_var(region, var) -> bool:
@@ -700,14 +705,27 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
     """Parallel outer loops and a vectorized innermost loop.
 
     A block with a condition (padding, dilation) keeps a serial innermost loop: TVM's vectorizer
-    scalarizes ``if_then_else``, while LLVM's loop vectorizer turns it into selects.
+    scalarizes ``if_then_else``, while LLVM's loop vectorizer turns it into selects. So does an
+    interleaving one (a pixel shuffle, see ``_interleave_phases``). Elementwise transcendental
+    functions (sigmoid, exp, tanh) count as more work when deciding whether to go parallel.
     """
     loops = sch.get_loops(block)
     if not loops:
         return
     stmt = sch.get(block)
-    conditional = _is_simple_store(stmt) and _has_call(stmt.body.value, ("if_then_else",))
-    lanes = 0 if conditional else _vector_width(_extent(sch, loops[-1]), cfg.lanes)
+    simple = _is_simple_store(stmt)
+    conditional = simple and _has_call(stmt.body.value, ("if_then_else",))
+    work = 4 * _work(sch, block)
+    if simple and _has_call(stmt.body.value, ("exp", "sigmoid", "tanh", "erf", "log", "pow")):
+        work *= 8
+    phases = 0 if conditional else _interleave_phases(sch, block)
+    if phases:
+        n = len(stmt.iter_vars)
+        sch.transform_block_layout(block, tvm_index_map(lambda *v: [*v[: n - 1], v[n - 1] // phases, v[n - 1] % phases], n))
+        loops = sch.get_loops(block)
+        sch.unroll(loops[-1])
+        loops = loops[:-1]
+    lanes = 0 if conditional or phases else _vector_width(_extent(sch, loops[-1]), cfg.lanes)
     if lanes:
         o, v = sch.split(loops[-1], factors=[None, lanes])
         outer = list(loops[:-1]) + [o]
@@ -715,10 +733,52 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
         v = None
         outer = list(loops[:-1]) if len(loops) > 1 else list(loops)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    if 4 * _work(sch, block) >= cfg.parallel_min_work and _extent(sch, fused) > 1:
+    if work >= cfg.parallel_min_work and _extent(sch, fused) > 1:
         sch.parallel(fused)
     if v is not None:
         sch.vectorize(v)
+
+
+def _interleave_phases(sch, block) -> int:
+    """s when the block writes its innermost axis x from s planes it reads at x // s (the
+    pixel shuffle of an upsampling layer: ``y[..., 2w + b] = z[..., 2a + b, h, w]``), else 0.
+
+    Iterated as ``(x // s, x % s)`` with the phase unrolled, each read is unit-stride and
+    LLVM's loop vectorizer interleaves the stores; vectorized along x by TVM, every lane was a
+    separate gather load (PP-OCRv4 det's 96 -> 24x4 shuffle: 1.09 -> 0.10 ms).
+    """
+    import tvm
+    from tvm.sym.analyzer import Analyzer
+
+    stmt = sch.get(block)
+    ivs = list(stmt.iter_vars)
+    x = ivs[-1]
+    if len(stmt.writes) != 1 or not _flat_unit_stride(stmt.writes[0], x.var):
+        return 0
+    reads = [r for r in stmt.reads if _uses_var(r, x.var)]
+    if not reads or all(_flat_unit_stride(r, x.var) for r in reads):
+        return 0
+    extent = int(x.dom.extent) if _same_int(x.dom.extent, x.dom.extent) else 0
+    for s in (2, 4):
+        if extent < 2 * s or extent % s:
+            continue
+        dtype = str(x.dom.extent.ty)
+        xo, xi = tvm.tirx.Var("xo", dtype), tvm.tirx.Var("xi", dtype)
+        ana = Analyzer()
+        for iv in ivs[:-1]:
+            ana.bind(iv.var, iv.dom)
+        ana.bind(xo, tvm.ir.Range(tvm.tirx.const(0, dtype), tvm.tirx.const(extent // s, dtype)))
+        ana.bind(xi, tvm.ir.Range(tvm.tirx.const(0, dtype), tvm.tirx.const(s, dtype)))
+        ana.bind(x.var, xo * tvm.tirx.const(s, dtype) + xi)
+        if all(_unit_stride(ana.simplify(_flat_index(r)), xo) for r in reads):
+            return s
+    return 0
+
+
+def tvm_index_map(fn, ndim: int):
+    import tvm
+
+    return tvm.tirx.IndexMap.from_func(fn, ndim=ndim)
 
 
 # -- Relax rewrites ------------------------------------------------------------------------
