@@ -139,6 +139,35 @@ def test_compile_applies_the_log_and_matches_onnxruntime(tuned, tmp_path):
     assert_close(run_artifact(summary.path, x), want, RTOL, ATOL)
 
 
+def test_tuned_kernels_are_checked_in_place_and_losers_keep_their_defaults(tuned, tmp_path):
+    """Tuning ends by timing each applied record in the model against its default; a record
+    slower there is not applied, and a verdict on an older record does not hold for a new one."""
+    model, logs, report = tuned
+    checked = [t for t in report.tasks if t.in_model is not None]
+    assert report.in_model_checked == len(checked) and report.in_model_slower <= len(checked)
+    assert all(t.in_model[0] > 0 and t.in_model[1] > 0 for t in checked)
+    defaults = json.loads((logs / TARGET / "defaults.json").read_text())
+    verdicts = [v["in_model"] for v in defaults.values() if "in_model" in v]
+    assert len(verdicts) == len(checked)
+    if not checked:
+        pytest.skip("no tuned record beat its default alone, so none was checked in place")
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    want = reference(model, {"x": x})
+    for name, slower, stale, expect_tuned in (("slower", True, False, 0), ("stale", True, True, len(checked))):
+        forged = tmp_path / name
+        shutil.copytree(logs, forged)
+        data = json.loads((forged / TARGET / "defaults.json").read_text())
+        for v in data.values():
+            if "in_model" in v:
+                v["in_model"]["tuned_ms"] = 2 * v["in_model"]["default_ms"] if slower else 0.0
+                if stale:  # the verdict was about another record
+                    v["in_model"]["record_ms"] += 1.0
+        (forged / TARGET / "defaults.json").write_text(json.dumps(data))
+        summary, manifest = compile_tiny(model, tmp_path / f"out-{name}", forged)
+        assert manifest["segments"][0]["kernels"]["tuned"] == expect_tuned, name
+        assert_close(run_artifact(summary.path, x), want, RTOL, ATOL)
+
+
 def test_compile_without_logs_uses_default_schedules(tuned, tmp_path):
     model, logs, _ = tuned
     x = np.ones((1, 3, 8, 8), np.float32)

@@ -36,9 +36,12 @@ log = logging.getLogger("tvm_hybrid.cli")
 @click.option("--population", type=int, default=512, show_default=True,
               help="Evolutionary search population per round; smaller is faster and explores less.")
 @click.option("--seed", type=int, default=None, help="Random seed of the search.")
+@click.option("--no-model-check", is_flag=True,
+              help="Skip timing the tuned kernels in place in the model against their defaults "
+                   "(on by default when tuning on this machine's CPU).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON report on stdout.")
 def command(model, target, inputs, trials, trials_per_task, max_minutes, logs, rpc_tracker, rpc_key, num_cores,
-            population, seed, as_json) -> None:  # fmt: skip
+            population, seed, no_model_check, as_json) -> None:  # fmt: skip
     """Tune a model's kernels with MetaSchedule for a target, into LOGS/<target>/.
 
     Records are saved as they are measured: Ctrl-C (or a kill) keeps them, and the same
@@ -64,6 +67,7 @@ def command(model, target, inputs, trials, trials_per_task, max_minutes, logs, r
         num_cores=num_cores,
         seed=seed,
         population=population,
+        check_in_model=not no_model_check,
     )
     log.info(
         "tuning %s for %s into %s%s",
@@ -112,6 +116,9 @@ def _progress(name: str, show: bool):
     def on_progress(p) -> None:
         if p.phase == "baseline":
             progress.update(bar, description=f"tune {name}: default schedules", total=max(p.budget, 1))
+            return
+        if p.phase == "in-model check":
+            progress.update(bar, description=f"tune {name}: timing tuned kernels in the model")
             return
         best = ""
         if p.best_ms is not None:
@@ -181,5 +188,9 @@ def _table(report) -> None:
     console = Console()
     console.print(table)
     if slower:
-        console.print("* slower than the default schedule: builds keep the default for that kernel")
+        console.print("* slower than the default schedule (alone, or in place in the model): "
+                      "builds keep the default for that kernel")
+    if report.in_model_checked:
+        console.print(f"in-model check: {report.in_model_slower} of {report.in_model_checked} tuned kernels "
+                      "were slower in place in the model than their default schedule")
     console.print(f"database: {report.database}")

@@ -94,8 +94,9 @@ def apply_database(mod, profile: TargetProfile, database):
 
     ``database`` is a MetaSchedule database, or a ``tune.TuningLog`` that also knows each
     kernel's default-schedule time as measured when tuning: a tuned record slower than that
-    is not applied, so a log never makes a build slower than the defaults (a short tuning
-    run often finds nothing better). ``MetaScheduleApplyDatabase`` sets ``tirx.is_scheduled``
+    is not applied, nor one that the log's in-model check timed slower in place in the model
+    (``tune.check_in_model``), so a log does not make a build slower than the defaults (a
+    short tuning run often finds nothing better). ``MetaScheduleApplyDatabase`` sets ``tirx.is_scheduled``
     on each kernel it replaces; the ones that gain it here are the tuned ones.
     """
     import tvm
@@ -105,6 +106,7 @@ def apply_database(mod, profile: TargetProfile, database):
 
     db = getattr(database, "database", database)
     default_ms = getattr(database, "default_ms", None) or {}
+    slower_in_model = getattr(database, "slower_in_model", None)
 
     def scheduled(f) -> bool:
         return f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))
@@ -118,12 +120,13 @@ def apply_database(mod, profile: TargetProfile, database):
         if gv not in before or not isinstance(f, tvm.tirx.PrimFunc) or not scheduled(f):
             continue
         workload = _normalize_mod(before[gv])
-        default = default_ms.get(tvm_ffi.structural_hash(workload))
+        key = tvm_ffi.structural_hash(workload)
+        default = default_ms.get(key)
         if default is not None:
             record = db.query_tuning_record(workload, target, gv.name_hint)
             tuned = median_ms(record.run_secs) if record is not None and record.run_secs else None
-            if tuned is None or tuned >= default:
-                mod[gv] = before[gv]  # the default schedule was faster when measured
+            if tuned is None or tuned >= default or (slower_in_model is not None and slower_in_model(key, tuned)):
+                mod[gv] = before[gv]  # the default schedule was faster when measured (alone or in the model)
                 kept += 1
                 continue
         mod[gv] = f.with_attr(_TUNED_ATTR, True)
