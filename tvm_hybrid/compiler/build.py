@@ -122,10 +122,11 @@ def apply_database(mod, profile: TargetProfile, database):
         workload = _normalize_mod(before[gv])
         key = tvm_ffi.structural_hash(workload)
         default = default_ms.get(key)
-        if default is not None:
+        if default is not None or slower_in_model is not None:
             record = db.query_tuning_record(workload, target, gv.name_hint)
             tuned = median_ms(record.run_secs) if record is not None and record.run_secs else None
-            if tuned is None or tuned >= default or (slower_in_model is not None and slower_in_model(key, tuned)):
+            slower_alone = default is not None and (tuned is None or tuned >= default)
+            if slower_alone or (tuned is not None and slower_in_model is not None and slower_in_model(key, tuned)):
                 mod[gv] = before[gv]  # the default schedule was faster when measured (alone or in the model)
                 kept += 1
                 continue
