@@ -174,7 +174,7 @@ def test_conv_layouts_vectorize_fully_and_match_onnxruntime(tmp_path):
 
     model = _conv_chain_model()
     x = np.random.default_rng(1).standard_normal((1, 3, 160, 160)).astype(np.float32)
-    mod, result, run = _compile(model, {"x": (1, 3, 160, 160)}, TARGET, tmp_path)
+    mod, _, run = _compile(model, {"x": (1, 3, 160, 160)}, TARGET, tmp_path)
     assert_close(run({"x": x}), reference(model, {"x": x}), rtol=1e-4, atol=1e-5)
 
     scripts = {gv.name_hint: f.script() for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}

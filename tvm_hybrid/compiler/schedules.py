@@ -229,8 +229,6 @@ def _deinterleave_strided(sch) -> int:
     becomes ``[..., r % s, x + r // s]``, stride 1 along ``x``. Returns how many buffers
     changed.
     """
-    import tvm
-
     blocks = _child_blocks(sch)
     if blocks is None:
         return 0
@@ -270,9 +268,14 @@ def _deinterleave_strided(sch) -> int:
 
 def _phase_map(ndim: int, s: int):
     """``[..., w] -> [..., w % s, w // s]``."""
+    return _index_map(lambda *v: [*v[: ndim - 1], v[ndim - 1] % s, v[ndim - 1] // s], ndim)
+
+
+def _index_map(fn, ndim: int):
+    """An IndexMap of ``ndim`` indices (``fn`` takes them as ``*v``)."""
     import tvm
 
-    return tvm.tirx.IndexMap.from_func(lambda *v: [*v[: ndim - 1], v[ndim - 1] % s, v[ndim - 1] // s], ndim=ndim)
+    return tvm.tirx.IndexMap.from_func(fn, ndim=ndim)
 
 
 def _strided_by(expr, spatial_vars) -> int | None:
@@ -307,8 +310,6 @@ def _fuse_pixels(sch, cfg: CpuConfig) -> bool:
     become ``[..., y * W + x]``; parameters keep their shapes (their indices become
     ``f // W, f % W``, which simplify back to ``f`` in memory). Returns whether it applied.
     """
-    import tvm
-
     blocks = _child_blocks(sch)
     if blocks is None:
         return False
@@ -363,12 +364,12 @@ def _fuse_pixels(sch, cfg: CpuConfig) -> bool:
         return out
 
     def trailing(ndim: int):  # [..., y, x] -> [..., y * w + x]
-        return tvm.tirx.IndexMap.from_func(lambda *v: [*v[: ndim - 2], v[ndim - 2] * w + v[ndim - 1]], ndim=ndim)
+        return _index_map(lambda *v: [*v[: ndim - 2], v[ndim - 2] * w + v[ndim - 1]], ndim)
 
     root = sch.get(sch.get_sblock(sch.mod["main"].body.block.name_hint))
     if any(buf.same_as(write.source) for buf in root.alloc_buffers):
         sch.transform_layout(reductions[0], ("write", 0), trailing(len(write.region)))
-    sch.transform_block_layout(reductions[0], tvm.tirx.IndexMap.from_func(red_map, ndim=len(ivs)))
+    sch.transform_block_layout(reductions[0], _index_map(red_map, len(ivs)))
     for b in others:
         sch.transform_block_layout(b, trailing(len(sch.get(b).iter_vars)))
     return True
@@ -721,7 +722,7 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
     phases = 0 if conditional else _interleave_phases(sch, block)
     if phases:
         n = len(stmt.iter_vars)
-        sch.transform_block_layout(block, tvm_index_map(lambda *v: [*v[: n - 1], v[n - 1] // phases, v[n - 1] % phases], n))
+        sch.transform_block_layout(block, _index_map(lambda *v: [*v[: n - 1], v[n - 1] // phases, v[n - 1] % phases], n))
         loops = sch.get_loops(block)
         sch.unroll(loops[-1])
         loops = loops[:-1]
@@ -773,12 +774,6 @@ def _interleave_phases(sch, block) -> int:
         if all(_unit_stride(ana.simplify(_flat_index(r)), xo) for r in reads):
             return s
     return 0
-
-
-def tvm_index_map(fn, ndim: int):
-    import tvm
-
-    return tvm.tirx.IndexMap.from_func(fn, ndim=ndim)
 
 
 # -- Relax rewrites ------------------------------------------------------------------------

@@ -1081,10 +1081,10 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
     logs.in_model = {}  # judge every record afresh
     fused = build.fuse(importer.to_relax(imported), profile)
     tuned_mod = build.apply_defaults(build.apply_database(fused, profile, logs), profile)
-    tuned = {
-        gv.name_hint: gv for gv, f in tuned_mod.functions.items()
+    tuned = [
+        gv.name_hint for gv, f in tuned_mod.functions.items()
         if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and build._TUNED_ATTR in f.attrs
-    }  # fmt: skip
+    ]  # fmt: skip
     if not tuned:
         return {}
     default_mod = build.apply_defaults(fused, profile)
@@ -1109,7 +1109,7 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
     target = profile.tvm()
     data = {str(k): v for k, v in _read_defaults_file(d).items()}
     verdicts = {}
-    for name, gv in tuned.items():
+    for name in tuned:
         if name not in per[0] or name not in per[1]:
             continue
         workload = _normalize_mod(fused[name])
