@@ -556,7 +556,11 @@ def _rows_innermost(sch, stmt, dominant, reduce) -> bool:
 
 
 def _buffer_bytes(buf) -> int:
-    size = max(1, buf.dtype.bits // 8)
+    return max(1, buf.dtype.bits // 8) * _buffer_elements(buf)
+
+
+def _buffer_elements(buf) -> int:
+    size = 1
     for d in buf.shape:
         size *= int(d) if _same_int(d, d) else 1 << 20  # a symbolic dimension counts as large
     return size
@@ -569,12 +573,7 @@ def _dominant_read(stmt, var):
     for r in stmt.reads:
         if r.source.same_as(stmt.writes[0].source) or not _uses_var(r, var):
             continue
-        size = 1
-        for d in r.source.shape:
-            try:
-                size *= int(d)
-            except TypeError:
-                size *= 1 << 20
+        size = _buffer_elements(r.source)
         if size > best_size:
             best, best_size = r, size
     return best

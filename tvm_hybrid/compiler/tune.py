@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import tempfile
 import threading
 import time
@@ -345,7 +346,7 @@ def _read_defaults(d: Path) -> dict[int, float]:
 def _read_in_model(d: Path) -> dict[int, tuple[float, float, float]]:
     out = {}
     for k, v in _read_defaults_file(d).items():
-        m = v.get("in_model") if isinstance(v, dict) else None
+        m = v.get("in_model")
         if isinstance(m, dict):
             try:
                 out[k] = (float(m["default_ms"]), float(m["tuned_ms"]), float(m["record_ms"]))
@@ -1117,7 +1118,7 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
         record = logs.database.query_tuning_record(workload, target, name)
         if str(key) not in data or record is None or not record.run_secs:
             continue
-        verdict = (_median(per[0][name]), _median(per[1][name]), build.median_ms(record.run_secs))
+        verdict = (statistics.median(per[0][name]), statistics.median(per[1][name]), build.median_ms(record.run_secs))
         verdicts[key] = verdict
         data[str(key)]["in_model"] = {"default_ms": round(verdict[0], 6), "tuned_ms": round(verdict[1], 6),
                                       "record_ms": verdict[2]}  # fmt: skip
@@ -1147,12 +1148,6 @@ def _kernel_times(vm, args) -> dict[str, float]:
     finally:
         vm.set_instrument(None)
     return times
-
-
-def _median(vals: list[float]) -> float:
-    s = sorted(vals)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def _first_line(text: str | None) -> str:
