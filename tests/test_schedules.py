@@ -123,16 +123,21 @@ def test_simd_width_follows_the_profile():
 
 def test_register_tile_takes_the_most_multiply_adds_per_load():
     """AVX2's 16 registers: 6 rows x 2 vectors (8 loads, 12 FMAs) beats 8 x 1 (9 loads, 8 FMAs);
-    partial vectors and AVX-512 (measured with one column) keep one column; tiles divide axes."""
-    avx2, avx512 = schedules.CpuConfig(lanes=8), schedules.CpuConfig(lanes=16, accumulators=24, max_cols=1)
+    AVX-512's 32 take as many columns as its 24 accumulators allow (an 80-wide row: 4 x 5);
+    partial vectors keep one column; tiles divide axes."""
+    avx2 = schedules.CpuConfig(lanes=8)
+    avx512 = schedules.cpu_config(resolve("x86-64-avx512").tvm())
     assert schedules._register_tile(24, 10, 8, avx2) == (6, 2)  # PP-OCRv4 det's 96->24 3x3 head conv
     assert schedules._register_tile(16, 40, 8, avx2) == (4, 2)  # 6 does not divide 16
     assert schedules._register_tile(24, 5, 8, avx2) == (8, 1)  # 2 does not divide 5 vectors
     assert schedules._register_tile(192, 4, 5, avx2) == (6, 1)  # 5-lane vectors: one column
-    assert schedules._register_tile(24, 10, 16, avx512) == (8, 1)
-    for rows_extent, vectors in ((24, 10), (7, 6), (1, 1), (384, 2)):
-        rows, cols = schedules._register_tile(rows_extent, vectors, 8, avx2)
-        assert rows_extent % rows == 0 and vectors % cols == 0 and rows * cols <= avx2.accumulators
+    assert schedules._register_tile(24, 5, 16, avx512) == (4, 5)  # det's 96->24 3x3 head conv at 80x80
+    assert schedules._register_tile(192, 25, 16, avx512) == (4, 5)  # a 1x1 conv on 20x20 pixels
+    assert schedules._register_tile(24, 1, 10, avx512) == (8, 1)  # 10-lane vectors: one column
+    for cfg in (avx2, avx512):
+        for rows_extent, vectors in ((24, 10), (7, 6), (1, 1), (384, 2), (96, 7)):
+            rows, cols = schedules._register_tile(rows_extent, vectors, cfg.lanes, cfg)
+            assert rows_extent % rows == 0 and vectors % cols == 0 and rows * cols <= cfg.accumulators
 
 
 def _conv_chain_model():
