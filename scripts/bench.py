@@ -119,15 +119,21 @@ def available_variants() -> list[Variant]:
     return [Variant("tvm-untuned", {"tuning_logs": None}), Variant("tvm-tuned", {})]
 
 
-def interleaved(engines: dict, runs: int, block: int = 5) -> dict[str, list[float]]:
-    """Warm each engine up, then time them in turn: rounds of ``block`` timed runs per engine.
+def interleaved(engines: dict, runs: int, block: int = 5, warmup_s: float = 1.0) -> dict[str, list[float]]:
+    """Warm each engine up (``warmup_s`` of back-to-back runs each), then time them in turn:
+    rounds of ``block`` timed runs per engine.
+
+    Three warm-up runs were not enough: on 2 Xeon cores, PP-OCR cls timed 1.0 ms (TVM) and
+    1.3 ms (onnxruntime) after three each, and 0.67-0.70 and 1.0-1.2 ms after a second each;
+    TVM alone, after 300 runs, 0.64 ms.
 
     Each block starts with one untimed run: onnxruntime's and TVM's worker threads spin for a
     while after a run, so the first run after switching engines competes with the previous
     engine's spinning threads and measures the switch, not the engine.
     """
     for fn in engines.values():
-        for _ in range(3):
+        t_end = time.perf_counter() + warmup_s
+        while time.perf_counter() < t_end:
             fn()
     times = {k: [] for k in engines}
     while any(len(ts) < runs for ts in times.values()):
