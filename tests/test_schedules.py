@@ -202,6 +202,36 @@ def test_reductions_along_memory_are_vectorized():
     assert all("_rf" in s and "T.vectorized" in s for s in pools)
 
 
+def _depthwise(channels: int, size: int):
+    """A depthwise 5x5 conv (same padding) on a channels x size x size map."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((channels, 1, 5, 5), np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[5, 5], pads=[2, 2, 2, 2], group=channels)
+    graph = helper.make_graph(
+        [node], "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    imported = importer.prepare(model, [importer.InputOverride("x", (1, channels, size, size))])
+    return build.fuse(importer.to_relax(imported), resolve(TARGET))
+
+
+def test_kernels_worth_a_thread_pool_wakeup_go_parallel():
+    """PP-OCRv4 det's 10x10 depthwise convs (384 channels, 0.96M multiply-adds, 0.1 ms on one
+    core) run on every core; a kernel of a few microseconds stays on the calling thread."""
+    import tvm
+
+    def parallel(mod) -> bool:
+        out = schedules.apply_default(mod, resolve(TARGET))
+        kernels = [f.script() for _, f in out.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+        return any("conv" in k and "T.parallel" in k for k in kernels)
+
+    assert parallel(_depthwise(384, 10)), "a 0.1 ms depthwise conv should use the thread pool"
+    assert not parallel(_depthwise(8, 6)), "7200 multiply-adds are not worth waking a thread"
+
+
 def test_non_llvm_target_is_unchanged():
     import dataclasses
 
