@@ -104,10 +104,10 @@ def main() -> None:
                     "runs": len(ts),
                 }
             )
-    print_table(rows, args, profile.name, peak)
+    print_table(rows, args, profile.name, peak, ort.__version__)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "target": profile.name, "peak_gflops": peak,
-                                         "rows": rows}, indent=2))  # fmt: skip
+                                         "onnxruntime": ort.__version__, "rows": rows}, indent=2))  # fmt: skip
 
 
 def available_variants() -> list[Variant]:
@@ -159,9 +159,9 @@ def practical_peak_gflops(np) -> float:
     return round(2 * n**3 / best / 1e9, 1)
 
 
-def print_table(rows, args, target, peak) -> None:
-    print(f"\n{args.threads} thread(s), target {target}, medians of {args.runs} interleaved runs; "
-          f"practical fp32 peak (sgemm) {peak} GFLOP/s\n")  # fmt: skip
+def print_table(rows, args, target, peak, ort_version) -> None:
+    print(f"\n{args.threads} thread(s), target {target}, onnxruntime {ort_version}, medians of {args.runs} "
+          f"interleaved runs; practical fp32 peak (sgemm) {peak} GFLOP/s\n")  # fmt: skip
     print("| model | engine | median ms | vs onnxruntime | GFLOP/s | % of peak |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
