@@ -202,18 +202,25 @@ def test_reductions_along_memory_are_vectorized():
     assert all("_rf" in s and "T.vectorized" in s for s in pools)
 
 
+def _one_node_model(node, x_shape: tuple[int, ...], weights):
+    """An ONNX model of one node from input x (float, ``x_shape``) and initializers to output y."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [node], node.op_type, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], weights,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def _depthwise(channels: int, size: int):
     """A depthwise 5x5 conv (same padding) on a channels x size x size map."""
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     w = numpy_helper.from_array(np.ones((channels, 1, 5, 5), np.float32), "w")
     node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[5, 5], pads=[2, 2, 2, 2], group=channels)
-    graph = helper.make_graph(
-        [node], "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = _one_node_model(node, (1, channels, size, size), [w])
     imported = importer.prepare(model, [importer.InputOverride("x", (1, channels, size, size))])
     return build.fuse(importer.to_relax(imported), resolve(TARGET))
 
@@ -248,16 +255,12 @@ def test_non_llvm_target_is_unchanged():
 def test_conv_transpose_matches_onnxruntime(kernel, stride, pads, tmp_path):
     """stride == kernel becomes a 1x1 conv + pixel shuffle; any other keeps TVM's own kernel."""
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.RandomState(0)
     w = numpy_helper.from_array(rng.uniform(-1, 1, (8, 4, *kernel)).astype(np.float32), "w")
     node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], kernel_shape=kernel, strides=stride, pads=pads)
-    graph = helper.make_graph(
-        [node], "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 12])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _one_node_model(node, (1, 8, 10, 12), [w])
     feeds = {"x": rng.uniform(-1, 1, (1, 8, 10, 12)).astype(np.float32)}
     mod, _, run = _compile(model, {"x": (1, 8, 10, 12)}, TARGET, tmp_path)
     rewritten = "conv2d_transpose" not in " ".join(gv.name_hint for gv in mod.functions)
