@@ -26,7 +26,8 @@ class CpuConfig:
     # Below this many multiply-adds (an element of a spatial kernel counts as 4), waking the
     # thread pool costs more than it saves. 1 << 17 is some 10 us of work; at 1 << 20, kernels
     # of 0.1-0.3 ms ran on one core of two (det's 10x10 depthwise convs, the padding before
-    # its 40x40 head conv): PP-OCRv4 det 9.8 -> 9.0 ms, cls 0.76 -> 0.61 ms on 2 Xeon cores.
+    # its 40x40 head conv): PP-OCRv4 det 9.5 -> 8.9 ms, cls 0.64 -> 0.57-0.61 ms on 2 Xeon
+    # cores (`scripts/ab_schedules.py --variant parallel_min_work=1048576`).
     parallel_min_work: int = 1 << 17
     unroll_max_step: int = 64
 
@@ -41,29 +42,30 @@ def cpu_config(target) -> CpuConfig:
         {"mcpu": str(target.attrs.get("mcpu", "") or ""), "mattr": [str(a) for a in (target.attrs.get("mattr") or [])]}
     )  # an unknown CPU counts as SSE: 4 lanes
     if "avx512f" in features:
-        # 32 zmm registers: as many columns as the 24 accumulators allow. An 80-wide row is
-        # 5 vectors, so 4 rows x 5 columns (9 loads for 20 FMAs) instead of 8 x 1 (9 for 8):
-        # PP-OCRv4 det 10.4 -> 9.7 ms on 2 cores of a Xeon with AVX-512 (one column: 0.75x
-        # onnxruntime, five: 0.70x, interleaved in one run).
+        # 32 zmm registers: up to 8 columns, as many as the 24 accumulators allow. An 80-wide
+        # row is 5 vectors, so 4 rows x 5 columns (9 loads for 20 FMAs) instead of 8 x 1 (9 for
+        # 8): PP-OCRv4 det 9.8 -> 8.9 ms on 2 cores of a Xeon with AVX-512 (one column: 0.72x
+        # onnxruntime, five: 0.65x; `scripts/ab_schedules.py --model det --variant max_cols=1`).
         return CpuConfig(lanes=16, accumulators=24, max_cols=8)
     if "avx" in features:
         return CpuConfig(lanes=8)
     return CpuConfig(lanes=4)
 
 
-def apply_default(mod, profile: TargetProfile):
+def apply_default(mod, profile: TargetProfile, cfg: CpuConfig | None = None):
     """Give every PrimFunc not yet scheduled a heuristic CPU schedule (llvm targets only).
 
     Functions a tuning database scheduled are left alone. A kernel whose structure the
     heuristic does not handle keeps TVM's unscheduled lowering; the build never fails here.
     The result depends only on the module and the target, so builds are reproducible.
+    ``cfg`` replaces the target's settings (``scripts/ab_schedules.py`` compares them).
     """
     import tvm
 
     target = profile.tvm()
     if target.kind.name != "llvm":
         return mod
-    cfg = cpu_config(target)
+    cfg = cfg or cpu_config(target)
     updates = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
