@@ -124,8 +124,7 @@ def interleaved(engines: dict, runs: int, block: int = 5, warmup_s: float = 1.0)
     rounds of ``block`` timed runs per engine.
 
     Three warm-up runs were not enough: on 2 Xeon cores, PP-OCR cls timed 1.0 ms (TVM) and
-    1.3 ms (onnxruntime) after three each, and 0.67-0.70 and 1.0-1.2 ms after a second each;
-    TVM alone, after 300 runs, 0.64 ms.
+    1.3 ms (onnxruntime) after three each, and 0.67-0.70 and 1.0-1.2 ms after a second each.
 
     Each block starts with one untimed run: onnxruntime's and TVM's worker threads spin for a
     while after a run, so the first run after switching engines competes with the previous
