@@ -26,8 +26,8 @@ class CpuConfig:
     # Below this many multiply-adds (an element of a spatial kernel counts as 4), waking the
     # thread pool costs more than it saves. 1 << 17 is some 10 us of work; at 1 << 20, kernels
     # of 0.1-0.3 ms ran on one core of two (det's 10x10 depthwise convs, the padding before
-    # its 40x40 head conv): PP-OCRv4 det 9.5 -> 8.9 ms, cls 0.64 -> 0.57-0.61 ms on 2 Xeon
-    # cores (`scripts/ab_schedules.py --variant parallel_min_work=1048576`).
+    # its 40x40 head conv): PP-OCRv4 det 9.5 -> 8.9 ms, cls 0.64-0.66 -> 0.57-0.63 ms in three
+    # runs on 2 Xeon cores (`scripts/ab_schedules.py --variant parallel_min_work=1048576`).
     parallel_min_work: int = 1 << 17
     unroll_max_step: int = 64
 
