@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""TVM (tvm-hybrid artifacts) vs onnxruntime latency on the shared models, same thread count.
+"""TVM (tvm-hybrid artifacts) vs onnxruntime latency on the shared models, each as a user gets it.
 
 Runs are interleaved in short blocks (ort ×5, tvm ×5, …, each block after one untimed run) so
 all engines see the same machine state; medians are
 reported, with ratios against onnxruntime in the same run, and achieved GFLOP/s against a
 practical fp32 peak measured in the same run (numpy/OpenBLAS sgemm on the same threads).
 
-    python scripts/bench.py                       # both shared models, 2 threads, 30 runs
+    python scripts/bench.py                       # both shared models, default threads, 30 runs
     python scripts/bench.py --runs 50 --threads 1 --json bench.json
+
+Without --threads the script sets no thread count anywhere (no TVM_NUM_THREADS, default
+onnxruntime SessionOptions): each engine runs with the threads it picks by itself. With
+--threads N, both get N (Session(threads=N), intra_op_num_threads=N).
 """
 
 from __future__ import annotations
@@ -40,16 +44,14 @@ class Variant:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=None, help="threads for both engines (default: their own)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per engine (after warm-up)")
     ap.add_argument("--target", default="host")
     ap.add_argument("--model", action="append", choices=list(MODELS), help="default: all")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    # Both engines read their thread count once, at start-up.
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
+    if args.threads is not None:  # numpy's sgemm (the peak) reads it once, at import
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
 
     import numpy as np
     import onnxruntime as ort
@@ -69,8 +71,9 @@ def main() -> None:
         imp = importer.load(path, [importer.InputOverride("x", shape)])
         gflop = sum(i.flops for i in analysis.analyze(imp)) / 1e9
         so = ort.SessionOptions()
-        so.intra_op_num_threads = args.threads
-        so.inter_op_num_threads = 1
+        if args.threads is not None:
+            so.intra_op_num_threads = args.threads
+            so.inter_op_num_threads = 1
         ort_sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         engines = {"onnxruntime": lambda: ort_sess.run(None, {"x": x})}
         sessions = []
@@ -82,7 +85,8 @@ def main() -> None:
                                    inputs=(importer.InputOverride("x", shape),), **v.compile_kwargs)  # fmt: skip
                 )
                 compile_s = time.perf_counter() - t0
-                sess = Session(s.path)
+                sess = Session(s.path, threads=args.threads)
+                tvm_threads = sess.threads
                 sessions.append(sess)
                 kernels = sess.manifest["segments"][0].get("kernels", {})
                 engines[v.name] = (lambda sess=sess: sess.run({"x": x}))
@@ -104,10 +108,12 @@ def main() -> None:
                     "runs": len(ts),
                 }
             )
-    print_table(rows, args, profile.name, peak, ort.__version__)
+    threads = f"{args.threads} thread(s)" if args.threads else f"default threads (TVM: {tvm_threads})"
+    print_table(rows, args, profile.name, peak, ort.__version__, threads)
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "target": profile.name, "peak_gflops": peak,
-                                         "onnxruntime": ort.__version__, "rows": rows}, indent=2))  # fmt: skip
+        args.json.write_text(json.dumps({"threads": args.threads, "tvm_threads": tvm_threads, "target": profile.name,
+                                         "peak_gflops": peak, "onnxruntime": ort.__version__, "rows": rows},
+                                        indent=2))  # fmt: skip
 
 
 def available_variants() -> list[Variant]:
@@ -146,7 +152,7 @@ def interleaved(engines: dict, runs: int, block: int = 5, warmup_s: float = 1.0)
 
 
 def practical_peak_gflops(np) -> float:
-    """fp32 GFLOP/s of a large sgemm on the configured threads: the machine's practical peak."""
+    """fp32 GFLOP/s of a large sgemm (numpy's threads): the machine's practical peak."""
     n = 2048
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     a @ a
@@ -158,8 +164,8 @@ def practical_peak_gflops(np) -> float:
     return round(2 * n**3 / best / 1e9, 1)
 
 
-def print_table(rows, args, target, peak, ort_version) -> None:
-    print(f"\n{args.threads} thread(s), target {target}, onnxruntime {ort_version}, medians of {args.runs} "
+def print_table(rows, args, target, peak, ort_version, threads) -> None:
+    print(f"\n{threads}, target {target}, onnxruntime {ort_version}, medians of {args.runs} "
           f"interleaved runs; practical fp32 peak (sgemm) {peak} GFLOP/s\n")  # fmt: skip
     print("| model | engine | median ms | vs onnxruntime | GFLOP/s | % of peak |")
     print("|---|---|---:|---:|---:|---:|")

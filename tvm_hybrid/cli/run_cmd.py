@@ -31,19 +31,21 @@ def _parse_feed(text: str) -> tuple[str | None, str]:
               help="Run N times and report the median latency.")
 @click.option("--verify-key", type=click.Path(dir_okay=False), envvar="TVM_HYBRID_VERIFY_KEY", show_envvar=True,
               help="PEM public key; the artifact must carry a valid signature by it (`tvm-hybrid sign`).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (outputs, trace, latency).")
+@click.option("--threads", type=int, default=None, metavar="N",
+              help="CPU threads per call  [default: $TVM_NUM_THREADS, else every core this process may use].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (outputs, trace, latency, threads).")
 @click.option("--device", default=None, metavar="NAME",
               help="Device to run on; for Vulkan artifacts a wgpu adapter name (or $TVM_HYBRID_WGPU_ADAPTER).")
 @click.option("--emulate", is_flag=True,
               help="Run an artifact built for another CPU (aarch64) here, under qemu-user: real outputs, meaningless timings.")
 def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_file: str | None, fallback: str,
             timeout: float, output_dir: str | None, repeat: int, as_json: bool, device: str | None,
-            emulate: bool, verify_key: str | None) -> None:  # fmt: skip
+            emulate: bool, verify_key: str | None, threads: int | None) -> None:  # fmt: skip
     """Run an artifact (directory or .tar) on inputs from .npy files.
 
     \b
     tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --output-dir out/
-    tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --repeat 50 --json
+    tvm-hybrid run dist/x86-64-avx2 --input x=image.npy --repeat 50 --threads 2 --json
     tvm-hybrid run dist/x86-64 --input x=image.npy --cloud-url http://127.0.0.1:8000
     tvm-hybrid run dist/vulkan-adreno --input x=image.npy --device llvmpipe
     tvm-hybrid run dist/arm64-cortex-a76 --input x=image.npy --output-dir out/ --emulate
@@ -59,11 +61,14 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
     from ..errors import UsageError
     from ..manifest import safe_filename
     from ..runtime import Session
+    from ..runtime.threads import resolve as resolve_threads
     from .serve_cmd import read_token
 
+    if threads is not None:
+        threads = resolve_threads(threads, "--threads")
     token = read_token(token_file)
     with Session(artifact, cloud_url=cloud_url, token=token, fallback=fallback, timeout=timeout, device=device,
-                 verify_key=verify_key) as sess:
+                 verify_key=verify_key, threads=threads) as sess:
         arrays = {}
         for text in feeds:
             name, path = _parse_feed(text)
@@ -81,6 +86,7 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
             outs = sess.run(arrays)
             times.append((time.perf_counter() - t0) * 1e3)
         trace = sess.trace
+        threads = sess.threads
     written = {}
     if output_dir:
         out = Path(output_dir)
@@ -101,6 +107,7 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
                 },
                 "trace": trace,
                 "latency_ms": {"median": median, "runs": repeat, "all": times},
+                "threads": threads,
             }
         )
         return
@@ -108,7 +115,7 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
         where = f"  → {written[n]}" if n in written else ""
         flat = np.array2string(a.reshape(-1)[:6], precision=4, separator=", ")
         click.echo(f"{n}  {'x'.join(map(str, a.shape))} {a.dtype}  {flat}{'…' if a.size > 6 else ''}{where}")
-    click.echo(f"latency  {median:.3f} ms (median of {repeat})")
+    click.echo(f"latency  {median:.3f} ms (median of {repeat}, {threads} thread{'s' if threads > 1 else ''})")
 
 
 def _forwarded_options(ctx: click.Context) -> list[str]:

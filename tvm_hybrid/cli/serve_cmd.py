@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import sys
@@ -42,6 +41,9 @@ def _size(ctx, param, value: str) -> int:
 @click.option("--token-file", type=click.Path(dir_okay=False), help="Require `Authorization: Bearer <token>` (401 without).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Requests computed at once: TVM VMs per model and threads running them  [default: CPU cores].")
+@click.option("--threads", type=int, default=None, metavar="N",
+              help="CPU threads each worker computes a request with  [default: $TVM_NUM_THREADS, else the "
+                   "usable cores split between the workers].")
 @click.option("--max-request-size", default="64MiB", show_default=True, callback=_size,
               help="Larger request bodies are refused with 413.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=None,
@@ -51,7 +53,7 @@ def _size(ctx, param, value: str) -> int:
 @click.option("--graceful-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM/SIGINT, seconds that in-flight requests get to finish.")
 def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | None, workers: int | None,
-            max_request_size: int, max_queue: int | None, access_log: str, graceful_timeout: float) -> None:  # fmt: skip
+            threads: int | None, max_request_size: int, max_queue: int | None, access_log: str, graceful_timeout: float) -> None:  # fmt: skip
     """Serve cloud artifacts' segments over the KServe v2 protocol (any v2 client works).
 
     \b
@@ -59,9 +61,10 @@ def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | 
     curl localhost:8000/v2/health/ready
     curl -H "Authorization: Bearer $(cat token.txt)" localhost:8000/metrics
     """
-    workers = workers or os.cpu_count() or 1
-    # Each worker thread gets its own TVM thread pool: share the cores instead of oversubscribing.
-    os.environ.setdefault("TVM_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    from ..runtime.threads import per_worker, usable_cores
+
+    workers = workers or usable_cores()
+    threads = per_worker(workers, threads, "--threads")
 
     try:
         import prometheus_client  # noqa: F401
@@ -76,10 +79,10 @@ def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | 
 
     token = read_token(token_file)
     _setup_access_log(access_log)
-    registry = Registry(list(artifacts), workers=workers)
+    registry = Registry(list(artifacts), workers=workers, threads=threads)
     app = create_app(registry, token, max_request_bytes=max_request_size, max_queue=max_queue)
     names = ", ".join(f"{n}/{v}" for n, vs in sorted(registry.models.items()) for v in sorted(vs))
-    click.echo(f"tvm-hybrid: serving {names} on http://{host}:{port} ({workers} workers)", err=True)
+    click.echo(f"tvm-hybrid: serving {names} on http://{host}:{port} ({workers} workers x {threads} thread{'s' if threads > 1 else ''})", err=True)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http="h11",
                             timeout_graceful_shutdown=graceful_timeout)  # fmt: skip
     try:

@@ -9,12 +9,15 @@ import numpy as np
 
 from ..errors import ArtifactError, RuntimeFailure
 from ._tvm import tvm_runtime
+from .threads import resolve as resolve_threads
+from .threads import use as use_threads
 
 
 class TVMVMExecutor:
     """A segment compiled by TVM Relax into a shared library run by the Relax VM."""
 
-    def __init__(self, root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None):
+    def __init__(self, root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None,
+                 threads: int | None = None):
         from ..emulate import check_native
 
         check_native(target, f"artifact segment {segment['library']}")  # before dlopen fails obscurely
@@ -35,9 +38,13 @@ class TVMVMExecutor:
                 "was it compiled for this machine's architecture?"
             ) from e
         self._n_out = len(segment["outputs"])
+        #: Workers of TVM's thread pool for this executor's calls (threads.resolve's default).
+        self.threads = threads if threads is not None else resolve_threads(None)
+        self.threads_used: int | None = None  # what the pool ran with in the last call
 
     def run(self, args: list[np.ndarray]) -> list[np.ndarray]:
         tvm = self._tvm
+        self.threads_used = use_threads(self.threads)  # the pool is per calling thread
         out = self._main(*[tvm.runtime.tensor(a, self.device) for a in args])
         if self._n_out == 1 and hasattr(out, "numpy"):
             return [out.numpy()]
@@ -60,8 +67,10 @@ def _device(tvm, target: dict[str, Any], override: str | None, segment: dict[str
     return dev
 
 
-def _wgpu_executor(root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None):
-    """WGSL kernels + launch plan on Vulkan through wgpu (no TVM); imported only when used."""
+def _wgpu_executor(root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None,
+                   threads: int | None = None):
+    """WGSL kernels + launch plan on Vulkan through wgpu (no TVM); imported only when used.
+    ``threads`` does not apply: the GPU computes, and the host only records one compute pass."""
     from .wgpu_executor import WGPUExecutor
 
     return WGPUExecutor(root, segment, target, device)
@@ -72,7 +81,9 @@ EXECUTORS: dict[str, Callable[..., Any]] = {"tvm-vm": TVMVMExecutor, "wgsl-plan"
 NEEDS_TVM = {"tvm-vm"}
 
 
-def create_executor(root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None = None):
+def create_executor(root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None = None,
+                    threads: int | None = None):
+    """The executor for a segment's format; ``threads``: CPU threads per call (None: threads.resolve)."""
     fmt = segment.get("format", "tvm-vm")
     if fmt not in EXECUTORS:
         raise ArtifactError(
@@ -80,4 +91,4 @@ def create_executor(root: Path, segment: dict[str, Any], target: dict[str, Any],
         )
     if "library" not in segment:
         raise ArtifactError(f"segment {segment.get('id')} names no library file")
-    return EXECUTORS[fmt](root, segment, target, device)
+    return EXECUTORS[fmt](root, segment, target, device, threads)

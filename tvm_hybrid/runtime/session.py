@@ -15,6 +15,7 @@ from ..manifest import TensorSpec
 from .artifact import Artifact, open_artifact
 from .cloud import CloudClient, CloudPolicy, LinkShaper
 from .executors import create_executor
+from .threads import resolve as resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ class Session:
     ``verify_key`` (a PEM public key file or bytes; default ``$TVM_HYBRID_VERIFY_KEY``) requires
     the artifact to carry a valid signature by that key (``tvm-hybrid sign``); otherwise it is
     refused with ArtifactError before any of its code is loaded.
+    ``threads``: CPU threads TVM computes each call with (1 … the cores this process may use);
+    default ``$TVM_NUM_THREADS`` if set, else every core its CPU affinity and cgroup quota allow.
+    The count used is ``sess.threads`` and each device entry of ``sess.trace``.
     """
 
     def __init__(
@@ -48,10 +52,12 @@ class Session:
         link: LinkShaper | None = None,
         cloud_policy: CloudPolicy | None = None,
         verify_key: str | Path | bytes | None = None,
+        threads: int | None = None,
     ):
         if fallback not in FALLBACKS:
             raise UsageError(f"fallback must be one of {', '.join(FALLBACKS)}, not {fallback!r}")
         self.fallback = fallback
+        self.threads = resolve_threads(threads)  # before the artifact: a bad value costs nothing
         self._art: Artifact = open_artifact(artifact, verify_key)
         self.manifest = self._art.manifest
         self.inputs: list[TensorSpec] = self._art.inputs
@@ -84,7 +90,8 @@ class Session:
                 )
         local = None
         if local_lib and (not want_cloud or self.fallback == "auto"):
-            local = create_executor(self._art.root, {**seg, "library": local_lib}, self.manifest["target"], device)
+            local = create_executor(self._art.root, {**seg, "library": local_lib}, self.manifest["target"], device,
+                                    self.threads)  # fmt: skip
         remote = (ep["model"], ep["version"]) if can_cloud else None
         order = ["cloud", "device"] if want_cloud else ["device", "cloud"]
         if self.fallback != "auto":
@@ -112,9 +119,10 @@ class Session:
                             )
                         outs = dict(zip((t["name"] for t in seg["outputs"]), res))
                         sent, ran_on = 0, step.local.device_name
+                        extra = {"threads": used} if (used := getattr(step.local, "threads_used", None)) else {}
                     else:
                         outs, sent = self._cloud.infer(*step.remote, args)
-                        ran_on = self._cloud.url
+                        ran_on, extra = self._cloud.url, {}
                 except ArtifactError:
                     raise
                 except Exception as e:
@@ -136,6 +144,7 @@ class Session:
                         "ran_on": ran_on,
                         "ms": (time.perf_counter() - t0) * 1e3,
                         "bytes_sent": sent,
+                        **extra,
                     }
                 )
                 break

@@ -29,6 +29,7 @@ from ..protocol import HEADER_LENGTH, ProtocolError, decode, encode, v2_datatype
 from ..runtime.artifact import Artifact, open_artifact
 from ..runtime.cloud import wire_version
 from ..runtime.executors import create_executor
+from ..runtime.threads import per_worker
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tvm_hybrid.access")
@@ -71,10 +72,11 @@ class ServedModel:
 class Registry:
     """Every servable segment of the given cloud artifacts, by name and version."""
 
-    def __init__(self, artifacts: list[str | Path], workers: int = 1):
+    def __init__(self, artifacts: list[str | Path], workers: int = 1, threads: int | None = None):
         if workers < 1:
             raise UsageError(f"--workers must be at least 1, got {workers}")
         self.workers = workers
+        self.threads = per_worker(workers, threads)  # CPU threads each worker computes with
         self._arts: list[Artifact] = []
         self.models: dict[str, dict[str, ServedModel]] = {}
         self._aliases: dict[tuple[str, str], str] = {}
@@ -85,7 +87,7 @@ class Registry:
                 ep = seg.get("endpoint")
                 if ep is None or "library" not in seg:
                     continue
-                exs = [create_executor(art.root, seg, art.manifest["target"]) for _ in range(workers)]
+                exs = [create_executor(art.root, seg, art.manifest["target"], threads=self.threads) for _ in range(workers)]
                 sm = ServedModel(ep["model"], ep["version"], [TensorSpec.from_dict(t) for t in seg["inputs"]],
                                  [TensorSpec.from_dict(t) for t in seg["outputs"]], exs)  # fmt: skip
                 self.models.setdefault(sm.name, {})[sm.version] = sm
