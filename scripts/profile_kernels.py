@@ -61,7 +61,7 @@ def main() -> int:
     import tvm
     from tvm import relax
 
-    from tvm_hybrid.compiler import build, importer, tune
+    from tvm_hybrid.compiler import build, importer, tuning_log
     from tvm_hybrid.targets import resolve
 
     profile = resolve(args.target)
@@ -69,7 +69,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     mod = importer.to_relax(imported)
-    db = tune.open_database(tune.default_logs_dir(), profile) if args.tuned else None
+    db = tuning_log.open_database(tuning_log.default_logs_dir(), profile) if args.tuned else None
     mod = build.fuse(mod, profile) if args.no_default else build.optimize(mod, profile, db)
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

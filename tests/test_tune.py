@@ -147,7 +147,7 @@ def test_tuned_kernels_are_checked_in_place_and_losers_keep_their_defaults(tuned
     import tvm_ffi
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-    from tvm_hybrid.compiler import build, importer, tune
+    from tvm_hybrid.compiler import build, importer, tuning_log
     from tvm_hybrid.targets import resolve
 
     model, logs, report = tuned
@@ -160,7 +160,7 @@ def test_tuned_kernels_are_checked_in_place_and_losers_keep_their_defaults(tuned
     # The verdicts, forged for every kernel's best record, without the defaults' alone-times.
     profile = resolve(TARGET)
     fused = build.fuse(importer.to_relax(importer.load(model, [])), profile)
-    log = tune.open_database(logs, profile)
+    log = tuning_log.open_database(logs, profile)
     log.default_ms = {}
     records = {}
     for gv, f in fused.functions.items():
@@ -200,7 +200,7 @@ def test_a_log_for_another_target_is_not_applied_nor_tuned_into(tuned, tmp_path)
     model, logs, _ = tuned
     # The same files under another profile's name: its recorded TVM target differs.
     shutil.copytree(logs / TARGET, tmp_path / "x86-64")
-    from tvm_hybrid.compiler.tune import open_database
+    from tvm_hybrid.compiler.tuning_log import open_database
     from tvm_hybrid.targets import resolve
 
     assert open_database(tmp_path, resolve("x86-64")) is None
@@ -218,7 +218,8 @@ def test_a_log_for_another_target_is_not_applied_nor_tuned_into(tuned, tmp_path)
 
 
 def test_half_written_record_is_read_around_then_cut_and_kept(tuned, tmp_path):
-    from tvm_hybrid.compiler.tune import TuneOptions, open_database, tune_model
+    from tvm_hybrid.compiler.tune import TuneOptions, tune_model
+    from tvm_hybrid.compiler.tuning_log import open_database
     from tvm_hybrid.targets import resolve
 
     model, logs, _ = tuned
@@ -311,12 +312,12 @@ def test_no_candidate_builds_fails_loudly(tmp_path):
 
 
 def test_one_tuning_run_per_database(tmp_path):
-    from tvm_hybrid.compiler import tune
+    from tvm_hybrid.compiler import tuning_log
 
     model = tiny_model(tmp_path / "tiny.onnx")
     d = tmp_path / "logs" / TARGET
     d.mkdir(parents=True)
-    with tune._locked(d):
+    with tuning_log.locked(d):
         err = one_line_error(hybrid("tune", str(model), "-t", TARGET, "--logs", str(tmp_path / "logs")), 2)
     assert f"being tuned by another process (pid {os.getpid()})" in err
 

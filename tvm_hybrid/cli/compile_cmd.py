@@ -36,7 +36,7 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_lo
     tvm-hybrid compile det.onnx -t x86-64 --input x:1x3x640x640 --memory 20MiB -o dist/   # split
     """
     from ..compiler.package import CompileOptions, compile_model
-    from ..compiler.tune import default_logs_dir
+    from ..compiler.tuning_log import default_logs_dir
     from ..errors import UsageError
 
     if tuning_logs and no_tuning_logs:

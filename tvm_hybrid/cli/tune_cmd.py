@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -52,7 +51,8 @@ def command(model, target, inputs, trials, trials_per_task, max_minutes, logs, r
     tvm-hybrid tune det.onnx -t x86-64-avx2 --input x:1x3x320x320 --max-minutes 60
     tvm-hybrid tune det.onnx -t arm64-cortex-a76 --input x:1x3x320x320 --rpc-tracker 10.0.0.5:9190 --rpc-key rk3588
     """
-    from ..compiler.tune import TuneOptions, TuningInterrupted, default_logs_dir, tune_model
+    from ..compiler.tune import TuneOptions, TuningInterrupted, tune_model
+    from ..compiler.tuning_log import default_logs_dir
 
     opts = TuneOptions(
         model=Path(model),

@@ -13,7 +13,8 @@ from ..targets import TargetProfile
 
 log = logging.getLogger(__name__)
 
-_TUNED_ATTR = "tvm_hybrid.tuned"
+#: The attribute a kernel scheduled from a tuning record carries (counted as "tuned" in manifests).
+TUNED_ATTR = "tvm_hybrid.tuned"
 
 
 @dataclasses.dataclass
@@ -30,7 +31,7 @@ def optimize(mod, profile: TargetProfile, database=None):
     """The Relax passes every build runs, ending with scheduled TIR kernels.
 
     ``fuse`` makes the fused kernels (the tuning granularity); a tuning ``database`` (a
-    MetaSchedule database, or a ``tune.TuningLog``) then schedules the kernels it has records
+    MetaSchedule database, or a ``tuning_log.TuningLog``) then schedules the kernels it has records
     for, and ``schedules.apply_default`` takes the rest.
     """
     mod = fuse(mod, profile)
@@ -92,7 +93,7 @@ def fuse(mod, profile: TargetProfile):
 def apply_database(mod, profile: TargetProfile, database):
     """Schedule the kernels a tuning database has records for; mark them ``tvm_hybrid.tuned``.
 
-    ``database`` is a MetaSchedule database, or a ``tune.TuningLog`` that also knows each
+    ``database`` is a MetaSchedule database, or a ``tuning_log.TuningLog`` that also knows each
     kernel's default-schedule time as measured when tuning: a tuned record slower than that
     is not applied, nor one that the log's in-model check timed slower in place in the model
     (``tune.check_in_model``), so a log does not make a build slower than the defaults (a
@@ -130,7 +131,7 @@ def apply_database(mod, profile: TargetProfile, database):
                 mod[gv] = before[gv]  # the default schedule was faster when measured (alone or in the model)
                 kept += 1
                 continue
-        mod[gv] = f.with_attr(_TUNED_ATTR, True)
+        mod[gv] = f.with_attr(TUNED_ATTR, True)
     if kept:
         log.debug("%d tuned kernels were slower than their default schedule; kept the default", kept)
     return mod
@@ -150,7 +151,7 @@ def kernel_counts(mod) -> tuple[int, int]:
     tuned = default = 0
     for _, f in mod.functions.items():
         if isinstance(f, tvm.tirx.PrimFunc):
-            if f.attrs is not None and _TUNED_ATTR in f.attrs:
+            if f.attrs is not None and TUNED_ATTR in f.attrs:
                 tuned += 1
             else:
                 default += 1
@@ -193,7 +194,7 @@ def build(mod, profile: TargetProfile, out_lib: Path) -> BuildResult:
     from . import cuda
 
     target = profile.tvm()
-    fcompile = _fcompile(profile)
+    fcompile = linker(profile)
     gpu = cuda.device_compile(profile) if cuda.is_cuda(profile) else contextlib.nullcontext()
     with gpu as job, target:
         ex = tvm.compile(mod, target=target)
@@ -206,10 +207,10 @@ def build(mod, profile: TargetProfile, out_lib: Path) -> BuildResult:
 
 def check_toolchain(profile: TargetProfile) -> None:
     """UsageError, saying how to install it, when the compiler the profile links with is missing."""
-    _fcompile(profile)
+    linker(profile)
 
 
-def _fcompile(profile: TargetProfile):
+def linker(profile: TargetProfile):
     """The C++ compiler export_library links with: the host's, or the profile's cross compiler."""
     from tvm.support import cc
 

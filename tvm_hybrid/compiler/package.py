@@ -17,7 +17,7 @@ from .. import __version__
 from .. import manifest as mf
 from ..errors import UnsupportedError, UsageError
 from ..targets import TargetProfile, all_profiles, resolve
-from . import analysis, build, importer, tune, webgpu
+from . import build, importer, tuning_log, webgpu
 from . import plan as planner
 from .split import SegmentModel, endpoint_name, split
 
@@ -61,7 +61,7 @@ class CompileOptions:
     cloud: str | None = "cloud-x86"  # None: never split (unsupported ops are an error)
     plan: PlanSettings = PlanSettings()
     #: Tuning-log root whose <target>/ database is applied; None builds with default schedules only.
-    tuning_logs: Path | None = dataclasses.field(default_factory=tune.default_logs_dir)
+    tuning_logs: Path | None = dataclasses.field(default_factory=tuning_log.default_logs_dir)
 
 
 @dataclasses.dataclass
@@ -124,7 +124,7 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     out.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
     summaries = []
-    logs = {p.name: tune.open_database(opts.tuning_logs, p) for p in [*profiles, *([cloud] if cloud else [])]}
+    logs = {p.name: tuning_log.open_database(opts.tuning_logs, p) for p in [*profiles, *([cloud] if cloud else [])]}
     cloud_segments: dict[str, tuple[SegmentModel, TargetProfile]] = {}
     try:
         for prof in profiles:
@@ -200,7 +200,7 @@ class CompiledSegment:
 
 
 def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, root: Path, stem: str,
-                    tuning: tune.TuningLog | None = None) -> CompiledSegment:  # fmt: skip
+                    tuning: tuning_log.TuningLog | None = None) -> CompiledSegment:  # fmt: skip
     """ONNX (sub-)model → Relax → optimized (with the target's tuning log) → ``root/segments/<stem>.*``:
     a shared library for the TVM VM, or a WGSL launch plan for Vulkan targets."""
     log.info("building %s for %s", imported.name, profile.name)
@@ -240,7 +240,7 @@ def _segment_entry(seg: SegmentModel, graph: planner.PlanGraph) -> dict[str, Any
 
 def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None, segs: list[SegmentModel],
                    graph: planner.PlanGraph, plan: planner.Plan, root: Path, settings: PlanSettings,
-                   tuning: tune.TuningLog | None = None) -> dict[str, Any]:  # fmt: skip
+                   tuning: tuning_log.TuningLog | None = None) -> dict[str, Any]:  # fmt: skip
     """The device artifact: device segments compiled for the target, cloud segments as endpoints
     (with a local fallback build where the device can run them)."""
     files, entries = [], []
@@ -276,7 +276,7 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
 
 
 def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[SegmentModel, planner.PlanGraph]],
-                         root: Path, tuning: tune.TuningLog | None = None) -> dict[str, Any]:  # fmt: skip
+                         root: Path, tuning: tuning_log.TuningLog | None = None) -> dict[str, Any]:  # fmt: skip
     """The cloud artifact: every segment a device artifact sends to the cloud, compiled for the
     cloud profile and kept as ONNX (servable by any engine), under its endpoint name and version."""
     files, entries = [], []

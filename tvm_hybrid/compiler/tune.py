@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import json
 import logging
 import math
 import os
@@ -21,18 +20,10 @@ from typing import Any, Callable
 
 from ..errors import HybridError, RuntimeFailure, UnsupportedError, UsageError
 from ..targets import TargetProfile, resolve
-from . import build, importer
+from . import build, importer, tuning_log
 
 log = logging.getLogger(__name__)
 
-#: Overrides the default tuning-log root (the repository's tuning_logs/).
-ENV = "TVM_HYBRID_TUNING_LOGS"
-META = "meta.json"
-#: Each kernel's default-schedule time when it was last tuned, by workload hash.
-DEFAULTS = "defaults.json"
-META_SCHEMA = "tvm-hybrid/tuning-log@1"
-WORKLOADS = "database_workload.json"
-RECORDS = "database_tuning_record.json"
 #: The trial budget when --trials is not given: this many per task.
 DEFAULT_TRIALS_PER_TASK = 16
 # MetaSchedule commits a failed trial with this run time.
@@ -49,21 +40,6 @@ class TuningInterrupted(HybridError):
     def __init__(self, message: str, report: TuneReport | None = None) -> None:
         super().__init__(message)
         self.report = report
-
-
-def default_logs_dir() -> Path:
-    """The tuning-log root: $TVM_HYBRID_TUNING_LOGS, or tuning_logs/ next to the package source."""
-    env = os.environ.get(ENV)
-    if env:
-        return Path(env)
-    import tvm_hybrid
-
-    return Path(tvm_hybrid.__file__).resolve().parent.parent / "tuning_logs"
-
-
-def target_dir(logs: Path, profile: TargetProfile) -> Path:
-    """Where one target's database lives: ``logs/<profile name>/``."""
-    return Path(logs) / profile.name
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +60,7 @@ class TuneOptions:
     #: At most this many measured trials for any one kernel (records already there count).
     trials_per_task: int | None = None
     max_minutes: float | None = None
-    logs: Path = dataclasses.field(default_factory=default_logs_dir)
+    logs: Path = dataclasses.field(default_factory=tuning_log.default_logs_dir)
     rpc_tracker: str | None = None  # HOST:PORT
     rpc_key: str | None = None
     #: Cores of the device that runs the kernels (MetaSchedule's num-cores); default: asked.
@@ -192,234 +168,6 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------------
-# the database directory: meta.json, lock, damaged tails
-# --------------------------------------------------------------------------------------------
-
-
-def _versions() -> dict[str, str]:
-    import tvm
-    import tvm_ffi
-
-    return {"tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "")}
-
-
-def _minor(version: str) -> str:
-    return ".".join(version.split(".")[:2])
-
-
-def _profile_target(profile: TargetProfile) -> dict[str, Any]:
-    return {"target": dict(profile.tvm_target), "host": dict(profile.tvm_host) if profile.tvm_host else None}
-
-
-def read_meta(d: Path) -> dict[str, Any] | None:
-    """A database directory's meta.json, or None when it has none."""
-    path = d / META
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e}); fix or remove it") from e
-    if not isinstance(meta, dict) or meta.get("schema") != META_SCHEMA:
-        raise UsageError(f"{path} is not a tvm-hybrid tuning-log meta file (schema {META_SCHEMA})")
-    return meta
-
-
-def _mismatch(meta: dict[str, Any] | None, profile: TargetProfile, d: Path) -> str | None:
-    """Why the database in ``d`` must not be used for ``profile``, or None."""
-    has_db = (d / RECORDS).exists() or (d / WORKLOADS).exists()
-    if meta is None:
-        return f"{d} has a MetaSchedule database but no {META}, so its target is unknown" if has_db else None
-    if meta.get("target") != _profile_target(profile):
-        return (
-            f"{d} was tuned for TVM target {json.dumps(meta.get('target'), sort_keys=True)}, "
-            f"but profile {profile.name} is {json.dumps(_profile_target(profile), sort_keys=True)}"
-        )
-    have = _versions()["tvm"]
-    made = str(meta.get("tvm", ""))
-    if _minor(made) != _minor(have):
-        return f"{d} was tuned with TVM {made}; this is TVM {have}, whose schedules may differ"
-    return None
-
-
-def _write_meta(d: Path, meta: dict[str, Any]) -> None:
-    tmp = d / f".{META}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, d / META)
-
-
-@contextlib.contextmanager
-def _locked(d: Path):
-    """One tuning run per database: two writers would interleave workload indices."""
-    import fcntl
-
-    path = d / ".lock"
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            pid = f.read().strip() or "?"
-            raise UsageError(
-                f"{d} is being tuned by another process (pid {pid}); wait for it, or tune into another --logs DIR"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _complete_lines(path: Path) -> tuple[bytes, bytes]:
-    """(the complete JSON lines, a damaged tail) of a database file."""
-    data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    body, tail = data[:cut], data[cut:]
-    # A last line can be complete but cut short if a writer died between write and newline.
-    lines = body.splitlines(keepends=True)
-    while lines:
-        try:
-            json.loads(lines[-1])
-            break
-        except ValueError:
-            tail = lines.pop() + tail
-    return b"".join(lines), tail
-
-
-def _repair(d: Path) -> None:
-    """Cut a record a killed run left half-written; the cut bytes are kept beside the file."""
-    for name in (WORKLOADS, RECORDS):
-        path = d / name
-        if not path.is_file():
-            continue
-        body, tail = _complete_lines(path)
-        if tail:
-            keep = path.with_name(f"{name}.partial-{int(time.time())}")
-            keep.write_bytes(tail)
-            tmp = path.with_name(f".{name}.tmp")
-            tmp.write_bytes(body)
-            os.replace(tmp, path)
-            log.warning("%s ended in a half-written line (a killed run); cut it, kept in %s", path, keep.name)
-
-
-def _json_database(d: Path, allow_missing: bool):
-    from tvm.s_tir import meta_schedule as ms
-
-    try:
-        return ms.database.JSONDatabase(work_dir=str(d), allow_missing=allow_missing, module_equality="structural")
-    except Exception as e:  # a line MetaSchedule cannot parse: the file was edited or damaged
-        msg = str(e).strip().splitlines()
-        raise UsageError(f"tuning database {d} cannot be read ({msg[0][:200] if msg else type(e).__name__}); "
-                         "move it away and tune again") from e
-
-
-@dataclasses.dataclass
-class TuningLog:
-    """A target's tuning log opened for a build: the MetaSchedule database, and the default
-    schedules' times measured when tuning (a tuned record slower than its default is not applied)."""
-
-    path: Path
-    database: Any
-    default_ms: dict[int, float]
-    #: per kernel, from the last in-model check: (default ms, tuned ms, the checked record's ms)
-    in_model: dict[int, tuple[float, float, float]] = dataclasses.field(default_factory=dict)
-
-    def slower_in_model(self, key: int, record_ms: float) -> bool:
-        """Whether the in-model check found this record slower in place than the default schedule.
-
-        The verdict holds for the record it timed only: a later, faster record is applied
-        until a check times it.
-        """
-        seen = self.in_model.get(key)
-        return seen is not None and abs(seen[2] - record_ms) <= 1e-9 * max(1.0, record_ms) and seen[1] >= seen[0]
-
-
-def _read_defaults(d: Path) -> dict[int, float]:
-    return {k: float(v["ms"]) for k, v in _read_defaults_file(d).items()}
-
-
-def _read_in_model(d: Path) -> dict[int, tuple[float, float, float]]:
-    out = {}
-    for k, v in _read_defaults_file(d).items():
-        m = v.get("in_model")
-        if isinstance(m, dict):
-            try:
-                out[k] = (float(m["default_ms"]), float(m["tuned_ms"]), float(m["record_ms"]))
-            except (KeyError, TypeError, ValueError):
-                continue
-    return out
-
-
-def _read_defaults_file(d: Path) -> dict[int, dict]:
-    try:
-        data = json.loads((d / DEFAULTS).read_text())
-        return {int(k): v for k, v in data.items() if isinstance(v, dict) and "ms" in v}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        log.warning("ignoring %s (%s): tuned kernels are applied without comparing to defaults", d / DEFAULTS, e)
-        return {}
-
-
-def _write_defaults(d: Path, tasks, defaults: list[float | None]) -> None:
-    import tvm_ffi
-
-    path = d / DEFAULTS
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        data = {}
-    for task, ms_ in zip(tasks, defaults):
-        if ms_ is not None:
-            key = str(tvm_ffi.structural_hash(task.dispatched[0]))
-            old = data.get(key) if isinstance(data.get(key), dict) else {}
-            # A new default time invalidates the in-model verdict taken against the old one.
-            keep = {"in_model": old["in_model"]} if "in_model" in old and old.get("ms") == ms_ else {}
-            data[key] = {"kernel": task.task_name, "ms": ms_, **keep}
-    _write_defaults_file(d, data)
-
-
-def _write_defaults_file(d: Path, data: dict) -> None:
-    tmp = d / f".{DEFAULTS}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, d / DEFAULTS)
-
-
-def open_database(logs: Path | None, profile: TargetProfile) -> TuningLog | None:
-    """The target's tuning log for a build, or None (no logs, none for this target, or not usable).
-
-    A database made for another TVM target or another TVM minor version is not applied:
-    a warning says so, and every kernel falls back to its default schedule.
-    """
-    if logs is None:
-        return None
-    d = target_dir(logs, profile)
-    if not (d / RECORDS).is_file():
-        log.debug("no tuning log for %s in %s", profile.name, logs)
-        return None
-    problem = _mismatch(read_meta(d), profile, d)
-    if problem:
-        log.warning("not applying tuning log: %s", problem)
-        return None
-    body_w, tail_w = _complete_lines(d / WORKLOADS) if (d / WORKLOADS).is_file() else (b"", b"")
-    body_r, tail_r = _complete_lines(d / RECORDS)
-    if not tail_w and not tail_r:
-        db = _json_database(d, allow_missing=False)
-    else:
-        # A run is writing (or was killed mid-line): read the complete lines from a copy.
-        with tempfile.TemporaryDirectory(prefix="tvm-hybrid-db-") as tmp:
-            Path(tmp, WORKLOADS).write_bytes(body_w)
-            Path(tmp, RECORDS).write_bytes(body_r)
-            db = _json_database(Path(tmp), allow_missing=False)
-    return TuningLog(path=d, database=db, default_ms=_read_defaults(d), in_model=_read_in_model(d))
-
-
-# --------------------------------------------------------------------------------------------
 # building and running candidates
 # --------------------------------------------------------------------------------------------
 
@@ -472,7 +220,7 @@ def _make_builder(scratch: Path, profile: TargetProfile):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 
-    fcompile = build._fcompile(profile)
+    fcompile = build.linker(profile)
 
     @derived_object
     class InProcessBuilder(PyBuilder):
@@ -940,21 +688,21 @@ def tune_model(opts: TuneOptions, on_progress: Callable[[Progress], None] | None
         raise UnsupportedError(f"unsupported ops for target {profile.name}: {', '.join(bad)}")
     fused = build.fuse(importer.to_relax(imported), profile)
 
-    d = target_dir(opts.logs, profile)
+    d = tuning_log.target_dir(opts.logs, profile)
     try:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create the tuning log directory {d}: {e.strerror or e}") from e
-    with _locked(d):
-        meta = read_meta(d)
-        problem = _mismatch(meta, profile, d)
+    with tuning_log.locked(d):
+        meta = tuning_log.read_meta(d)
+        problem = tuning_log.mismatch(meta, profile, d)
         if problem:
             raise UsageError(f"{problem}; tune into another --logs DIR, or move {d} away")
         if meta is None:
-            meta = {"schema": META_SCHEMA, "profile": profile.name, "target": _profile_target(profile),
-                    **_versions(), "created": _now(), "runs": []}  # fmt: skip
-            _write_meta(d, meta)
-        _repair(d)
+            meta = {"schema": tuning_log.META_SCHEMA, "profile": profile.name, "target": tuning_log.profile_target(profile),
+                    **tuning_log.versions(), "created": _now(), "runs": []}  # fmt: skip
+            tuning_log.write_meta(d, meta)
+        tuning_log.repair(d)
         return _tune_locked(opts, profile, imported, fused, d, meta, on_progress, t_start)
 
 
@@ -973,7 +721,7 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
         cores = opts.num_cores or psutil.cpu_count(logical=False) or os.cpu_count() or 1
     target = _tuning_target(profile, cores)
     extracted = [t for t in ms.relax_integration.extract_tasks(fused, target) if not _scheduled(t)]
-    db = _json_database(d, allow_missing=True)
+    db = tuning_log.json_database(d, allow_missing=True)
     mods = [t.dispatched[0] for t in extracted]
     existing, best_db = _measured(db, mods)
     n = len(extracted)
@@ -1002,7 +750,7 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
                 run.progress("baseline")
                 run.defaults = _measure_defaults(extracted, builder, runner, target, profile)
             elif n:  # nothing to measure: the default times from when these kernels were tuned
-                known = _read_defaults(d)
+                known = tuning_log.read_defaults(d)
                 run.defaults = [known.get(tvm_ffi.structural_hash(m)) for m in mods]
             if budget > 0 and n and not stop.is_set():
                 _search(opts, extracted, target, d, db, builder, runner, run, cap, budget, cores)
@@ -1012,7 +760,7 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    _write_defaults(d, extracted, run.defaults)
+    tuning_log.write_defaults(d, extracted, run.defaults)
     verdicts = {}
     if (opts.check_in_model and not opts.rpc_tracker and target.kind.name == "llvm"
             and reason not in ("no-builds", "no-runs", "interrupted")):  # fmt: skip
@@ -1040,9 +788,9 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
     meta["runs"].append(
         {"finished": _now(), "model": imported.name, "model_sha256": imported.sha256, "trials": report.trials,
          "stopped": reason, "runner": runner_name, "num_cores": cores,
-         "cache_flush": evaluator.enable_cpu_cache_flush, **_versions()}  # fmt: skip
+         "cache_flush": evaluator.enable_cpu_cache_flush, **tuning_log.versions()}  # fmt: skip
     )
-    _write_meta(d, meta)
+    tuning_log.write_meta(d, meta)
     run.progress("done")
     if reason in ("no-builds", "no-runs"):
         what = "built" if reason == "no-builds" else "ran"
@@ -1076,15 +824,15 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
     from tvm import relax
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-    logs = open_database(d.parent, profile)
-    if logs is None or target_dir(d.parent, profile) != d:
+    logs = tuning_log.open_database(d.parent, profile)
+    if logs is None or tuning_log.target_dir(d.parent, profile) != d:
         return {}
     logs.in_model = {}  # judge every record afresh
     fused = build.fuse(importer.to_relax(imported), profile)
     tuned_mod = build.apply_defaults(build.apply_database(fused, profile, logs), profile)
     tuned = [
         gv.name_hint for gv, f in tuned_mod.functions.items()
-        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and build._TUNED_ATTR in f.attrs
+        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and build.TUNED_ATTR in f.attrs
     ]  # fmt: skip
     if not tuned:
         return {}
@@ -1108,7 +856,7 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
                     for k, t in times.items():
                         acc.setdefault(k, []).append(t)
     target = profile.tvm()
-    data = {str(k): v for k, v in _read_defaults_file(d).items()}
+    data = {str(k): v for k, v in tuning_log.read_defaults_file(d).items()}
     verdicts = {}
     for name in tuned:
         if name not in per[0] or name not in per[1]:
@@ -1122,7 +870,7 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
         verdicts[key] = verdict
         data[str(key)]["in_model"] = {"default_ms": round(verdict[0], 6), "tuned_ms": round(verdict[1], 6),
                                       "record_ms": verdict[2]}  # fmt: skip
-    _write_defaults_file(d, data)
+    tuning_log.write_defaults_file(d, data)
     slower = sum(v[1] >= v[0] for v in verdicts.values())
     log.info("in-model check: %d of %d tuned kernels slower in place; builds keep their defaults", slower, len(verdicts))
     return verdicts
