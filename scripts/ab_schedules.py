@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Default-schedule settings against each other and onnxruntime, in one interleaved run.
 
-Each variant overrides fields of the target's ``schedules.CpuConfig``; the untuned model is
+Each variant overrides fields of the target's ``backends.cpu.CpuConfig``; the untuned model is
 built once per variant (no tuning log) and timed with bench.py's interleaving (a second of
 warm-up per engine, blocks of 5, medians), so the ratios come from the same machine state.
 
@@ -39,7 +39,7 @@ def _variant(text: str) -> dict[str, int]:
 
 
 def _cpu_config_class():
-    from tvm_hybrid.compiler.schedules import CpuConfig
+    from tvm_hybrid.compiler.backends.cpu import CpuConfig
 
     return CpuConfig
 
@@ -59,7 +59,8 @@ def main() -> int:
     import tvm
     from tvm import relax
 
-    from tvm_hybrid.compiler import build, importer, schedules
+    from tvm_hybrid.compiler import backends, build, importer
+    from tvm_hybrid.compiler.backends import cpu as schedules
     from tvm_hybrid.targets import resolve
 
     profile = resolve(args.target)
@@ -79,7 +80,7 @@ def main() -> int:
         for i, over in enumerate([{}, *args.variant]):
             cfg = dataclasses.replace(base, **over)
             mod = schedules.apply_default(fused, profile, cfg)
-            lib = build.build(mod, profile, Path(tmp) / f"v{i}.so").library
+            lib = backends.for_profile(profile).build_library(mod, profile, Path(tmp) / f"v{i}.so").library
             vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
             out = vm["main"](xt)
             got = (out if isinstance(out, tvm.runtime.Tensor) else out[0]).numpy()

@@ -46,7 +46,7 @@ def main() -> None:
     import onnxruntime as ort
     from bench import interleaved  # scripts/bench.py: warm-up, then engines timed in turn
 
-    from tvm_hybrid.compiler.cuda import profile_for_gpu
+    from tvm_hybrid.compiler.backends.cuda import profile_for_gpu
     from tvm_hybrid.compiler.importer import InputOverride
     from tvm_hybrid.compiler.package import CompileOptions, compile_model
     from tvm_hybrid.runtime import Session

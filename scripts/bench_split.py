@@ -14,7 +14,6 @@ compute), then for each link the plan is made, compiled when it is a real split,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import socket

@@ -61,7 +61,7 @@ def main() -> int:
     import tvm
     from tvm import relax
 
-    from tvm_hybrid.compiler import build, importer, tuning_log
+    from tvm_hybrid.compiler import backends, build, importer, tuning_log
     from tvm_hybrid.targets import resolve
 
     profile = resolve(args.target)
@@ -70,10 +70,11 @@ def main() -> int:
     t0 = time.perf_counter()
     mod = importer.to_relax(imported)
     db = tuning_log.open_database(tuning_log.default_logs_dir(), profile) if args.tuned else None
-    mod = build.fuse(mod, profile) if args.no_default else build.optimize(mod, profile, db)
+    backend = backends.for_profile(profile)
+    mod = build.fuse(mod, profile) if args.no_default else backend.optimize(mod, profile, db)
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = build.build(mod, profile, Path(tmp) / "m.so")
+        result = backend.build_library(mod, profile, Path(tmp) / "m.so")
         t2 = time.perf_counter()
         lib = tvm.runtime.load_module(str(result.library))
         print(f"compile: optimize {t1 - t0:.1f} s, build {t2 - t1:.1f} s; kernels {result.default_kernels}")

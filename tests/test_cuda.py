@@ -33,7 +33,7 @@ from tvm_hybrid.runtime.cuda import gpu_count, runs_on
 
 
 def _have_nvcc() -> bool:
-    from tvm_hybrid.compiler.cuda import find_nvcc
+    from tvm_hybrid.compiler.backends.cuda import find_nvcc
 
     try:
         find_nvcc()
@@ -57,7 +57,7 @@ def _elf_machine(blob: bytes) -> int:
 
 def _check_device_code(art: Path, target: str) -> dict:
     """The artifact's library holds SASS for the target's arch and PTX for it, every kernel in both."""
-    from tvm_hybrid.compiler.cuda import fatbin_entries
+    from tvm_hybrid.compiler.backends.cuda import fatbin_entries
 
     arch = int(target.removeprefix("cuda-sm"))
     m = json.loads((art / "manifest.json").read_text())
@@ -123,7 +123,7 @@ def test_ppocr_cls_compiles_to_sass_and_ptx(target, artifacts, tmp_path):
 
 @needs_nvcc
 def test_cloud_cuda_holds_sass_for_each_listed_arch_and_ptx(artifacts, zoo_files):
-    from tvm_hybrid.compiler.cuda import fatbin_entries
+    from tvm_hybrid.compiler.backends.cuda import fatbin_entries
 
     z, path = zoo_files("mlp")
     art = artifacts.get(path, z.input_shapes, "cloud-cuda")
@@ -173,7 +173,7 @@ def test_source_only_cuda_module_is_refused(tmp_path, artifacts, zoo_files):
     """The trap: with no driver, `import tvm` skips its CUDA library and tvm.compile yields CUDA C
     source, not device code. A library built that way (in a fresh process, as TVM does it alone)
     fails the artifact check, as does a real library checked against an arch it was not built for."""
-    from tvm_hybrid.compiler.cuda import CudaCodegen, DeviceCompile, verify_device_code
+    from tvm_hybrid.compiler.backends.cuda import CudaCodegen, DeviceCompile, verify_device_code
     from tvm_hybrid.targets import resolve
 
     z, path = zoo_files("mlp")
@@ -182,11 +182,11 @@ def test_source_only_cuda_module_is_refused(tmp_path, artifacts, zoo_files):
 import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 import tvm
 from tvm.base import _LOADED_LIBS
-from tvm_hybrid.compiler import build, importer
+from tvm_hybrid.compiler import backends, importer
 from tvm_hybrid.targets import resolve
 assert "tvm_runtime_cuda" not in _LOADED_LIBS or {gpu_count()} > 0
 prof = resolve("cuda-sm80")
-mod = build.optimize(importer.to_relax(importer.load({str(path)!r}, [importer.InputOverride("x", {z.input_shapes["x"]})])), prof)
+mod = backends.for_profile(prof).optimize(importer.to_relax(importer.load({str(path)!r}, [importer.InputOverride("x", {z.input_shapes["x"]})])), prof)
 with prof.tvm():
     tvm.compile(mod, target=prof.tvm()).export_library({str(plain)!r})
 """
@@ -223,7 +223,7 @@ def test_compatibility_rules_for_running_device_code():
 
 @pytest.mark.skipif(gpu_count() > 0, reason="a GPU is present")
 def test_tuning_a_cuda_target_without_a_gpu_says_so():
-    from tvm_hybrid.compiler.cuda import prepare_tuning
+    from tvm_hybrid.compiler.backends.cuda import prepare_tuning
     from tvm_hybrid.targets import resolve
 
     with pytest.raises(UnsupportedError, match="tuning cuda-sm87 needs an NVIDIA GPU"):
@@ -231,7 +231,7 @@ def test_tuning_a_cuda_target_without_a_gpu_says_so():
 
 
 def test_profile_for_a_gpu_prefers_its_own_sass_then_ptx():
-    from tvm_hybrid.compiler.cuda import profile_for_gpu
+    from tvm_hybrid.compiler.backends.cuda import profile_for_gpu
 
     assert profile_for_gpu("8.7", "aarch64") == "cuda-sm87"  # Jetson Orin
     assert profile_for_gpu("8.7", "x86_64") == "cuda-sm86"  # SASS of the same major, x86 host
@@ -246,7 +246,7 @@ def test_profile_for_a_gpu_prefers_its_own_sass_then_ptx():
 
 def _gpu_target() -> str:
     """The built-in CUDA profile for this machine's GPU 0 and CPU."""
-    from tvm_hybrid.compiler.cuda import profile_for_gpu
+    from tvm_hybrid.compiler.backends.cuda import profile_for_gpu
     from tvm_hybrid.runtime.cuda import gpu_compute_capability
 
     cc = gpu_compute_capability(0)

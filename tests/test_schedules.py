@@ -10,7 +10,8 @@ import pytest
 import zoo
 from conftest import CLS, TARGET, assert_close, reference, text_image
 
-from tvm_hybrid.compiler import build, importer, schedules
+from tvm_hybrid.compiler import backends, build, importer
+from tvm_hybrid.compiler.backends import cpu
 from tvm_hybrid.targets import host_profile_name, resolve
 
 
@@ -21,8 +22,9 @@ def _compile(model, shapes: dict, target: str, tmp_path):
     overrides = [importer.InputOverride(k, tuple(v)) for k, v in shapes.items()]
     imported = importer.prepare(model, overrides)
     profile = resolve(target)
-    mod = build.optimize(importer.to_relax(imported), profile)
-    result = build.build(mod, profile, tmp_path / "m.so")
+    backend = backends.for_profile(profile)
+    mod = backend.optimize(importer.to_relax(imported), profile)
+    result = backend.build_library(mod, profile, tmp_path / "m.so")
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(result.library)), tvm.cpu())
     names = [s.name for s in imported.inputs]
     outs = [o.name for o in imported.model.graph.output]
@@ -86,8 +88,8 @@ def test_default_schedules_are_deterministic():
     import tvm
 
     mod = _fused("resnet_block", TARGET)
-    a = schedules.apply_default(mod, resolve(TARGET))
-    b = schedules.apply_default(mod, resolve(TARGET))
+    a = cpu.apply_default(mod, resolve(TARGET))
+    b = cpu.apply_default(mod, resolve(TARGET))
     assert _scheduled(a) == _kernels(a)
     tvm.ir.assert_structural_equal(a, b)
 
@@ -99,7 +101,7 @@ def test_already_scheduled_kernels_are_left_alone():
     gv, func = next((gv, f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
     marked = func.with_attr("tirx.is_scheduled", True)
     mod[gv] = marked
-    out = schedules.apply_default(mod, resolve(TARGET))
+    out = cpu.apply_default(mod, resolve(TARGET))
     assert out[gv].same_as(marked)
 
 
@@ -110,33 +112,33 @@ def test_unusual_kernel_falls_back_to_unscheduled(monkeypatch):
     def boom(func, cfg):
         raise RuntimeError("analysis failed")
 
-    monkeypatch.setattr(schedules, "schedule_func", boom)
-    out = schedules.apply_default(mod, resolve(TARGET))
+    monkeypatch.setattr(cpu, "schedule_func", boom)
+    out = cpu.apply_default(mod, resolve(TARGET))
     assert _scheduled(out) == 0
 
 
 def test_simd_width_follows_the_profile():
-    assert schedules.cpu_config(resolve("x86-64-avx512").tvm()).lanes == 16
-    assert schedules.cpu_config(resolve("x86-64-avx2").tvm()).lanes == 8
-    assert schedules.cpu_config(resolve("x86-64").tvm()).lanes == 4
+    assert cpu.cpu_config(resolve("x86-64-avx512").tvm()).lanes == 16
+    assert cpu.cpu_config(resolve("x86-64-avx2").tvm()).lanes == 8
+    assert cpu.cpu_config(resolve("x86-64").tvm()).lanes == 4
 
 
 def test_register_tile_takes_the_most_multiply_adds_per_load():
     """AVX2's 16 registers: 6 rows x 2 vectors (8 loads, 12 FMAs) beats 8 x 1 (9 loads, 8 FMAs);
     AVX-512's 32 take as many columns as its 24 accumulators allow (an 80-wide row: 4 x 5);
     partial vectors keep one column; tiles divide axes."""
-    avx2 = schedules.CpuConfig(lanes=8)
-    avx512 = schedules.cpu_config(resolve("x86-64-avx512").tvm())
-    assert schedules._register_tile(24, 10, 8, avx2) == (6, 2)  # PP-OCRv4 det's 96->24 3x3 head conv
-    assert schedules._register_tile(16, 40, 8, avx2) == (4, 2)  # 6 does not divide 16
-    assert schedules._register_tile(24, 5, 8, avx2) == (8, 1)  # 2 does not divide 5 vectors
-    assert schedules._register_tile(192, 4, 5, avx2) == (6, 1)  # 5-lane vectors: one column
-    assert schedules._register_tile(24, 5, 16, avx512) == (4, 5)  # det's 96->24 3x3 head conv at 80x80
-    assert schedules._register_tile(192, 25, 16, avx512) == (4, 5)  # a 1x1 conv on 20x20 pixels
-    assert schedules._register_tile(24, 1, 10, avx512) == (8, 1)  # 10-lane vectors: one column
+    avx2 = cpu.CpuConfig(lanes=8)
+    avx512 = cpu.cpu_config(resolve("x86-64-avx512").tvm())
+    assert cpu._register_tile(24, 10, 8, avx2) == (6, 2)  # PP-OCRv4 det's 96->24 3x3 head conv
+    assert cpu._register_tile(16, 40, 8, avx2) == (4, 2)  # 6 does not divide 16
+    assert cpu._register_tile(24, 5, 8, avx2) == (8, 1)  # 2 does not divide 5 vectors
+    assert cpu._register_tile(192, 4, 5, avx2) == (6, 1)  # 5-lane vectors: one column
+    assert cpu._register_tile(24, 5, 16, avx512) == (4, 5)  # det's 96->24 3x3 head conv at 80x80
+    assert cpu._register_tile(192, 25, 16, avx512) == (4, 5)  # a 1x1 conv on 20x20 pixels
+    assert cpu._register_tile(24, 1, 10, avx512) == (8, 1)  # 10-lane vectors: one column
     for cfg in (avx2, avx512):
         for rows_extent, vectors in ((24, 10), (7, 6), (1, 1), (384, 2), (96, 7)):
-            rows, cols = schedules._register_tile(rows_extent, vectors, cfg.lanes, cfg)
+            rows, cols = cpu._register_tile(rows_extent, vectors, cfg.lanes, cfg)
             assert rows_extent % rows == 0 and vectors % cols == 0 and rows * cols <= cfg.accumulators
 
 
@@ -145,7 +147,6 @@ def _conv_chain_model():
     80x80 (a 2.6 MB padded input), a stride-2 pooling conv and a 24 -> 32 1x1 conv + bias at
     20x20: one kernel for each layout the default schedules change."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -196,7 +197,7 @@ def test_reductions_along_memory_are_vectorized():
     """The squeeze-excite's global average pool sums in vectors (rfactor), not one scalar chain."""
     import tvm
 
-    mod = schedules.apply_default(_fused("dw_se", TARGET), resolve(TARGET))
+    mod = cpu.apply_default(_fused("dw_se", TARGET), resolve(TARGET))
     pools = [f.script() for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "mean" in gv.name_hint]
     assert pools, "dw_se should have a mean kernel"
     assert all("_rf" in s and "T.vectorized" in s for s in pools)
@@ -231,7 +232,7 @@ def test_kernels_worth_a_thread_pool_wakeup_go_parallel():
     import tvm
 
     def parallel(mod) -> bool:
-        out = schedules.apply_default(mod, resolve(TARGET))
+        out = cpu.apply_default(mod, resolve(TARGET))
         kernels = [f.script() for _, f in out.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
         return any("conv" in k and "T.parallel" in k for k in kernels)
 
@@ -244,7 +245,7 @@ def test_non_llvm_target_is_unchanged():
 
     mod = _fused("mlp", TARGET)
     cuda = dataclasses.replace(resolve(TARGET), tvm_target={"kind": "cuda"}, tvm_host=None)
-    assert schedules.apply_default(mod, cuda).same_as(mod)
+    assert cpu.apply_default(mod, cuda).same_as(mod)
 
 
 @pytest.mark.parametrize(

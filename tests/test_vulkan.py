@@ -11,7 +11,6 @@ FMAs; the observed worst cases are ~1e-4 relative (PP-OCRv4 det: max |diff| 1.6e
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

@@ -14,6 +14,10 @@ from typing import Any
 from .errors import ArtifactError
 
 SCHEMA = "tvm-hybrid/artifact@1"
+#: Segment formats: a shared library the TVM Relax VM runs; WGSL kernels plus a launch plan
+#: (runtime/wgpu_executor.py). The runtime's executor table is keyed by these names.
+FORMAT_TVM_VM = "tvm-vm"
+FORMAT_WGSL_PLAN = "wgsl-plan"
 MANIFEST = "manifest.json"
 # The detached signature of manifest.json (tvm_hybrid.signing); it cannot be listed in the
 # manifest it signs, so it is the one file besides the manifest an artifact may hold unlisted.

@@ -40,11 +40,15 @@ class TargetProfile:
     capacity: dict[str, Any]
     link: dict[str, Any]
     source: str
+    #: The compiler backend (compiler.backends) by name; None: the one for the TVM target kind.
+    backend: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The profile as recorded in a manifest (the file it came from is left out)."""
+        """The profile as recorded in a manifest (the file it came from and the compiler backend
+        that built it are left out: the runtime reads the segment formats)."""
         d = dataclasses.asdict(self)
         d.pop("source")
+        d.pop("backend")
         return d
 
     def tvm(self):
@@ -87,6 +91,7 @@ def _load_file(path: Path) -> TargetProfile:
         capacity=dict(data["capacity"]),
         link=dict(data.get("link", {})),
         source=str(path),
+        backend=str(data["backend"]) if "backend" in data else None,
     )
 
 

@@ -29,6 +29,10 @@ def command(model: str, target: str | None, inputs, as_json: bool) -> None:
 
     profile = resolve(target) if target else None
     imp = importer.load(model, inputs)
+    if profile is not None:
+        from ..compiler.package import prepare
+
+        imp = prepare(imp, profile)
     infos = analysis.analyze(imp, profile)
     params = sum(int(np.prod(t.dims)) for t in imp.model.graph.initializer)
     ops = collections.Counter(i.op_type for i in infos)

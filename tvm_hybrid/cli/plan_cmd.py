@@ -23,18 +23,19 @@ def command(model: str, target: str, inputs, plot: str | None, as_json: bool, **
     tvm-hybrid plan det.onnx -t x86-64 --input x:1x3x640x640 --memory 2MiB --json
     """
     from ..compiler import importer
-    from ..compiler.package import describe_plan
+    from ..compiler.package import describe_plan, plan_graph, prepare
     from ..targets import resolve
 
     cloud_name, settings = plan_settings(kw)
     device = resolve(target)
     cloud = resolve(cloud_name) if cloud_name else None
-    imp = importer.load(model, inputs)
-    doc = describe_plan(imp, device, cloud, settings)
+    imp = prepare(importer.load(model, inputs), device)
+    graph = plan_graph(imp, device, cloud, settings)  # once: the plot re-solves it per bandwidth
+    doc = describe_plan(imp, graph, device, cloud, settings)
     if plot:
         from ..compiler.plot import plot_plan
 
-        plot_plan(imp, device, cloud, settings, doc, plot)
+        plot_plan(graph, imp, device, cloud, settings, doc, plot)
         doc["plot"] = plot
     if as_json:
         emit_json(doc)

@@ -10,8 +10,8 @@ import onnx
 from onnx import helper
 
 from ..targets import TargetProfile
-from . import webgpu
-from .importer import ImportedModel, supported_op_types
+from . import backends
+from .importer import ImportedModel, node_name, supported_op_types
 
 # Ops whose cost is a few operations per output element rather than one.
 _TRANSCENDENTAL = {"Softmax": 5, "LogSoftmax": 5, "Erf": 8, "Gelu": 10, "Sigmoid": 4, "Tanh": 6, "Exp": 4,
@@ -34,12 +34,9 @@ class NodeInfo:
         return dataclasses.asdict(self)
 
 
-def node_name(node: onnx.NodeProto, index: int) -> str:
-    return node.name or f"{node.op_type}_{index}"
-
-
 def analyze(imported: ImportedModel, profile: TargetProfile | None = None) -> list[NodeInfo]:
-    """FLOPs and bytes per node, and whether the frontend and the profile support it."""
+    """FLOPs and bytes per node, and whether the profile's backend can run it (without a profile:
+    whether TVM's frontend converts it)."""
     model = imported.model
     g = model.graph
     shapes: dict[str, tuple[tuple[int, ...], int]] = {}
@@ -50,29 +47,23 @@ def analyze(imported: ImportedModel, profile: TargetProfile | None = None) -> li
     inits = {t.name: t for t in g.initializer}
     for t in g.initializer:
         shapes[t.name] = (tuple(t.dims), t.data_type)
-    supported = supported_op_types()
-    unsupported_here = set(profile.capacity.get("unsupported_ops", [])) if profile else set()
-    allowed_dtypes = set(profile.capacity.get("dtypes", [])) if profile else set()
-    rejected = None
-    if profile is not None and webgpu.is_webgpu(profile):
-        # WGSL's rules (64-bit data only; shape inputs are compile-time) live with the Vulkan build.
-        rejected = {r.node for r in webgpu.rejected_nodes(webgpu.narrow_index_constants(imported), profile)}
+    rejected = set()
+    if profile is not None:
+        backend = backends.for_profile(profile)
+        rejected = {r.node for r in backend.rejected_nodes(backend.prepare(imported, profile), profile)}
+    else:
+        supported = supported_op_types()
     infos = []
     for i, node in enumerate(g.node):
         outs = [o for o in node.output if o]
         ins = [x for x in node.input if x]
         pbytes = sum(_nbytes(*shapes[x]) for x in ins if x in inits and x in shapes)
         abytes = sum(_nbytes(*shapes[o]) for o in outs if o in shapes)
-        ok = node.op_type in supported and node.op_type not in unsupported_here
-        if rejected is not None:
-            ok = node.op_type in supported and node_name(node, i) not in rejected
-        elif ok and allowed_dtypes:
-            for name in ins + outs:
-                if name in shapes and _dtype_name(shapes[name][1]) not in allowed_dtypes:
-                    ok = False
+        name = node_name(node, i)
+        ok = name not in rejected if profile is not None else node.op_type in supported
         infos.append(
             NodeInfo(
-                name=node_name(node, i),
+                name=name,
                 op_type=node.op_type,
                 inputs=ins,
                 outputs=outs,

@@ -1,8 +1,8 @@
-"""Relax pipeline and TVM build for one target profile."""
+"""The Relax pipeline every backend shares: legalize and fuse, apply a tuning database, count
+kernels, link. Backends (compiler/backends/) schedule and build on top of it."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import shutil
@@ -27,30 +27,6 @@ class BuildResult:
     device_code: dict | None = None  # GPU targets: what the library holds (arch, SASS, PTX)
 
 
-def optimize(mod, profile: TargetProfile, database=None):
-    """The Relax passes every build runs, ending with scheduled TIR kernels.
-
-    ``fuse`` makes the fused kernels (the tuning granularity); a tuning ``database`` (a
-    MetaSchedule database, or a ``tuning_log.TuningLog``) then schedules the kernels it has records
-    for, and ``schedules.apply_default`` takes the rest.
-    """
-    mod = fuse(mod, profile)
-    if database is not None:
-        mod = apply_database(mod, profile, database)
-    return apply_defaults(mod, profile)
-
-
-def apply_defaults(mod, profile: TargetProfile):
-    """The default schedule of every kernel not yet scheduled: dlight on CUDA, heuristics on CPUs."""
-    from . import cuda
-
-    if cuda.is_cuda(profile):
-        return cuda.schedule(mod, profile)
-    from .schedules import apply_default
-
-    return apply_default(mod, profile)
-
-
 def fuse(mod, profile: TargetProfile):
     """Legalize and fuse a Relax module into fused TIR kernels: what tuning extracts tasks from.
 
@@ -65,7 +41,7 @@ def fuse(mod, profile: TargetProfile):
     import tvm
     from tvm import relax
 
-    from .schedules import conv_transpose_as_conv
+    from .rewrites import conv_transpose_as_conv
 
     target = profile.tvm()
     seq = tvm.transform.Sequential(
@@ -185,29 +161,6 @@ def _check_legalized(mod) -> None:
         raise UnsupportedError(
             f"no kernel for Relax ops: {', '.join(sorted(left))} (TVM {tvm.__version__} cannot legalize them)"
         )
-
-
-def build(mod, profile: TargetProfile, out_lib: Path) -> BuildResult:
-    """Compile an optimized Relax module for the profile and export it as a shared library."""
-    import tvm
-
-    from . import cuda
-
-    target = profile.tvm()
-    fcompile = linker(profile)
-    gpu = cuda.device_compile(profile) if cuda.is_cuda(profile) else contextlib.nullcontext()
-    with gpu as job, target:
-        ex = tvm.compile(mod, target=target)
-    out_lib.parent.mkdir(parents=True, exist_ok=True)
-    ex.export_library(str(out_lib), fcompile=fcompile)
-    device_code = cuda.verify_device_code(out_lib, job, profile.name) if job is not None else None
-    tuned, default = kernel_counts(mod)
-    return BuildResult(library=out_lib, tuned_kernels=tuned, default_kernels=default, device_code=device_code)
-
-
-def check_toolchain(profile: TargetProfile) -> None:
-    """UsageError, saying how to install it, when the compiler the profile links with is missing."""
-    linker(profile)
 
 
 def linker(profile: TargetProfile):

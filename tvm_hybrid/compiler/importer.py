@@ -466,6 +466,11 @@ def _prune(model: onnx.ModelProto) -> None:
     g.value_info.extend(vis)
 
 
+def node_name(node: onnx.NodeProto, index: int) -> str:
+    """A node's name in plans and manifests: its own, or OPTYPE_INDEX when it has none."""
+    return node.name or f"{node.op_type}_{index}"
+
+
 def supported_op_types() -> set[str]:
     """ONNX op types TVM's Relax frontend converts."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map

@@ -17,7 +17,7 @@ from .. import __version__
 from .. import manifest as mf
 from ..errors import UnsupportedError, UsageError
 from ..targets import TargetProfile, all_profiles, resolve
-from . import build, importer, tuning_log, webgpu
+from . import backends, importer, tuning_log
 from . import plan as planner
 from .split import SegmentModel, endpoint_name, split
 
@@ -81,23 +81,40 @@ class ArtifactSummary:
         return d
 
 
-def plan_for(imported: importer.ImportedModel, device: TargetProfile, cloud: TargetProfile | None,
-             settings: PlanSettings) -> tuple[planner.PlanGraph, planner.Plan]:  # fmt: skip
-    """The placement of every node for one device target (all-device when there is no cloud)."""
+def prepare(imported: importer.ImportedModel, device: TargetProfile) -> importer.ImportedModel:
+    """The model as the device's backend compiles it (what plans and builds for it start from)."""
+    return backends.for_profile(device).prepare(imported, device)
+
+
+def plan_graph(imported: importer.ImportedModel, device: TargetProfile, cloud: TargetProfile | None,
+               settings: PlanSettings) -> planner.PlanGraph:  # fmt: skip
+    """The planner's graph for one device target, ``imported`` prepared for it: built once, then
+    solved for each link (``solve_plan``). With no cloud, nodes the device cannot run are an error."""
     graph = planner.graph_from_model(imported, device, cloud)
     for n in graph.nodes:
         n.device_ms *= settings.device_scale
         n.cloud_ms *= settings.cloud_scale
-    if cloud is None:
+    if cloud is None and any(n.device_ms == planner.INF for n in graph.nodes):
+        backends.for_profile(device).check_supported(imported, device)  # names them, and why
         bad = sorted({n.op for n in graph.nodes if n.device_ms == planner.INF})
-        if bad and webgpu.is_webgpu(device):
-            webgpu.check_supported(webgpu.narrow_index_constants(imported), device)  # names each node and why
-        if bad:
-            raise UnsupportedError(f"unsupported ops for target {device.name}: {', '.join(bad)}")
+        raise UnsupportedError(f"unsupported ops for target {device.name}: {', '.join(bad)}")
+    return graph
+
+
+def solve_plan(graph: planner.PlanGraph, device: TargetProfile, cloud: TargetProfile | None,
+               settings: PlanSettings) -> planner.Plan:  # fmt: skip
+    """The placement of every node under the settings' link and budget (all-device with no cloud)."""
     opts = settings.options(device)
     if cloud is None:
         opts = dataclasses.replace(opts, memory_bytes=planner.INF)
-    return graph, planner.solve(graph, opts)
+    return planner.solve(graph, opts)
+
+
+def plan_for(imported: importer.ImportedModel, device: TargetProfile, cloud: TargetProfile | None,
+             settings: PlanSettings) -> tuple[planner.PlanGraph, planner.Plan]:  # fmt: skip
+    """``plan_graph`` and ``solve_plan`` in one: the placement of every node for one device target."""
+    graph = plan_graph(imported, device, cloud, settings)
+    return graph, solve_plan(graph, device, cloud, settings)
 
 
 def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
@@ -111,7 +128,7 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     if dup:
         raise UsageError(f"target {', '.join(dup)} given twice (host resolves to {resolve('host').name})")
     for prof in profiles:  # a missing cross compiler fails now, not after minutes of compiling
-        build.check_toolchain(prof)
+        backends.for_profile(prof).check_toolchain(prof)
     cloud = resolve(opts.cloud) if opts.cloud else None
     if cloud is not None and cloud.placement != "cloud":
         clouds = sorted(name for name, p in all_profiles().items() if p.placement == "cloud")
@@ -130,9 +147,10 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
         for prof in profiles:
             t0 = time.perf_counter()
             stage = _stage(out, prof.name, staged)
-            graph, plan = plan_for(imported, prof, cloud, opts.plan)
-            segs = split(imported, graph, plan)
-            m = build_artifact(imported, prof, cloud, segs, graph, plan, stage, opts.plan, logs[prof.name])
+            prepared = prepare(imported, prof)  # once a target
+            graph, plan = plan_for(prepared, prof, cloud, opts.plan)
+            segs = split(prepared, graph, plan)
+            m = build_artifact(prepared, prof, cloud, segs, graph, plan, stage, opts.plan, logs[prof.name])
             for seg in segs:
                 if seg.placement == "cloud" or _cloud_copy(seg, opts.plan):
                     cloud_segments[endpoint_name(imported.name, seg.id) + seg.version] = (seg, graph)
@@ -189,38 +207,18 @@ def _replace_dir(stage: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-@dataclasses.dataclass
-class CompiledSegment:
-    """One segment built for one profile: its main file, every file it needs, its format."""
-
-    result: build.BuildResult
-    format: str
-    library: str
-    files: list[str]
-
-
 def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, root: Path, stem: str,
-                    tuning: tuning_log.TuningLog | None = None) -> CompiledSegment:  # fmt: skip
-    """ONNX (sub-)model → Relax → optimized (with the target's tuning log) → ``root/segments/<stem>.*``:
-    a shared library for the TVM VM, or a WGSL launch plan for Vulkan targets."""
+                    tuning: tuning_log.TuningLog | None = None) -> backends.CompiledSegment:  # fmt: skip
+    """ONNX (sub-)model, prepared for the profile's backend → Relax → optimized (with the target's
+    tuning log) → ``root/segments/<stem>.*`` in the backend's segment format."""
     log.info("building %s for %s", imported.name, profile.name)
-    if webgpu.is_webgpu(profile):
-        imported = webgpu.narrow_index_constants(imported)
-        webgpu.check_supported(imported, profile)
-    mod = importer.to_relax(imported)
-    mod = build.optimize(mod, profile, database=tuning)
-    if webgpu.is_webgpu(profile):
-        built = webgpu.build(mod, profile, root / "segments", stem)
-        lib, files = f"segments/{built['plan']}", [f"segments/{f}" for f in built["files"]]
-        result = build.BuildResult(root / lib, *build.kernel_counts(mod))
-        fmt = webgpu.FORMAT
-    else:
-        lib = f"segments/{stem}.so"
-        result = build.build(mod, profile, root / lib)
-        files, fmt = [lib], "tvm-vm"
-    log.info("%s: %d kernels tuned, %d default%s", imported.name, result.tuned_kernels, result.default_kernels,
+    backend = backends.for_profile(profile)
+    backend.check_segment(imported, profile)
+    mod = backend.optimize(importer.to_relax(imported), profile, database=tuning)
+    c = backend.build_segment(mod, profile, root, stem)
+    log.info("%s: %d kernels tuned, %d default%s", imported.name, c.result.tuned_kernels, c.result.default_kernels,
              f" (tuning log {tuning.path})" if tuning else " (no tuning log)")  # fmt: skip
-    return CompiledSegment(result, fmt, lib, files)
+    return c
 
 
 def _segment_entry(seg: SegmentModel, graph: planner.PlanGraph) -> dict[str, Any]:
@@ -328,9 +326,11 @@ def _manifest(imported, profile: TargetProfile, segments: list[dict], root: Path
     return m
 
 
-def describe_plan(imported, device: TargetProfile, cloud: TargetProfile | None, settings: PlanSettings) -> dict[str, Any]:
-    """The plan as `tvm-hybrid plan --json` prints it: segments (as in manifests), ops, latencies."""
-    graph, plan = plan_for(imported, device, cloud, settings)
+def describe_plan(imported, graph: planner.PlanGraph, device: TargetProfile, cloud: TargetProfile | None,
+                  settings: PlanSettings) -> dict[str, Any]:  # fmt: skip
+    """The plan as `tvm-hybrid plan --json` prints it: segments (as in manifests), ops, latencies.
+    ``imported`` is prepared for the device, ``graph`` its ``plan_graph``."""
+    plan = solve_plan(graph, device, cloud, settings)
     segs = split(imported, graph, plan)
     segments = []
     for seg in segs:

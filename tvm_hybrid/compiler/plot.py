@@ -8,7 +8,9 @@ from pathlib import Path
 from ..errors import UsageError
 
 
-def plot_plan(imported, device, cloud, settings, doc: dict, path: str) -> None:
+def plot_plan(graph, imported, device, cloud, settings, doc: dict, path: str) -> None:
+    """Draw the plan (``doc``, from describe_plan) and, re-solving ``graph`` per bandwidth, the
+    predicted latency of all-device, all-cloud and the plan against the link's speed."""
     try:
         import matplotlib
 
@@ -16,7 +18,7 @@ def plot_plan(imported, device, cloud, settings, doc: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'tvm-hybrid[plot]' (or matplotlib)") from None
-    from .package import plan_for
+    from .package import solve_plan
     from .plan import parse_bandwidth
 
     ops = doc["ops"]
@@ -41,7 +43,7 @@ def plot_plan(imported, device, cloud, settings, doc: dict, path: str) -> None:
         series = {"all-device": [], "all-cloud": [], "hybrid plan": []}
         for r in rates:
             s = dataclasses.replace(settings, bandwidth=f"{r / 1e6}Mbps")
-            _, plan = plan_for(imported, device, cloud, s)
+            plan = solve_plan(graph, device, cloud, s)
             for k in ("all-device", "all-cloud"):
                 b = plan.baselines[k]
                 series[k].append(b.total_ms if b else float("nan"))

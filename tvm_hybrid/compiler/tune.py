@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..errors import HybridError, RuntimeFailure, UnsupportedError, UsageError
 from ..targets import TargetProfile, resolve
-from . import build, importer, tuning_log
+from . import backends, build, importer, tuning_log
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +248,9 @@ def _build_kernel(mod, target, path: Path, fcompile, profile: TargetProfile) -> 
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    from . import cuda
-
     # As MetaSchedule's default_build: measure with the weight layout rewrite taken out.
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    gpu = cuda.device_compile(profile) if cuda.is_cuda(profile) else contextlib.nullcontext()
-    with gpu, target:
+    with backends.for_profile(profile).compile_context(profile), target:
         rt_mod = tvm.compile(mod, target=target)
     rt_mod.export_library(str(path), fcompile=fcompile)
     return path
@@ -275,7 +272,7 @@ def _evaluator(ms, profile: TargetProfile):
     in the model (PP-OCRv4 det on x86-64-avx2: three conv kernels 1.7x slower in place).
     One run per repeat, so every timed run follows a flush.
     """
-    if profile.tvm().kind.name in ("llvm", "c"):
+    if backends.for_profile(profile).cpu:
         return ms.runner.EvaluatorConfig(number=1, repeat=10, min_repeat_ms=0, enable_cpu_cache_flush=True)
     return ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100, enable_cpu_cache_flush=False)
 
@@ -336,7 +333,7 @@ def _tuning_target(profile: TargetProfile, cores: int):
     import tvm
 
     target = dict(profile.tvm_target)
-    if target.get("kind") == "llvm":  # MetaSchedule's CPU rules need the core count
+    if backends.for_profile(profile).cpu:  # MetaSchedule's CPU rules need the core count
         target["num-cores"] = cores
     if profile.tvm_host is not None:
         return tvm.target.Target(target, host=dict(profile.tvm_host))
@@ -349,19 +346,19 @@ def _measure_defaults(tasks, builder, runner, target, profile: TargetProfile) ->
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
-    kind = target.kind.name
+    backend = backends.for_profile(profile)
     inputs, args = [], []
     for task in tasks:
         # A copy: the task's module is what tuning starts from and must stay unscheduled.
         with target:
-            mod = build.apply_defaults(task.dispatched[0].clone(), profile)
+            mod = backend.schedule(task.dispatched[0].clone(), profile)
         inputs.append(BuilderInput(mod, target))
         args.append(ArgInfo.from_prim_func(mod["main"]))
     built = builder.build(inputs)
     runner_inputs, index = [], []
     for i, b in enumerate(built):
         if b.error_msg is None:
-            runner_inputs.append(RunnerInput(b.artifact_path, {"llvm": "cpu"}.get(kind, kind), args[i]))
+            runner_inputs.append(RunnerInput(b.artifact_path, backend.device, args[i]))
             index.append(i)
         else:
             log.debug("default schedule of %s did not build: %s", tasks[i].task_name, b.error_msg)
@@ -628,23 +625,9 @@ def _check(opts: TuneOptions) -> None:
 
 
 def _check_runs_here(opts: TuneOptions, profile: TargetProfile) -> None:
-    """Kernels for another CPU architecture cannot be measured here (and emulation times mean nothing)."""
-    from . import cuda
-
-    kind = profile.tvm_target.get("kind")
-    if kind not in ("llvm", "cuda"):
-        raise UnsupportedError(
-            f"tuning {profile.name} ({kind}) is not supported: MetaSchedule tuning covers CPU (llvm) and CUDA "
-            "targets; compile uses the default schedules"
-        )
-    if opts.rpc_tracker:
-        return
-    if cuda.is_cuda(profile):
-        cuda.prepare_tuning(profile)  # a GPU to measure on, and nvcc; UnsupportedError without one
-        return
-    from ..emulate import check_tuning_target
-
-    check_tuning_target(profile.to_dict(), opts.rpc_tracker)  # qemu timings would mean nothing
+    """The backend can tune, and its kernels can be measured here (a GPU for CUDA; this CPU's
+    architecture — emulated times mean nothing) unless an RPC tracker measures them."""
+    backends.for_profile(profile).check_tunable(profile, remote=bool(opts.rpc_tracker))
 
 
 def _measured(db, mods) -> tuple[list[int], list[float | None]]:
@@ -762,7 +745,7 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
 
     tuning_log.write_defaults(d, extracted, run.defaults)
     verdicts = {}
-    if (opts.check_in_model and not opts.rpc_tracker and target.kind.name == "llvm"
+    if (opts.check_in_model and not opts.rpc_tracker and backends.for_profile(profile).cpu
             and reason not in ("no-builds", "no-runs", "interrupted")):  # fmt: skip
         run.progress("in-model check")
         try:
@@ -828,15 +811,16 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
     if logs is None or tuning_log.target_dir(d.parent, profile) != d:
         return {}
     logs.in_model = {}  # judge every record afresh
+    backend = backends.for_profile(profile)
     fused = build.fuse(importer.to_relax(imported), profile)
-    tuned_mod = build.apply_defaults(build.apply_database(fused, profile, logs), profile)
+    tuned_mod = backend.schedule(build.apply_database(fused, profile, logs), profile)
     tuned = [
         gv.name_hint for gv, f in tuned_mod.functions.items()
         if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and build.TUNED_ATTR in f.attrs
     ]  # fmt: skip
     if not tuned:
         return {}
-    default_mod = build.apply_defaults(fused, profile)
+    default_mod = backend.schedule(fused, profile)
     rng = np.random.default_rng(0)
     feeds = [
         rng.uniform(0, 1, s.shape).astype(s.dtype) if np.dtype(s.dtype).kind == "f" else np.zeros(s.shape, s.dtype)
@@ -845,7 +829,7 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
     with tempfile.TemporaryDirectory(prefix="tvm-hybrid-check-") as tmp:
         vms = []
         for name, m in (("default", default_mod), ("tuned", tuned_mod)):
-            lib = build.build(m, profile, Path(tmp) / f"{name}.so").library
+            lib = backend.build_library(m, profile, Path(tmp) / f"{name}.so").library
             vms.append(relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu()))
         args = [tvm.runtime.tensor(a, tvm.cpu()) for a in feeds]
         per = [{}, {}]

@@ -33,6 +33,7 @@ META_SCHEMA = "tvm-hybrid/tuning-log@1"
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 
+
 def default_logs_dir() -> Path:
     """The tuning-log root: $TVM_HYBRID_TUNING_LOGS, or tuning_logs/ next to the package source."""
     env = os.environ.get(ENV)

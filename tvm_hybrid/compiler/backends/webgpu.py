@@ -17,7 +17,6 @@ feed the dispatch, and a grid.x of 65536 or more is folded into grid.z.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -26,12 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UnsupportedError
-from ..targets import TargetProfile
+from ...errors import UnsupportedError
+from ...manifest import FORMAT_WGSL_PLAN
+from ...targets import TargetProfile
+from .. import build as relax_build
+from ..importer import node_name, supported_op_types
+from . import Backend, CompiledSegment, Rejected
 
 log = logging.getLogger(__name__)
 
-FORMAT = "wgsl-plan"
 PLAN_VERSION = 1
 #: numpy dtypes WGSL storage buffers hold (no f64, no i64, no 8/16-bit integers).
 WGSL_DTYPES = {"float32": "f32", "float16": "f16", "int32": "i32", "uint32": "u32"}
@@ -54,24 +56,7 @@ _COMPILE_TIME_INPUTS = {
 }  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True)
-class Rejected:
-    """One ONNX node the target cannot run, and why."""
-
-    node: str
-    op_type: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.op_type} {self.node} ({self.reason})"
-
-
-def is_webgpu(profile: TargetProfile) -> bool:
-    """Whether the profile compiles to WGSL kernels and a wgsl-plan segment."""
-    return profile.tvm_target.get("kind") == "webgpu"
-
-
-def rejected_nodes(imported, profile: TargetProfile) -> list[Rejected]:
+def _rejected_nodes(imported, profile: TargetProfile) -> list[Rejected]:
     """Every ONNX node the Vulkan target cannot take: the profile's unsupported ops, and nodes with
     64-bit data tensors (WGSL has no i64/f64) that compile-time folding did not remove.
 
@@ -147,16 +132,6 @@ def narrow_index_constants(imported):
     out = copy.copy(imported)
     out.model = model
     return out
-
-
-def check_supported(imported, profile: TargetProfile) -> None:
-    """Raise UnsupportedError naming every node the target cannot take (until the split lands)."""
-    bad = rejected_nodes(imported, profile)
-    if bad:
-        shown = "; ".join(str(b) for b in bad[:12]) + (f"; and {len(bad) - 12} more" if len(bad) > 12 else "")
-        raise UnsupportedError(
-            f"{len(bad)} op(s) cannot run on {profile.name}: {shown}; use a CPU target for this model"
-        )
 
 
 def build(mod, profile: TargetProfile, seg_dir: Path, stem: str) -> dict[str, Any]:
@@ -304,7 +279,7 @@ class _Planner:
         outs = self._value(body.body)
         outs = list(outs) if isinstance(outs, tuple) else [outs]
         plan = {
-            "format": FORMAT,
+            "format": FORMAT_WGSL_PLAN,
             "version": PLAN_VERSION,
             "inputs": inputs,
             "outputs": outs,
@@ -571,3 +546,49 @@ def _nbytes(shape, dtype: str) -> int:
 
 def _round4(n: int) -> int:
     return (int(n) + 3) // 4 * 4
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+class WebGPUBackend(Backend):
+    """GPUs through WGSL (Vulkan on phones via wgpu): TVM's webgpu build, recorded as a launch plan."""
+
+    name = "webgpu"
+    format = FORMAT_WGSL_PLAN
+    device = "webgpu"
+    tunable = False
+
+    def prepare(self, imported, profile: TargetProfile):
+        return narrow_index_constants(imported)
+
+    def rejected_nodes(self, imported, profile: TargetProfile | None) -> list[Rejected]:
+        """What the frontend cannot convert, then WGSL's rules (64-bit data; shape inputs are
+        compile-time) on the prepared model."""
+        supported = supported_op_types()
+        out = [Rejected(node_name(n, i), n.op_type, "TVM's ONNX frontend cannot convert it")
+               for i, n in enumerate(imported.model.graph.node) if n.op_type not in supported]  # fmt: skip
+        seen = {r.node for r in out}
+        return out + [r for r in (_rejected_nodes(imported, profile) if profile else []) if r.node not in seen]
+
+    def check_supported(self, imported, profile: TargetProfile) -> None:
+        """Raise UnsupportedError naming every node the target cannot take, and why."""
+        bad = _rejected_nodes(imported, profile)
+        if bad:
+            shown = "; ".join(str(b) for b in bad[:12]) + (f"; and {len(bad) - 12} more" if len(bad) > 12 else "")
+            raise UnsupportedError(
+                f"{len(bad)} op(s) cannot run on {profile.name}: {shown}; use a CPU target for this model"
+            )
+
+    def check_segment(self, imported, profile: TargetProfile) -> None:
+        self.check_supported(imported, profile)
+
+    def check_toolchain(self, profile: TargetProfile) -> None:
+        return None  # nothing is linked: WGSL source and JSON
+
+    def build_segment(self, mod, profile: TargetProfile, root: Path, stem: str) -> CompiledSegment:
+        built = build(mod, profile, root / "segments", stem)
+        lib = f"segments/{built['plan']}"
+        result = relax_build.BuildResult(root / lib, *relax_build.kernel_counts(mod))
+        return CompiledSegment(result, self.format, lib, [f"segments/{f}" for f in built["files"]])
+

@@ -27,8 +27,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UnsupportedError
-from ..targets import TargetProfile
+from ...errors import UnsupportedError
+from ...targets import TargetProfile
+from . import Backend
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ _FATBIN_PTX, _FATBIN_ELF = 1, 2
 _FATBIN_COMPRESSED = 0x2000 | 0x8000
 
 
-def is_cuda(profile: TargetProfile) -> bool:
+def _is_cuda(profile: TargetProfile) -> bool:
     """Whether the profile compiles for an NVIDIA GPU."""
     return profile.tvm_target.get("kind") == "cuda"
 
@@ -110,14 +111,14 @@ def profile_for_gpu(compute_version: str, machine: str | None = None) -> str | N
     """
     import platform
 
-    from ..runtime.cuda import runs_on
-    from ..targets import all_profiles
+    from ...runtime.cuda import runs_on
+    from ...targets import all_profiles
 
     machine = machine or platform.machine()
     prefix = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(machine.lower(), machine)
     best: tuple[int, int, str] | None = None
     for p in all_profiles().values():
-        if not is_cuda(p) or p.placement != "device" or not str((p.tvm_host or {}).get("mtriple", "")).startswith(prefix):
+        if not _is_cuda(p) or p.placement != "device" or not str((p.tvm_host or {}).get("mtriple", "")).startswith(prefix):
             continue
         arch = str(p.tvm_target.get("arch", ""))
         if not _ARCH_RE.match(arch):
@@ -266,7 +267,7 @@ def ensure_cuda_codegen() -> str:
     import tvm_ffi
     from tvm.base import _LOADED_LIBS
 
-    from ..runtime.cuda import load_tvm_cuda_library
+    from ...runtime.cuda import load_tvm_cuda_library
 
     mode = "driver"
     if "tvm_runtime_cuda" not in _LOADED_LIBS:
@@ -389,7 +390,7 @@ def prepare_tuning(profile: TargetProfile) -> None:
     """
     import importlib.util
 
-    from ..runtime.cuda import gpu_compute_capability
+    from ...runtime.cuda import gpu_compute_capability
 
     cc = gpu_compute_capability(0)
     if cc is None:
@@ -397,7 +398,7 @@ def prepare_tuning(profile: TargetProfile) -> None:
             f"tuning {profile.name} needs an NVIDIA GPU to measure kernels on, and this machine has none; "
             "compile without tuning (dlight default schedules) or tune on a machine with the GPU"
         )
-    from ..runtime.cuda import runs_on
+    from ...runtime.cuda import runs_on
 
     codegen = CudaCodegen.from_profile(profile)
     if not runs_on(cc, {"sass": [codegen.arch]}):
@@ -492,3 +493,27 @@ def verify_device_code(library: Path, job: DeviceCompile, target_name: str) -> d
     record = codegen.to_manifest()
     record["kernels"] = len(set(job.kernels))
     return record
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+class CudaBackend(Backend):
+    """NVIDIA GPUs: dlight's default GPU schedules, device code compiled by nvcc into a fatbin
+    (SASS for the profile's arch and PTX) inside a TVM VM library, checked after export."""
+
+    name = "cuda"
+    device = "cuda"
+
+    def schedule(self, mod, profile: TargetProfile):
+        return schedule(mod, profile)
+
+    def compile_context(self, profile: TargetProfile):
+        return device_compile(profile)
+
+    def verify_library(self, library: Path, job, profile: TargetProfile) -> dict | None:
+        return verify_device_code(library, job, profile.name)
+
+    def check_tunable(self, profile: TargetProfile, remote: bool) -> None:
+        if not remote:
+            prepare_tuning(profile)  # a GPU to measure on, and nvcc; UnsupportedError without one
