@@ -88,7 +88,7 @@ def main() -> None:
                 sess = Session(s.path, threads=args.threads)
                 tvm_threads = sess.threads
                 sessions.append(sess)
-                kernels = sess.manifest["segments"][0].get("kernels", {})
+                kernels = sess.manifest.segments[0].kernels or {}
                 engines[v.name] = (lambda sess=sess: sess.run({"x": x}))
                 print(f"# {label}: {v.name} compiled in {compile_s:.1f} s, kernels {kernels}", file=sys.stderr)
             times = interleaved(engines, args.runs)

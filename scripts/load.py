@@ -99,11 +99,10 @@ def main() -> None:
 
     # The real payload: the device segment's output on an image.
     art = open_artifact(device_dir)
-    seg0, seg1 = art.manifest["segments"][:2]
+    seg0, seg1 = art.manifest.segments[:2]
     x = np.random.default_rng(0).standard_normal((1, 3, 48, 192)).astype(np.float32)
-    boundary = dict(zip((t["name"] for t in seg0["outputs"]),
-                        create_executor(art.root, seg0, art.manifest["target"]).run([x])))  # fmt: skip
-    model, version = seg1["endpoint"]["model"], seg1["endpoint"]["version"]
+    boundary = dict(zip((t.name for t in seg0.outputs), create_executor(art.root, seg0, art.manifest.target).run([x])))
+    model, version = seg1.endpoint.model, seg1.endpoint.version
     policy = CloudPolicy(budget=10, retries=0, breaker_failures=10**9)  # count every failure, skip nothing
     expected = CloudClient(url, token, policy=policy).infer(model, version, boundary)[0]
 

@@ -77,7 +77,7 @@ def host_arch() -> str:
 def target_arch(target: dict[str, Any]) -> str:
     """The CPU architecture a resolved profile (or a manifest's ``target``) compiles for.
 
-    Takes the profile as a dict (``TargetProfile.to_dict()`` or ``manifest["target"]``): the
+    Takes the profile as a dict (``TargetProfile.to_dict()`` or ``Manifest.target``): the
     first field of the host's LLVM ``mtriple`` (a GPU profile's CPU side, e.g. Jetson's aarch64),
     else of the target's; profiles with neither build for this machine.
     """
@@ -372,7 +372,7 @@ def artifact_target(artifact: str | Path) -> dict[str, Any]:
 
     path = Path(artifact)
     if path.is_dir():
-        return read(path)["target"]
+        return read(path).target
     if not path.is_file():
         raise ArtifactError(f"artifact {path} does not exist; compile one with `tvm-hybrid compile MODEL -o DIR`")
     try:

@@ -1,4 +1,11 @@
-"""Artifact manifest: schema, validation, file hashes. Standard library only (the runtime loads it)."""
+"""Artifact manifest: schema, validation, file hashes, and the manifest as types. Standard library
+only (the runtime loads it).
+
+``Manifest.from_dict`` validates a parsed manifest.json and returns frozen dataclasses (Manifest,
+Segment, Endpoint, File, TensorSpec); ``to_dict`` gives back the JSON form the compiler writes
+(``dumps``: canonical bytes). The runtime, the server and the exporters read attributes; format
+names (FORMAT_TVM_VM, FORMAT_WGSL_PLAN) and the schema live here.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +63,142 @@ class TensorSpec:
         return cls(str(d["name"]), tuple(int(x) for x in shape) if shape is not None else None, str(d["dtype"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class File:
+    """A file the artifact holds: its path (relative, POSIX), sha256 and size."""
+
+    path: str
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> File:
+        return cls(d["path"], d["sha256"], int(d["size"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """Where the cloud serves a segment: a KServe v2 model name and version (a content hash)."""
+
+    model: str
+    version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version}
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One segment: the nodes it runs, where (placement), its tensors and the files that run it.
+
+    ``library``: the main file of a segment the artifact runs (a device segment's, or a cloud
+    artifact's); ``fallback_library``: a device build of a cloud segment; ``format``: how those
+    files run (None where there is neither); ``endpoint``: the cloud's name for it.
+    """
+
+    id: int
+    placement: str  # "device" or "cloud"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    format: str | None = None
+    library: str | None = None
+    fallback_library: str | None = None
+    onnx: str | None = None  # a cloud artifact's ONNX copy of the segment (for any engine)
+    endpoint: Endpoint | None = None
+    nodes: tuple[str, ...] = ()
+    reason: str | None = None  # why a cloud segment is in the cloud
+    predicted: dict[str, Any] | None = None  # the planner's flops and ms
+    kernels: dict[str, int] | None = None  # {"tuned": N, "default": N}
+    device_code: dict[str, Any] | None = None  # GPU targets: the library's SASS / PTX
+
+    @property
+    def local_library(self) -> str | None:
+        """The file that runs this segment here: its library, else its fallback build."""
+        return self.library or self.fallback_library
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "placement": self.placement,
+                             "inputs": [t.to_dict() for t in self.inputs],
+                             "outputs": [t.to_dict() for t in self.outputs]}  # fmt: skip
+        for key in ("format", "library", "fallback_library", "onnx", "reason", "predicted", "kernels", "device_code"):
+            value = getattr(self, key)
+            if value is not None:
+                d[key] = value
+        if self.endpoint is not None:
+            d["endpoint"] = self.endpoint.to_dict()
+        if self.nodes:
+            d["nodes"] = list(self.nodes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Segment:
+        ep = d.get("endpoint")
+        return cls(
+            id=d["id"], placement=d["placement"],
+            inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            format=d.get("format"), library=d.get("library"), fallback_library=d.get("fallback_library"),
+            onnx=d.get("onnx"), endpoint=Endpoint(ep["model"], ep["version"]) if ep is not None else None,
+            nodes=tuple(d.get("nodes") or ()), reason=d.get("reason"), predicted=d.get("predicted"),
+            kernels=d.get("kernels"), device_code=d.get("device_code"),
+        )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """An artifact's manifest.json, validated (``from_dict``) and typed.
+
+    ``role`` "device": run the segments in order; "cloud": serve each by its endpoint.
+    ``target`` is the profile it was compiled for, as ``TargetProfile.to_dict`` wrote it.
+    """
+
+    model: dict[str, Any]  # name, sha256, opset
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    target: dict[str, Any]
+    segments: tuple[Segment, ...]
+    files: tuple[File, ...]
+    versions: dict[str, str]
+    schema: str = SCHEMA
+    role: str = "device"
+    tool: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None  # the planner's link, predictions and baselines
+
+    @property
+    def serves_segments(self) -> bool:
+        """A cloud artifact: independent segments served by endpoint, not one model run in order."""
+        return self.role == "cloud"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"schema": self.schema, "role": self.role, "model": self.model,
+             "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
+             "target": self.target, "segments": [s.to_dict() for s in self.segments],
+             "files": [f.to_dict() for f in self.files], "versions": self.versions}  # fmt: skip
+        if self.tool is not None:
+            d["tool"] = self.tool
+        if self.plan is not None:
+            d["plan"] = self.plan
+        return d
+
+    @classmethod
+    def from_dict(cls, m: Any, where: str = "manifest.json") -> Manifest:
+        """Validate a parsed manifest (ArtifactError saying what is wrong) and type it."""
+        validate(m, where)
+        return cls(
+            model=m["model"], inputs=tuple(TensorSpec.from_dict(t) for t in m["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in m["outputs"]), target=m["target"],
+            segments=tuple(Segment.from_dict(s) for s in m["segments"]),
+            files=tuple(File.from_dict(f) for f in m["files"]), versions=m["versions"], schema=m["schema"],
+            role=m.get("role", "device"), tool=m.get("tool"), plan=m.get("plan"),
+        )  # fmt: skip
+
+    def dumps(self) -> str:
+        return dumps(self.to_dict())
+
+
 def safe_filename(name: str) -> str:
     """A tensor name as a file name: characters outside [A-Za-z0-9_.-] become ``_``."""
     out = _SAFE_NAME.sub("_", name)
@@ -70,10 +213,10 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_entry(root: Path, rel: str) -> dict[str, Any]:
+def file_entry(root: Path, rel: str) -> File:
     """The manifest's record of one file: path, sha256, size."""
     p = root / rel
-    return {"path": rel, "sha256": sha256_file(p), "size": p.stat().st_size}
+    return File(rel, sha256_file(p), p.stat().st_size)
 
 
 def dumps(manifest: dict[str, Any]) -> str:
@@ -81,7 +224,7 @@ def dumps(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
-def read(artifact_dir: Path) -> dict[str, Any]:
+def read(artifact_dir: Path) -> Manifest:
     """Load and validate ``manifest.json``; raises ArtifactError saying what is wrong."""
     path = Path(artifact_dir) / MANIFEST
     return loads(read_bytes(artifact_dir), str(path))
@@ -122,7 +265,7 @@ def _lstat(path: Path, missing: str, what: str) -> os.stat_result:
         raise ArtifactError(f"cannot read {what}: {e.strerror or e}") from e
 
 
-def loads(data: bytes, where: str = MANIFEST) -> dict[str, Any]:
+def loads(data: bytes, where: str = MANIFEST) -> Manifest:
     """Parse and validate manifest bytes; raises ArtifactError saying what is wrong."""
     try:
         m = json.loads(data.decode("utf-8"))
@@ -132,8 +275,7 @@ def loads(data: bytes, where: str = MANIFEST) -> dict[str, Any]:
         raise ArtifactError(f"{where} is not valid JSON: {e}") from e
     except RecursionError as e:  # "[[[[…" nested past Python's limit
         raise ArtifactError(f"{where} is not a manifest: JSON nested too deeply") from e
-    validate(m, where)
-    return m
+    return Manifest.from_dict(m, where)
 
 
 def validate(m: Any, where: str = MANIFEST) -> None:
@@ -279,15 +421,15 @@ def _tensor(t: Any, where: str) -> None:
         raise ArtifactError(f"{where}: tensor {t['name'][:100]!r} has a bad shape {str(shape)[:100]}")
 
 
-def verify_files(artifact_dir: Path, m: dict[str, Any]) -> None:
+def verify_files(artifact_dir: Path, m: Manifest) -> None:
     """Check every listed file (plain, the listed size and sha256) before anything is loaded.
 
     The artifact may hold nothing else besides the manifest and its signature: an unlisted file
     (a stray .so next to the segment) is refused, so what is on disk is exactly what was signed.
     """
     root = Path(artifact_dir)
-    for f in m["files"]:
-        rel = f["path"]
+    for f in m.files:
+        rel = f.path
         p = root / rel
         # Every component must be a real directory or file: a linked directory would let a
         # checked path lead outside the artifact.
@@ -303,23 +445,23 @@ def verify_files(artifact_dir: Path, m: dict[str, Any]) -> None:
                 raise ArtifactError(f"artifact file {rel}: {here.relative_to(root)} is not a directory")
         if not stat.S_ISREG(st.st_mode):
             raise ArtifactError(f"artifact file {rel} is not a regular file (a directory, pipe or device)")
-        if st.st_size != f["size"]:
+        if st.st_size != f.size:
             raise ArtifactError(
-                f"artifact file {rel} is {st.st_size} bytes, the manifest says {f['size']}: "
+                f"artifact file {rel} is {st.st_size} bytes, the manifest says {f.size}: "
                 "the artifact was modified or damaged; recompile or re-download it"
             )
         digest = sha256_file(p)
-        if digest != f["sha256"]:
+        if digest != f.sha256:
             raise ArtifactError(
                 f"artifact file {rel} fails its checksum (sha256 {digest[:12]}…, manifest says "
-                f"{f['sha256'][:12]}…): the artifact was modified or damaged; recompile or re-download it"
+                f"{f.sha256[:12]}…): the artifact was modified or damaged; recompile or re-download it"
             )
     check_no_extra_files(root, m)
 
 
-def check_no_extra_files(root: Path, m: dict[str, Any]) -> None:
+def check_no_extra_files(root: Path, m: Manifest) -> None:
     """Refuse files, links or special files in the artifact that the manifest does not list."""
-    listed = {f["path"] for f in m["files"]} | set(RESERVED)
+    listed = {f.path for f in m.files} | set(RESERVED)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         base = Path(dirpath)
         for name in dirnames + filenames:

@@ -68,8 +68,8 @@ def verify_command(artifact: str, verify_key: str | None, as_json: bool) -> None
     try:
         doc = {
             "artifact": artifact,
-            "files": len(art.manifest["files"]),
-            "bytes": sum(f["size"] for f in art.manifest["files"]),
+            "files": len(art.manifest.files),
+            "bytes": sum(f.size for f in art.manifest.files),
             "signed_by": art.signed_by,
         }
     finally:

@@ -178,16 +178,16 @@ def _stage(out: Path, name: str, staged: list) -> Path:
     return stage
 
 
-def _summary(name: str, out: Path, m: dict, t0: float) -> ArtifactSummary:
+def _summary(name: str, out: Path, m: mf.Manifest, t0: float) -> ArtifactSummary:
     return ArtifactSummary(
         target=name,
         path=out / name,
-        files=len(m["files"]) + 1,
-        bytes=sum(f["size"] for f in m["files"]),
-        segments=len(m["segments"]),
+        files=len(m.files) + 1,
+        bytes=sum(f.size for f in m.files),
+        segments=len(m.segments),
         seconds=round(time.perf_counter() - t0, 2),
-        placement=[s["placement"] for s in m["segments"]],
-        kernels={k: sum(s.get("kernels", {}).get(k, 0) for s in m["segments"]) for k in ("tuned", "default")},
+        placement=[s.placement for s in m.segments],
+        kernels={k: sum((s.kernels or {}).get(k, 0) for s in m.segments) for k in ("tuned", "default")},
     )
 
 
@@ -221,24 +221,35 @@ def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, ro
     return c
 
 
-def _segment_entry(seg: SegmentModel, graph: planner.PlanGraph) -> dict[str, Any]:
+def _segment_entry(seg: SegmentModel, graph: planner.PlanGraph) -> mf.Segment:
     """A manifest segment; its predicted ms is the planner's: per-op rooflines on its side, summed."""
     nodes = {n.name: n for n in graph.nodes}
     side = "device_ms" if seg.placement == "device" else "cloud_ms"
     ms = sum(getattr(nodes[n], side) for n in seg.node_names)
-    return {
-        "id": seg.id,
-        "placement": seg.placement,
-        "nodes": seg.node_names,
-        "inputs": [t.to_dict() for t in seg.imported.inputs],
-        "outputs": [t.to_dict() for t in seg.imported.outputs],
-        "predicted": {"flops": sum(nodes[n].flops for n in seg.node_names), "ms": round(ms, 4)},
-    }
+    return mf.Segment(
+        id=seg.id,
+        placement=seg.placement,
+        nodes=tuple(seg.node_names),
+        inputs=tuple(seg.imported.inputs),
+        outputs=tuple(seg.imported.outputs),
+        predicted={"flops": sum(nodes[n].flops for n in seg.node_names), "ms": round(ms, 4)},
+    )
+
+
+def _endpoint(imported, seg: SegmentModel) -> mf.Endpoint:
+    return mf.Endpoint(endpoint_name(imported.name, seg.id), seg.version)
+
+
+def _built(c: backends.CompiledSegment) -> dict[str, Any]:
+    """A built segment's manifest fields: format, library, kernel counts, device code."""
+    r = c.result
+    return {"format": c.format, "library": c.library, "device_code": r.device_code,
+            "kernels": {"tuned": r.tuned_kernels, "default": r.default_kernels}}  # fmt: skip
 
 
 def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None, segs: list[SegmentModel],
                    graph: planner.PlanGraph, plan: planner.Plan, root: Path, settings: PlanSettings,
-                   tuning: tuning_log.TuningLog | None = None) -> dict[str, Any]:  # fmt: skip
+                   tuning: tuning_log.TuningLog | None = None) -> mf.Manifest:  # fmt: skip
     """The device artifact: device segments compiled for the target, cloud segments as endpoints
     (with a local fallback build where the device can run them)."""
     files, entries = [], []
@@ -246,84 +257,70 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
         e = _segment_entry(seg, graph)
         if seg.placement == "device":
             c = compile_segment(seg.imported, profile, root, str(seg.id), tuning)
-            r = c.result
-            e.update(format=c.format, library=c.library, kernels={"tuned": r.tuned_kernels, "default": r.default_kernels})
-            if r.device_code is not None:
-                e["device_code"] = r.device_code
+            e = dataclasses.replace(e, **_built(c), endpoint=_endpoint(imported, seg) if _cloud_copy(seg, settings) else None)
             files += c.files
-            if _cloud_copy(seg, settings):
-                e["endpoint"] = {"model": endpoint_name(imported.name, seg.id), "version": seg.version}
         else:
-            e.update(reason=seg.reason, endpoint={"model": endpoint_name(imported.name, seg.id), "version": seg.version})
+            e = dataclasses.replace(e, reason=seg.reason, endpoint=_endpoint(imported, seg))
             if seg.reason != "unsupported-op":
                 c = compile_segment(seg.imported, profile, root, str(seg.id), tuning)
-                e.update(format=c.format, fallback_library=c.library)
+                e = dataclasses.replace(e, format=c.format, fallback_library=c.library)
                 files += c.files
         entries.append(e)
-    m = _manifest(imported, profile, entries, root, files)
     link = settings.options(profile).link
-    m["plan"] = {
+    plan_doc = {
         "link": {"bandwidth_bps": link.bandwidth_bps, "rtt_ms": link.rtt_ms},
         "predicted": plan.cost.to_dict(),
         "baselines": {k: (v.to_dict() if v else None) for k, v in plan.baselines.items()},
         "device_memory": plan.device_memory,
         "cloud": cloud.name if cloud and any(s.placement == "cloud" for s in segs) else None,
     }
-    (root / mf.MANIFEST).write_text(mf.dumps(m))
+    m = _manifest(imported, profile, entries, root, files, plan=plan_doc)
+    (root / mf.MANIFEST).write_text(m.dumps())
     return m
 
 
 def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[SegmentModel, planner.PlanGraph]],
-                         root: Path, tuning: tuning_log.TuningLog | None = None) -> dict[str, Any]:  # fmt: skip
+                         root: Path, tuning: tuning_log.TuningLog | None = None) -> mf.Manifest:  # fmt: skip
     """The cloud artifact: every segment a device artifact sends to the cloud, compiled for the
     cloud profile and kept as ONNX (servable by any engine), under its endpoint name and version."""
     files, entries = [], []
     for k, (seg, graph) in enumerate(sorted(segs, key=lambda sp: (sp[0].id, sp[0].version))):
         e = _segment_entry(dataclasses.replace(seg, placement="cloud"), graph)
-        e["id"] = k
-        e["placement"] = "cloud"
         name = endpoint_name(imported.name, seg.id)
         onnx_rel = f"segments/{name}-{seg.version}.onnx"
         c = compile_segment(seg.imported, cloud, root, f"{name}-{seg.version}", tuning)
-        r = c.result
         (root / onnx_rel).write_bytes(seg.onnx_bytes)
-        e.update(format=c.format, library=c.library, onnx=onnx_rel, endpoint={"model": name, "version": seg.version},
-                 kernels={"tuned": r.tuned_kernels, "default": r.default_kernels})  # fmt: skip
-        if r.device_code is not None:
-            e["device_code"] = r.device_code
-        if seg.reason:
-            e["reason"] = seg.reason
+        entries.append(dataclasses.replace(e, id=k, **_built(c), onnx=onnx_rel, endpoint=_endpoint(imported, seg),
+                                           reason=seg.reason or None))  # fmt: skip
         files += c.files + [onnx_rel]
-        entries.append(e)
     m = _manifest(imported, cloud, entries, root, files, role="cloud")
-    (root / mf.MANIFEST).write_text(mf.dumps(m))
+    (root / mf.MANIFEST).write_text(m.dumps())
     return m
 
 
-def _manifest(imported, profile: TargetProfile, segments: list[dict], root: Path, files: list[str],
-              role: str = "device") -> dict[str, Any]:  # fmt: skip
+def _manifest(imported, profile: TargetProfile, segments: list[mf.Segment], root: Path, files: list[str],
+              role: str = "device", plan: dict[str, Any] | None = None) -> mf.Manifest:  # fmt: skip
     import tvm
     import tvm_ffi
 
-    m = {
-        "schema": mf.SCHEMA,
-        "role": role,  # device: run the segments in order; cloud: serve each by its endpoint
-        "tool": {"name": "tvm-hybrid", "version": __version__},
-        "versions": {
+    m = mf.Manifest(
+        role=role,  # device: run the segments in order; cloud: serve each by its endpoint
+        tool={"name": "tvm-hybrid", "version": __version__},
+        versions={
             "tvm_hybrid": __version__,
             "tvm": tvm.__version__,
             "tvm_ffi": getattr(tvm_ffi, "__version__", ""),
             "onnx": onnx.__version__,
         },
-        "model": {"name": imported.name, "sha256": imported.sha256, "opset": imported.opset},
-        "inputs": [t.to_dict() for t in imported.inputs],
-        "outputs": [t.to_dict() for t in imported.outputs],
-        "target": profile.to_dict(),
-        "segments": segments,
-        "files": [mf.file_entry(root, rel) for rel in files],
-    }
-    mf.validate(m)
-    return m
+        model={"name": imported.name, "sha256": imported.sha256, "opset": imported.opset},
+        inputs=tuple(imported.inputs),
+        outputs=tuple(imported.outputs),
+        target=profile.to_dict(),
+        segments=tuple(segments),
+        files=tuple(mf.file_entry(root, rel) for rel in files),
+        plan=plan,
+    )
+    return mf.Manifest.from_dict(m.to_dict())  # the same checks a runtime makes when it loads it
 
 
 def describe_plan(imported, graph: planner.PlanGraph, device: TargetProfile, cloud: TargetProfile | None,
@@ -336,8 +333,8 @@ def describe_plan(imported, graph: planner.PlanGraph, device: TargetProfile, clo
     for seg in segs:
         e = _segment_entry(seg, graph)
         if seg.placement == "cloud":
-            e.update(reason=seg.reason, endpoint={"model": endpoint_name(imported.name, seg.id), "version": seg.version})
-        segments.append(e)
+            e = dataclasses.replace(e, reason=seg.reason, endpoint=_endpoint(imported, seg))
+        segments.append(e.to_dict())
     opts = settings.options(device)
     ops = [
         {

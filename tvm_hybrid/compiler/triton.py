@@ -52,19 +52,18 @@ def collect(artifacts: list[str | Path], opened: list) -> dict[str, TritonModel]
     for path in artifacts:
         art = open_artifact(path)
         opened.append(art)
-        for seg in art.manifest["segments"]:
-            ep = seg.get("endpoint")
-            if ep is None or "onnx" not in seg:  # a device artifact names endpoints but holds no ONNX
+        for seg in art.manifest.segments:
+            ep = seg.endpoint
+            if ep is None or seg.onnx is None:  # a device artifact names endpoints but holds no ONNX
                 continue
-            ins = [TensorSpec.from_dict(t) for t in seg["inputs"]]
-            outs = [TensorSpec.from_dict(t) for t in seg["outputs"]]
-            m = models.setdefault(ep["model"], TritonModel(ep["model"], ins, outs))
+            ins, outs = list(seg.inputs), list(seg.outputs)
+            m = models.setdefault(ep.model, TritonModel(ep.model, ins, outs))
             if (m.inputs, m.outputs) != (ins, outs):
                 raise UsageError(
-                    f"two versions of {ep['model']} take or give different tensors; Triton keeps one config per "
+                    f"two versions of {ep.model} take or give different tensors; Triton keeps one config per "
                     "model, so export those artifacts to separate repositories"
                 )
-            m.versions[wire_version(ep["version"])] = art.root / seg["onnx"]
+            m.versions[wire_version(ep.version)] = art.root / seg.onnx
     if not models:
         raise ArtifactError(
             "no cloud segments in " + ", ".join(map(str, artifacts))

@@ -9,7 +9,6 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from .. import manifest as mf
 from ..errors import ArtifactError, one_line
@@ -29,17 +28,17 @@ class Artifact:
     """A verified artifact on disk. ``close()`` removes the unpacked copy of a .tar."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: mf.Manifest
     signed_by: str | None = None  # the key id whose signature was verified, if one was required
     _tmp: tempfile.TemporaryDirectory | None = None
 
     @property
     def inputs(self) -> list[mf.TensorSpec]:
-        return [mf.TensorSpec.from_dict(t) for t in self.manifest["inputs"]]
+        return list(self.manifest.inputs)
 
     @property
     def outputs(self) -> list[mf.TensorSpec]:
-        return [mf.TensorSpec.from_dict(t) for t in self.manifest["outputs"]]
+        return list(self.manifest.outputs)
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -106,7 +105,7 @@ def _is_tar(path: Path) -> bool:
         raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from e
 
 
-def check_versions(m: dict[str, Any]) -> None:
+def check_versions(m: mf.Manifest) -> None:
     """Refuse artifacts built by a TVM whose runtime ABI this one may not load.
 
     Policy: the manifest schema's major (checked by manifest.validate) is the tool's contract;
@@ -115,9 +114,9 @@ def check_versions(m: dict[str, Any]) -> None:
     """
     from .executors import NEEDS_TVM
 
-    if not any(seg.get("format", "tvm-vm") in NEEDS_TVM for seg in m["segments"] if seg["placement"] == "device"):
+    if not any((seg.format or mf.FORMAT_TVM_VM) in NEEDS_TVM for seg in m.segments if seg.placement == "device"):
         return  # e.g. wgsl-plan segments run on wgpu alone: no TVM on the device
-    built = m["versions"].get("tvm", "")
+    built = m.versions.get("tvm", "")
     here = versions()["tvm"]
     if _minor(built) != _minor(here):
         from .. import __version__

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import ArtifactError, RuntimeFailure
+from ..manifest import FORMAT_TVM_VM, FORMAT_WGSL_PLAN, Segment
 from ._tvm import tvm_runtime
 from .threads import resolve as resolve_threads
 from .threads import use as use_threads
@@ -16,16 +18,16 @@ from .threads import use as use_threads
 class TVMVMExecutor:
     """A segment compiled by TVM Relax into a shared library run by the Relax VM."""
 
-    def __init__(self, root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None,
+    def __init__(self, root: Path, segment: Segment, target: dict[str, Any], device: str | None,
                  threads: int | None = None):
         from ..emulate import check_native
 
-        check_native(target, f"artifact segment {segment['library']}")  # before dlopen fails obscurely
+        check_native(target, f"artifact segment {segment.library}")  # before dlopen fails obscurely
         tvm = tvm_runtime()
         from tvm.runtime.vm import VirtualMachine
 
         self._tvm = tvm
-        lib_path = root / segment["library"]
+        lib_path = root / segment.library
         self.device = _device(tvm, target, device, segment)
         self.device_name = str(self.device)
         try:
@@ -34,10 +36,10 @@ class TVMVMExecutor:
             self._main = self._vm["main"]
         except Exception as e:
             raise RuntimeFailure(
-                f"cannot load {segment['library']} on {self.device_name}: {str(e).strip().splitlines()[-1]}; "
+                f"cannot load {segment.library} on {self.device_name}: {str(e).strip().splitlines()[-1]}; "
                 "was it compiled for this machine's architecture?"
             ) from e
-        self._n_out = len(segment["outputs"])
+        self._n_out = len(segment.outputs)
         #: Workers of TVM's thread pool for this executor's calls (threads.resolve's default).
         self.threads = threads if threads is not None else resolve_threads(None)
         self.threads_used: int | None = None  # what the pool ran with in the last call
@@ -51,13 +53,13 @@ class TVMVMExecutor:
         return [o.numpy() for o in out]
 
 
-def _device(tvm, target: dict[str, Any], override: str | None, segment: dict[str, Any] | None = None):
+def _device(tvm, target: dict[str, Any], override: str | None, segment: Segment | None = None):
     kind = override or (target.get("tvm_target") or {}).get("kind", "llvm")
     kind = {"llvm": "cpu", "c": "cpu"}.get(kind, kind)
     if kind == "cuda":
         from .cuda import cuda_device
 
-        return cuda_device(tvm, (segment or {}).get("device_code"))
+        return cuda_device(tvm, segment.device_code if segment is not None else None)
     try:
         dev = tvm.device(kind, 0)
     except ValueError:
@@ -67,7 +69,7 @@ def _device(tvm, target: dict[str, Any], override: str | None, segment: dict[str
     return dev
 
 
-def _wgpu_executor(root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None,
+def _wgpu_executor(root: Path, segment: Segment, target: dict[str, Any], device: str | None,
                    threads: int | None = None):
     """WGSL kernels + launch plan on Vulkan through wgpu (no TVM); imported only when used.
     ``threads`` does not apply: the GPU computes, and the host only records one compute pass."""
@@ -76,19 +78,20 @@ def _wgpu_executor(root: Path, segment: dict[str, Any], target: dict[str, Any], 
     return WGPUExecutor(root, segment, target, device)
 
 
-EXECUTORS: dict[str, Callable[..., Any]] = {"tvm-vm": TVMVMExecutor, "wgsl-plan": _wgpu_executor}
+EXECUTORS: dict[str, Callable[..., Any]] = {FORMAT_TVM_VM: TVMVMExecutor, FORMAT_WGSL_PLAN: _wgpu_executor}
 #: Formats whose executor loads TVM's runtime (and so whose artifacts must match its version).
-NEEDS_TVM = {"tvm-vm"}
+NEEDS_TVM = {FORMAT_TVM_VM}
 
 
-def create_executor(root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None = None,
-                    threads: int | None = None):
-    """The executor for a segment's format; ``threads``: CPU threads per call (None: threads.resolve)."""
-    fmt = segment.get("format", "tvm-vm")
+def create_executor(root: Path, segment: Segment, target: dict[str, Any], device: str | None = None,
+                    threads: int | None = None, library: str | None = None):
+    """The executor for a segment's format; ``threads``: CPU threads per call (None: threads.resolve);
+    ``library``: the file to run, when not the segment's own (its fallback build)."""
+    fmt = segment.format or FORMAT_TVM_VM
     if fmt not in EXECUTORS:
-        raise ArtifactError(
-            f"segment {segment.get('id')} has format {fmt!r}; this runtime runs {', '.join(EXECUTORS)}"
-        )
-    if "library" not in segment:
-        raise ArtifactError(f"segment {segment.get('id')} names no library file")
+        raise ArtifactError(f"segment {segment.id} has format {fmt!r}; this runtime runs {', '.join(EXECUTORS)}")
+    if library is not None:
+        segment = dataclasses.replace(segment, library=library)
+    if segment.library is None:
+        raise ArtifactError(f"segment {segment.id} names no library file")
     return EXECUTORS[fmt](root, segment, target, device, threads)

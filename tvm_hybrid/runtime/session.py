@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import ArtifactError, RuntimeFailure, UsageError
-from ..manifest import TensorSpec
+from ..manifest import Segment, TensorSpec
 from .artifact import Artifact, open_artifact
 from .cloud import CloudClient, CloudPolicy, LinkShaper
 from .executors import create_executor
@@ -67,32 +67,31 @@ class Session:
         self._cloud = CloudClient(cloud_url, token, timeout, link, cloud_policy) if cloud_url else None
         self._steps: list[_Step] = []
         try:
-            for seg in self.manifest["segments"]:
+            for seg in self.manifest.segments:
                 self._steps.append(self._plan_step(seg, device))
         except BaseException:
             self.close()
             raise
 
-    def _plan_step(self, seg: dict[str, Any], device: str | None) -> _Step:
-        ep = seg.get("endpoint")
-        local_lib = seg.get("library") or seg.get("fallback_library")
+    def _plan_step(self, seg: Segment, device: str | None) -> _Step:
+        ep = seg.endpoint
+        local_lib = seg.local_library
         can_cloud = ep is not None and self._cloud is not None
-        want_cloud = seg["placement"] == "cloud" or (self.fallback == "cloud" and ep is not None)
+        want_cloud = seg.placement == "cloud" or (self.fallback == "cloud" and ep is not None)
         if want_cloud and not can_cloud:
             if self.fallback == "auto" and local_lib:
                 want_cloud = False  # no cloud configured: the device runs its local build
             else:
                 hint = "pass --cloud-url (Session(cloud_url=...))" if ep else "recompile it with a cloud"
                 raise RuntimeFailure(
-                    f"segment {seg['id']} runs in the cloud ({ep['model'] if ep else 'no endpoint'}) "
+                    f"segment {seg.id} runs in the cloud ({ep.model if ep else 'no endpoint'}) "
                     f"and no cloud is configured; {hint}"
                     + ("" if local_lib else ", or plan it onto the device")
                 )
         local = None
         if local_lib and (not want_cloud or self.fallback == "auto"):
-            local = create_executor(self._art.root, {**seg, "library": local_lib}, self.manifest["target"], device,
-                                    self.threads)  # fmt: skip
-        remote = (ep["model"], ep["version"]) if can_cloud else None
+            local = create_executor(self._art.root, seg, self.manifest.target, device, self.threads, library=local_lib)
+        remote = (ep.model, ep.version) if can_cloud else None
         order = ["cloud", "device"] if want_cloud else ["device", "cloud"]
         if self.fallback != "auto":
             order = order[:1]
@@ -105,19 +104,19 @@ class Session:
         trace = []
         for step in self._steps:
             seg = step.segment
-            args = {t["name"]: env[t["name"]] for t in seg["inputs"]}
+            args = {t.name: env[t.name] for t in seg.inputs}
             errors = []
             for where in step.order:
                 t0 = time.perf_counter()
                 try:
                     if where == "device":
                         res = step.local.run(list(args.values()))
-                        if len(res) != len(seg["outputs"]):
+                        if len(res) != len(seg.outputs):
                             raise ArtifactError(
-                                f"segment {seg['id']} returned {len(res)} outputs, its manifest lists "
-                                f"{len(seg['outputs'])}: the manifest does not describe this library; recompile the model"
+                                f"segment {seg.id} returned {len(res)} outputs, its manifest lists "
+                                f"{len(seg.outputs)}: the manifest does not describe this library; recompile the model"
                             )
-                        outs = dict(zip((t["name"] for t in seg["outputs"]), res))
+                        outs = dict(zip((t.name for t in seg.outputs), res))
                         sent, ran_on = 0, step.local.device_name
                         extra = {"threads": used} if (used := getattr(step.local, "threads_used", None)) else {}
                     else:
@@ -128,18 +127,18 @@ class Session:
                 except Exception as e:
                     errors.append(f"{where}: {_one_line(e)}")
                     if where != step.order[-1]:
-                        log.warning("segment %s failed on the %s (%s); trying the other side", seg["id"], where, _one_line(e))
+                        log.warning("segment %s failed on the %s (%s); trying the other side", seg.id, where, _one_line(e))
                     continue
-                missing = [t["name"] for t in seg["outputs"] if t["name"] not in outs]
+                missing = [t.name for t in seg.outputs if t.name not in outs]
                 if missing:
                     errors.append(f"{where}: outputs {missing} missing from the reply")
                     continue
-                env.update({t["name"]: outs[t["name"]] for t in seg["outputs"]})
+                env.update({t.name: outs[t.name] for t in seg.outputs})
                 trace.append(
                     {
-                        "segment": seg["id"],
+                        "segment": seg.id,
                         "placement": where,
-                        "planned": seg["placement"],
+                        "planned": seg.placement,
                         "fallback": where != step.order[0],
                         "ran_on": ran_on,
                         "ms": (time.perf_counter() - t0) * 1e3,
@@ -151,7 +150,7 @@ class Session:
             else:
                 self.trace = trace
                 raise RuntimeFailure(
-                    f"segment {seg['id']} ({seg['placement']}) failed"
+                    f"segment {seg.id} ({seg.placement}) failed"
                     + (f": {'; '.join(errors)}" if errors else "")
                     + ("" if self.fallback == "auto" else f" (fallback is {self.fallback!r})")
                 )
@@ -207,7 +206,7 @@ class Session:
 class _Step:
     """How one segment runs: where first, and where else if that fails."""
 
-    segment: dict[str, Any]
+    segment: Segment
     local: Any  # an executor, or None
     remote: tuple[str, str] | None  # (model, version) on the cloud, or None
     order: list[str]

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtifactError, RuntimeFailure
+from ..manifest import FORMAT_WGSL_PLAN, Segment
 
 log = logging.getLogger(__name__)
 
-FORMAT = "wgsl-plan"
 ADAPTER_ENV = "TVM_HYBRID_WGPU_ADAPTER"
 BACKENDS_ENV = "TVM_HYBRID_WGPU_BACKENDS"
 _LIMIT_KEYS = {
@@ -96,20 +96,20 @@ def pick_adapter(name: str | None = None):
 class WGPUExecutor:
     """A segment of WGSL kernels replayed from its launch plan on a wgpu (Vulkan) device."""
 
-    def __init__(self, root: Path, segment: dict[str, Any], target: dict[str, Any], device: str | None):
+    def __init__(self, root: Path, segment: Segment, target: dict[str, Any], device: str | None):
         wgpu = _wgpu()
         self._wgpu = wgpu
-        plan_path = Path(root) / segment["library"]
+        plan_path = Path(root) / segment.library
         try:
             plan = json.loads(plan_path.read_text())
             kernels_src = json.loads((plan_path.parent / plan["wgsl"]).read_text())
             weights = (plan_path.parent / plan["weights"]).read_bytes()
         except (OSError, ValueError, KeyError) as e:
-            raise ArtifactError(f"cannot read the launch plan {segment['library']}: {e}") from e
-        if plan.get("format") != FORMAT or plan.get("version") != 1:
+            raise ArtifactError(f"cannot read the launch plan {segment.library}: {e}") from e
+        if plan.get("format") != FORMAT_WGSL_PLAN or plan.get("version") != 1:
             raise ArtifactError(
-                f"{segment['library']} is a {plan.get('format')!r} v{plan.get('version')} plan; "
-                f"this runtime reads {FORMAT} v1; recompile the model"
+                f"{segment.library} is a {plan.get('format')!r} v{plan.get('version')} plan; "
+                f"this runtime reads {FORMAT_WGSL_PLAN} v1; recompile the model"
             )
         name = None
         if device and device not in ("wgpu", "vulkan", "webgpu"):

@@ -83,13 +83,12 @@ class Registry:
         for path in artifacts:
             art = open_artifact(path)
             self._arts.append(art)
-            for seg in art.manifest["segments"]:
-                ep = seg.get("endpoint")
-                if ep is None or "library" not in seg:
+            for seg in art.manifest.segments:
+                ep = seg.endpoint
+                if ep is None or seg.library is None:
                     continue
-                exs = [create_executor(art.root, seg, art.manifest["target"], threads=self.threads) for _ in range(workers)]
-                sm = ServedModel(ep["model"], ep["version"], [TensorSpec.from_dict(t) for t in seg["inputs"]],
-                                 [TensorSpec.from_dict(t) for t in seg["outputs"]], exs)  # fmt: skip
+                exs = [create_executor(art.root, seg, art.manifest.target, threads=self.threads) for _ in range(workers)]
+                sm = ServedModel(ep.model, ep.version, list(seg.inputs), list(seg.outputs), exs)
                 self.models.setdefault(sm.name, {})[sm.version] = sm
                 for v in sm.versions:
                     self._aliases[(sm.name, v)] = sm.version
