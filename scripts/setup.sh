@@ -47,5 +47,5 @@ fi
 # The aarch64 sysroot `tvm-hybrid run --emulate` runs arm64 artifacts in (Debian arm64 python3.11
 # + the pinned wheels, ~/.cache/tvm-hybrid/aarch64-sysroot); returns at once when it is ready.
 if [ "$ARM" != 0 ] && [ "$(uname -m)" = x86_64 ]; then
-  $PY -m tvm_hybrid.emulate setup >/dev/null
+  $PY -m tvm_hybrid emulate setup >/dev/null
 fi

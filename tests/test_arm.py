@@ -12,7 +12,7 @@ yolo_head's decoded boxes, under its stated atol 1e-4; 9.3e-6 on PP-OCR cls's pr
 rest under 3e-6).
 
 Needs aarch64-linux-gnu-g++, qemu-aarch64-static and the aarch64 sysroot
-(`python -m tvm_hybrid.emulate setup`); scripts/setup.sh installs all three. Without them these
+(`tvm-hybrid emulate setup`); scripts/setup.sh installs all three. Without them these
 tests skip, except under CI=true, where a skip would hide a broken setup and they fail instead.
 """
 
@@ -31,7 +31,7 @@ import pytest
 import zoo
 from conftest import CLS, assert_close, reference, text_image
 
-from tvm_hybrid import emulate
+from tvm_hybrid import emulate, hostcpu
 from tvm_hybrid.targets import resolve
 
 ARM_TARGETS = ("arm64", "arm64-cortex-a55", "arm64-cortex-a76", "arm64-neoverse-n1")
@@ -54,7 +54,7 @@ def cross_cc() -> None:
 
 @pytest.fixture(scope="session")
 def emulation(cross_cc) -> emulate.Sysroot:
-    if emulate.host_arch() == "aarch64":
+    if hostcpu.host_arch() == "aarch64":
         pytest.skip("this machine is aarch64: the ARM artifacts run natively in the other tests' way")
     if shutil.which(emulate.ARCHES["aarch64"].emulator) is None:
         _need("qemu-aarch64-static is not installed")
@@ -112,7 +112,7 @@ def test_arm_profile_is_an_aarch64_llvm_target(name):
     assert bool(t.attrs["feature.has_dotprod"]) == (name != "arm64")
     assert t.attrs["num-cores"] == prof.capacity["cores"]
     assert prof.toolchain["cc"] == CROSS_CC and prof.toolchain["emulator"] == "qemu-aarch64-static"
-    assert emulate.target_arch(prof.to_dict()) == "aarch64"
+    assert hostcpu.target_arch(prof.to_dict()) == "aarch64"
 
 
 # Spread the zoo over the four profiles so each is built and run.
@@ -180,7 +180,7 @@ def test_missing_cross_compiler_is_a_one_line_error_before_compiling(cross_cc, z
 
 
 def test_arm_artifact_run_natively_points_at_emulate(cross_cc, artifacts, zoo_files):
-    if emulate.host_arch() == "aarch64":
+    if hostcpu.host_arch() == "aarch64":
         pytest.skip("aarch64 artifacts run natively here")
     z, path = zoo_files("mlp")
     art = artifacts.get(path, z.input_shapes, "arm64")
@@ -191,7 +191,7 @@ def test_arm_artifact_run_natively_points_at_emulate(cross_cc, artifacts, zoo_fi
 
 
 def test_emulate_without_sysroot_says_how_to_create_it(cross_cc, artifacts, zoo_files, tmp_path):
-    if emulate.host_arch() == "aarch64":
+    if hostcpu.host_arch() == "aarch64":
         pytest.skip("nothing to emulate on aarch64")
     z, path = zoo_files("mlp")
     art = artifacts.get(path, z.input_shapes, "arm64")
@@ -200,7 +200,7 @@ def test_emulate_without_sysroot_says_how_to_create_it(cross_cc, artifacts, zoo_
                 env={"TVM_HYBRID_AARCH64_SYSROOT": str(tmp_path / "none")})  # fmt: skip
     assert proc.returncode == 5, proc.stderr
     [line] = proc.stderr.strip().splitlines()
-    assert "-m tvm_hybrid.emulate setup" in line and "TVM_HYBRID_AARCH64_SYSROOT" in line
+    assert "tvm-hybrid emulate setup" in line and "TVM_HYBRID_AARCH64_SYSROOT" in line
 
 
 def test_emulated_run_without_json_says_the_latency_is_not_the_devices(emulation, artifacts, zoo_files, tmp_path):
@@ -213,23 +213,23 @@ def test_emulated_run_without_json_says_the_latency_is_not_the_devices(emulation
 
 
 def test_tuning_an_arm_target_locally_is_refused_without_rpc():
-    if emulate.host_arch() == "aarch64":
+    if hostcpu.host_arch() == "aarch64":
         pytest.skip("on an aarch64 machine ARM timings are real")
     arm = resolve("arm64-cortex-a76").to_dict()
-    why = emulate.timing_meaningless(arm)
+    why = hostcpu.timing_meaningless(arm)
     assert why and "mean nothing" in why and "--rpc-tracker" in why
-    with pytest.raises(emulate.UsageError, match="rpc-tracker"):
-        emulate.check_tuning_target(arm, rpc_tracker=None)
-    emulate.check_tuning_target(arm, rpc_tracker="127.0.0.1:9190")  # a real board measures: allowed
-    assert emulate.timing_meaningless(resolve("x86-64").to_dict()) is None
+    with pytest.raises(hostcpu.UsageError, match="rpc-tracker"):
+        hostcpu.check_tuning_target(arm, rpc_tracker=None)
+    hostcpu.check_tuning_target(arm, rpc_tracker="127.0.0.1:9190")  # a real board measures: allowed
+    assert hostcpu.timing_meaningless(resolve("x86-64").to_dict()) is None
 
 
 def test_a_gpu_profile_with_an_arm_host_is_aarch64_but_not_emulatable():
     """Jetson-class profiles: the CPU side is aarch64 (so not native on x86), the kernels need the GPU."""
     jetson = {"name": "jetson", "tvm_target": {"kind": "cuda", "arch": "sm_87"},
               "tvm_host": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}}  # fmt: skip
-    assert emulate.target_arch(jetson) == "aarch64" and not emulate.emulatable(jetson)
-    assert emulate.emulatable(resolve("arm64").to_dict())
-    if emulate.host_arch() != "aarch64":
-        with pytest.raises(emulate.RuntimeFailure, match="run it on the device$"):
-            emulate.check_native(jetson)
+    assert hostcpu.target_arch(jetson) == "aarch64" and not hostcpu.emulatable(jetson)
+    assert hostcpu.emulatable(resolve("arm64").to_dict())
+    if hostcpu.host_arch() != "aarch64":
+        with pytest.raises(hostcpu.RuntimeFailure, match="run it on the device$"):
+            hostcpu.check_native(jetson)

@@ -53,14 +53,16 @@ print({{
 
 
 def test_runtime_modules_do_not_import_the_compiler_side():
-    """Dependencies point one way: runtime never imports compiler, cli, onnx (static check)."""
+    """Dependencies point one way: the runtime, the server and what they use never import
+    compiler, cli, onnx (static check)."""
     import ast
     import pathlib
 
     import tvm_hybrid
 
     root = pathlib.Path(tvm_hybrid.__file__).parent
-    for path in list((root / "runtime").glob("*.py")) + [root / "manifest.py", root / "errors.py", root / "signing.py"]:
+    shared = ["manifest.py", "errors.py", "signing.py", "hostcpu.py", "protocol.py", "emulate.py"]
+    for path in [*(root / "runtime").glob("*.py"), *(root / "server").glob("*.py"), *(root / p for p in shared)]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -73,6 +75,29 @@ def test_runtime_modules_do_not_import_the_compiler_side():
                 assert parts[0] not in ("onnx", "onnxruntime"), f"{path.name} imports {name}"
                 assert "compiler" not in parts and "cli" not in parts, f"{path.name} imports {name}"
                 assert not name.startswith("tvm.relax"), f"{path.name} imports {name}"
+
+
+def test_run_command_imports_no_compiler(artifacts, tmp_path):
+    """`python -m tvm_hybrid run`, what `run --emulate` starts in the aarch64 sysroot (TVM's runtime,
+    numpy and click only), runs with onnx, onnxruntime, tvm.relax and tvm_hybrid.compiler unimportable."""
+    art = artifacts.get(CLS, CLS_SHAPE)
+    x = tmp_path / "x.npy"
+    np.save(x, text_image(1, 48, 192))
+    code = f"""
+import runpy, sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("onnx", "onnxruntime") or name.startswith(("tvm_hybrid.compiler", "tvm.relax")):
+            raise ImportError("blocked: " + name)
+
+sys.meta_path.insert(0, Block())
+sys.argv = ["tvm-hybrid", "run", {str(art)!r}, "--input", "x={x}", "--json"]
+runpy.run_module("tvm_hybrid", run_name="__main__")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["outputs"]
 
 
 def test_tampered_library_is_refused_before_loading(cls_artifact):

@@ -4,8 +4,9 @@ An aarch64 artifact is checked on an x86 build machine by running the real runti
 ``python -m tvm_hybrid run`` — with an aarch64 Python, numpy and TVM runtime under
 ``qemu-aarch64-static``. The aarch64 userland is a *sysroot*: Debian's arm64 python3.11 packages
 unpacked with ``dpkg -x`` and the project's pinned wheels installed for ``manylinux_2_28_aarch64``.
-``python -m tvm_hybrid.emulate setup`` creates it (cached outside the repository); outputs come
-back as .npy files, so the caller compares them on x86. Timings under emulation mean nothing.
+``tvm-hybrid emulate setup`` (cli/emulate_cmd.py) creates it (cached outside the repository);
+outputs come back as .npy files, so the caller compares them on x86. Timings under emulation mean
+nothing. Whether an artifact's code runs natively here at all is ``hostcpu.check_native``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import hostcpu
-from .errors import RuntimeFailure, UsageError
+from .errors import RuntimeFailure, UsageError, one_line
+from .hostcpu import EMULATED_ARCHES, emulatable, host_arch, needs_emulation, target_arch  # noqa: F401  (used here and by callers)
 
 log = logging.getLogger(__name__)
 
@@ -64,62 +64,7 @@ ARCHES: dict[str, Arch] = {
         emulator_install="apt-get install -y qemu-user-static",
     ),
 }
-
-_MACHINE_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
-
-
-def host_arch() -> str:
-    """This machine's architecture, named as in target triples ("x86_64", "aarch64")."""
-    m = platform.machine().lower()
-    return _MACHINE_ALIASES.get(m, m)
-
-
-def target_arch(target: dict[str, Any]) -> str:
-    """The CPU architecture a resolved profile (or a manifest's ``target``) compiles for.
-
-    Takes the profile as a dict (``TargetProfile.to_dict()`` or ``Manifest.target``): the
-    first field of the host's LLVM ``mtriple`` (a GPU profile's CPU side, e.g. Jetson's aarch64),
-    else of the target's; profiles with neither build for this machine.
-    """
-    triple = (target.get("tvm_host") or {}).get("mtriple") or (target.get("tvm_target") or {}).get("mtriple", "")
-    arch = triple.split("-", 1)[0].lower() if triple else host_arch()
-    return _MACHINE_ALIASES.get(arch, arch)
-
-
-def emulatable(target: dict[str, Any]) -> bool:
-    """Whether this machine can run the target's artifacts under emulation: CPU code of a known architecture."""
-    return target_arch(target) in ARCHES and (target.get("tvm_target") or {}).get("kind", "llvm") in ("llvm", "c")
-
-
-def needs_emulation(target: dict[str, Any]) -> bool:
-    """Whether code built for this target cannot run natively here."""
-    return target_arch(target) != host_arch()
-
-
-def timing_meaningless(target: dict[str, Any]) -> str | None:
-    """Why timings for this target taken on this machine mean nothing, or None when they are real.
-
-    For `tvm-hybrid tune`: a profile for another architecture can only be measured on a real
-    board behind an RPC tracker; qemu-user translates instructions and its timings bear no
-    relation to the device's.
-    """
-    arch = target_arch(target)
-    if arch == host_arch():
-        return None
-    name = target.get("name", "?")
-    return (
-        f"target {name} runs on {arch} and this machine is {host_arch()}: timings here would come from "
-        f"qemu emulation and mean nothing; tune on a real {arch} board behind an RPC tracker "
-        "(--rpc-tracker HOST:PORT --rpc-key KEY)"
-    )
-
-
-def check_tuning_target(target: dict[str, Any], rpc_tracker: str | None) -> None:
-    """Refuse to tune a foreign-architecture target locally: UsageError unless an RPC tracker is given."""
-    why = timing_meaningless(target)
-    if why is not None and not rpc_tracker:
-        raise UsageError(f"cannot tune locally: {why}")
-
+assert set(ARCHES) == set(EMULATED_ARCHES), "hostcpu.EMULATED_ARCHES names the architectures emulated here"
 
 # --- the sysroot -------------------------------------------------------------------------------
 
@@ -139,7 +84,7 @@ def sysroot_dir(arch: str = "aarch64") -> Path:
 
 
 def setup_command(arch: str = "aarch64") -> str:
-    return f"{Path(sys.executable).name} -m tvm_hybrid.emulate setup" + ("" if arch == "aarch64" else f" --arch {arch}")
+    return "tvm-hybrid emulate setup" + ("" if arch == "aarch64" else f" --arch {arch}")
 
 
 def wanted_wheels() -> dict[str, str]:
@@ -313,19 +258,16 @@ def _smoke_test(sr: Sysroot) -> None:
         env=_child_env(sr, None), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     if proc.returncode != 0:
-        raise RuntimeFailure(f"the new {sr.arch.name} sysroot does not start: {_last_line(proc.stderr)}")
+        why = one_line(proc.stderr, last=True, empty="no output")
+        raise RuntimeFailure(f"the new {sr.arch.name} sysroot does not start: {why}")
     log.info("emulated python: %s", proc.stdout.strip())
 
 
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
-        raise RuntimeFailure(f"{what} failed (exit {proc.returncode}): {_last_line(proc.stderr or proc.stdout)}")
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "no output"
+        why = one_line(proc.stderr or proc.stdout, last=True, empty="no output")
+        raise RuntimeFailure(f"{what} failed (exit {proc.returncode}): {why}")
 
 
 def _arch(arch: str) -> Arch:
@@ -426,57 +368,3 @@ def run_emulated(
         log.debug("emulated command: %s", " ".join(cmd))
         proc = subprocess.run(cmd, env=_child_env(sr, pkg_dir), stdout=subprocess.PIPE if capture else None, text=True)
     return EmulatedRun(proc.returncode, proc.stdout, arch, emulator, sr.root)
-
-
-def check_native(target: dict[str, Any], name: str = "the artifact") -> None:
-    """RuntimeFailure when this machine cannot run the artifact's code: another architecture
-    (pointing at --emulate), or x86 code using CPU features this CPU lacks (AVX-512 on AVX2)."""
-    arch = target_arch(target)
-    if arch != host_arch():
-        how = " or on this machine with --emulate" if emulatable(target) else ""
-        raise RuntimeFailure(
-            f"{name} is built for {arch} ({target.get('name', '?')}) and this machine is {host_arch()}; "
-            f"run it on the device{how}"
-        )
-    cpu = target.get("tvm_host") or target.get("tvm_target") or {}
-    if arch == "x86_64" and cpu.get("kind", "llvm") in ("llvm", "c"):
-        missing = hostcpu.missing_features(cpu)
-        if missing:
-            raise RuntimeFailure(
-                f"{name} is built for {target.get('name', '?')} (mcpu {cpu.get('mcpu', '?')}) and this CPU lacks "
-                f"{', '.join(missing)}, so it would die of an illegal instruction; compile it for a profile this "
-                "CPU runs (`--target host` picks the best one here)"
-            )
-
-
-# --- python -m tvm_hybrid.emulate ----------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tvm_hybrid.emulate setup|path``: create the emulation sysroot, or show where it is."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m tvm_hybrid.emulate", description=main.__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("setup", help="create (or update) the sysroot; idempotent")
-    s.add_argument("--arch", default="aarch64", choices=sorted(ARCHES))
-    s.add_argument("--sysroot", type=Path, help="directory (default: $TVM_HYBRID_<ARCH>_SYSROOT or ~/.cache/tvm-hybrid)")
-    s.add_argument("--force", action="store_true", help="recreate it even when it is ready")
-    w = sub.add_parser("path", help="print the sysroot directory; exit 1 when it is not ready")
-    w.add_argument("--arch", default="aarch64", choices=sorted(ARCHES))
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="tvm-hybrid: %(message)s", stream=sys.stderr)
-    try:
-        if args.cmd == "setup":
-            sr = create_sysroot(args.arch, args.sysroot, force=args.force)
-        else:
-            sr = find_sysroot(args.arch)
-    except (UsageError, RuntimeFailure) as e:
-        sys.stderr.write(f"Error: {e}\n")
-        return 1 if args.cmd == "path" else e.exit_code
-    sys.stdout.write(f"{sr.root}\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

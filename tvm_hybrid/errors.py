@@ -31,7 +31,16 @@ class RuntimeFailure(HybridError):
     exit_code = 5
 
 
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's first line (or its type name), for a one-line error message."""
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:limit]
+def one_line(e: BaseException | str | None, limit: int = 300, last: bool = False, empty: str = "no message") -> str:
+    """The first (``last``: the last) non-blank line of an exception's message or of a text (a
+    tool's stderr), for a one-line error message. A first line ending in ':' takes the next one
+    along ("Error:\n  the reason"); with no text, an exception gives its type name, else ``empty``.
+    The one helper for this: every "Error: …" line the tools print is built with it."""
+    text = e if isinstance(e, str) else ("" if e is None else str(e))
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return (type(e).__name__ if isinstance(e, BaseException) else empty)[:limit]
+    if last:
+        return lines[-1][:limit]
+    line = lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
+    return line[:limit]

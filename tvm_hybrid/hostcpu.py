@@ -1,16 +1,25 @@
-"""This machine's CPU features, and the ones code built for an LLVM x86 ``mcpu``/``mattr`` needs.
+"""This machine's CPU: its architecture and features, and whether it can run (or time) a target's code.
 
 Code built for ``-mcpu=skylake-avx512`` uses AVX-512 without checking for it: on a CPU without it
-(AMD Zen 2/3, most laptops) the first such instruction kills the process with SIGILL. The
-runtime compares the two before it loads a library, so that is a one-line error instead.
+(AMD Zen 2/3, most laptops) the first such instruction kills the process with SIGILL; code built
+for another architecture does not load at all. The runtime checks both before it loads a library
+(``check_native``), so each is a one-line error instead; the tuner checks that timings taken here
+would be the device's (``check_tuning_target``). Running another architecture's artifacts under
+qemu is emulate.py's.
 """
 
 from __future__ import annotations
 
 import functools
+import platform
 import re
 from pathlib import Path
 from typing import Any
+
+from .errors import RuntimeFailure, UsageError
+
+#: Architectures whose artifacts `tvm-hybrid run --emulate` runs here (emulate.ARCHES describes them).
+EMULATED_ARCHES = ("aarch64",)
 
 _V2 = ("sse4_1", "sse4_2", "ssse3", "popcnt")
 _V3 = (*_V2, "avx", "avx2", "fma", "f16c", "bmi1", "bmi2")
@@ -67,3 +76,83 @@ def missing_features(tvm_target: dict[str, Any], flags: frozenset[str] | None = 
     if not flags:
         return []
     return sorted(x86_features(tvm_target) - flags)
+
+
+# --- can this machine run (or time) a target's code ---------------------------------------
+
+
+_MACHINE_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
+
+
+def host_arch() -> str:
+    """This machine's architecture, named as in target triples ("x86_64", "aarch64")."""
+    m = platform.machine().lower()
+    return _MACHINE_ALIASES.get(m, m)
+
+
+def target_arch(target: dict[str, Any]) -> str:
+    """The CPU architecture a resolved profile (or a manifest's ``target``) compiles for.
+
+    Takes the profile as a dict (``TargetProfile.to_dict()`` or ``Manifest.target``): the
+    first field of the host's LLVM ``mtriple`` (a GPU profile's CPU side, e.g. Jetson's aarch64),
+    else of the target's; profiles with neither build for this machine.
+    """
+    triple = (target.get("tvm_host") or {}).get("mtriple") or (target.get("tvm_target") or {}).get("mtriple", "")
+    arch = triple.split("-", 1)[0].lower() if triple else host_arch()
+    return _MACHINE_ALIASES.get(arch, arch)
+
+
+def emulatable(target: dict[str, Any]) -> bool:
+    """Whether this machine can run the target's artifacts under emulation: CPU code of a known architecture."""
+    return target_arch(target) in EMULATED_ARCHES and (target.get("tvm_target") or {}).get("kind", "llvm") in ("llvm", "c")
+
+
+def needs_emulation(target: dict[str, Any]) -> bool:
+    """Whether code built for this target cannot run natively here."""
+    return target_arch(target) != host_arch()
+
+
+def timing_meaningless(target: dict[str, Any]) -> str | None:
+    """Why timings for this target taken on this machine mean nothing, or None when they are real.
+
+    For `tvm-hybrid tune`: a profile for another architecture can only be measured on a real
+    board behind an RPC tracker; qemu-user translates instructions and its timings bear no
+    relation to the device's.
+    """
+    arch = target_arch(target)
+    if arch == host_arch():
+        return None
+    name = target.get("name", "?")
+    return (
+        f"target {name} runs on {arch} and this machine is {host_arch()}: timings here would come from "
+        f"qemu emulation and mean nothing; tune on a real {arch} board behind an RPC tracker "
+        "(--rpc-tracker HOST:PORT --rpc-key KEY)"
+    )
+
+
+def check_tuning_target(target: dict[str, Any], rpc_tracker: str | None) -> None:
+    """Refuse to tune a foreign-architecture target locally: UsageError unless an RPC tracker is given."""
+    why = timing_meaningless(target)
+    if why is not None and not rpc_tracker:
+        raise UsageError(f"cannot tune locally: {why}")
+
+
+def check_native(target: dict[str, Any], name: str = "the artifact") -> None:
+    """RuntimeFailure when this machine cannot run the artifact's code: another architecture
+    (pointing at --emulate), or x86 code using CPU features this CPU lacks (AVX-512 on AVX2)."""
+    arch = target_arch(target)
+    if arch != host_arch():
+        how = " or on this machine with --emulate" if emulatable(target) else ""
+        raise RuntimeFailure(
+            f"{name} is built for {arch} ({target.get('name', '?')}) and this machine is {host_arch()}; "
+            f"run it on the device{how}"
+        )
+    cpu = target.get("tvm_host") or target.get("tvm_target") or {}
+    if arch == "x86_64" and cpu.get("kind", "llvm") in ("llvm", "c"):
+        missing = missing_features(cpu)
+        if missing:
+            raise RuntimeFailure(
+                f"{name} is built for {target.get('name', '?')} (mcpu {cpu.get('mcpu', '?')}) and this CPU lacks "
+                f"{', '.join(missing)}, so it would die of an illegal instruction; compile it for a profile this "
+                "CPU runs (`--target host` picks the best one here)"
+            )

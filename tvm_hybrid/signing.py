@@ -148,20 +148,18 @@ def sign_bytes(manifest_bytes: bytes, private_key) -> dict[str, Any]:
 def sign_artifact(artifact_dir: str | Path, private_key_path) -> dict[str, Any]:
     """Check an artifact directory's integrity, then write its ``manifest.sig``; returns the document.
 
-    Signing a damaged artifact would vouch for it, so the files are verified against the
-    manifest first (the same checks the runtime makes).
+    Signing a damaged artifact would vouch for it, so the manifest is validated and every file
+    checked against it first, as the runtime checks them (whether this TVM can load it is the
+    runtime's question, not the signer's).
     """
-    from .runtime.artifact import open_artifact
-
     root = Path(artifact_dir)
     if not root.is_dir():
         raise UsageError(
             f"{root} is not an artifact directory; sign the directory `tvm-hybrid compile` wrote, then pack it"
         )
     key = load_private_key(private_key_path)
-    art = open_artifact(root, use_env=False)
-    art.close()
     data = mf.read_bytes(root)
+    mf.verify_files(root, mf.loads(data, str(root / mf.MANIFEST)))
     doc = sign_bytes(data, key)
     tmp = root / f".{mf.SIGNATURE}.tmp-{os.getpid()}"
     try:

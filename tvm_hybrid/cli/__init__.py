@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import traceback
@@ -11,8 +10,8 @@ import click
 
 from .. import __version__
 from ..errors import HybridError
+from .output import _state
 
-_state = {"verbose": False}
 
 
 class _Formatter(logging.Formatter):
@@ -49,16 +48,12 @@ def cli(verbose: bool, quiet: bool) -> None:
     root.propagate = False
 
 
-def emit_json(doc) -> None:
-    """The one JSON document a --json command prints on stdout."""
-    click.echo(json.dumps(doc, indent=2, sort_keys=True))
-
-
 def _register() -> None:
-    from . import (compile_cmd, demo_cmd, export_cmd, inspect_cmd, plan_cmd, run_cmd, serve_cmd, sign_cmd,
-                   targets_cmd, tune_cmd)  # fmt: skip
+    from . import (compile_cmd, demo_cmd, emulate_cmd, export_cmd, inspect_cmd, plan_cmd, run_cmd, serve_cmd,
+                   sign_cmd, targets_cmd, tune_cmd)  # fmt: skip
 
-    for mod in (targets_cmd, inspect_cmd, plan_cmd, tune_cmd, compile_cmd, run_cmd, serve_cmd, export_cmd, demo_cmd):
+    for mod in (targets_cmd, inspect_cmd, plan_cmd, tune_cmd, compile_cmd, run_cmd, serve_cmd, export_cmd, demo_cmd,
+                emulate_cmd):
         cli.add_command(mod.command)
     for cmd in sign_cmd.commands:
         cli.add_command(cmd)

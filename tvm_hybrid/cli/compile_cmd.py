@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import emit_json
+from .output import emit_json
 from .options import input_option, plan_options, plan_settings
 
 log = logging.getLogger("tvm_hybrid.cli")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from . import emit_json
+from .output import emit_json
 
 log = logging.getLogger("tvm_hybrid.cli")
 

@@ -6,7 +6,7 @@ import collections
 
 import click
 
-from . import emit_json
+from .output import emit_json
 from .options import input_option
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from . import emit_json
+from .output import emit_json
 
 
 def _parse_feed(text: str) -> tuple[str | None, str]:
@@ -141,7 +141,7 @@ def _run_emulated(artifact: str, args: list[str], repeat: int, as_json: bool) ->
 
     from ..emulate import run_emulated
     from ..errors import RuntimeFailure
-    from . import _state
+    from .output import _state
 
     if repeat > 1:
         logging.getLogger("tvm_hybrid.cli").warning(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import emit_json
+from .output import emit_json
 
 
 @click.command("targets")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from . import emit_json
+from .output import emit_json
 from .options import input_option
 
 log = logging.getLogger("tvm_hybrid.cli")

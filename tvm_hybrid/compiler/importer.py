@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from ..errors import UnsupportedError, UsageError
+from ..errors import UnsupportedError, UsageError, one_line
 from ..manifest import DTYPES, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def parse(data: bytes, where: str = "model") -> onnx.ModelProto:
     try:
         model = onnx.load_model_from_string(data)
     except Exception as e:  # protobuf raises DecodeError or RuntimeWarning-ish errors
-        raise UsageError(f"{where} is not an ONNX model (protobuf decode failed: {_first_line(e)})") from e
+        raise UsageError(f"{where} is not an ONNX model (protobuf decode failed: {one_line(e)})") from e
     if not model.graph.node and not model.graph.output:
         raise UsageError(f"{where} is not an ONNX model (it has no graph)")
     if not model.graph.output:
@@ -109,13 +109,8 @@ def parse(data: bytes, where: str = "model") -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise UsageError(f"{where} is not a valid ONNX model: {_first_line(e)}") from e
+        raise UsageError(f"{where} is not a valid ONNX model: {one_line(e)}") from e
     return model
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ()) -> ImportedModel:
@@ -247,7 +242,7 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
-        raise UsageError(f"ONNX shape inference failed: {_first_line(e)}") from e
+        raise UsageError(f"ONNX shape inference failed: {one_line(e)}") from e
 
 
 def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
@@ -508,7 +503,7 @@ def to_relax(imported: ImportedModel):
             log.debug("TVM's ONNX frontend failed", exc_info=True)
             detail = sink.getvalue().strip().splitlines()
             where = f" ({detail[0][:200]})" if detail else ""
-            failure = f"TVM's ONNX frontend failed: {_first_line(e)}{where}"
+            failure = f"TVM's ONNX frontend failed: {one_line(e)}{where}"
         if failure is not None:
             import gc
 

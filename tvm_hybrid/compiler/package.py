@@ -266,7 +266,7 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
                 e = dataclasses.replace(e, format=c.format, fallback_library=c.library)
                 files += c.files
         entries.append(e)
-    link = settings.options(profile).link
+    link = plan.options.link
     plan_doc = {
         "link": {"bandwidth_bps": link.bandwidth_bps, "rtt_ms": link.rtt_ms},
         "predicted": plan.cost.to_dict(),
@@ -335,7 +335,8 @@ def describe_plan(imported, graph: planner.PlanGraph, device: TargetProfile, clo
         if seg.placement == "cloud":
             e = dataclasses.replace(e, reason=seg.reason, endpoint=_endpoint(imported, seg))
         segments.append(e.to_dict())
-    opts = settings.options(device)
+    link = plan.options.link
+    budget = settings.options(device).memory_bytes  # the device's, also when no cloud lifts it for the solve
     ops = [
         {
             "name": n.name,
@@ -354,8 +355,8 @@ def describe_plan(imported, graph: planner.PlanGraph, device: TargetProfile, clo
         "model": {"name": imported.name, "sha256": imported.sha256},
         "target": device.name,
         "cloud": cloud.name if cloud else None,
-        "link": {"bandwidth_bps": opts.link.bandwidth_bps, "rtt_ms": opts.link.rtt_ms},
-        "memory_budget": opts.memory_bytes if opts.memory_bytes != planner.INF else None,
+        "link": {"bandwidth_bps": link.bandwidth_bps, "rtt_ms": link.rtt_ms},
+        "memory_budget": budget if budget != planner.INF else None,
         "keep_input_local": settings.keep_input_local,
         "max_crossings": settings.max_crossings,
         "segments": segments,

@@ -131,6 +131,7 @@ class Plan:
     cost: Cost
     device_memory: dict[str, int]
     baselines: dict[str, Cost | None]  # all-device, all-cloud (None when infeasible)
+    options: PlanOptions | None = None  # what it was solved under (link, budget, constraints)
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +399,7 @@ def solve(g: PlanGraph, opts: PlanOptions) -> Plan:
             reasons.append("memory")
         else:
             reasons.append("latency")
-    return Plan(best, reasons, evaluate(g, best, opts.link), memory_use(g, best), baselines)
+    return Plan(best, reasons, evaluate(g, best, opts.link), memory_use(g, best), baselines, opts)
 
 
 def _fit_memory(g: PlanGraph, opts: PlanOptions) -> list[bool]:

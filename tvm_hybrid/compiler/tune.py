@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import HybridError, RuntimeFailure, UnsupportedError, UsageError
+from ..errors import HybridError, RuntimeFailure, UnsupportedError, UsageError, one_line
 from ..targets import TargetProfile, resolve
 from . import backends, build, importer, tuning_log
 
@@ -752,7 +752,7 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
             verdicts = check_in_model(imported, profile, d)
         except (HybridError, OSError, RuntimeError) as e:  # the records are saved; builds compare alone-times
             log.warning("in-model check failed (%s); builds compare tuned kernels with their defaults alone",
-                        _first_line(str(e)))  # fmt: skip
+                        one_line(e, empty="no error message"))  # fmt: skip
     counts, best_now = _measured(db, mods)
     keys = [tvm_ffi.structural_hash(m) for m in mods]
     tasks = [
@@ -779,7 +779,7 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
         what = "built" if reason == "no-builds" else "ran"
         raise RuntimeFailure(
             f"tuning measured nothing: none of the first {report.trials} candidates {what} "
-            f"({_first_line(run.first_error)}); MetaSchedule's logs are in {d / 'logs'}"
+            f"({one_line(run.first_error, empty='no error message')}); MetaSchedule's logs are in {d / 'logs'}"
         )
     if reason == "interrupted":
         raise TuningInterrupted(
@@ -880,14 +880,6 @@ def _kernel_times(vm, args) -> dict[str, float]:
     finally:
         vm.set_instrument(None)
     return times
-
-
-def _first_line(text: str | None) -> str:
-    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
-    if not lines:
-        return "no error message"
-    line = lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
-    return line[:300]
 
 
 def _scheduled(task) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import RuntimeFailure, UsageError
+from ..errors import RuntimeFailure, UsageError, one_line
 from ..protocol import HEADER_LENGTH, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class CloudClient:
                 last = f"is unreachable: connect timed out after {conn.timeout:g} s"
             except (OSError, http.client.HTTPException) as e:
                 self._drop()
-                last = f"is unreachable: {_one_line(e)}"
+                last = f"is unreachable: {one_line(e, 200)}"
                 if reused and not reconnected and not isinstance(e, ConnectionRefusedError):
                     reconnected = True  # a kept-alive connection the server closed: reconnect at once
                     log.debug("cloud %s on a kept-alive connection; reconnecting", last)
@@ -336,9 +336,6 @@ def _seconds(value: str | None) -> float | None:
         return None
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _error_text(data: bytes) -> str:

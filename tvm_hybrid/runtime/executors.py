@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ArtifactError, RuntimeFailure
+from ..errors import ArtifactError, RuntimeFailure, one_line
 from ..manifest import FORMAT_TVM_VM, FORMAT_WGSL_PLAN, Segment
 from ._tvm import tvm_runtime
 from .threads import resolve as resolve_threads
@@ -20,7 +20,7 @@ class TVMVMExecutor:
 
     def __init__(self, root: Path, segment: Segment, target: dict[str, Any], device: str | None,
                  threads: int | None = None):
-        from ..emulate import check_native
+        from ..hostcpu import check_native
 
         check_native(target, f"artifact segment {segment.library}")  # before dlopen fails obscurely
         tvm = tvm_runtime()
@@ -36,7 +36,7 @@ class TVMVMExecutor:
             self._main = self._vm["main"]
         except Exception as e:
             raise RuntimeFailure(
-                f"cannot load {segment.library} on {self.device_name}: {str(e).strip().splitlines()[-1]}; "
+                f"cannot load {segment.library} on {self.device_name}: {one_line(e, last=True)}; "
                 "was it compiled for this machine's architecture?"
             ) from e
         self._n_out = len(segment.outputs)

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import ArtifactError, RuntimeFailure, UsageError
+from ..errors import ArtifactError, RuntimeFailure, UsageError, one_line
 from ..manifest import Segment, TensorSpec
 from .artifact import Artifact, open_artifact
 from .cloud import CloudClient, CloudPolicy, LinkShaper
@@ -125,9 +125,9 @@ class Session:
                 except ArtifactError:
                     raise
                 except Exception as e:
-                    errors.append(f"{where}: {_one_line(e)}")
+                    errors.append(f"{where}: {one_line(e)}")
                     if where != step.order[-1]:
-                        log.warning("segment %s failed on the %s (%s); trying the other side", seg.id, where, _one_line(e))
+                        log.warning("segment %s failed on the %s (%s); trying the other side", seg.id, where, one_line(e))
                     continue
                 missing = [t.name for t in seg.outputs if t.name not in outs]
                 if missing:
@@ -210,11 +210,6 @@ class _Step:
     local: Any  # an executor, or None
     remote: tuple[str, str] | None  # (model, version) on the cloud, or None
     order: list[str]
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _fmt_shape(shape) -> str:

@@ -1,6 +1,6 @@
 """Run a wgsl-plan segment (WGSL kernels + JSON launch plan) on Vulkan through wgpu; numpy + wgpu only.
 
-The plan is what the compiler recorded from TVM's own build (see tvm_hybrid/compiler/webgpu.py):
+The plan is what the compiler recorded from TVM's own build (see tvm_hybrid/compiler/backends/webgpu.py):
 buffers with their sizes, weights to upload, and the kernel launches in order with their bound
 buffer ranges, scalar arguments and workgroup counts. Pipelines, buffers and bind groups are made
 once; a run writes the inputs, records every dispatch into one compute pass, submits, and reads
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ArtifactError, RuntimeFailure
+from ..errors import ArtifactError, RuntimeFailure, one_line
 from ..manifest import FORMAT_WGSL_PLAN, Segment
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class WGPUExecutor:
         except RuntimeFailure:
             raise
         except Exception as e:  # wgpu validation errors: a kernel the driver rejects
-            raise RuntimeFailure(f"cannot set up the kernels on {adapter.summary}: {_first_line(e)}") from e
+            raise RuntimeFailure(f"cannot set up the kernels on {adapter.summary}: {one_line(e)}") from e
 
     def _open_device(self, adapter, req: dict[str, Any]):
         limits = adapter.limits
@@ -144,7 +144,7 @@ class WGPUExecutor:
         try:
             return adapter.request_device_sync(required_features=features, required_limits=need)
         except Exception as e:
-            raise RuntimeFailure(f"cannot open {adapter.summary}: {_first_line(e)}") from e
+            raise RuntimeFailure(f"cannot open {adapter.summary}: {one_line(e)}") from e
 
     def _build(self, plan: dict[str, Any], sources: dict[str, str], weights: bytes) -> None:
         wgpu, dev = self._wgpu, self._device
@@ -225,6 +225,3 @@ class WGPUExecutor:
         return outs
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

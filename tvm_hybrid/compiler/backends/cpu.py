@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from ... import hostcpu
 from ...targets import TargetProfile
-from . import Backend
+from .base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -798,6 +798,4 @@ class CpuBackend(Backend):
 
     def check_tunable(self, profile: TargetProfile, remote: bool) -> None:
         if not remote:
-            from ...emulate import check_tuning_target
-
-            check_tuning_target(profile.to_dict(), None)  # qemu timings would mean nothing
+            hostcpu.check_tuning_target(profile.to_dict(), None)  # qemu timings would mean nothing

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 from ...errors import UnsupportedError
 from ...targets import TargetProfile
-from . import Backend
+from .base import Backend
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from ...manifest import FORMAT_WGSL_PLAN
 from ...targets import TargetProfile
 from .. import build as relax_build
 from ..importer import node_name, supported_op_types
-from . import Backend, CompiledSegment, Rejected
+from .base import Backend, CompiledSegment, Rejected
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,164 @@
+"""The interface every compiler backend implements (see backends/__init__.py), with the defaults
+of a backend that builds a TVM VM library."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+from ...errors import UnsupportedError
+from ...manifest import FORMAT_TVM_VM
+from ...targets import TargetProfile
+from .. import build
+from ..importer import ImportedModel, node_name, supported_op_types
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejected:
+    """One ONNX node the target cannot run, and why."""
+
+    node: str
+    op_type: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.op_type} {self.node} ({self.reason})"
+
+
+@dataclasses.dataclass
+class CompiledSegment:
+    """One segment built for one profile: its main file, every file it needs, its format."""
+
+    result: build.BuildResult
+    format: str
+    library: str
+    files: list[str]
+
+
+class Backend:
+    """The questions every backend answers; the defaults are a TVM VM library's."""
+
+    name: ClassVar[str]
+    #: The segment format it writes (the runtime's executor table is keyed by it).
+    format: ClassVar[str] = FORMAT_TVM_VM
+    #: The TVM device type its kernels run on.
+    device: ClassVar[str] = "cpu"
+    #: CPU kernels (LLVM): tuning gives MetaSchedule the core count, flushes the caches between
+    #: timed runs, and checks records in place in the model.
+    cpu: ClassVar[bool] = False
+    #: MetaSchedule can tune it.
+    tunable: ClassVar[bool] = True
+
+    def prepare(self, imported: ImportedModel, profile: TargetProfile) -> ImportedModel:
+        return imported
+
+    def rejected_nodes(self, imported: ImportedModel, profile: TargetProfile | None) -> list[Rejected]:
+        """Nodes TVM's frontend cannot convert, op types the profile lists as unsupported, and
+        nodes touching a dtype the profile does not list (``capacity.dtypes``)."""
+        supported = supported_op_types()
+        capacity = profile.capacity if profile is not None else {}
+        banned = set(capacity.get("unsupported_ops", []))
+        dtypes = set(capacity.get("dtypes", []))
+        types = _tensor_dtypes(imported) if dtypes else {}
+        out = []
+        for i, node in enumerate(imported.model.graph.node):
+            name = node_name(node, i)
+            if node.op_type not in supported:
+                out.append(Rejected(name, node.op_type, "TVM's ONNX frontend cannot convert it"))
+            elif node.op_type in banned:
+                out.append(Rejected(name, node.op_type, f"unsupported on {profile.name}"))
+            elif dtypes:
+                bad = {types[x] for x in [*node.input, *node.output] if x in types and types[x] not in dtypes}
+                if bad:
+                    out.append(Rejected(name, node.op_type, f"{'/'.join(sorted(bad))} data"))
+        return out
+
+    def check_supported(self, imported: ImportedModel, profile: TargetProfile) -> None:
+        """UnsupportedError naming the op types this target cannot run (when there is no cloud)."""
+        bad = sorted({r.op_type for r in self.rejected_nodes(imported, profile)})
+        if bad:
+            raise UnsupportedError(f"unsupported ops for target {profile.name}: {', '.join(bad)}")
+
+    def check_segment(self, imported: ImportedModel, profile: TargetProfile) -> None:
+        """Refuse a segment this backend cannot build, naming its nodes, before TVM fails on it
+        obscurely (the plan keeps rejected nodes off the device; this is the last guard)."""
+        return None
+
+    def check_toolchain(self, profile: TargetProfile) -> None:
+        """UsageError, saying how to install it, when the compiler the profile links with is missing."""
+        build.linker(profile)
+
+    def schedule(self, mod, profile: TargetProfile):
+        """Default schedules for every kernel not yet scheduled."""
+        return mod
+
+    def optimize(self, mod, profile: TargetProfile, database=None):
+        """The Relax passes every build runs, ending with scheduled TIR kernels.
+
+        ``build.fuse`` makes the fused kernels (the tuning granularity); a tuning ``database``
+        (a MetaSchedule database, or a ``tuning_log.TuningLog``) then schedules the kernels it
+        has records for, and ``schedule`` takes the rest.
+        """
+        mod = build.fuse(mod, profile)
+        if database is not None:
+            mod = build.apply_database(mod, profile, database)
+        return self.schedule(mod, profile)
+
+    def compile_context(self, profile: TargetProfile):
+        """A context ``tvm.compile`` runs in for this backend; it yields a job for
+        ``verify_library`` (or None)."""
+        return contextlib.nullcontext()
+
+    def verify_library(self, library: Path, job, profile: TargetProfile) -> dict | None:
+        """Check an exported library; facts for the manifest's ``device_code``, or None."""
+        return None
+
+    def build_segment(self, mod, profile: TargetProfile, root: Path, stem: str) -> CompiledSegment:
+        """Compile an optimized module into ``root/segments/<stem>.so`` for the TVM VM."""
+        lib = f"segments/{stem}.so"
+        return CompiledSegment(self.build_library(mod, profile, root / lib), self.format, lib, [lib])
+
+    def build_library(self, mod, profile: TargetProfile, out_lib: Path) -> build.BuildResult:
+        """Compile an optimized module and export it as a shared library the TVM VM loads."""
+        import tvm
+
+        target = profile.tvm()
+        fcompile = build.linker(profile)
+        with self.compile_context(profile) as job, target:
+            ex = tvm.compile(mod, target=target)
+        out_lib.parent.mkdir(parents=True, exist_ok=True)
+        ex.export_library(str(out_lib), fcompile=fcompile)
+        device_code = self.verify_library(out_lib, job, profile) if job is not None else None
+        tuned, default = build.kernel_counts(mod)
+        return build.BuildResult(out_lib, tuned, default, device_code)
+
+    def check_tunable(self, profile: TargetProfile, remote: bool) -> None:
+        """UnsupportedError when this machine cannot measure the profile's kernels (``remote``:
+        an RPC tracker measures them on the device)."""
+        if not self.tunable:
+            raise UnsupportedError(
+                f"tuning {profile.name} ({self.name}) is not supported: MetaSchedule tuning covers CPU (llvm) "
+                "and CUDA targets; compile uses the default schedules"
+            )
+
+
+def _tensor_dtypes(imported: ImportedModel) -> dict[str, str]:
+    import numpy as np
+    from onnx import helper
+
+    g = imported.model.graph
+    out = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.HasField("tensor_type"):
+            out[vi.name] = vi.type.tensor_type.elem_type
+    for t in g.initializer:
+        out[t.name] = t.data_type
+    named = {}
+    for k, v in out.items():
+        try:
+            named[k] = str(np.dtype(helper.tensor_dtype_to_np_dtype(v)))
+        except Exception:
+            named[k] = "unknown"
+    return named
