@@ -59,7 +59,7 @@ def main() -> int:
     import tvm
     from tvm import relax
 
-    from tvm_hybrid.compiler import backends, build, importer
+    from tvm_hybrid.compiler import backends, importer
     from tvm_hybrid.compiler.backends import cpu as schedules
     from tvm_hybrid.targets import resolve
 
@@ -67,7 +67,7 @@ def main() -> int:
     base = schedules.cpu_config(profile.tvm())
     path, shape = MODELS[args.model]
     imported = importer.load(path, [importer.InputOverride("x", shape)])
-    fused = build.fuse(importer.to_relax(imported), profile)
+    fused = backends.for_profile(profile).fuse(importer.to_relax(imported), profile)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads

@@ -61,7 +61,7 @@ def main() -> int:
     import tvm
     from tvm import relax
 
-    from tvm_hybrid.compiler import backends, build, importer, tuning_log
+    from tvm_hybrid.compiler import backends, importer, tuning_log
     from tvm_hybrid.targets import resolve
 
     profile = resolve(args.target)
@@ -71,7 +71,7 @@ def main() -> int:
     mod = importer.to_relax(imported)
     db = tuning_log.open_database(tuning_log.default_logs_dir(), profile) if args.tuned else None
     backend = backends.for_profile(profile)
-    mod = build.fuse(mod, profile) if args.no_default else backend.optimize(mod, profile, db)
+    mod = backend.fuse(mod, profile) if args.no_default else backend.optimize(mod, profile, db)
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = backend.build_library(mod, profile, Path(tmp) / "m.so")

@@ -10,7 +10,7 @@ import pytest
 import zoo
 from conftest import CLS, TARGET, assert_close, reference, text_image
 
-from tvm_hybrid.compiler import backends, build, importer
+from tvm_hybrid.compiler import backends, importer
 from tvm_hybrid.compiler.backends import cpu
 from tvm_hybrid.targets import host_profile_name, resolve
 
@@ -81,7 +81,7 @@ def _fused(name: str, target: str):
     """The zoo model's Relax module after fusion, before default schedules."""
     z = zoo.build(name)
     imported = importer.prepare(z.model, [importer.InputOverride(k, tuple(v)) for k, v in z.input_shapes.items()])
-    return build.fuse(importer.to_relax(imported), resolve(target))
+    return backends.for_profile(resolve(target)).fuse(importer.to_relax(imported), resolve(target))
 
 
 def test_default_schedules_are_deterministic():
@@ -223,7 +223,7 @@ def _depthwise(channels: int, size: int):
     node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[5, 5], pads=[2, 2, 2, 2], group=channels)
     model = _one_node_model(node, (1, channels, size, size), [w])
     imported = importer.prepare(model, [importer.InputOverride("x", (1, channels, size, size))])
-    return build.fuse(importer.to_relax(imported), resolve(TARGET))
+    return backends.for_profile(resolve(TARGET)).fuse(importer.to_relax(imported), resolve(TARGET))
 
 
 def test_kernels_worth_a_thread_pool_wakeup_go_parallel():

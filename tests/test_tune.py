@@ -147,7 +147,7 @@ def test_tuned_kernels_are_checked_in_place_and_losers_keep_their_defaults(tuned
     import tvm_ffi
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-    from tvm_hybrid.compiler import build, importer, tuning_log
+    from tvm_hybrid.compiler import backends, build, importer, tuning_log
     from tvm_hybrid.targets import resolve
 
     model, logs, report = tuned
@@ -159,7 +159,7 @@ def test_tuned_kernels_are_checked_in_place_and_losers_keep_their_defaults(tuned
 
     # The verdicts, forged for every kernel's best record, without the defaults' alone-times.
     profile = resolve(TARGET)
-    fused = build.fuse(importer.to_relax(importer.load(model, [])), profile)
+    fused = backends.for_profile(profile).fuse(importer.to_relax(importer.load(model, [])), profile)
     log = tuning_log.open_database(logs, profile)
     log.default_ms = {}
     records = {}

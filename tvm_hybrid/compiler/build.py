@@ -27,7 +27,7 @@ class BuildResult:
     device_code: dict | None = None  # GPU targets: what the library holds (arch, SASS, PTX)
 
 
-def fuse(mod, profile: TargetProfile):
+def fuse(mod, profile: TargetProfile, rewrites=()):
     """Legalize and fuse a Relax module into fused TIR kernels: what tuning extracts tasks from.
 
     The ONNX importer leaves composite ops (batch_norm, layer_norm, gelu…) that only
@@ -35,8 +35,9 @@ def fuse(mod, profile: TargetProfile):
     legalization reaches VM codegen and fails with "CodeGenVM cannot emit this Relax operator".
     Running decomposition *before* ``LegalizeOps``, and folding constants on both sides of it,
     is what lets real exported models (BN-folded detectors, SiLU/HardSwish chains) build.
-    Tuning and building must both start from this module: database records are keyed by
-    the kernels' TIR, so any pass difference means no record matches.
+    ``rewrites`` are the backend's Relax passes before legalization (``Backend.rewrites``).
+    Tuning and building must both start from this module (``Backend.fuse``): database records
+    are keyed by the kernels' TIR, so any pass difference means no record matches.
     """
     import tvm
     from tvm import relax
@@ -52,6 +53,7 @@ def fuse(mod, profile: TargetProfile):
             conv_transpose_as_conv(),
             relax.transform.CanonicalizeBindings(),
             relax.transform.FoldConstant(),
+            *rewrites,
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),

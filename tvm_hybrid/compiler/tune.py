@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import HybridError, RuntimeFailure, UnsupportedError, UsageError, one_line
+from ..errors import HybridError, RuntimeFailure, UsageError, one_line
 from ..targets import TargetProfile, resolve
 from . import backends, build, importer, tuning_log
 
@@ -665,11 +665,10 @@ def tune_model(opts: TuneOptions, on_progress: Callable[[Progress], None] | None
     t_start = time.monotonic()
     profile = resolve(opts.target)
     _check_runs_here(opts, profile)
-    imported = importer.load(opts.model, list(opts.inputs))
-    bad = importer.unsupported_ops(imported, profile.capacity.get("unsupported_ops", []))
-    if bad:
-        raise UnsupportedError(f"unsupported ops for target {profile.name}: {', '.join(bad)}")
-    fused = build.fuse(importer.to_relax(imported), profile)
+    backend = backends.for_profile(profile)
+    imported = backend.prepare(importer.load(opts.model, list(opts.inputs)), profile)
+    backend.check_supported(imported, profile)  # every node must run on the device to be tuned
+    fused = backend.fuse(importer.to_relax(imported), profile)
 
     d = tuning_log.target_dir(opts.logs, profile)
     try:
@@ -812,7 +811,7 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
         return {}
     logs.in_model = {}  # judge every record afresh
     backend = backends.for_profile(profile)
-    fused = build.fuse(importer.to_relax(imported), profile)
+    fused = backend.fuse(importer.to_relax(imported), profile)
     tuned_mod = backend.schedule(build.apply_database(fused, profile, logs), profile)
     tuned = [
         gv.name_hint for gv, f in tuned_mod.functions.items()

@@ -94,14 +94,22 @@ class Backend:
         """Default schedules for every kernel not yet scheduled."""
         return mod
 
+    def rewrites(self, profile: TargetProfile) -> list:
+        """Relax passes this backend runs before legalization (part of ``fuse``)."""
+        return []
+
+    def fuse(self, mod, profile: TargetProfile):
+        """Legalized, fused TIR kernels: what tuning extracts tasks from and builds start from."""
+        return build.fuse(mod, profile, self.rewrites(profile))
+
     def optimize(self, mod, profile: TargetProfile, database=None):
         """The Relax passes every build runs, ending with scheduled TIR kernels.
 
-        ``build.fuse`` makes the fused kernels (the tuning granularity); a tuning ``database``
+        ``fuse`` makes the fused kernels (the tuning granularity); a tuning ``database``
         (a MetaSchedule database, or a ``tuning_log.TuningLog``) then schedules the kernels it
         has records for, and ``schedule`` takes the rest.
         """
-        mod = build.fuse(mod, profile)
+        mod = self.fuse(mod, profile)
         if database is not None:
             mod = build.apply_database(mod, profile, database)
         return self.schedule(mod, profile)

@@ -793,6 +793,17 @@ class CpuBackend(Backend):
     name = "cpu"
     cpu = True
 
+    def rewrites(self, profile: TargetProfile) -> list:
+        """exp, erf, tanh and softmax as TVM's fast polynomial forms, which vectorize (LLVM has
+        no vector exp or erf: each element was a libm call). paraphrase-MiniLM-L3 at seq 128 on 2
+        Zen 4 cores: the softmax kernels 0.72 -> 0.22 ms, the GELU'd FFN matmul 2.38 -> 1.10 ms,
+        the model 6.0 -> 4.2 ms (onnxruntime 5.3). Measured over [-100, 100] against float64:
+        exp within 4.1e-6 relative (0 below -88, inf from 88.38 where float32 overflows at
+        88.72), erf within 4.2e-7 and tanh within 3.2e-7 absolute."""
+        from tvm import relax
+
+        return [relax.transform.FastMathTransform()]
+
     def schedule(self, mod, profile: TargetProfile):
         return apply_default(mod, profile)
 
