@@ -6,8 +6,16 @@ all engines see the same machine state; medians are
 reported, with ratios against onnxruntime in the same run, and achieved GFLOP/s against a
 practical fp32 peak measured in the same run (numpy/OpenBLAS sgemm on the same threads).
 
-    python scripts/bench.py                       # both shared models, default threads, 30 runs
-    python scripts/bench.py --runs 50 --threads 1 --json bench.json
+    python scripts/bench.py                       # the PP-OCR models and the MiniLM rows, 30 runs
+    python scripts/bench.py --model det --model minilm-l3 --runs 50 --threads 1 --json bench.json
+    python scripts/bench.py --model model.onnx --input x:1x3x224x224 --target x86-64
+    python scripts/bench.py --model zoo:vit-s16 --runs 20
+    python scripts/bench.py --model minilm-l3 --input input_ids:8x128:int64 --input attention_mask:8x128:int64
+
+--model takes a name below (the MiniLM ones come from scripts/models.py's cache), zoo:NAME (a
+model tests/zoo.py builds, e.g. zoo:vit-s16, ViT-S/16 with random weights) or an ONNX path; --input NAME:DIMS[:DTYPE] fixes a path's dynamic dimensions or replaces a named model's
+shapes. Inputs are random: floats standard normal, integer inputs named *mask* all ones, *type*
+all zeros, other integers (token ids) uniform in [1, 1000).
 
 Without --threads the script sets no thread count anywhere (no TVM_NUM_THREADS, default
 onnxruntime SessionOptions): each engine runs with the threads it picks by itself. With
@@ -28,9 +36,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's tvm_hybrid, whatever is installed
+sys.path.insert(0, str(ROOT / "scripts"))
+#: name: (path, or a scripts/models.py name; the --input overrides it is benchmarked with)
 MODELS = {
-    "ppocr-det 1x3x320x320": (ROOT / "tests/models/ch_PP-OCRv4_det_infer.onnx", (1, 3, 320, 320)),
-    "ppocr-cls 1x3x48x192": (ROOT / "tests/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192)),
+    "det": (ROOT / "tests/models/ch_PP-OCRv4_det_infer.onnx", ("x:1x3x320x320",)),
+    "cls": (ROOT / "tests/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", ("x:1x3x48x192",)),
+    "minilm-l3": ("minilm-l3", ("input_ids:1x128:int64", "attention_mask:1x128:int64")),
+    "minilm-l6-int8": ("minilm-l6-int8", ("input_ids:1x128:int64", "attention_mask:1x128:int64",
+                                          "token_type_ids:1x128:int64")),
 }
 
 
@@ -47,7 +60,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="threads for both engines (default: their own)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per engine (after warm-up)")
     ap.add_argument("--target", default="host")
-    ap.add_argument("--model", action="append", choices=list(MODELS), help="default: all")
+    ap.add_argument("--model", action="append", metavar="NAME|PATH",
+                    help=f"repeatable; a name ({', '.join(MODELS)}) or an ONNX path; default: all names")
+    ap.add_argument("--input", action="append", default=[], metavar="NAME:DIMS[:DTYPE]",
+                    help="input shapes, as compile takes them (for a path, or to change a name's)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if args.threads is not None:  # numpy's sgemm (the peak) reads it once, at import
@@ -65,32 +81,37 @@ def main() -> None:
     peak = practical_peak_gflops(np)
     variants = available_variants()
     rows = []
-    for label in args.model or list(MODELS):
-        path, shape = MODELS[label]
-        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        imp = importer.load(path, [importer.InputOverride("x", shape)])
+    for spec in args.model or list(MODELS):
+        path, overrides = resolve_model(spec, args.input)
+        imp = importer.load(path, overrides)
+        label = f"{spec} " + " ".join("x".join(map(str, t.shape)) for t in imp.inputs[:1])
+        feeds = random_feeds(np, imp.inputs)
         gflop = sum(i.flops for i in analysis.analyze(imp)) / 1e9
         so = ort.SessionOptions()
         if args.threads is not None:
             so.intra_op_num_threads = args.threads
             so.inter_op_num_threads = 1
         ort_sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        engines = {"onnxruntime": lambda: ort_sess.run(None, {"x": x})}
+        want = ort_sess.run(None, feeds)
+        engines = {"onnxruntime": lambda: ort_sess.run(None, feeds)}
         sessions = []
         with tempfile.TemporaryDirectory() as tmp:
             for v in variants:
                 t0 = time.perf_counter()
                 [s] = compile_model(
                     CompileOptions(model=path, targets=(profile.name,), output=Path(tmp) / v.name,
-                                   inputs=(importer.InputOverride("x", shape),), **v.compile_kwargs)  # fmt: skip
+                                   inputs=tuple(overrides), **v.compile_kwargs)  # fmt: skip
                 )
                 compile_s = time.perf_counter() - t0
                 sess = Session(s.path, threads=args.threads)
                 tvm_threads = sess.threads
                 sessions.append(sess)
                 kernels = sess.manifest.segments[0].kernels or {}
-                engines[v.name] = (lambda sess=sess: sess.run({"x": x}))
-                print(f"# {label}: {v.name} compiled in {compile_s:.1f} s, kernels {kernels}", file=sys.stderr)
+                got = list(sess.run(feeds).values())
+                err = max(float(np.abs(g.astype(np.float64) - w).max()) if g.size else 0.0 for g, w in zip(got, want))
+                engines[v.name] = (lambda sess=sess: sess.run(feeds))
+                print(f"# {label}: {v.name} compiled in {compile_s:.1f} s, kernels {kernels}, "
+                      f"max |err| vs onnxruntime {err:.2e}", file=sys.stderr)  # fmt: skip
             times = interleaved(engines, args.runs)
             for sess in sessions:
                 sess.close()
@@ -114,6 +135,54 @@ def main() -> None:
         args.json.write_text(json.dumps({"threads": args.threads, "tvm_threads": tvm_threads, "target": profile.name,
                                          "peak_gflops": peak, "onnxruntime": ort.__version__, "rows": rows},
                                         indent=2))  # fmt: skip
+
+
+def resolve_model(spec: str, inputs: list[str]):
+    """(ONNX path, input overrides) for a --model name or path and the --input flags."""
+    from tvm_hybrid.compiler import importer
+
+    if spec.startswith("zoo:"):  # a model tests/zoo.py builds (zoo.NAMES or zoo.BENCH), written once
+        sys.path.insert(0, str(ROOT / "tests"))
+        import zoo
+
+        z = zoo.build(spec[4:])
+        path = Path(tempfile.gettempdir()) / f"tvm-hybrid-bench-{z.name}.onnx"
+        data = z.model.SerializeToString()
+        if not path.is_file() or path.read_bytes() != data:
+            path.write_bytes(data)
+        given = {t.split(":", 1)[0] for t in inputs}
+        texts = [f"{k}:{'x'.join(map(str, v))}" for k, v in z.input_shapes.items() if k not in given] + list(inputs)
+    elif spec in MODELS:
+        path, default = MODELS[spec]
+        if isinstance(path, str):
+            import models as cache
+
+            path = cache.path(path)
+        given = {t.split(":", 1)[0] for t in inputs}
+        texts = [t for t in default if t.split(":", 1)[0] not in given] + list(inputs)
+    else:
+        path, texts = Path(spec), list(inputs)
+        if not path.is_file():
+            raise SystemExit(f"--model {spec}: neither a name ({', '.join(MODELS)}) nor an ONNX file")
+    return path, [importer.InputOverride.parse(t) for t in texts]
+
+
+def random_feeds(np, inputs) -> dict:
+    """Random inputs by name and dtype: floats standard normal; integer masks 1, type ids 0, other
+    integers (token ids) in [1, 1000)."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for t in inputs:
+        dt = np.dtype(t.dtype)
+        if dt.kind == "f":
+            feeds[t.name] = rng.standard_normal(t.shape).astype(dt)
+        elif "mask" in t.name.lower():
+            feeds[t.name] = np.ones(t.shape, dt)
+        elif "type" in t.name.lower() or dt == np.bool_:
+            feeds[t.name] = np.zeros(t.shape, dt)
+        else:
+            feeds[t.name] = rng.integers(1, 1000, t.shape).astype(dt)
+    return feeds
 
 
 def available_variants() -> list[Variant]:

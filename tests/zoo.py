@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["NAMES", "ZooModel", "build"]
+__all__ = ["BENCH", "NAMES", "ZooModel", "build", "vit"]
 
 OPSET = 17
 IR_VERSION = 8  # the IR version that goes with opset 17
@@ -628,6 +628,74 @@ def _yolo_head() -> ZooModel:
     )
 
 
+def vit(name: str, img: int, patch: int, dim: int, depth: int, heads: int, classes: int, atol: float = 1e-4) -> ZooModel:
+    """A ViT image classifier as torch exports timm's ViT (pre-LN, erf-GELU, class token):
+    patch-embedding Conv (stride = kernel = ``patch``), Flatten/Transpose to tokens, Concat of
+    the class token, positional Add, ``depth`` blocks of LayerNorm → fused-QKV MatMul → per-head
+    Reshape/Transpose → MatMul·scale → Softmax → MatMul → projection, residuals, LayerNorm → MLP
+    (GELU) → residual, then a final LayerNorm and a Gemm head on the class token.
+    ``vit("vit_s16", 224, 16, 384, 12, 6, 1000)`` is ViT-S/16 (22M parameters)."""
+    g = _Graph(name)
+    n = (img // patch) ** 2
+    S, Dh = n + 1, dim // heads
+    x = g.input("pixel_values", F32, [1, 3, img, img])
+
+    def layernorm(t, scope):
+        p = scope.strip("/").replace("/", ".")
+        w = g.init(f"{p}.weight", g.rng.uniform(0.8, 1.2, size=(dim,)).astype(np.float32))
+        b = g.init(f"{p}.bias", (g.rng.standard_normal(size=(dim,)) * 0.05).astype(np.float32))
+        return g.op("LayerNormalization", [t, w, b], f"{scope}/LayerNormalization", axis=-1, epsilon=1e-6)
+
+    t = g.conv(x, 3, dim, patch, "/patch_embed/proj", stride=patch, pad=0)
+    t = g.op("Reshape", [t, g.const([1, dim, n], np.int64, scope="/patch_embed")], "/patch_embed/Reshape")
+    t = g.op("Transpose", [t], "/patch_embed/Transpose", perm=[0, 2, 1])
+    cls = g.init("cls_token", (g.rng.standard_normal(size=(1, 1, dim)) * 0.02).astype(np.float32))
+    t = g.op("Concat", [cls, t], "/Concat", axis=1)
+    pos = g.init("pos_embed", (g.rng.standard_normal(size=(1, S, dim)) * 0.02).astype(np.float32))
+    t = g.op("Add", [t, pos], "/Add")
+    for i in range(depth):
+        b = f"/blocks.{i}"
+        a = f"{b}/attn"
+        h = layernorm(t, f"{b}/norm1")
+        qkv = g.matmul_linear(h, dim, 3 * dim, f"{a}/qkv")
+        qkv = g.op("Reshape", [qkv, g.const([1, S, 3, heads, Dh], np.int64, scope=a)], f"{a}/Reshape")
+        qkv = g.op("Transpose", [qkv], f"{a}/Transpose", perm=[2, 0, 3, 1, 4])
+        q, k, v = g.op("Split", [qkv, g.const([1, 1, 1], np.int64, scope=a)], f"{a}/Split", n_out=3, axis=0)
+        q, k, v = (g.op("Squeeze", [z, g.const([0], np.int64, scope=a)], f"{a}/Squeeze") for z in (q, k, v))
+        q = g.op("Mul", [q, g.const(np.float32(Dh ** -0.5), scope=a)], f"{a}/Mul")
+        kt = g.op("Transpose", [k], f"{a}/Transpose", perm=[0, 1, 3, 2])
+        sc = g.op("MatMul", [q, kt], f"{a}/MatMul")
+        pr = g.op("Softmax", [sc], f"{a}/Softmax", axis=-1)
+        ctx = g.op("MatMul", [pr, v], f"{a}/MatMul")
+        ctx = g.op("Transpose", [ctx], f"{a}/Transpose", perm=[0, 2, 1, 3])
+        ctx = g.op("Reshape", [ctx, g.const([1, S, dim], np.int64, scope=a)], f"{a}/Reshape")
+        t = g.op("Add", [t, g.matmul_linear(ctx, dim, dim, f"{a}/proj")], f"{b}/Add")
+        m = f"{b}/mlp"
+        h = g.matmul_linear(layernorm(t, f"{b}/norm2"), dim, 4 * dim, f"{m}/fc1")
+        e = g.op("Div", [h, g.const(np.float32(1.4142135381698608), scope=f"{m}/act")], f"{m}/act/Div")
+        e = g.op("Erf", [e], f"{m}/act/Erf")
+        e = g.op("Add", [e, g.const(np.float32(1.0), scope=f"{m}/act")], f"{m}/act/Add")
+        e = g.op("Mul", [h, e], f"{m}/act/Mul")
+        e = g.op("Mul", [e, g.const(np.float32(0.5), scope=f"{m}/act")], f"{m}/act/Mul")
+        t = g.op("Add", [t, g.matmul_linear(e, 4 * dim, dim, f"{m}/fc2")], f"{b}/Add")
+    t = layernorm(t, "/norm")
+    c = g.op("Gather", [t, g.const(0, np.int64, scope="/head")], "/head/Gather", axis=1)
+    g.linear(c, dim, classes, "/head", output="logits")
+    g.output("logits", F32, [1, classes])
+    return _zoo(name, g, {"pixel_values": (1, 3, img, img)}, atol=atol,
+                note=f"ViT: {img}px, patch {patch}, dim {dim}, depth {depth}, {heads} heads, {classes} classes")
+
+
+def _vit_tiny() -> ZooModel:
+    return vit("vit_tiny", 32, 8, 64, 2, 4, 10)
+
+
+#: Real-sized models for benchmarks (scripts/bench.py --model zoo:NAME); too big for the test matrix.
+BENCH: dict[str, Callable[[], ZooModel]] = {
+    "vit-s16": lambda: vit("vit_s16", 224, 16, 384, 12, 6, 1000),
+}
+
+
 _BUILDERS: dict[str, Callable[[], ZooModel]] = {
     "mlp": _mlp,
     "resnet_block": _resnet_block,
@@ -640,15 +708,16 @@ _BUILDERS: dict[str, Callable[[], ZooModel]] = {
     "silu_chain": _silu_chain,
     "softmax_argmax": _softmax_argmax,
     "yolo_head": _yolo_head,
+    "vit_tiny": _vit_tiny,
 }
 
 NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def build(name: str) -> ZooModel:
-    """Build a fresh copy of zoo model ``name`` (see :data:`NAMES`)."""
+    """Build a fresh copy of zoo model ``name`` (see :data:`NAMES`, and :data:`BENCH`)."""
     try:
-        fn = _BUILDERS[name]
+        fn = _BUILDERS.get(name) or BENCH[name]
     except KeyError:
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(NAMES)}") from None
     return fn()

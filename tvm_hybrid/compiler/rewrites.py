@@ -1,6 +1,74 @@
-"""Relax rewrites every build runs before legalization, whatever the backend."""
+"""Relax rewrites before legalization: conv_transpose_as_conv for every build; the ones a backend
+asks for (Backend.rewrites), such as patch_conv_as_matmul on CPUs."""
 
 from __future__ import annotations
+
+
+def _relax_pass(name: str, op_name: str, rewrite_call):
+    """A module pass applying ``rewrite_call(builder, call)`` (a new expression, or None to keep
+    the call) to every call of ``op_name`` in the module's Relax functions."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Rewriter(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == op_name:
+                new = rewrite_call(self.builder_, call)
+                return call if new is None else new
+            return call
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def rewrite(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = Rewriter(mod).visit_expr(func)
+        return mod
+
+    return rewrite
+
+
+def patch_conv_as_matmul():
+    """A Relax pass: a ``conv2d`` whose stride equals its kernel, larger than 1x1, with no
+    padding, dilation or groups (a ViT's patch embedding, space-to-depth stems) becomes a
+    patchify reshape/transpose and one matmul.
+
+    Each output pixel reads its own k x k patch once, so the convolution is a
+    ``(pixels, C·k·k) x (C·k·k, O)`` matrix product; as a convolution its stride-k reads left the
+    kernel scalar (ViT-S/16's 16x16 patch embedding: 8.3 ms at 14 GFLOP/s on 2 Zen 4 cores).
+    """
+    return _relax_pass("PatchConvAsMatmul", "relax.nn.conv2d", _patch_conv_as_matmul)
+
+
+def _patch_conv_as_matmul(bb, call):
+    """The rewritten expression for one conv2d call, or None when it does not apply."""
+    from tvm import relax
+
+    a = call.attrs
+    x, w = call.args
+    try:
+        n, c, h, wd = (int(d) for d in x.ty.shape)
+        o, ci, kh, kw = (int(d) for d in w.ty.shape)
+    except (AttributeError, TypeError, ValueError):  # symbolic or unknown shapes
+        return None
+    plain = (
+        a.data_layout == "NCHW" and a.kernel_layout == "OIHW" and a.out_layout == "NCHW"
+        and int(a.groups) == 1 and ci == c and kh * kw > 1
+        and [int(s) for s in a.strides] == [kh, kw] and h % kh == 0 and wd % kw == 0
+        and not any(int(p) for p in a.padding) and all(int(d) == 1 for d in a.dilation)
+    )  # fmt: skip
+    if not plain:
+        return None
+    hp, wp = h // kh, wd // kw
+    out_dtype = str(a.out_dtype) if a.out_dtype is not None and str(a.out_dtype) else None
+    xp = bb.emit(relax.op.reshape(x, [n, c, hp, kh, wp, kw]))
+    xp = bb.emit(relax.op.reshape(relax.op.permute_dims(xp, [0, 2, 4, 1, 3, 5]), [n * hp * wp, c * kh * kw]))
+    wm = bb.emit(relax.op.permute_dims(relax.op.reshape(w, [o, c * kh * kw]), [1, 0]))
+    y = bb.emit(relax.op.matmul(xp, wm, out_dtype=out_dtype))
+    return relax.op.permute_dims(relax.op.reshape(y, [n, hp, wp, o]), [0, 3, 1, 2])
+
 
 def conv_transpose_as_conv():
     """A Relax pass: a ``conv2d_transpose`` whose stride equals its kernel (the 2x2/stride-2
@@ -12,27 +80,7 @@ def conv_transpose_as_conv():
     ``y[n, o, i*kh+a, j*kw+b] = sum_c x[n, c, i, j] * w[c, o, a, b]``: a 1x1 convolution with
     ``o*kh*kw`` output channels, then a reshape/transpose. Weight permutes fold as constants.
     """
-    import tvm
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    @mutator
-    class Rewriter(PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d_transpose":
-                new = _conv_transpose_as_conv(self.builder_, call)
-                return call if new is None else new
-            return call
-
-    @tvm.transform.module_pass(opt_level=0, name="ConvTransposeAsConv")
-    def rewrite(mod, _ctx):
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                mod[gv] = Rewriter(mod).visit_expr(func)
-        return mod
-
-    return rewrite
+    return _relax_pass("ConvTransposeAsConv", "relax.nn.conv2d_transpose", _conv_transpose_as_conv)
 
 
 def _conv_transpose_as_conv(bb, call):
