@@ -273,8 +273,9 @@ def test_conv_transpose_matches_onnxruntime(kernel, stride, pads, tmp_path):
 
 
 def test_matmuls_on_awkward_extents_tile_fully_and_match_onnxruntime(tmp_path):
-    """197 tokens (a ViT's, prime): the rows take full 8-row tiles with a guarded last one, and
-    Q·Kᵀ's 197-wide output is padded to whole vectors; both still equal onnxruntime's."""
+    """197 tokens (a ViT's, prime): the rows take full 8-row tiles with a guarded last one,
+    Q·Kᵀ's 197-wide output is padded to whole vectors, and so is the softmax over it; all still
+    equal onnxruntime's."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -284,7 +285,7 @@ def test_matmuls_on_awkward_extents_tile_fully_and_match_onnxruntime(tmp_path):
     # x (197 x 64) @ w (64 x 96): rows 197; then (x @ w) @ (x @ w)^T: a 197 x 197 output.
     w = numpy_helper.from_array(rng.uniform(-1, 1, (64, 96)).astype(np.float32), "w")
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]),
-             helper.make_node("MatMul", ["h", "ht"], ["y"])]  # fmt: skip
+             helper.make_node("MatMul", ["h", "ht"], ["s"]), helper.make_node("Softmax", ["s"], ["y"], axis=-1)]  # fmt: skip
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 197, 64])],
                               [helper.make_tensor_value_info("y", 1, None)], [w])  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -292,6 +293,7 @@ def test_matmuls_on_awkward_extents_tile_fully_and_match_onnxruntime(tmp_path):
     mod, _, run = _compile(model, {"x": (1, 197, 64)}, TARGET, tmp_path)
     scripts = " ".join(f.script() for _, f in mod.functions.items() if hasattr(f, "script"))
     assert "_pad" in scripts  # pad_einsum's zero-padded copies
+    assert any("softmax" in gv.name_hint and "strided_slice" in gv.name_hint for gv in mod.functions)
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-4)
 
 

@@ -70,6 +70,36 @@ def _patch_conv_as_matmul(bb, call):
     return relax.op.permute_dims(relax.op.reshape(y, [n, hp, wp, o]), [0, 3, 1, 2])
 
 
+def softmax_padded_to(lanes: int):
+    """A Relax pass: a softmax along an axis that no useful vector divides (a ViT's 197 tokens)
+    runs on the input padded to whole vectors of ``lanes`` with a large negative value (so the
+    padding's exponentials are 0), then the valid part is sliced out. Its max and sum
+    reductions then add in vectors instead of one scalar chain per row."""
+    return _relax_pass("SoftmaxPaddedToVectors", "relax.nn.softmax", lambda bb, call: _pad_softmax(bb, call, lanes))
+
+
+def _pad_softmax(bb, call, lanes: int):
+    from tvm import relax
+
+    x = call.args[0]
+    try:
+        shape = [int(d) for d in x.ty.shape]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not shape or str(x.ty.dtype) != "float32":
+        return None
+    axis = int(call.attrs.axis) % len(shape)
+    n = shape[axis]
+    best = next((d for d in range(min(n, lanes), 3, -1) if n % d == 0), 0)
+    if n < 2 * lanes or 2 * best > lanes:
+        return None
+    width = [0] * (2 * len(shape))
+    width[2 * axis + 1] = -n % lanes
+    padded = bb.emit(relax.op.nn.pad(x, width, "constant", -1e30))
+    y = bb.emit(relax.op.nn.softmax(padded, axis=axis))
+    return relax.op.strided_slice(y, axes=[axis], begin=[0], end=[n])
+
+
 def conv_transpose_as_conv():
     """A Relax pass: a ``conv2d_transpose`` whose stride equals its kernel (the 2x2/stride-2
     upsampling of detectors and U-Nets) becomes a 1x1 ``conv2d`` and a pixel shuffle.

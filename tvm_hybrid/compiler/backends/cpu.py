@@ -833,9 +833,10 @@ class CpuBackend(Backend):
         88.72), erf within 4.2e-7 and tanh within 3.2e-7 absolute."""
         from tvm import relax
 
-        from ..rewrites import patch_conv_as_matmul
+        from ..rewrites import patch_conv_as_matmul, softmax_padded_to
 
-        return [relax.transform.FastMathTransform(), patch_conv_as_matmul()]
+        lanes = cpu_config(profile.tvm()).lanes
+        return [softmax_padded_to(lanes), relax.transform.FastMathTransform(), patch_conv_as_matmul()]
 
     def schedule(self, mod, profile: TargetProfile):
         return apply_default(mod, profile)
