@@ -12,7 +12,8 @@ practical fp32 peak measured in the same run (numpy/OpenBLAS sgemm on the same t
     python scripts/bench.py --model zoo:vit-s16 --runs 20
     python scripts/bench.py --model minilm-l3 --input input_ids:8x128:int64 --input attention_mask:8x128:int64
 
---model takes a name below (the MiniLM ones come from scripts/models.py's cache), zoo:NAME (a
+Everything runs on the device (no cloud split, whatever the profile's budget). --model takes a
+name below (the MiniLM ones come from scripts/models.py's cache), zoo:NAME (a
 model tests/zoo.py builds, e.g. zoo:vit-s16, ViT-S/16 with random weights) or an ONNX path; --input NAME:DIMS[:DTYPE] fixes a path's dynamic dimensions or replaces a named model's
 shapes. Inputs are random: floats standard normal, integer inputs named *mask* all ones, *type*
 all zeros, other integers (token ids) uniform in [1, 1000).
@@ -100,7 +101,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 [s] = compile_model(
                     CompileOptions(model=path, targets=(profile.name,), output=Path(tmp) / v.name,
-                                   inputs=tuple(overrides), **v.compile_kwargs)  # fmt: skip
+                                   inputs=tuple(overrides), cloud=None, **v.compile_kwargs)  # fmt: skip
                 )
                 compile_s = time.perf_counter() - t0
                 sess = Session(s.path, threads=args.threads)
