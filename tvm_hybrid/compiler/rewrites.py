@@ -30,6 +30,24 @@ def _relax_pass(name: str, op_name: str, rewrite_call):
     return rewrite
 
 
+def _static_shapes(*exprs) -> list[tuple[int, ...]] | None:
+    """The static shapes of Relax expressions; None when any is symbolic or unknown."""
+    try:
+        return [tuple(int(d) for d in e.ty.shape) for e in exprs]
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _conv_operands(call):
+    """(attrs, data, weight, data shape, weight shape) of a 2-D convolution call with static
+    NCHW shapes, or None."""
+    x, w = call.args
+    shapes = _static_shapes(x, w)
+    if shapes is None or [len(t) for t in shapes] != [4, 4] or call.attrs.data_layout != "NCHW":
+        return None
+    return call.attrs, x, w, shapes[0], shapes[1]
+
+
 def patch_conv_as_matmul():
     """A Relax pass: a ``conv2d`` whose stride equals its kernel, larger than 1x1, with no
     padding, dilation or groups (a ViT's patch embedding, space-to-depth stems) becomes a
@@ -46,15 +64,12 @@ def _patch_conv_as_matmul(bb, call):
     """The rewritten expression for one conv2d call, or None when it does not apply."""
     from tvm import relax
 
-    a = call.attrs
-    x, w = call.args
-    try:
-        n, c, h, wd = (int(d) for d in x.ty.shape)
-        o, ci, kh, kw = (int(d) for d in w.ty.shape)
-    except (AttributeError, TypeError, ValueError):  # symbolic or unknown shapes
+    ops = _conv_operands(call)
+    if ops is None:
         return None
+    a, x, w, (n, c, h, wd), (o, ci, kh, kw) = ops
     plain = (
-        a.data_layout == "NCHW" and a.kernel_layout == "OIHW" and a.out_layout == "NCHW"
+        a.kernel_layout == "OIHW" and a.out_layout == "NCHW"
         and int(a.groups) == 1 and ci == c and kh * kw > 1
         and [int(s) for s in a.strides] == [kh, kw] and h % kh == 0 and wd % kw == 0
         and not any(int(p) for p in a.padding) and all(int(d) == 1 for d in a.dilation)
@@ -82,12 +97,10 @@ def _pad_softmax(bb, call, lanes: int):
     from tvm import relax
 
     x = call.args[0]
-    try:
-        shape = [int(d) for d in x.ty.shape]
-    except (AttributeError, TypeError, ValueError):
+    shapes = _static_shapes(x)
+    if not shapes or not shapes[0] or str(x.ty.dtype) != "float32":
         return None
-    if not shape or str(x.ty.dtype) != "float32":
-        return None
+    shape = list(shapes[0])
     axis = int(call.attrs.axis) % len(shape)
     n = shape[axis]
     best = next((d for d in range(min(n, lanes), 3, -1) if n % d == 0), 0)
@@ -117,15 +130,12 @@ def _conv_transpose_as_conv(bb, call):
     """The rewritten expression for one conv2d_transpose call, or None when it does not apply."""
     from tvm import relax
 
-    a = call.attrs
-    x, w = call.args
-    try:
-        n, ci, h, wd = (int(d) for d in x.ty.shape)
-        wi, co, kh, kw = (int(d) for d in w.ty.shape)
-    except (AttributeError, TypeError, ValueError):  # symbolic or unknown shapes
+    ops = _conv_operands(call)
+    if ops is None:
         return None
+    a, x, w, (n, ci, h, wd), (wi, co, kh, kw) = ops
     plain = (
-        a.data_layout == "NCHW" and a.kernel_layout == "IOHW" and a.out_layout == "NCHW"
+        a.kernel_layout == "IOHW" and a.out_layout == "NCHW"
         and int(a.groups) == 1 and wi == ci
         and [int(s) for s in a.strides] == [kh, kw]
         and not any(int(p) for p in a.padding) and not any(int(p) for p in a.output_padding)
