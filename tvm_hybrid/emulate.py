@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import RuntimeFailure, UsageError, one_line
-from .hostcpu import EMULATED_ARCHES, emulatable, host_arch, needs_emulation, target_arch  # noqa: F401  (used here and by callers)
+from .hostcpu import EMULATED_ARCHES, emulatable, target_arch
 
 log = logging.getLogger(__name__)
 

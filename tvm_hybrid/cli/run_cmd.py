@@ -53,7 +53,8 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
     import numpy as np
 
     if emulate:
-        from ..emulate import artifact_target, needs_emulation
+        from ..emulate import artifact_target
+        from ..hostcpu import needs_emulation
 
         if needs_emulation(artifact_target(artifact)):
             return _run_emulated(artifact, _forwarded_options(click.get_current_context()), repeat, as_json)

@@ -76,13 +76,6 @@ def analyze(imported: ImportedModel, profile: TargetProfile | None = None) -> li
     return infos
 
 
-def _dtype_name(elem_type: int) -> str:
-    try:
-        return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
-    except Exception:
-        return "unknown"
-
-
 def _nbytes(shape: tuple[int, ...], elem_type: int) -> int:
     try:
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize

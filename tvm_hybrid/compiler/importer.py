@@ -466,6 +466,22 @@ def node_name(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
+def tensor_dtypes(imported: ImportedModel) -> dict[str, str]:
+    """Every typed tensor's numpy dtype name (inputs, intermediates, outputs, initializers);
+    "unknown" for an ONNX type numpy has no name for."""
+    g = imported.model.graph
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]
+            if vi.type.HasField("tensor_type")}  # fmt: skip
+    elem.update((t.name, t.data_type) for t in g.initializer)
+    out = {}
+    for name, e in elem.items():
+        try:
+            out[name] = str(np.dtype(helper.tensor_dtype_to_np_dtype(e)))
+        except Exception:
+            out[name] = "unknown"
+    return out
+
+
 def supported_op_types() -> set[str]:
     """ONNX op types TVM's Relax frontend converts."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map

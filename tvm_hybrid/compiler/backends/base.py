@@ -12,7 +12,7 @@ from ...errors import UnsupportedError
 from ...manifest import FORMAT_TVM_VM
 from ...targets import TargetProfile
 from .. import build
-from ..importer import ImportedModel, node_name, supported_op_types
+from ..importer import ImportedModel, node_name, supported_op_types, tensor_dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Backend:
         capacity = profile.capacity if profile is not None else {}
         banned = set(capacity.get("unsupported_ops", []))
         dtypes = set(capacity.get("dtypes", []))
-        types = _tensor_dtypes(imported) if dtypes else {}
+        types = tensor_dtypes(imported) if dtypes else {}
         out = []
         for i, node in enumerate(imported.model.graph.node):
             name = node_name(node, i)
@@ -151,22 +151,3 @@ class Backend:
                 "and CUDA targets; compile uses the default schedules"
             )
 
-
-def _tensor_dtypes(imported: ImportedModel) -> dict[str, str]:
-    import numpy as np
-    from onnx import helper
-
-    g = imported.model.graph
-    out = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        if vi.type.HasField("tensor_type"):
-            out[vi.name] = vi.type.tensor_type.elem_type
-    for t in g.initializer:
-        out[t.name] = t.data_type
-    named = {}
-    for k, v in out.items():
-        try:
-            named[k] = str(np.dtype(helper.tensor_dtype_to_np_dtype(v)))
-        except Exception:
-            named[k] = "unknown"
-    return named

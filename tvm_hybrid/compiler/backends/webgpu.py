@@ -29,7 +29,7 @@ from ...errors import UnsupportedError
 from ...manifest import FORMAT_WGSL_PLAN
 from ...targets import TargetProfile
 from .. import build as relax_build
-from ..importer import node_name, supported_op_types
+from ..importer import node_name, supported_op_types, tensor_dtypes
 from .base import Backend, CompiledSegment, Rejected
 
 log = logging.getLogger(__name__)
@@ -62,20 +62,12 @@ def _rejected_nodes(imported, profile: TargetProfile) -> list[Rejected]:
 
     Shape-like inputs (Reshape's shape, Slice's starts…) are read at compile time and do not count.
     The planner can send these nodes elsewhere; until then compile refuses them (exit 3)."""
-    from onnx import helper
-
-    g = imported.model.graph
     allowed = set(profile.capacity.get("dtypes", WGSL_DTYPES)) & set(WGSL_DTYPES)
     banned_ops = set(profile.capacity.get("unsupported_ops", []))
-    types: dict[str, int] = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for t in g.initializer:
-        types[t.name] = t.data_type
+    types = tensor_dtypes(imported)
     out = []
-    for i, node in enumerate(g.node):
-        name = node.name or f"{node.op_type}_{i}"
+    for i, node in enumerate(imported.model.graph.node):
+        name = node_name(node, i)
         if node.op_type in banned_ops:
             out.append(Rejected(name, node.op_type, f"no GPU kernel on {profile.name}"))
             continue
@@ -87,7 +79,7 @@ def _rejected_nodes(imported, profile: TargetProfile) -> list[Rejected]:
         bad = set()
         for x in data:
             if x in types:
-                dt = str(np.dtype(helper.tensor_dtype_to_np_dtype(types[x])))
+                dt = types[x]
                 # 64-bit types never reach WGSL; narrower ones (bool, int8) are fine inside a fused
                 # kernel, and a kernel that stores one is named by the plan's buffer check.
                 if dt in _NO_WGSL or (dt in WGSL_DTYPES and dt not in allowed):
