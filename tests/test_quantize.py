@@ -1,0 +1,158 @@
+"""`tvm-hybrid quantize`: calibration on rendered text lines, the QDQ model it writes, the accuracy
+report and budget, the calibration cache, and one line + exit 2 for bad calibration input."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from conftest import CLS, HERE, cli, reference
+
+sys.path.insert(0, str(HERE.parent / "scripts"))
+import calibration  # noqa: E402  (scripts/calibration.py: rendered text lines)
+
+
+@pytest.fixture(scope="module")
+def cls_samples(tmp_path_factory):
+    d = tmp_path_factory.mktemp("calib-cls")
+    calibration.write("cls", d, 30)
+    return d
+
+
+@pytest.fixture(scope="module")
+def cls_int8(tmp_path_factory, cls_samples):
+    out = tmp_path_factory.mktemp("q") / "cls.int8.onnx"
+    cache = out.parent / "ranges.json"
+    proc = cli("quantize", str(CLS), "-c", str(cls_samples), "-o", str(out), "--calibration-cache", str(cache), "--json",
+               check=True)  # fmt: skip
+    return out, json.loads(proc.stdout), cache
+
+
+def test_quantized_model_is_standard_qdq_with_int8_weights(cls_int8, cls_samples):
+    out, report, _ = cls_int8
+    m = onnx.load(str(out))
+    ops = {n.op_type for n in m.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and not ops & {"QLinearConv", "QLinearMatMul"}
+    int8 = [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    # every conv weight is int8, per channel (a scale per output channel)
+    assert len(int8) >= 50, len(int8)
+    assert report["quantized_nodes"] >= 50
+    assert report["int8_bytes"] == out.stat().st_size < 0.6 * report["fp32_bytes"]
+    # the classifier keeps its decision on held-out rendered lines (half of them upside down)
+    [o] = report["outputs"]
+    assert o["top1"] is not None and o["top1"] >= 0.99, o
+    assert o["cosine"] > 0.999 and o["max_abs"] < 0.05, o
+    assert report["heldout_samples"] == 6 and report["calibration_samples"] == 24
+    assert not report["heldout_is_calibration"]
+    # the report's numbers are onnxruntime's own: recompute one sample's error
+    x = np.load(sorted(cls_samples.glob("*.npz"))[4])["x"]
+    fp32, q = reference(CLS, {"x": x}), reference(out, {"x": x})
+    [a], [b] = fp32.values(), q.values()
+    assert np.abs(a - b).max() <= o["max_abs"] + 1e-7
+
+
+def test_calibration_is_cached_and_reused(cls_int8, cls_samples, tmp_path):
+    out, report, cache = cls_int8
+    assert cache.is_file() and json.loads(cache.read_text())
+    before = cache.read_bytes()
+    again = tmp_path / "again.onnx"
+    cli("quantize", str(CLS), "-c", str(cls_samples), "-o", str(again), "--calibration-cache", str(cache), check=True)
+    assert cache.read_bytes() == before
+    assert again.read_bytes() == out.read_bytes()  # same ranges, same model
+
+
+def test_accuracy_budget_keeps_sensitive_layers_fp32(tmp_path):
+    import zoo
+
+    z = zoo.build("mlp")  # a regression output: the relative L2 error is its loss
+    model = tmp_path / "mlp.onnx"
+    model.write_bytes(z.model.SerializeToString())
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(10):
+        np.savez(calib / f"{i}.npz", x=rng.standard_normal((4, 64)).astype(np.float32))
+    plain = json.loads(cli("quantize", str(model), "-c", str(calib), "-o", str(tmp_path / "a.onnx"), "--json",
+                           check=True).stdout)  # fmt: skip
+    budget = plain["loss"] / 3
+    proc = cli("quantize", str(model), "-c", str(calib), "-o", str(tmp_path / "b.onnx"), "--json",
+               "--accuracy-budget", f"{100 * budget}%", check=True)  # fmt: skip
+    fit = json.loads(proc.stdout)
+    assert plain["loss"] > 0.001 and not plain["kept_fp32"]
+    assert fit["kept_fp32"] and fit["tries"] > 1
+    assert fit["within_budget"] and fit["loss"] <= budget
+    q = onnx.load(str(tmp_path / "b.onnx"))
+    kept = {n.name for n in q.graph.node}
+    assert set(fit["kept_fp32"]) <= kept
+
+
+def test_exclude_by_op_type(tmp_path, cls_samples):
+    out = tmp_path / "x.onnx"
+    report = json.loads(cli("quantize", str(CLS), "-c", str(cls_samples), "-o", str(out), "--exclude", "MatMul",
+                            "--json", check=True).stdout)  # fmt: skip
+    m = onnx.load(str(out))
+    dq = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    matmuls = [n for n in m.graph.node if n.op_type in ("MatMul", "Gemm")]  # pre-processing fuses MatMul + Add
+    inits = {t.name: t for t in m.graph.initializer}
+    # its weight stays an fp32 initializer (its input may still arrive through the producer's Q/DQ)
+    assert matmuls and all(n.input[1] in inits and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
+                           and n.input[1] not in dq for n in matmuls)  # fmt: skip
+    assert {n.name for n in matmuls} <= set(report["kept_fp32"])
+
+
+def _bad(tmp_path, name, **arrays):
+    d = tmp_path / name
+    d.mkdir()
+    if arrays:
+        np.savez(d / "0.npz", **arrays)
+    return d
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("empty", "holds no .npz files"),
+    ("missing-dir", "does not exist"),
+    ("wrong-name", "missing x; unknown image"),
+    ("wrong-dtype", "is float64, the model takes float32"),
+    ("wrong-rank", "has shape 3x48x192, the model takes ?x3x?x?"),
+    ("not-npz", "is not a readable .npz"),
+])  # fmt: skip
+def test_bad_calibration_input_is_one_line_exit_2(tmp_path, case, expect):
+    x = np.zeros((1, 3, 48, 192), np.float32)
+    if case == "empty":
+        d = _bad(tmp_path, case)
+    elif case == "missing-dir":
+        d = tmp_path / "nope"
+    elif case == "wrong-name":
+        d = _bad(tmp_path, case, image=x)
+    elif case == "wrong-dtype":
+        d = _bad(tmp_path, case, x=x.astype(np.float64))
+    elif case == "wrong-rank":
+        d = _bad(tmp_path, case, x=x[0])
+    else:
+        d = _bad(tmp_path, case)
+        (d / "1.npz").write_bytes(b"not a zip")
+    out = tmp_path / "out.onnx"
+    proc = cli("quantize", str(CLS), "-c", str(d), "-o", str(out))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0], proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.onnx*"))
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--exclude", "Conf"], "did you mean Conv?"),
+    (["--accuracy-budget", "3x"], "bad --accuracy-budget"),
+    (["--method", "kl"], "Invalid value for '--method'"),
+])  # fmt: skip
+def test_bad_options_exit_2(tmp_path, cls_samples, args, expect):
+    proc = cli("quantize", str(CLS), "-c", str(cls_samples), "-o", str(tmp_path / "o.onnx"), *args)
+    assert proc.returncode == 2 and expect in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_quantizing_a_quantized_model_is_refused(cls_int8, cls_samples, tmp_path):
+    proc = cli("quantize", str(cls_int8[0]), "-c", str(cls_samples), "-o", str(tmp_path / "o.onnx"))
+    assert proc.returncode == 2 and "already quantized" in proc.stderr

@@ -1,0 +1,483 @@
+"""Post-training static int8 quantization: calibrate on the user's samples, write a QDQ ONNX model.
+
+onnxruntime's ``quantize_static`` does the quantizing (QDQ format: u8 activations, s8 weights,
+per channel by default); what this module adds is what a release pipeline needs around it:
+
+- calibration samples read from a directory (one ``.npz`` per sample, keyed by input name) and
+  checked against the model (names, ranks, fixed dimensions, dtypes), bad ones named in one line;
+- the calibration ranges cached by content (model, samples, method), so a second run, or the
+  search below, never recalibrates and a crash never loses them;
+- an accuracy report against fp32 on held-out samples: per output max and mean abs error, cosine
+  similarity, and top-1 agreement for classifier outputs (those a Softmax/LogSoftmax produces);
+- ``budget``: the most sensitive layers (largest error they add to their own output, measured on
+  the held-out samples) stay fp32, 1, 2, 4, … of them, until the accuracy loss fits the budget.
+
+The accuracy loss of an output is its top-1 disagreement for a classifier output, else its
+relative L2 error ||q - f|| / ||f||; the model's is the worst of its outputs'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import UsageError, one_line
+from ..manifest import sha256_file
+from .importer import node_name, parse
+
+log = logging.getLogger(__name__)
+
+METHODS = ("minmax", "percentile", "entropy")
+#: Ops whose outputs are class scores: top-1 agreement is their accuracy.
+_CLASSIFIER_OPS = {"Softmax", "LogSoftmax"}
+#: Ops quantize_static quantizes and that hold the compute: the candidates for staying fp32.
+_COMPUTE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "EmbedLayerNormalization"}
+
+
+@dataclasses.dataclass
+class OutputReport:
+    name: str
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    rel_l2: float
+    top1: float | None  # agreement, for classifier outputs
+
+    @property
+    def loss(self) -> float:
+        return 1.0 - self.top1 if self.top1 is not None else self.rel_l2
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "loss": self.loss}
+
+
+@dataclasses.dataclass
+class Report:
+    model: str
+    output: str
+    method: str
+    per_channel: bool
+    calibration_samples: int
+    heldout_samples: int
+    heldout_is_calibration: bool
+    fp32_bytes: int
+    int8_bytes: int
+    quantized_nodes: int
+    kept_fp32: list[str]
+    outputs: list[OutputReport]
+    budget: float | None
+    calibration_cache: str
+    tries: int
+
+    @property
+    def loss(self) -> float:
+        return max((o.loss for o in self.outputs), default=0.0)
+
+    @property
+    def within_budget(self) -> bool | None:
+        return None if self.budget is None else self.loss <= self.budget
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["outputs"] = [o.to_dict() for o in self.outputs]
+        d["loss"] = self.loss
+        d["within_budget"] = self.within_budget
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple  # ints, None where dynamic
+    dtype: np.dtype
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+    return specs
+
+
+def load_samples(directory: str | Path, inputs: list[InputSpec]) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """Every ``*.npz`` in ``directory`` (sorted by name), checked against the model's inputs."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise UsageError(f"calibration directory {d} does not exist or is not a directory")
+    files = sorted(p for p in d.iterdir() if p.suffix == ".npz")
+    if not files:
+        raise UsageError(f"calibration directory {d} holds no .npz files (one per sample, keyed by input name: "
+                         f"{', '.join(i.name for i in inputs)})")  # fmt: skip
+    want = {i.name: i for i in inputs}
+    samples = []
+    for f in files:
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise UsageError(f"calibration sample {f} is not a readable .npz: {one_line(e)}") from e
+        missing = sorted(set(want) - set(arrays))
+        extra = sorted(set(arrays) - set(want))
+        if missing or extra:
+            what = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
+                                         f"unknown {', '.join(extra)}" if extra else "") if x)  # fmt: skip
+            raise UsageError(f"calibration sample {f.name}: {what} (the model's inputs are {', '.join(want)})")
+        for name, a in arrays.items():
+            spec = want[name]
+            if a.dtype != spec.dtype:
+                raise UsageError(f"calibration sample {f.name}: input {name} is {a.dtype}, the model takes {spec.dtype}")
+            if a.ndim != len(spec.shape) or any(s is not None and s != n for s, n in zip(spec.shape, a.shape)):
+                shown = "x".join("?" if s is None else str(s) for s in spec.shape)
+                raise UsageError(f"calibration sample {f.name}: input {name} has shape "
+                                 f"{'x'.join(map(str, a.shape))}, the model takes {shown}")  # fmt: skip
+        samples.append((f.name, arrays))
+    return samples
+
+
+def split(samples: list, holdout: float) -> tuple[list, list, bool]:
+    """(calibration, held-out, held-out is the calibration set): every k-th sample is held out
+    for a fraction ``holdout``; with fewer than 5 samples, or ``holdout`` 0, all calibrate and the
+    report is on them (said in the report)."""
+    if holdout <= 0 or len(samples) < 5:
+        return samples, samples, True
+    k = max(2, round(1 / holdout))
+    held = [s for i, s in enumerate(samples) if i % k == k - 1]
+    calib = [s for i, s in enumerate(samples) if i % k != k - 1]
+    return calib, held, False
+
+
+def parse_budget(text: str | None) -> float | None:
+    """'1%' or '0.01' -> 0.01."""
+    if text is None:
+        return None
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise UsageError(f"bad --accuracy-budget {text!r}: give a percentage (1%) or a fraction (0.01)") from None
+    if not 0 <= value < 1:
+        raise UsageError(f"bad --accuracy-budget {text!r}: it must be at least 0 and under 100%")
+    return value
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over loaded samples."""
+
+    def __init__(self, samples):
+        self._samples = [s for _, s in samples]
+        self._i = 0
+
+    def get_next(self):
+        if self._i >= len(self._samples):
+            return None
+        self._i += 1
+        return self._samples[self._i - 1]
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._samples = self._samples[start_index:end_index]
+        self._i = 0
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TVM_HYBRID_CACHE") or Path.home() / ".cache/tvm-hybrid") / "calibration"
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose every node has a (unique) name, so nodes can be excluded and reported by name."""
+    m = _copy(model)
+    seen = set()
+    for i, n in enumerate(m.graph.node):
+        if not n.name or n.name in seen:
+            n.name = node_name(n, i) if not n.name else f"{n.name}_{i}"
+        seen.add(n.name)
+    return m
+
+
+def resolve_excludes(original: onnx.ModelProto, model: onnx.ModelProto, excludes) -> list[str]:
+    """--exclude values (node names or op types of the user's model) -> names of nodes in the
+    pre-processed ``model`` (where onnxruntime fused MatMul + Add into a Gemm named after the
+    MatMul, that Gemm); unknown ones are a UsageError."""
+    names = {n.name for n in model.graph.node}
+
+    def now(name: str) -> list[str]:
+        return [m for m in names if m == name or m.startswith(name + "/")]
+
+    by_op: dict[str, list[str]] = {}
+    for n in list(original.graph.node) + list(model.graph.node):
+        by_op.setdefault(n.op_type, []).append(n.name)
+    known = {n.name for n in original.graph.node} | names
+    out: list[str] = []
+    for x in excludes:
+        if x in by_op:
+            out += [m for name in by_op[x] for m in now(name)]
+        elif x in known:
+            found = now(x)
+            if not found:
+                log.warning("--exclude %s: onnxruntime's pre-processing folded that node away", x)
+            out += found
+        else:
+            import difflib
+
+            close = difflib.get_close_matches(x, list(known) + list(by_op), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; its op types are {', '.join(sorted(by_op))}"
+            raise UsageError(f"--exclude {x}: the model has no node or op type of that name{hint}")
+    return sorted(set(out))
+
+
+def quantize(model_path: str | Path, calibration: str | Path, output: str | Path, method: str = "minmax",
+             per_channel: bool = True, exclude=(), budget: float | None = None, holdout: float = 0.2,
+             cache: str | Path | None = None) -> Report:  # fmt: skip
+    """Quantize ``model_path`` into a QDQ model at ``output`` (written atomically); the report."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in METHODS:
+        raise UsageError(f"bad --method {method!r}: one of {', '.join(METHODS)}")
+    model_path, output = Path(model_path), Path(output)
+    try:
+        data = model_path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read model {model_path}: {e.strerror or e}") from e
+    model = parse(data, str(model_path))
+    if any(n.domain not in ("", "ai.onnx") for n in model.graph.node):
+        raise UsageError(f"{model_path} has ops outside the standard ONNX domain; quantize takes standard ONNX models")
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul") for n in model.graph.node):
+        raise UsageError(f"{model_path} is already quantized (it has QuantizeLinear/DequantizeLinear nodes)")
+    original = _named(_opset_13(model))
+    model = _named(_preprocess(original))
+    samples = load_samples(calibration, model_inputs(model))
+    calib, held, held_is_calib = split(samples, holdout)
+    excluded = resolve_excludes(original, model, exclude)
+    if held_is_calib:
+        log.warning("%d calibration sample(s): the accuracy report is on the calibration samples themselves "
+                    "(give 5 or more to hold some out)", len(samples))  # fmt: skip
+
+    key = hashlib.sha256()
+    key.update(model.SerializeToString())
+    for name, _ in calib:
+        key.update(name.encode() + sha256_file(Path(calibration) / name).encode())
+    key.update(method.encode())
+    cache_path = Path(cache) if cache else default_cache_dir() / f"{key.hexdigest()[:24]}-{method}.json"
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    calibrate_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                        "entropy": CalibrationMethod.Entropy}[method]  # fmt: skip
+    fp32_outputs = _run(model, held)
+    op_types = _op_types_to_quantize()
+
+    def build(keep: list[str]) -> tuple[onnx.ModelProto, list[OutputReport]]:
+        with tempfile.TemporaryDirectory(prefix="tvm-hybrid-quant.") as tmp:
+            out = Path(tmp) / "q.onnx"
+            try:
+                with _ort_logs_to_debug():
+                    quantize_static(_copy(model), out, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+                                    calibrate_method=calibrate_method, op_types_to_quantize=op_types,
+                                    calibration_cache_path=cache_path)  # fmt: skip
+            except ValueError as e:  # a cache of another method or a corrupt one: recalibrate
+                if not cache_path.exists():
+                    raise
+                log.warning("calibration cache %s unusable (%s); recalibrating", cache_path, one_line(e))
+                cache_path.unlink()
+                return build(keep)
+            q = onnx.load(str(out))
+        return q, compare(model, fp32_outputs, _run(q, held))
+
+    q, outputs = build(excluded)
+    tries, kept = 1, list(excluded)
+    if budget is not None and max(o.loss for o in outputs) > budget:
+        ranked = [n for n in sensitivity(model, q, held, op_types) if n not in excluded]
+        k = 1
+        while max(o.loss for o in outputs) > budget and ranked:
+            kept = sorted(set(excluded) | set(ranked[:k]))
+            q, outputs = build(kept)
+            tries += 1
+            log.info("%d layer(s) kept fp32: loss %.4f%%", len(kept), 100 * max(o.loss for o in outputs))
+            if k >= len(ranked):
+                break
+            k = min(2 * k, len(ranked))
+    _write_atomic(q, output)
+    dq = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = sum(1 for n in q.graph.node if n.op_type in _COMPUTE_OPS and any(i in dq for i in n.input))
+    return Report(
+        model=str(model_path), output=str(output), method=method, per_channel=per_channel,
+        calibration_samples=len(calib), heldout_samples=len(held), heldout_is_calibration=held_is_calib,
+        fp32_bytes=len(data), int8_bytes=output.stat().st_size, quantized_nodes=quantized, kept_fp32=kept,
+        outputs=outputs, budget=budget, calibration_cache=str(cache_path), tries=tries,
+    )  # fmt: skip
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """quantize_static may turn a given model's weights into external data in place: it gets a copy."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _opset_13(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Per-channel DequantizeLinear (its ``axis``) needs opset 13: older models are converted."""
+    from onnx import version_converter
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset >= 13:
+        return model
+    try:
+        return version_converter.convert_version(model, 13)
+    except Exception as e:
+        raise UsageError(f"cannot convert the model from opset {opset} to 13, which int8 QDQ needs: {one_line(e)}") from e
+
+
+def _preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's pre-quantization pass: shape inference and its graph optimizations (batch
+    norms folded into convs, constant subgraphs folded), so weights and biases are initializers."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="tvm-hybrid-quant.") as tmp, _ort_logs_to_debug():
+        src, out = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx"
+        src.write_bytes(model.SerializeToString())
+        try:
+            quant_pre_process(src, out)
+        except Exception as e:  # its symbolic shape inference gives up on some graphs: optimize without it
+            log.debug("quant_pre_process: %s; retrying without symbolic shape inference", one_line(e))
+            quant_pre_process(src, out, skip_symbolic_shape=True)
+        return onnx.load(str(out))
+
+
+class _ToDebug(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        log.debug("onnxruntime.quantization: %s", record.getMessage())
+
+
+@contextlib.contextmanager
+def _ort_logs_to_debug():
+    """onnxruntime's quantization tools log advice and warnings on the root logger; ours are the
+    report's, so theirs go to --verbose only."""
+    root = logging.getLogger()
+    handler, level = _ToDebug(), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _op_types_to_quantize() -> list[str]:
+    """What quantize_static quantizes by default (it passes the same list when given none)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
+
+
+def _write_atomic(model: onnx.ModelProto, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _session(model: onnx.ModelProto, extra_outputs=()):
+    import onnxruntime as ort
+
+    if extra_outputs:
+        m = _copy(model)
+        have = {o.name for o in m.graph.output}
+        m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in extra_outputs if t not in have)
+        model = m
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _run(model: onnx.ModelProto, samples, extra_outputs=()) -> list[dict[str, np.ndarray]]:
+    sess = _session(model, extra_outputs)
+    names = [o.name for o in sess.get_outputs()]
+    return [dict(zip(names, sess.run(None, s))) for _, s in samples]
+
+
+def compare(model: onnx.ModelProto, ref: list[dict], got: list[dict]) -> list[OutputReport]:
+    """Per graph output of ``model``: errors of ``got`` against ``ref`` over all samples."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def source_op(name: str) -> str | None:  # through the ops that only relabel a tensor
+        n = producer.get(name)
+        while n is not None and n.op_type in ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            n = producer.get(n.input[0])
+        return n.op_type if n is not None else None
+
+    reports = []
+    for out in model.graph.output:
+        f = np.concatenate([r[out.name].astype(np.float64).ravel() for r in ref])
+        q = np.concatenate([g[out.name].astype(np.float64).ravel() for g in got])
+        diff = np.abs(q - f)
+        nf, nq = np.linalg.norm(f), np.linalg.norm(q)
+        cosine = float(f @ q / (nf * nq)) if nf > 0 and nq > 0 else float(nf == nq)
+        rel = float(np.linalg.norm(q - f) / nf) if nf > 0 else float(np.linalg.norm(q))
+        top1 = None
+        if source_op(out.name) in _CLASSIFIER_OPS and ref[0][out.name].ndim >= 2:
+            agree = [np.argmax(r[out.name], -1) == np.argmax(g[out.name], -1) for r, g in zip(ref, got)]
+            top1 = float(np.mean(np.concatenate([a.ravel() for a in agree])))
+        reports.append(OutputReport(out.name, float(diff.max(initial=0)), float(diff.mean()) if diff.size else 0.0,
+                                    cosine, rel, top1))  # fmt: skip
+    return reports
+
+
+def sensitivity(model: onnx.ModelProto, qmodel: onnx.ModelProto, samples, op_types) -> list[str]:
+    """The nodes of ``model`` that quantizing touches (``op_types``), most sensitive first: the
+    relative error quantizing adds at a node's output over the worst error already on its
+    inputs, on ``samples``."""
+    nodes = [n for n in model.graph.node if n.op_type in op_types]
+    tensors = sorted({t for n in model.graph.node for t in n.output if t})
+    qtensors = {t for n in qmodel.graph.node for t in n.output}
+    tensors = [t for t in tensors if t in qtensors]
+    f = _run(model, samples[:4], tensors)
+    q = _run(qmodel, samples[:4], tensors)
+    err = {}
+    for t in tensors:
+        a = np.concatenate([r[t].astype(np.float64).ravel() for r in f])
+        b = np.concatenate([r[t].astype(np.float64).ravel() for r in q])
+        na = np.linalg.norm(a)
+        err[t] = float(np.linalg.norm(a - b) / na) if na > 0 else 0.0
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+
+    def out_err(n, depth=0) -> float | None:
+        # a tensor quantizing removed (a Relu folded into the Q before it): the one it became
+        found = [err[t] for t in n.output if t in err]
+        if found or depth > 3:
+            return max(found, default=None)
+        users = [u for t in n.output for u in consumers.get(t, ())]
+        return out_err(users[0], depth + 1) if len(users) == 1 else None
+
+    added = {}
+    for n in nodes:
+        out = [e for e in [out_err(n)] if e is not None]
+        if not out:
+            continue
+        before = max((err.get(t, 0.0) for t in n.input), default=0.0)
+        added[n.name] = max(out) - before
+    return sorted(added, key=lambda k: -added[k])
