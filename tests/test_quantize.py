@@ -156,3 +156,67 @@ def test_bad_options_exit_2(tmp_path, cls_samples, args, expect):
 def test_quantizing_a_quantized_model_is_refused(cls_int8, cls_samples, tmp_path):
     proc = cli("quantize", str(cls_int8[0]), "-c", str(cls_samples), "-o", str(tmp_path / "o.onnx"))
     assert proc.returncode == 2 and "already quantized" in proc.stderr
+
+
+# -- compile: int8 weights stay int8 ------------------------------------------------------------
+
+
+def _int8_weight_model():
+    """Every form of int8 weight rewrites.int8_weights keeps int8: an embedding table as
+    Mul(Cast(q), row scales) under a Gather, a MatMul weight as per-column DequantizeLinear, a
+    Gemm (transB) weight per row, and a conv weight as uint8 with per-channel zero points."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    q = lambda *s: rng.integers(-127, 128, s).astype(np.int8)  # noqa: E731
+    f = lambda *s: (rng.random(s) * 0.02 + 0.005).astype(np.float32)  # noqa: E731
+    inits = {
+        "emb_q": q(1000, 64), "emb_s": f(1000, 1),
+        "w1_q": q(64, 256), "w1_s": f(256),
+        "w2_q": q(128, 256), "w2_s": f(128),
+        "wc_q": rng.integers(0, 256, (64, 8, 3, 3)).astype(np.uint8), "wc_s": f(64),
+        "wc_z": rng.integers(100, 156, 64).astype(np.uint8),
+        "shape16": np.array([16, 256], np.int64), "shape4d": np.array([2, 8, 16, 8], np.int64),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("Cast", ["emb_q"], ["emb_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["emb_f", "emb_s"], ["emb"]),
+        helper.make_node("Gather", ["emb", "ids"], ["e"]),  # [2, 8, 64]
+        helper.make_node("DequantizeLinear", ["w1_q", "w1_s"], ["w1"], axis=1),
+        helper.make_node("MatMul", ["e", "w1"], ["h"]),  # [2, 8, 256]
+        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("Reshape", ["hr", "shape16"], ["h2"]),
+        helper.make_node("DequantizeLinear", ["w2_q", "w2_s"], ["w2"], axis=0),
+        helper.make_node("Gemm", ["h2", "w2"], ["g"], transB=1),  # [16, 128]
+        helper.make_node("Reshape", ["g", "shape4d"], ["img"]),  # [2, 8, 16, 8]
+        helper.make_node("DequantizeLinear", ["wc_q", "wc_s", "wc_z"], ["wc"], axis=0),
+        helper.make_node("Conv", ["img", "wc"], ["y"], pads=[1, 1, 1, 1]),  # [2, 64, 16, 8]
+    ]
+    graph = helper.make_graph(
+        nodes, "int8_weights", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64, 16, 8])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    fp32_bytes = 4 * sum(v.size for k, v in inits.items() if k.endswith("_q"))
+    return model, fp32_bytes
+
+
+def test_int8_weights_stay_int8_and_match_onnxruntime(tmp_path):
+    from tvm_hybrid.compiler.importer import InputOverride
+    from tvm_hybrid.compiler.package import CompileOptions, compile_model
+    from tvm_hybrid.runtime import Session
+
+    model, fp32_bytes = _int8_weight_model()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    [s] = compile_model(CompileOptions(model=path, targets=("x86-64-avx2",), output=tmp_path / "out",
+                                       inputs=(InputOverride("ids", (2, 8)),), cloud=None))  # fmt: skip
+    lib = next((s.path / "segments").glob("*.so"))
+    # the library holds the weights at one byte each (fp32 would be 4x: more than the whole file)
+    assert lib.stat().st_size < fp32_bytes * 0.6, (lib.stat().st_size, fp32_bytes)
+    ids = np.random.default_rng(0).integers(0, 1000, (2, 8)).astype(np.int64)
+    got = Session(s.path).run({"ids": ids})
+    want = reference(path, {"ids": ids})
+    np.testing.assert_allclose(got["y"], want["y"], rtol=1e-4, atol=1e-4 * np.abs(want["y"]).max())

@@ -27,7 +27,7 @@ class BuildResult:
     device_code: dict | None = None  # GPU targets: what the library holds (arch, SASS, PTX)
 
 
-def fuse(mod, profile: TargetProfile, rewrites=()):
+def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=()):
     """Legalize and fuse a Relax module into fused TIR kernels: what tuning extracts tasks from.
 
     The ONNX importer leaves composite ops (batch_norm, layer_norm, gelu…) that only
@@ -35,7 +35,9 @@ def fuse(mod, profile: TargetProfile, rewrites=()):
     legalization reaches VM codegen and fails with "CodeGenVM cannot emit this Relax operator".
     Running decomposition *before* ``LegalizeOps``, and folding constants on both sides of it,
     is what lets real exported models (BN-folded detectors, SiLU/HardSwish chains) build.
-    ``rewrites`` are the backend's Relax passes before legalization (``Backend.rewrites``).
+    ``rewrites`` are the backend's Relax passes before legalization (``Backend.rewrites``);
+    ``before_folding`` its passes that must see the graph before any constant is folded
+    (``Backend.before_folding``: int8 weights kept int8).
     Tuning and building must both start from this module (``Backend.fuse``): database records
     are keyed by the kernels' TIR, so any pass difference means no record matches.
     """
@@ -47,6 +49,7 @@ def fuse(mod, profile: TargetProfile, rewrites=()):
     target = profile.tvm()
     seq = tvm.transform.Sequential(
         [
+            *before_folding,
             relax.transform.DecomposeOpsForInference(),
             # Before legalization: TVM's conv2d_transpose kernel convolves over a zero-dilated
             # input; stride == kernel upsampling becomes a 1x1 conv + pixel shuffle (4x less work).

@@ -177,6 +177,7 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
             out.type.tensor_type.ClearField("shape")
     model = _infer(model)
     model = fold_constants(model)
+    _cast_mul_as_dequantize(model)
     check_sizes(model)
     inputs = [_spec(vi) for vi in model.graph.input if vi.name not in {t.name for t in model.graph.initializer}]
     outputs = []
@@ -370,6 +371,8 @@ def _fold_round(model: onnx.ModelProto) -> bool:
             outs = [np.array(shapes[ins[0]], dtype=np.int64)[slice(start, end)]]
         elif node.op_type == "Size" and ins and ins[0] in shapes:
             outs = [np.array(int(np.prod(shapes[ins[0]])), dtype=np.int64)]
+        elif _dequantizes_weight(node, init_by_name):
+            outs = None  # the backend keeps the weight int8 (rewrites.int8_weights) or folds it itself
         elif (
             ins
             and node.op_type not in _NONDETERMINISTIC
@@ -404,6 +407,54 @@ def _fold_round(model: onnx.ModelProto) -> bool:
     g.initializer.extend(new_inits)
     _prune(model)
     return True
+
+
+def _cast_mul_as_dequantize(model: onnx.ModelProto) -> None:
+    """Weights stored int8 and dequantized as ``Mul(Cast(q), scale)`` (exporters of int8-weight
+    models do this) become a ``DequantizeLinear(q, scale, axis)``, which TVM's importer keeps as a
+    Relax ``dequantize`` (it folds a Cast of a constant on the spot) and rewrites.int8_weights
+    then keeps int8. Applies where the scale varies along at most one axis of the weight."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    casts = {n.output[0]: n for n in g.node if _dequantizes_weight(n, inits) and n.op_type == "Cast"}
+    if not casts:
+        return
+    opset = _opset(model)
+    changed = False
+    for i, node in enumerate(g.node):
+        if node.op_type != "Mul" or len(node.input) != 2:
+            continue
+        a, b = node.input
+        cast, scale = (a, b) if a in casts else (b, a) if b in casts else (None, None)
+        if cast is None or scale not in inits or inits[scale].data_type != onnx.TensorProto.FLOAT:
+            continue
+        q = inits[casts[cast].input[0]]
+        qshape, sv = tuple(q.dims), numpy_helper.to_array(inits[scale])
+        if sv.ndim > len(qshape):
+            continue
+        sshape = (1,) * (len(qshape) - sv.ndim) + sv.shape
+        varying = [d for d, n in enumerate(sshape) if n != 1]
+        if any(sshape[d] != qshape[d] for d in varying) or len(varying) > 1 or (varying and opset < 13):
+            continue
+        new_scale = numpy_helper.from_array(sv.reshape(-1) if varying else sv.reshape(()), f"{node.output[0]}__scale")
+        g.initializer.append(new_scale)
+        attrs = {"axis": varying[0]} if varying else {}
+        g.node[i].CopyFrom(helper.make_node("DequantizeLinear", [q.name, new_scale.name], list(node.output),
+                                            name=node.name or f"dequantize_{i}", **attrs))  # fmt: skip
+        changed = True
+    if changed:
+        _prune(model)
+
+
+def _dequantizes_weight(node: onnx.NodeProto, inits: dict) -> bool:
+    """A DequantizeLinear, or a Cast to float, of a large int8/uint8 initializer: a quantized
+    weight, which folding here would store as fp32, four times its size."""
+    if node.op_type not in ("DequantizeLinear", "Cast") or not node.input or node.input[0] not in inits:
+        return False
+    t = inits[node.input[0]]
+    if t.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) or int(np.prod(t.dims)) < 1024:
+        return False
+    return node.op_type == "DequantizeLinear" or _attr(node, "to", 0) == onnx.TensorProto.FLOAT
 
 
 def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:

@@ -148,3 +148,248 @@ def _conv_transpose_as_conv(bb, call):
     z = bb.emit(relax.op.nn.conv2d(x, w2, out_dtype=out_dtype))
     z = bb.emit(relax.op.permute_dims(relax.op.reshape(z, [n, co, kh, kw, h, wd]), [0, 1, 4, 2, 5, 3]))
     return relax.op.reshape(z, [n, co, h * kh, wd * kw])
+
+
+# -- int8 weights ------------------------------------------------------------------------------
+
+#: TVM's OpPatternKind of conv2d and matmul (relay/op_attr_types.h: kOutEWiseFusable).
+_OUT_ELEMWISE_FUSABLE = 4
+#: Smaller int8 constants are left to constant folding: the call overhead is not worth a few bytes.
+_INT8_MIN_ELEMENTS = 1024
+
+
+def int8_weights():
+    """A Relax pass, before constant folding: weights stored as int8 stay int8 in the artifact.
+
+    A quantized model keeps its weights as int8 constants and dequantizes them in the graph (a QDQ
+    model's ``DequantizeLinear``, or a ``Cast`` and ``Mul`` by a scale). Constant folding would
+    turn each into an fp32 constant four times the size. For a ``conv2d``, a ``matmul`` (also of a
+    transposed weight, as Gemm imports) or a ``take`` (an embedding table) whose weight is such a
+    dequantization, the call becomes one kernel that reads the int8 weight and dequantizes each
+    element as it reads it, ``(float(q) - zero_point) * scale`` — the value constant folding would
+    have stored, so the results are the same; the CPU schedules inline the dequantization into
+    the reduction like any cast.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Rewriter(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op):
+                return call
+            new = None
+            try:
+                if call.op.name == "relax.nn.conv2d":
+                    new = _int8_conv2d(self, call)
+                elif call.op.name == "relax.matmul":
+                    new = _int8_matmul(self, call)
+                elif call.op.name == "relax.take":
+                    new = _int8_take(self, call)
+            except _NotInt8:
+                new = None
+            return call if new is None else new
+
+    @tvm.transform.module_pass(opt_level=0, name="Int8Weights")
+    def rewrite(mod, _ctx):
+        rewriter = Rewriter(mod)
+        new = {gv: rewriter.visit_expr(f) for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
+        out = rewriter.builder_.get()  # holds the kernels call_te added
+        for gv, func in new.items():
+            out[gv] = func
+        return out
+
+    return rewrite
+
+
+class _NotInt8(Exception):
+    pass
+
+
+class _Dequant:
+    """An int8 weight and how it dequantizes: ``(q - zero_point) * scale``, the scale and zero
+    point as numpy arrays that broadcast against ``q`` (numpy's rules)."""
+
+    def __init__(self, q, scale, zero_point):
+        self.q, self.scale, self.zero_point = q, scale, zero_point
+
+    def te_value(self, qt, st, zt, idx):
+        """The dequantized float at index ``idx`` of te tensors (q, scale, zero point)."""
+        def bidx(t, shape):
+            off = len(idx) - len(shape)
+            return [0 if int(shape[d]) == 1 else idx[off + d] for d in range(len(shape))] if shape else []
+
+        v = qt(*idx).astype("int32")
+        if zt is not None:
+            v = v - zt(*bidx(zt, self.zero_point.shape)).astype("int32")
+        return v.astype("float32") * st(*bidx(st, self.scale.shape))
+
+
+def _resolve(m, expr):
+    from tvm import relax
+
+    while isinstance(expr, relax.Var):
+        bound = m.lookup_binding(expr)
+        if bound is None:
+            return expr
+        expr = bound
+    return expr
+
+
+def _const(m, expr):
+    """The numpy value of a constant expression (through variable bindings), or None."""
+    import tvm
+
+    expr = _resolve(m, expr)
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+def _dequant_of(m, expr) -> _Dequant:
+    """The dequantization ``expr`` computes from a large int8 constant, else raises _NotInt8."""
+    import numpy as np
+
+    e = _resolve(m, expr)
+    if not hasattr(e, "op") or not hasattr(e.op, "name"):
+        raise _NotInt8
+    if e.op.name == "relax.dequantize":
+        q, s, z = (_const(m, a) for a in e.args[:3])
+        if q is None or s is None or z is None or str(e.attrs.out_dtype) != "float32":
+            raise _NotInt8
+        axis = int(e.attrs.axis) % q.ndim
+        shape = [q.shape[axis] if d == axis else 1 for d in range(q.ndim)]
+        s = s.reshape(shape) if s.size > 1 else s.reshape(())
+        z = z.reshape(shape) if z.size > 1 else z.reshape(())
+        d = _Dequant(q, s.astype("float32"), None if not z.any() else z)
+    elif e.op.name == "relax.multiply":
+        a, b = e.args
+        s = _const(m, b)
+        cast = _resolve(m, a)
+        if s is None:
+            s, cast = _const(m, a), _resolve(m, b)
+        if s is None or not hasattr(cast, "op") or getattr(cast.op, "name", "") != "relax.astype":
+            raise _NotInt8
+        q = _const(m, cast.args[0])
+        if q is None or str(cast.attrs.dtype) != "float32" or s.dtype != np.float32:
+            raise _NotInt8
+        d = _Dequant(q, s, None)
+    else:
+        raise _NotInt8
+    q = d.q
+    if q.dtype not in (np.int8, np.uint8) or q.size < _INT8_MIN_ELEMENTS:
+        raise _NotInt8
+    try:  # the scale must not add dimensions or change the weight's shape
+        if np.broadcast_shapes(q.shape, d.scale.shape) != q.shape or d.scale.ndim > q.ndim:
+            raise _NotInt8
+    except ValueError:
+        raise _NotInt8 from None
+    return d
+
+
+def _emit_int8(m, name: str, compute, data_args, dq: _Dequant, key):
+    """call_te of ``compute(*data te tensors, dequant(idx))`` with the int8 weight as an argument;
+    calls with the same ``key`` and argument types share one kernel (call_te makes one a call)."""
+    from tvm import relax
+
+    q = relax.const(dq.q)
+    s = relax.const(dq.scale)
+    args = [*data_args, q, s] + ([relax.const(dq.zero_point)] if dq.zero_point is not None else [])
+    full_key = (name, key, tuple((tuple(a.ty.shape), str(a.ty.dtype)) for a in args))
+    cache = m.__dict__.setdefault("_int8_kernels", {})
+    if full_key in cache:
+        gv, out_ty = cache[full_key]
+        return relax.call_tir(gv, args, out_ty)
+
+    def fn(*ts):
+        data, (qt, st, *zt) = ts[: len(data_args)], ts[len(data_args):]
+        return compute(*data, lambda idx: dq.te_value(qt, st, zt[0] if zt else None, idx), qt.shape)
+
+    out = m.builder_.call_te(fn, *args, primfunc_name_hint=name)
+    # Fused like the op it replaces: epilogues (bias, activation) in, producers not. Left to
+    # AnnotateTIROpPattern, the dequantizing body reads as a plain reduction, and a GELU before
+    # it was fused inside, recomputed for every output column (14 ms of MiniLM-L6's 21).
+    gv = out.args[0]
+    func = m.builder_.get()[gv]
+    m.builder_.update_func(gv, func.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE))
+    cache[full_key] = (gv, list(out.ty_args))
+    return out
+
+
+def _int8_conv2d(m, call):
+    from tvm import te, topi
+
+    a = call.attrs
+    if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW":
+        return None
+    dq = _dequant_of(m, call.args[1])
+    out_dtype = str(a.out_dtype) if a.out_dtype is not None and str(a.out_dtype) else None
+
+    def compute(x, value, wshape):
+        w = te.compute(wshape, lambda *i: value(list(i)), name="dequantize")
+        ints = lambda v: [int(i) for i in v]  # noqa: E731
+        return topi.nn.conv(x, w, ints(a.strides), ints(a.padding), ints(a.dilation), int(a.groups), "NCHW", "OIHW",
+                            out_dtype)  # fmt: skip
+
+    return _emit_int8(m, "conv2d_int8w", compute, [call.args[0]], dq, str(a))
+
+
+def _int8_matmul(m, call):
+    from tvm import te
+
+    x, w = call.args
+    transposed = False
+    we = _resolve(m, w)
+    if hasattr(we, "op") and getattr(we.op, "name", "") == "relax.permute_dims":
+        axes = we.attrs.axes
+        if axes is not None and [int(i) for i in axes] != [1, 0]:
+            return None
+        transposed, w = True, we.args[0]
+    dq = _dequant_of(m, w)
+    xs = _static_shapes(x)
+    if dq.q.ndim != 2 or xs is None or len(xs[0]) < 2:
+        return None
+    out_dtype = str(call.attrs.out_dtype) if call.attrs.out_dtype is not None and str(call.attrs.out_dtype) else "float32"
+    if str(x.ty.dtype) != "float32" or out_dtype not in ("float32", "void"):
+        return None
+
+    def compute(xt, value, wshape):
+        k_ext = wshape[1] if transposed else wshape[0]
+        n_ext = wshape[0] if transposed else wshape[1]
+        k = te.reduce_axis((0, k_ext), name="k")
+
+        def body(*i):
+            widx = [i[-1], k] if transposed else [k, i[-1]]
+            return te.sum(xt(*i[:-1], k) * value(widx), axis=k)
+
+        return te.compute([*xt.shape[:-1], n_ext], body, name="matmul")
+
+    return _emit_int8(m, "matmul_int8w", compute, [x], dq, transposed)
+
+
+def _int8_take(m, call):
+    from tvm import te
+
+    table, idx = call.args
+    axis = call.attrs.axis
+    dq = _dequant_of(m, table)
+    if dq.q.ndim != 2 or (axis is not None and int(axis) % 2 != 0):
+        return None
+    ishape = _static_shapes(idx)
+    if ishape is None or "int" not in str(idx.ty.dtype):
+        return None
+    rows = dq.q.shape[0]
+    mode = str(getattr(call.attrs, "mode", "fast"))
+
+    def compute(it, value, wshape):
+        def body(*i):
+            r = it(*i[:-1]).astype("int64")
+            if mode == "wrap":
+                r = te.floormod(r, rows)
+            else:  # "clip", and "fast" (unchecked there: an index out of range is clipped here)
+                r = te.max(te.min(r, rows - 1), 0)
+            return value([r, i[-1]])
+
+        return te.compute([*it.shape, wshape[1]], body, name="take")
+
+    return _emit_int8(m, "take_int8w", compute, [idx], dq, mode)

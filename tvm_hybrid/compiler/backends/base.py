@@ -98,9 +98,13 @@ class Backend:
         """Relax passes this backend runs before legalization (part of ``fuse``)."""
         return []
 
+    def before_folding(self, profile: TargetProfile) -> list:
+        """Relax passes this backend runs before any constant folding (part of ``fuse``)."""
+        return []
+
     def fuse(self, mod, profile: TargetProfile):
         """Legalized, fused TIR kernels: what tuning extracts tasks from and builds start from."""
-        return build.fuse(mod, profile, self.rewrites(profile))
+        return build.fuse(mod, profile, self.rewrites(profile), self.before_folding(profile))
 
     def optimize(self, mod, profile: TargetProfile, database=None):
         """The Relax passes every build runs, ending with scheduled TIR kernels.

@@ -838,6 +838,13 @@ class CpuBackend(Backend):
         lanes = cpu_config(profile.tvm()).lanes
         return [softmax_padded_to(lanes), relax.transform.FastMathTransform(), patch_conv_as_matmul()]
 
+    def before_folding(self, profile: TargetProfile) -> list:
+        """int8 weights stay int8 in the library, dequantized in the kernels that read them
+        (``rewrites.int8_weights``)."""
+        from ..rewrites import int8_weights
+
+        return [int8_weights()]
+
     def schedule(self, mod, profile: TargetProfile):
         return apply_default(mod, profile)
 
