@@ -220,3 +220,16 @@ def test_int8_weights_stay_int8_and_match_onnxruntime(tmp_path):
     got = Session(s.path).run({"ids": ids})
     want = reference(path, {"ids": ids})
     np.testing.assert_allclose(got["y"], want["y"], rtol=1e-4, atol=1e-4 * np.abs(want["y"]).max())
+
+
+def test_plan_counts_int8_weights_at_their_size(cls_int8):
+    out, _, _ = cls_int8
+
+    def weights(model, target):
+        proc = cli("plan", str(model), "--input", "x:1x3x48x192", "-t", target, "--json", check=True)
+        return json.loads(proc.stdout)["device_memory"]["weights"]
+
+    fp32, int8 = weights(CLS, "x86-64-avx2"), weights(out, "x86-64-avx2")
+    assert int8 < 0.35 * fp32, (int8, fp32)  # the CPU backend keeps them int8
+    # a backend that folds them to fp32 (CUDA) is charged the fp32 size
+    assert weights(out, "cuda-sm80") > 0.9 * fp32

@@ -48,8 +48,10 @@ def analyze(imported: ImportedModel, profile: TargetProfile | None = None) -> li
     for t in g.initializer:
         shapes[t.name] = (tuple(t.dims), t.data_type)
     rejected = set()
+    keeps_int8 = True
     if profile is not None:
         backend = backends.for_profile(profile)
+        keeps_int8 = backend.keeps_int8_weights
         rejected = {r.node for r in backend.rejected_nodes(backend.prepare(imported, profile), profile)}
     else:
         supported = supported_op_types()
@@ -59,6 +61,12 @@ def analyze(imported: ImportedModel, profile: TargetProfile | None = None) -> li
         ins = [x for x in node.input if x]
         pbytes = sum(_nbytes(*shapes[x]) for x in ins if x in inits and x in shapes)
         abytes = sum(_nbytes(*shapes[o]) for o in outs if o in shapes)
+        if node.op_type == "DequantizeLinear" and ins and ins[0] in inits:
+            # A quantized weight: never a tensor of its own on the device. A backend that keeps
+            # it int8 (rewrites.int8_weights) stores it at its size; others fold it to fp32.
+            abytes = 0
+            if not keeps_int8:
+                pbytes = sum(_nbytes(*shapes[o]) for o in outs if o in shapes)
         name = node_name(node, i)
         ok = name not in rejected if profile is not None else node.op_type in supported
         infos.append(

@@ -98,6 +98,9 @@ class Backend:
         """Relax passes this backend runs before legalization (part of ``fuse``)."""
         return []
 
+    #: Whether ``before_folding`` keeps int8 weights int8 (the plan counts them at their size).
+    keeps_int8_weights = False
+
     def before_folding(self, profile: TargetProfile) -> list:
         """Relax passes this backend runs before any constant folding (part of ``fuse``)."""
         return []

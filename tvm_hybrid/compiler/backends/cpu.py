@@ -838,6 +838,8 @@ class CpuBackend(Backend):
         lanes = cpu_config(profile.tvm()).lanes
         return [softmax_padded_to(lanes), relax.transform.FastMathTransform(), patch_conv_as_matmul()]
 
+    keeps_int8_weights = True
+
     def before_folding(self, profile: TargetProfile) -> list:
         """int8 weights stay int8 in the library, dequantized in the kernels that read them
         (``rewrites.int8_weights``)."""
