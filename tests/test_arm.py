@@ -233,3 +233,42 @@ def test_a_gpu_profile_with_an_arm_host_is_aarch64_but_not_emulatable():
     if hostcpu.host_arch() != "aarch64":
         with pytest.raises(hostcpu.RuntimeFailure, match="run it on the device$"):
             hostcpu.check_native(jetson)
+
+
+def test_fp16_build_under_qemu_matches_onnxruntime(emulation, tmp_path):
+    """--precision fp16 on a core with FP16 arithmetic: convolutions read fp16, accumulate fp32."""
+    proc = _cli("compile", str(CLS), "--input", "x:2x3x48x192", "-t", "arm64-cortex-a76", "--precision", "fp16",
+                "--cloud", "none", "-o", str(tmp_path / "out"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    art = tmp_path / "out" / "arm64-cortex-a76"
+    assert json.loads((art / "manifest.json").read_text())["precision"] == "fp16"
+    x = text_image(2, 48, 192, seed=3)
+    got, _, _ = run_emulated(art, {"x": x}, tmp_path / "run")
+    want = reference(CLS, {"x": x})
+    [g], [w] = got.values(), want.values()
+    # fp16 operands carry 11 bits: probabilities within 1e-3, the same class
+    np.testing.assert_allclose(g, w, atol=1e-3)
+    assert (g.argmax(-1) == w.argmax(-1)).all()
+
+
+def test_int8_qdq_build_under_qemu_matches_onnxruntime_int8(emulation, tmp_path):
+    """A model `tvm-hybrid quantize` wrote, built for arm64 with its weights int8, runs as
+    onnxruntime runs the same QDQ model: within one quantization step of the output."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import calibration
+
+    calibration.write("cls", tmp_path / "calib", 10)
+    qmodel = tmp_path / "cls.int8.onnx"
+    proc = _cli("quantize", str(CLS), "-c", str(tmp_path / "calib"), "-o", str(qmodel),
+                "--calibration-cache", str(tmp_path / "ranges.json"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = _cli("compile", str(qmodel), "--input", "x:1x3x48x192", "-t", "arm64-cortex-a76", "--cloud", "none",
+                "-o", str(tmp_path / "out"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    x = np.load(sorted((tmp_path / "calib").glob("*.npz"))[1])["x"]
+    got, _, _ = run_emulated(tmp_path / "out" / "arm64-cortex-a76", {"x": x}, tmp_path / "run")
+    want = reference(qmodel, {"x": x})
+    [g], [w] = got.values(), want.values()
+    # the softmax output's last quantization step is its input's: 1/255 of the range at most
+    np.testing.assert_allclose(g, w, atol=1 / 255)
+    assert (g.argmax(-1) == w.argmax(-1)).all()

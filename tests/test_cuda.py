@@ -296,3 +296,33 @@ def test_gpu_cli_run_reports_cuda_in_the_trace(artifacts, tmp_path):
     proc = cli("run", str(art), "--input", f"x={tmp_path / 'x.npy'}", "--repeat", "5", "--json", check=True)
     doc = json.loads(proc.stdout)
     assert doc["trace"][0]["ran_on"].startswith("cuda")
+
+
+@pytest.fixture(scope="module")
+def cls_fp16(tmp_path_factory):
+    """PP-OCR cls built --precision fp16 for the GPU this machine has (sm80 without one)."""
+    target = _gpu_target() if gpu_count() > 0 else "cuda-sm80"
+    out = tmp_path_factory.mktemp("fp16")
+    cli("compile", str(CLS), "--input", "x:1x3x48x192", "-t", target, "--precision", "fp16", "--cloud", "none",
+        "-o", str(out), check=True)  # fmt: skip
+    return out / target, target
+
+
+@needs_nvcc
+def test_fp16_build_holds_device_code(cls_fp16):
+    art, target = cls_fp16
+    assert json.loads((art / "manifest.json").read_text())["precision"] == "fp16"
+    assert _check_device_code(art, target)["kernels"] > 30
+
+
+@pytest.mark.gpu
+@needs_nvcc
+def test_gpu_fp16_build_matches_onnxruntime(cls_fp16):
+    from tvm_hybrid.runtime import Session
+
+    x = text_image(1, 48, 192)
+    with Session(cls_fp16[0]) as sess:
+        [got] = sess.run({"x": x}).values()
+    [want] = reference(CLS, {"x": x}).values()
+    np.testing.assert_allclose(got, want, atol=1e-3)  # fp16 operands, fp32 accumulation
+    assert (got.argmax(-1) == want.argmax(-1)).all()

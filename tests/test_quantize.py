@@ -233,3 +233,13 @@ def test_plan_counts_int8_weights_at_their_size(cls_int8):
     assert int8 < 0.35 * fp32, (int8, fp32)  # the CPU backend keeps them int8
     # a backend that folds them to fp32 (CUDA) is charged the fp32 size
     assert weights(out, "cuda-sm80") > 0.9 * fp32
+
+
+def test_fp16_on_a_target_without_fast_fp16_is_refused_exit_3(tmp_path):
+    out = tmp_path / "out"
+    proc = cli("compile", str(CLS), "--input", "x:1x3x48x192", "-t", "x86-64-avx2", "--precision", "fp16",
+               "-o", str(out))  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "no fast fp16" in line and "cuda-sm80" in line and "arm64-cortex-a76" in line
+    assert not out.exists()

@@ -166,6 +166,7 @@ class Manifest:
     role: str = "device"
     tool: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None  # the planner's link, predictions and baselines
+    precision: str = "fp32"  # of the device segments' arithmetic: fp32, or fp16 (compile --precision)
 
     @property
     def serves_segments(self) -> bool:
@@ -176,7 +177,8 @@ class Manifest:
         d = {"schema": self.schema, "role": self.role, "model": self.model,
              "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
              "target": self.target, "segments": [s.to_dict() for s in self.segments],
-             "files": [f.to_dict() for f in self.files], "versions": self.versions}  # fmt: skip
+             "files": [f.to_dict() for f in self.files], "versions": self.versions,
+             "precision": self.precision}  # fmt: skip
         if self.tool is not None:
             d["tool"] = self.tool
         if self.plan is not None:
@@ -193,6 +195,7 @@ class Manifest:
             segments=tuple(Segment.from_dict(s) for s in m["segments"]),
             files=tuple(File.from_dict(f) for f in m["files"]), versions=m["versions"], schema=m["schema"],
             role=m.get("role", "device"), tool=m.get("tool"), plan=m.get("plan"),
+            precision=m.get("precision", "fp32"),
         )  # fmt: skip
 
     def dumps(self) -> str:

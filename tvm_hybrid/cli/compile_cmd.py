@@ -24,9 +24,12 @@ log = logging.getLogger("tvm_hybrid.cli")
               help="Tuning-log root whose <target>/ database is applied "
                    "(default: $TVM_HYBRID_TUNING_LOGS or the repository's tuning_logs/).")
 @click.option("--no-tuning-logs", is_flag=True, help="Default schedules only; apply no tuning log.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Device arithmetic: fp16 halves the weights (fp32 accumulation), on targets with fast fp16 "
+                   "(CUDA, Vulkan, arm64 cores with FP16); elsewhere exit 3.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON summary on stdout.")
 def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_logs: str | None,
-            no_tuning_logs: bool, as_json: bool, **kw) -> None:  # fmt: skip
+            no_tuning_logs: bool, precision: str, as_json: bool, **kw) -> None:  # fmt: skip
     """Compile an ONNX model into one artifact per target: OUT/<target>/ (and OUT/<cloud>/ when
     the plan sends segments to the cloud).
 
@@ -46,7 +49,7 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_lo
     logs = None if no_tuning_logs else Path(tuning_logs) if tuning_logs else default_logs_dir()
     cloud, settings = plan_settings(kw)
     opts = CompileOptions(model=Path(model), targets=targets, output=Path(output), inputs=inputs,
-                          cloud=cloud, plan=settings, tuning_logs=logs)  # fmt: skip
+                          cloud=cloud, plan=settings, tuning_logs=logs, precision=precision)  # fmt: skip
     log.info(
         "compiling %s for %s%s into %s",
         model,

@@ -62,6 +62,9 @@ class CompileOptions:
     plan: PlanSettings = PlanSettings()
     #: Tuning-log root whose <target>/ database is applied; None builds with default schedules only.
     tuning_logs: Path | None = dataclasses.field(default_factory=tuning_log.default_logs_dir)
+    #: Arithmetic of the device segments: "fp32", or "fp16" (mixed precision, fp32 accumulation)
+    #: on targets with fast fp16; cloud segments stay fp32.
+    precision: str = "fp32"
 
 
 @dataclasses.dataclass
@@ -129,6 +132,7 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
         raise UsageError(f"target {', '.join(dup)} given twice (host resolves to {resolve('host').name})")
     for prof in profiles:  # a missing cross compiler fails now, not after minutes of compiling
         backends.for_profile(prof).check_toolchain(prof)
+        check_precision(opts.precision, prof)
     cloud = resolve(opts.cloud) if opts.cloud else None
     if cloud is not None and cloud.placement != "cloud":
         clouds = sorted(name for name, p in all_profiles().items() if p.placement == "cloud")
@@ -150,7 +154,8 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
             prepared = prepare(imported, prof)  # once a target
             graph, plan = plan_for(prepared, prof, cloud, opts.plan)
             segs = split(prepared, graph, plan)
-            m = build_artifact(prepared, prof, cloud, segs, graph, plan, stage, opts.plan, logs[prof.name])
+            m = build_artifact(prepared, prof, cloud, segs, graph, plan, stage, opts.plan, logs[prof.name],
+                               opts.precision)  # fmt: skip
             for seg in segs:
                 if seg.placement == "cloud" or _cloud_copy(seg, opts.plan):
                     cloud_segments[endpoint_name(imported.name, seg.id) + seg.version] = (seg, graph)
@@ -169,6 +174,24 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
             shutil.rmtree(out, ignore_errors=True)
         raise
     return summaries
+
+
+PRECISIONS = ("fp32", "fp16")
+
+
+def check_precision(precision: str, profile: TargetProfile) -> None:
+    """fp16 only where the target computes it natively (its capacity lists float16): elsewhere it
+    would be emulated in fp32, slower than fp32 itself (UnsupportedError, exit 3)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"bad --precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and "float16" not in profile.capacity.get("dtypes", ()):
+        fp16 = sorted(n for n, p in all_profiles().items() if "float16" in p.capacity.get("dtypes", ())
+                      and p.placement == "device")  # fmt: skip
+        raise UnsupportedError(
+            f"--precision fp16: {profile.name} has no fast fp16 arithmetic (its capacity lists no float16"
+            f"{'; x86 without AVX512-FP16 converts every fp16 value to fp32' if profile.family.startswith('x86') else ''})"
+            f"; targets with it: {', '.join(fp16)}. To shrink a CPU model, quantize it to int8 (tvm-hybrid quantize)"
+        )
 
 
 def _stage(out: Path, name: str, staged: list) -> Path:
@@ -208,13 +231,13 @@ def _replace_dir(stage: Path, final: Path) -> None:
 
 
 def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, root: Path, stem: str,
-                    tuning: tuning_log.TuningLog | None = None) -> backends.CompiledSegment:  # fmt: skip
+                    tuning: tuning_log.TuningLog | None = None, precision: str = "fp32") -> backends.CompiledSegment:  # fmt: skip
     """ONNX (sub-)model, prepared for the profile's backend → Relax → optimized (with the target's
     tuning log) → ``root/segments/<stem>.*`` in the backend's segment format."""
     log.info("building %s for %s", imported.name, profile.name)
     backend = backends.for_profile(profile)
     backend.check_segment(imported, profile)
-    mod = backend.optimize(importer.to_relax(imported), profile, database=tuning)
+    mod = backend.optimize(importer.to_relax(imported), profile, database=tuning, precision=precision)
     c = backend.build_segment(mod, profile, root, stem)
     log.info("%s: %d kernels tuned, %d default%s", imported.name, c.result.tuned_kernels, c.result.default_kernels,
              f" (tuning log {tuning.path})" if tuning else " (no tuning log)")  # fmt: skip
@@ -249,20 +272,20 @@ def _built(c: backends.CompiledSegment) -> dict[str, Any]:
 
 def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None, segs: list[SegmentModel],
                    graph: planner.PlanGraph, plan: planner.Plan, root: Path, settings: PlanSettings,
-                   tuning: tuning_log.TuningLog | None = None) -> mf.Manifest:  # fmt: skip
+                   tuning: tuning_log.TuningLog | None = None, precision: str = "fp32") -> mf.Manifest:  # fmt: skip
     """The device artifact: device segments compiled for the target, cloud segments as endpoints
     (with a local fallback build where the device can run them)."""
     files, entries = [], []
     for seg in segs:
         e = _segment_entry(seg, graph)
         if seg.placement == "device":
-            c = compile_segment(seg.imported, profile, root, str(seg.id), tuning)
+            c = compile_segment(seg.imported, profile, root, str(seg.id), tuning, precision)
             e = dataclasses.replace(e, **_built(c), endpoint=_endpoint(imported, seg) if _cloud_copy(seg, settings) else None)
             files += c.files
         else:
             e = dataclasses.replace(e, reason=seg.reason, endpoint=_endpoint(imported, seg))
             if seg.reason != "unsupported-op":
-                c = compile_segment(seg.imported, profile, root, str(seg.id), tuning)
+                c = compile_segment(seg.imported, profile, root, str(seg.id), tuning, precision)
                 e = dataclasses.replace(e, format=c.format, fallback_library=c.library)
                 files += c.files
         entries.append(e)
@@ -274,7 +297,7 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
         "device_memory": plan.device_memory,
         "cloud": cloud.name if cloud and any(s.placement == "cloud" for s in segs) else None,
     }
-    m = _manifest(imported, profile, entries, root, files, plan=plan_doc)
+    m = _manifest(imported, profile, entries, root, files, plan=plan_doc, precision=precision)
     (root / mf.MANIFEST).write_text(m.dumps())
     return m
 
@@ -299,7 +322,7 @@ def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[Segmen
 
 
 def _manifest(imported, profile: TargetProfile, segments: list[mf.Segment], root: Path, files: list[str],
-              role: str = "device", plan: dict[str, Any] | None = None) -> mf.Manifest:  # fmt: skip
+              role: str = "device", plan: dict[str, Any] | None = None, precision: str = "fp32") -> mf.Manifest:  # fmt: skip
     import tvm
     import tvm_ffi
 
@@ -319,6 +342,7 @@ def _manifest(imported, profile: TargetProfile, segments: list[mf.Segment], root
         segments=tuple(segments),
         files=tuple(mf.file_entry(root, rel) for rel in files),
         plan=plan,
+        precision=precision,
     )
     return mf.Manifest.from_dict(m.to_dict())  # the same checks a runtime makes when it loads it
 

@@ -85,6 +85,43 @@ def _patch_conv_as_matmul(bb, call):
     return relax.op.permute_dims(relax.op.reshape(y, [n, hp, wp, o]), [0, 3, 1, 2])
 
 
+def fp16_operands():
+    """A Relax pass: every fp32 ``conv2d`` and ``matmul`` reads fp16 operands and accumulates in
+    fp32 (``out_dtype``). Constant weights fold to fp16, half their size; an activation's cast
+    fuses into the kernel that produces it, which then writes half the bytes. The ops between
+    (normalizations, softmax, activations) stay fp32, so inputs, outputs and the numerically
+    touchy reductions keep fp32 range. (Relax's ToMixedPrecision does more, in fp16 throughout,
+    but refuses the kernels TVM's ONNX importer emits as call_tir.)"""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Rewriter(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or call.op.name not in ("relax.nn.conv2d", "relax.matmul"):
+                return call
+            x, w = call.args
+            if str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32":
+                return call
+            xh, wh = relax.op.astype(x, "float16"), relax.op.astype(w, "float16")
+            if call.op.name == "relax.matmul":
+                return relax.op.matmul(xh, wh, out_dtype="float32")
+            a = call.attrs
+            return relax.op.nn.conv2d(xh, wh, a.strides, a.padding, a.dilation, a.groups, a.data_layout,
+                                      a.kernel_layout, a.out_layout, out_dtype="float32")  # fmt: skip
+
+    @tvm.transform.module_pass(opt_level=0, name="Fp16Operands")
+    def rewrite(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = Rewriter(mod).visit_expr(func)
+        return mod
+
+    return rewrite
+
+
 def softmax_padded_to(lanes: int):
     """A Relax pass: a softmax along an axis that no useful vector divides (a ViT's 197 tokens)
     runs on the input padded to whole vectors of ``lanes`` with a large negative value (so the

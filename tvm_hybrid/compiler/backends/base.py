@@ -105,18 +105,18 @@ class Backend:
         """Relax passes this backend runs before any constant folding (part of ``fuse``)."""
         return []
 
-    def fuse(self, mod, profile: TargetProfile):
+    def fuse(self, mod, profile: TargetProfile, precision: str = "fp32"):
         """Legalized, fused TIR kernels: what tuning extracts tasks from and builds start from."""
-        return build.fuse(mod, profile, self.rewrites(profile), self.before_folding(profile))
+        return build.fuse(mod, profile, self.rewrites(profile), self.before_folding(profile), precision)
 
-    def optimize(self, mod, profile: TargetProfile, database=None):
+    def optimize(self, mod, profile: TargetProfile, database=None, precision: str = "fp32"):
         """The Relax passes every build runs, ending with scheduled TIR kernels.
 
         ``fuse`` makes the fused kernels (the tuning granularity); a tuning ``database``
         (a MetaSchedule database, or a ``tuning_log.TuningLog``) then schedules the kernels it
         has records for, and ``schedule`` takes the rest.
         """
-        mod = self.fuse(mod, profile)
+        mod = self.fuse(mod, profile, precision)
         if database is not None:
             mod = build.apply_database(mod, profile, database)
         return self.schedule(mod, profile)
