@@ -5,11 +5,13 @@ Runs are interleaved in short blocks (ort ×5, tvm ×5, …, each block after on
 all engines see the same machine state; medians are
 reported, with ratios against onnxruntime in the same run, and achieved GFLOP/s against a
 practical fp32 peak measured in the same run (numpy/OpenBLAS sgemm on the same threads).
+MiB: onnxruntime's row the ONNX file, TVM's the artifact (library and manifest).
 
     python scripts/bench.py                       # the PP-OCR models and the MiniLM rows, 30 runs
     python scripts/bench.py --model det --model minilm-l3 --runs 50 --threads 1 --json bench.json
     python scripts/bench.py --model model.onnx --input x:1x3x224x224 --target x86-64
     python scripts/bench.py --model zoo:vit-s16 --runs 20
+    python scripts/bench.py --model det --model det-int8 --model cls --model cls-int8   # int8 (quantized on first use)
     python scripts/bench.py --model minilm-l3 --input input_ids:8x128:int64 --input attention_mask:8x128:int64
 
 Everything runs on the device (no cloud split, whatever the profile's budget). --model takes a
@@ -47,6 +49,13 @@ MODELS = {
                                           "token_type_ids:1x128:int64")),
 }
 
+#: name: (the fp32 model it is quantized from, calibration kind in scripts/calibration.py, samples).
+#: Made on first use with `tvm-hybrid quantize` defaults (minmax, per-channel) into the cache.
+QUANTIZED = {
+    "det-int8": ("det", "det", 20),
+    "cls-int8": ("cls", "cls", 40),
+}
+
 
 @dataclasses.dataclass
 class Variant:
@@ -62,7 +71,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30, help="timed runs per engine (after warm-up)")
     ap.add_argument("--target", default="host")
     ap.add_argument("--model", action="append", metavar="NAME|PATH",
-                    help=f"repeatable; a name ({', '.join(MODELS)}) or an ONNX path; default: all names")
+                    help=f"repeatable; a name ({', '.join([*MODELS, *QUANTIZED])}) or an ONNX path; default: {', '.join(MODELS)}")
     ap.add_argument("--input", action="append", default=[], metavar="NAME:DIMS[:DTYPE]",
                     help="input shapes, as compile takes them (for a path, or to change a name's)")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -95,6 +104,7 @@ def main() -> None:
         ort_sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         want = ort_sess.run(None, feeds)
         engines = {"onnxruntime": lambda: ort_sess.run(None, feeds)}
+        sizes = {"onnxruntime": path.stat().st_size}  # the model file; TVM's: the artifact's files
         sessions = []
         with tempfile.TemporaryDirectory() as tmp:
             for v in variants:
@@ -104,6 +114,7 @@ def main() -> None:
                                    inputs=tuple(overrides), cloud=None, **v.compile_kwargs)  # fmt: skip
                 )
                 compile_s = time.perf_counter() - t0
+                sizes[v.name] = s.bytes
                 sess = Session(s.path, threads=args.threads)
                 tvm_threads = sess.threads
                 sessions.append(sess)
@@ -127,6 +138,7 @@ def main() -> None:
                     "vs_onnxruntime": round(ms / ort_ms, 2),
                     "gflops": round(gflop / (ms / 1e3), 1),
                     "pct_of_peak": round(100 * gflop / (ms / 1e3) / peak, 1),
+                    "mib": round(sizes[name] / 2**20, 2),
                     "runs": len(ts),
                 }
             )
@@ -153,6 +165,12 @@ def resolve_model(spec: str, inputs: list[str]):
             path.write_bytes(data)
         given = {t.split(":", 1)[0] for t in inputs}
         texts = [f"{k}:{'x'.join(map(str, v))}" for k, v in z.input_shapes.items() if k not in given] + list(inputs)
+    elif spec in QUANTIZED:
+        base, kind, samples = QUANTIZED[spec]
+        _, default = MODELS[base]
+        path = quantized(MODELS[base][0], kind, samples)
+        given = {t.split(":", 1)[0] for t in inputs}
+        texts = [t for t in default if t.split(":", 1)[0] not in given] + list(inputs)
     elif spec in MODELS:
         path, default = MODELS[spec]
         if isinstance(path, str):
@@ -164,8 +182,27 @@ def resolve_model(spec: str, inputs: list[str]):
     else:
         path, texts = Path(spec), list(inputs)
         if not path.is_file():
-            raise SystemExit(f"--model {spec}: neither a name ({', '.join(MODELS)}) nor an ONNX file")
+            raise SystemExit(f"--model {spec}: neither a name ({', '.join([*MODELS, *QUANTIZED])}) nor an ONNX file")
     return path, [importer.InputOverride.parse(t) for t in texts]
+
+
+def quantized(fp32: Path, kind: str, samples: int) -> Path:
+    """The int8 QDQ model `tvm-hybrid quantize` makes of ``fp32`` from ``samples`` rendered
+    calibration samples, cached by the fp32 file's hash."""
+    import calibration
+    from models import cache_dir
+
+    from tvm_hybrid.compiler import quantize
+    from tvm_hybrid.manifest import sha256_file
+
+    out = cache_dir() / "quantized" / f"{fp32.stem}-{sha256_file(fp32)[:12]}-{kind}{samples}.int8.onnx"
+    if not out.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            calibration.write(kind, Path(tmp), samples)
+            r = quantize.quantize(fp32, tmp, out)
+        print(f"# quantized {fp32.name} -> {out} ({r.calibration_samples} calibration samples; loss "
+              f"{100 * r.loss:.2f}%)", file=sys.stderr)  # fmt: skip
+    return out
 
 
 def random_feeds(np, inputs) -> dict:
@@ -237,11 +274,11 @@ def practical_peak_gflops(np) -> float:
 def print_table(rows, args, target, peak, ort_version, threads) -> None:
     print(f"\n{threads}, target {target}, onnxruntime {ort_version}, medians of {args.runs} "
           f"interleaved runs; practical fp32 peak (sgemm) {peak} GFLOP/s\n")  # fmt: skip
-    print("| model | engine | median ms | vs onnxruntime | GFLOP/s | % of peak |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | engine | median ms | vs onnxruntime | GFLOP/s | % of peak | MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['engine']} | {r['median_ms']:.2f} | {r['vs_onnxruntime']:.2f}x | "
-              f"{r['gflops']:.1f} | {r['pct_of_peak']:.1f} |")  # fmt: skip
+              f"{r['gflops']:.1f} | {r['pct_of_peak']:.1f} | {r['mib']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

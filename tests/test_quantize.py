@@ -243,3 +243,20 @@ def test_fp16_on_a_target_without_fast_fp16_is_refused_exit_3(tmp_path):
     line = proc.stderr.strip()
     assert "\n" not in line and "no fast fp16" in line and "cuda-sm80" in line and "arm64-cortex-a76" in line
     assert not out.exists()
+
+
+def test_op_types_default_to_the_compute_ops(cls_samples, tmp_path):
+    def quantized_outputs(args):  # the op types whose outputs get a QuantizeLinear, and how many
+        out = tmp_path / f"{len(args)}.onnx"
+        cli("quantize", str(CLS), "-c", str(cls_samples), "-o", str(out), *args, check=True)
+        m = onnx.load(str(out))
+        producer = {o: n.op_type for n in m.graph.node for o in n.output}
+        qs = [producer.get(n.input[0], "input") for n in m.graph.node if n.op_type == "QuantizeLinear"]
+        return set(qs), len(qs)
+
+    # by default only what convs and matmuls read and write is quantized: a HardSigmoid's output
+    # (the SE gate, read by a Mul) stays fp32; with --op-types all it is quantized too
+    (default, n_default), (every, n_all) = quantized_outputs([]), quantized_outputs(["--op-types", "all"])
+    assert "HardSigmoid" not in default and "HardSigmoid" in every and n_default < n_all
+    proc = cli("quantize", str(CLS), "-c", str(cls_samples), "-o", str(tmp_path / "x.onnx"), "--op-types", "Conv,Foo")
+    assert proc.returncode == 2 and "--op-types Foo" in proc.stderr

@@ -19,13 +19,15 @@ from .output import emit_json
               help="Keep this node (by name) or every node of this op type in fp32. Repeatable.")
 @click.option("--accuracy-budget", metavar="PCT",
               help="Keep the most sensitive layers fp32 until the accuracy loss is within this, e.g. 1%.")
+@click.option("--op-types", default=",".join(["Conv", "ConvTranspose", "MatMul", "Gemm"]), show_default=True,
+              metavar="OP,OP|all", help="The op types to quantize; `all`: every one onnxruntime can (the ops between too).")
 @click.option("--holdout", type=click.FloatRange(0, 0.5), default=0.2, show_default=True,
               help="Fraction of the samples held out of calibration for the accuracy report.")
 @click.option("--calibration-cache", type=click.Path(dir_okay=False), default=None,
               help="Where the calibrated ranges are kept (default: a content-keyed file in ~/.cache/tvm-hybrid).")
 @click.option("--json", "as_json", is_flag=True, help="The report as one JSON document on stdout.")
 def command(model: str, calibration: str, output: str, method: str, per_channel: bool, exclude: tuple[str, ...],
-            accuracy_budget: str | None, holdout: float, calibration_cache: str | None, as_json: bool) -> None:  # fmt: skip
+            accuracy_budget: str | None, op_types: str, holdout: float, calibration_cache: str | None, as_json: bool) -> None:  # fmt: skip
     """Quantize a model to int8 (QDQ ONNX: u8 activations, s8 weights) calibrated on your samples,
     and report its accuracy against fp32 on held-out samples.
 
@@ -40,7 +42,8 @@ def command(model: str, calibration: str, output: str, method: str, per_channel:
 
     budget = q.parse_budget(accuracy_budget)
     report = q.quantize(model, calibration, output, method=method, per_channel=per_channel, exclude=exclude,
-                        budget=budget, holdout=holdout, cache=calibration_cache)  # fmt: skip
+                        budget=budget, holdout=holdout, cache=calibration_cache,
+                        op_types="all" if op_types == "all" else [t.strip() for t in op_types.split(",") if t.strip()])  # fmt: skip
     if as_json:
         emit_json(report.to_dict())
         return

@@ -40,8 +40,12 @@ log = logging.getLogger(__name__)
 METHODS = ("minmax", "percentile", "entropy")
 #: Ops whose outputs are class scores: top-1 agreement is their accuracy.
 _CLASSIFIER_OPS = {"Softmax", "LogSoftmax"}
-#: Ops quantize_static quantizes and that hold the compute: the candidates for staying fp32.
-_COMPUTE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "EmbedLayerNormalization"}
+#: The ops that hold the compute: quantized by default (their weights int8, Q/DQ on their
+#: activations). Quantizing the ops between too (``op_types="all"``, onnxruntime's default) adds
+#: error and, where the engine runs QDQ as fp32 arithmetic (TVM), time: on PP-OCR cls the
+#: relative error was 0.0038 with all ops and 0.0016 with these.
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+_COMPUTE_OPS = set(COMPUTE_OPS)
 
 
 @dataclasses.dataclass
@@ -244,8 +248,9 @@ def resolve_excludes(original: onnx.ModelProto, model: onnx.ModelProto, excludes
 
 def quantize(model_path: str | Path, calibration: str | Path, output: str | Path, method: str = "minmax",
              per_channel: bool = True, exclude=(), budget: float | None = None, holdout: float = 0.2,
-             cache: str | Path | None = None) -> Report:  # fmt: skip
-    """Quantize ``model_path`` into a QDQ model at ``output`` (written atomically); the report."""
+             cache: str | Path | None = None, op_types=COMPUTE_OPS) -> Report:  # fmt: skip
+    """Quantize ``model_path`` into a QDQ model at ``output`` (written atomically); the report.
+    ``op_types``: the op types to quantize, or "all" (every one onnxruntime can)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
@@ -273,13 +278,20 @@ def quantize(model_path: str | Path, calibration: str | Path, output: str | Path
     key.update(model.SerializeToString())
     for name, _ in calib:
         key.update(name.encode() + sha256_file(Path(calibration) / name).encode())
-    key.update(method.encode())
+    key.update(method.encode() + ",".join(op_types).encode())
     cache_path = Path(cache) if cache else default_cache_dir() / f"{key.hexdigest()[:24]}-{method}.json"
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                         "entropy": CalibrationMethod.Entropy}[method]  # fmt: skip
     fp32_outputs = _run(model, held)
-    op_types = _op_types_to_quantize()
+    everything = _op_types_to_quantize()
+    if op_types == "all":
+        op_types = everything
+    else:
+        bad = sorted(set(op_types) - set(everything))
+        if bad:
+            raise UsageError(f"--op-types {', '.join(bad)}: onnxruntime cannot quantize that; it can: {', '.join(everything)}")
+        op_types = sorted(op_types)
 
     def build(keep: list[str]) -> tuple[onnx.ModelProto, list[OutputReport]]:
         with tempfile.TemporaryDirectory(prefix="tvm-hybrid-quant.") as tmp:

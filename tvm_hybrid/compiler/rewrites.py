@@ -189,6 +189,9 @@ def _conv_transpose_as_conv(bb, call):
 
 # -- int8 weights ------------------------------------------------------------------------------
 
+#: The stage of a conv2d_int8w kernel that dequantizes the weight: the CPU schedules run it on its
+#: own (the whole weight, once a call) rather than inline in the convolution's inner loop.
+DEQUANTIZE_STAGE = "dequantize_weight"
 #: TVM's OpPatternKind of conv2d and matmul (relay/op_attr_types.h: kOutEWiseFusable).
 _OUT_ELEMWISE_FUSABLE = 4
 #: Smaller int8 constants are left to constant folding: the call overhead is not worth a few bytes.
@@ -363,7 +366,7 @@ def _int8_conv2d(m, call):
     out_dtype = str(a.out_dtype) if a.out_dtype is not None and str(a.out_dtype) else None
 
     def compute(x, value, wshape):
-        w = te.compute(wshape, lambda *i: value(list(i)), name="dequantize")
+        w = te.compute(wshape, lambda *i: value(list(i)), name=DEQUANTIZE_STAGE)
         ints = lambda v: [int(i) for i in v]  # noqa: E731
         return topi.nn.conv(x, w, ints(a.strides), ints(a.padding), ints(a.dilation), int(a.groups), "NCHW", "OIHW",
                             out_dtype)  # fmt: skip

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from ... import hostcpu
 from ...targets import TargetProfile
+from ..rewrites import DEQUANTIZE_STAGE
 from .base import Backend
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ def _inline(sch, blocks) -> None:
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for b in blocks:
         block = sch.get(b)
-        if block.name_hint in outputs or _is_reduction(sch, b):
+        if block.name_hint in outputs or _is_reduction(sch, b) or block.name_hint == DEQUANTIZE_STAGE:
             continue
         if not _is_simple_store(block):
             continue
