@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 METHODS = ("minmax", "percentile", "entropy")
 #: Ops whose outputs are class scores: top-1 agreement is their accuracy.
 _CLASSIFIER_OPS = {"Softmax", "LogSoftmax"}
+#: Up to this many candidate layers, --accuracy-budget ranks them by quantizing each alone
+#: (one onnxruntime quantize and run a layer); more, by the error each adds in one run.
+_TRIAL_LIMIT = 128
 #: The ops that hold the compute: quantized by default (their weights int8, Q/DQ on their
 #: activations). Quantizing the ops between too (``op_types="all"``, onnxruntime's default) adds
 #: error and, where the engine runs QDQ as fp32 arithmetic (TVM), time: on PP-OCR cls the
@@ -293,37 +296,60 @@ def quantize(model_path: str | Path, calibration: str | Path, output: str | Path
             raise UsageError(f"--op-types {', '.join(bad)}: onnxruntime cannot quantize that; it can: {', '.join(everything)}")
         op_types = sorted(op_types)
 
-    def build(keep: list[str]) -> tuple[onnx.ModelProto, list[OutputReport]]:
+    def build(keep: list[str], only: list[str] | None = None) -> tuple[onnx.ModelProto, list[OutputReport]]:
         with tempfile.TemporaryDirectory(prefix="tvm-hybrid-quant.") as tmp:
             out = Path(tmp) / "q.onnx"
             try:
                 with _ort_logs_to_debug():
                     quantize_static(_copy(model), out, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
-                                    calibrate_method=calibrate_method, op_types_to_quantize=op_types,
-                                    calibration_cache_path=cache_path)  # fmt: skip
+                                    nodes_to_quantize=only, calibrate_method=calibrate_method,
+                                    op_types_to_quantize=op_types, calibration_cache_path=cache_path)  # fmt: skip
             except ValueError as e:  # a cache of another method or a corrupt one: recalibrate
                 if not cache_path.exists():
                     raise
                 log.warning("calibration cache %s unusable (%s); recalibrating", cache_path, one_line(e))
                 cache_path.unlink()
-                return build(keep)
+                return build(keep, only)
             q = onnx.load(str(out))
         return q, compare(model, fp32_outputs, _run(q, held))
 
+    def loss(outs) -> float:
+        return max(o.loss for o in outs)
+
     q, outputs = build(excluded)
     tries, kept = 1, list(excluded)
-    if budget is not None and max(o.loss for o in outputs) > budget:
-        ranked = [n for n in sensitivity(model, q, held, op_types) if n not in excluded]
-        k = 1
-        while max(o.loss for o in outputs) > budget and ranked:
-            kept = sorted(set(excluded) | set(ranked[:k]))
-            q, outputs = build(kept)
-            tries += 1
-            log.info("%d layer(s) kept fp32: loss %.4f%%", len(kept), 100 * max(o.loss for o in outputs))
-            if k >= len(ranked):
-                break
-            k = min(2 * k, len(ranked))
+    if budget is not None and loss(outputs) > budget:
+        candidates = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in excluded]
+        if len(candidates) <= _TRIAL_LIMIT:
+            # each layer quantized alone: the loss it causes by itself
+            alone = {n: loss(build([], only=[n])[1]) for n in candidates}
+            tries += len(candidates)
+            ranked = sorted(candidates, key=lambda n: -alone[n])
+        else:
+            ranked = [n for n in sensitivity(model, q, held, op_types) if n not in excluded]
+        results: dict[int, tuple] = {}
+
+        def keep_top(k: int):
+            nonlocal tries
+            if k not in results:
+                results[k] = build(sorted(set(excluded) | set(ranked[:k])))
+                tries += 1
+                log.info("%d layer(s) kept fp32: loss %.4f%%", k, 100 * loss(results[k][1]))
+            return results[k]
+
+        lo, hi = 0, 1  # doubling to the first k that fits, then bisecting below it
+        while hi < len(ranked) and loss(keep_top(hi)[1]) > budget:
+            lo, hi = hi, min(2 * hi, len(ranked))
+        hi = min(hi, len(ranked))
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if loss(keep_top(mid)[1]) <= budget:
+                hi = mid
+            else:
+                lo = mid
+        q, outputs = keep_top(hi)
+        kept = sorted(set(excluded) | set(ranked[:hi]))
     _write_atomic(q, output)
     dq = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     quantized = sum(1 for n in q.graph.node if n.op_type in _COMPUTE_OPS and any(i in dq for i in n.input))
