@@ -39,8 +39,9 @@ def command(model: str, calibration: str, output: str, method: str, per_channel:
     error; the model's is its worst output's. The output compiles with `tvm-hybrid compile`.
     """
     from ..compiler import quantize as q
+    from ..compiler.samples import parse_budget
 
-    budget = q.parse_budget(accuracy_budget)
+    budget = parse_budget(accuracy_budget)
     report = q.quantize(model, calibration, output, method=method, per_channel=per_channel, exclude=exclude,
                         budget=budget, holdout=holdout, cache=calibration_cache,
                         op_types="all" if op_types == "all" else [t.strip() for t in op_types.split(",") if t.strip()])  # fmt: skip

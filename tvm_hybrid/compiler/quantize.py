@@ -7,13 +7,9 @@ per channel by default); what this module adds is what a release pipeline needs 
   checked against the model (names, ranks, fixed dimensions, dtypes), bad ones named in one line;
 - the calibration ranges cached by content (model, samples, method), so a second run, or the
   search below, never recalibrates and a crash never loses them;
-- an accuracy report against fp32 on held-out samples: per output max and mean abs error, cosine
-  similarity, and top-1 agreement for classifier outputs (those a Softmax/LogSoftmax produces);
-- ``budget``: the most sensitive layers (largest error they add to their own output, measured on
-  the held-out samples) stay fp32, 1, 2, 4, … of them, until the accuracy loss fits the budget.
-
-The accuracy loss of an output is its top-1 disagreement for a classifier output, else its
-relative L2 error ||q - f|| / ||f||; the model's is the worst of its outputs'.
+- an accuracy report against fp32 on held-out samples (``samples.compare``);
+- ``budget``: the most sensitive layers stay fp32, the fewest that bring the accuracy loss
+  (``samples.loss``) within the budget.
 """
 
 from __future__ import annotations
@@ -24,22 +20,19 @@ import hashlib
 import logging
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..errors import UsageError, one_line
 from ..manifest import sha256_file
 from .importer import node_name, parse
+from .samples import OutputReport, compare, copy, load_samples, loss, model_inputs, run, split, write_atomic
 
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "percentile", "entropy")
-#: Ops whose outputs are class scores: top-1 agreement is their accuracy.
-_CLASSIFIER_OPS = {"Softmax", "LogSoftmax"}
 #: Up to this many candidate layers, --accuracy-budget ranks them by quantizing each alone
 #: (one onnxruntime quantize and run a layer); more, by the error each adds in one run.
 _TRIAL_LIMIT = 128
@@ -49,23 +42,6 @@ _TRIAL_LIMIT = 128
 #: relative error was 0.0038 with all ops and 0.0016 with these.
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _COMPUTE_OPS = set(COMPUTE_OPS)
-
-
-@dataclasses.dataclass
-class OutputReport:
-    name: str
-    max_abs: float
-    mean_abs: float
-    cosine: float
-    rel_l2: float
-    top1: float | None  # agreement, for classifier outputs
-
-    @property
-    def loss(self) -> float:
-        return 1.0 - self.top1 if self.top1 is not None else self.rel_l2
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "loss": self.loss}
 
 
 @dataclasses.dataclass
@@ -102,86 +78,6 @@ class Report:
         return d
 
 
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    name: str
-    shape: tuple  # ints, None where dynamic
-    dtype: np.dtype
-
-
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
-    return specs
-
-
-def load_samples(directory: str | Path, inputs: list[InputSpec]) -> list[tuple[str, dict[str, np.ndarray]]]:
-    """Every ``*.npz`` in ``directory`` (sorted by name), checked against the model's inputs."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise UsageError(f"calibration directory {d} does not exist or is not a directory")
-    files = sorted(p for p in d.iterdir() if p.suffix == ".npz")
-    if not files:
-        raise UsageError(f"calibration directory {d} holds no .npz files (one per sample, keyed by input name: "
-                         f"{', '.join(i.name for i in inputs)})")  # fmt: skip
-    want = {i.name: i for i in inputs}
-    samples = []
-    for f in files:
-        try:
-            with np.load(f, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise UsageError(f"calibration sample {f} is not a readable .npz: {one_line(e)}") from e
-        missing = sorted(set(want) - set(arrays))
-        extra = sorted(set(arrays) - set(want))
-        if missing or extra:
-            what = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
-                                         f"unknown {', '.join(extra)}" if extra else "") if x)  # fmt: skip
-            raise UsageError(f"calibration sample {f.name}: {what} (the model's inputs are {', '.join(want)})")
-        for name, a in arrays.items():
-            spec = want[name]
-            if a.dtype != spec.dtype:
-                raise UsageError(f"calibration sample {f.name}: input {name} is {a.dtype}, the model takes {spec.dtype}")
-            if a.ndim != len(spec.shape) or any(s is not None and s != n for s, n in zip(spec.shape, a.shape)):
-                shown = "x".join("?" if s is None else str(s) for s in spec.shape)
-                raise UsageError(f"calibration sample {f.name}: input {name} has shape "
-                                 f"{'x'.join(map(str, a.shape))}, the model takes {shown}")  # fmt: skip
-        samples.append((f.name, arrays))
-    return samples
-
-
-def split(samples: list, holdout: float) -> tuple[list, list, bool]:
-    """(calibration, held-out, held-out is the calibration set): every k-th sample is held out
-    for a fraction ``holdout``; with fewer than 5 samples, or ``holdout`` 0, all calibrate and the
-    report is on them (said in the report)."""
-    if holdout <= 0 or len(samples) < 5:
-        return samples, samples, True
-    k = max(2, round(1 / holdout))
-    held = [s for i, s in enumerate(samples) if i % k == k - 1]
-    calib = [s for i, s in enumerate(samples) if i % k != k - 1]
-    return calib, held, False
-
-
-def parse_budget(text: str | None) -> float | None:
-    """'1%' or '0.01' -> 0.01."""
-    if text is None:
-        return None
-    t = text.strip()
-    try:
-        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        raise UsageError(f"bad --accuracy-budget {text!r}: give a percentage (1%) or a fraction (0.01)") from None
-    if not 0 <= value < 1:
-        raise UsageError(f"bad --accuracy-budget {text!r}: it must be at least 0 and under 100%")
-    return value
-
-
 class _Reader:
     """onnxruntime's CalibrationDataReader over loaded samples."""
 
@@ -209,7 +105,7 @@ def default_cache_dir() -> Path:
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose every node has a (unique) name, so nodes can be excluded and reported by name."""
-    m = _copy(model)
+    m = copy(model)
     seen = set()
     for i, n in enumerate(m.graph.node):
         if not n.name or n.name in seen:
@@ -286,7 +182,7 @@ def quantize(model_path: str | Path, calibration: str | Path, output: str | Path
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                         "entropy": CalibrationMethod.Entropy}[method]  # fmt: skip
-    fp32_outputs = _run(model, held)
+    fp32_outputs = run(model, held)
     everything = _op_types_to_quantize()
     if op_types == "all":
         op_types = everything
@@ -301,7 +197,7 @@ def quantize(model_path: str | Path, calibration: str | Path, output: str | Path
             out = Path(tmp) / "q.onnx"
             try:
                 with _ort_logs_to_debug():
-                    quantize_static(_copy(model), out, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    quantize_static(copy(model), out, _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
                                     nodes_to_quantize=only, calibrate_method=calibrate_method,
                                     op_types_to_quantize=op_types, calibration_cache_path=cache_path)  # fmt: skip
@@ -312,10 +208,7 @@ def quantize(model_path: str | Path, calibration: str | Path, output: str | Path
                 cache_path.unlink()
                 return build(keep, only)
             q = onnx.load(str(out))
-        return q, compare(model, fp32_outputs, _run(q, held))
-
-    def loss(outs) -> float:
-        return max(o.loss for o in outs)
+        return q, compare(model, fp32_outputs, run(q, held))
 
     q, outputs = build(excluded)
     tries, kept = 1, list(excluded)
@@ -350,7 +243,7 @@ def quantize(model_path: str | Path, calibration: str | Path, output: str | Path
                 lo = mid
         q, outputs = keep_top(hi)
         kept = sorted(set(excluded) | set(ranked[:hi]))
-    _write_atomic(q, output)
+    write_atomic(q, output)
     dq = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     quantized = sum(1 for n in q.graph.node if n.op_type in _COMPUTE_OPS and any(i in dq for i in n.input))
     return Report(
@@ -359,13 +252,6 @@ def quantize(model_path: str | Path, calibration: str | Path, output: str | Path
         fp32_bytes=len(data), int8_bytes=output.stat().st_size, quantized_nodes=quantized, kept_fp32=kept,
         outputs=outputs, budget=budget, calibration_cache=str(cache_path), tries=tries,
     )  # fmt: skip
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """quantize_static may turn a given model's weights into external data in place: it gets a copy."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m
 
 
 def _opset_13(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -424,64 +310,6 @@ def _op_types_to_quantize() -> list[str]:
     return sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
 
 
-def _write_atomic(model: onnx.ModelProto, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _session(model: onnx.ModelProto, extra_outputs=()):
-    import onnxruntime as ort
-
-    if extra_outputs:
-        m = _copy(model)
-        have = {o.name for o in m.graph.output}
-        m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in extra_outputs if t not in have)
-        model = m
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def _run(model: onnx.ModelProto, samples, extra_outputs=()) -> list[dict[str, np.ndarray]]:
-    sess = _session(model, extra_outputs)
-    names = [o.name for o in sess.get_outputs()]
-    return [dict(zip(names, sess.run(None, s))) for _, s in samples]
-
-
-def compare(model: onnx.ModelProto, ref: list[dict], got: list[dict]) -> list[OutputReport]:
-    """Per graph output of ``model``: errors of ``got`` against ``ref`` over all samples."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-
-    def source_op(name: str) -> str | None:  # through the ops that only relabel a tensor
-        n = producer.get(name)
-        while n is not None and n.op_type in ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"):
-            n = producer.get(n.input[0])
-        return n.op_type if n is not None else None
-
-    reports = []
-    for out in model.graph.output:
-        f = np.concatenate([r[out.name].astype(np.float64).ravel() for r in ref])
-        q = np.concatenate([g[out.name].astype(np.float64).ravel() for g in got])
-        diff = np.abs(q - f)
-        nf, nq = np.linalg.norm(f), np.linalg.norm(q)
-        cosine = float(f @ q / (nf * nq)) if nf > 0 and nq > 0 else float(nf == nq)
-        rel = float(np.linalg.norm(q - f) / nf) if nf > 0 else float(np.linalg.norm(q))
-        top1 = None
-        if source_op(out.name) in _CLASSIFIER_OPS and ref[0][out.name].ndim >= 2:
-            agree = [np.argmax(r[out.name], -1) == np.argmax(g[out.name], -1) for r, g in zip(ref, got)]
-            top1 = float(np.mean(np.concatenate([a.ravel() for a in agree])))
-        reports.append(OutputReport(out.name, float(diff.max(initial=0)), float(diff.mean()) if diff.size else 0.0,
-                                    cosine, rel, top1))  # fmt: skip
-    return reports
-
-
 def sensitivity(model: onnx.ModelProto, qmodel: onnx.ModelProto, samples, op_types) -> list[str]:
     """The nodes of ``model`` that quantizing touches (``op_types``), most sensitive first: the
     relative error quantizing adds at a node's output over the worst error already on its
@@ -490,8 +318,8 @@ def sensitivity(model: onnx.ModelProto, qmodel: onnx.ModelProto, samples, op_typ
     tensors = sorted({t for n in model.graph.node for t in n.output if t})
     qtensors = {t for n in qmodel.graph.node for t in n.output}
     tensors = [t for t in tensors if t in qtensors]
-    f = _run(model, samples[:4], tensors)
-    q = _run(qmodel, samples[:4], tensors)
+    f = run(model, samples[:4], tensors)
+    q = run(qmodel, samples[:4], tensors)
     err = {}
     for t in tensors:
         a = np.concatenate([r[t].astype(np.float64).ravel() for r in f])
