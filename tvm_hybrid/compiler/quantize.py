@@ -27,8 +27,8 @@ import onnx
 
 from ..errors import UsageError, one_line
 from ..manifest import sha256_file
-from .importer import node_name, parse
-from .samples import OutputReport, compare, copy, load_samples, loss, model_inputs, run, split, write_atomic
+from .importer import parse
+from .samples import OutputReport, named, compare, copy, load_samples, loss, model_inputs, run, split, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +103,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TVM_HYBRID_CACHE") or Path.home() / ".cache/tvm-hybrid") / "calibration"
 
 
-def _named(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose every node has a (unique) name, so nodes can be excluded and reported by name."""
-    m = copy(model)
-    seen = set()
-    for i, n in enumerate(m.graph.node):
-        if not n.name or n.name in seen:
-            n.name = node_name(n, i) if not n.name else f"{n.name}_{i}"
-        seen.add(n.name)
-    return m
-
-
 def resolve_excludes(original: onnx.ModelProto, model: onnx.ModelProto, excludes) -> list[str]:
     """--exclude values (node names or op types of the user's model) -> names of nodes in the
     pre-processed ``model`` (where onnxruntime fused MatMul + Add into a Gemm named after the
@@ -164,8 +153,8 @@ def quantize(model_path: str | Path, calibration: str | Path, output: str | Path
         raise UsageError(f"{model_path} has ops outside the standard ONNX domain; quantize takes standard ONNX models")
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul") for n in model.graph.node):
         raise UsageError(f"{model_path} is already quantized (it has QuantizeLinear/DequantizeLinear nodes)")
-    original = _named(_opset_13(model))
-    model = _named(_preprocess(original))
+    original = named(_opset_13(model))
+    model = named(_preprocess(original))
     samples = load_samples(calibration, model_inputs(model))
     calib, held, held_is_calib = split(samples, holdout)
     excluded = resolve_excludes(original, model, exclude)

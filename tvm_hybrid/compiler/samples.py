@@ -22,6 +22,7 @@ import onnx
 from onnx import helper
 
 from ..errors import UsageError, one_line
+from .importer import node_name
 
 #: Ops whose outputs are class scores: top-1 agreement is their accuracy.
 _CLASSIFIER_OPS = {"Softmax", "LogSoftmax"}
@@ -191,3 +192,14 @@ def copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def loss(outputs: list[OutputReport]) -> float:
     """A model's accuracy loss: its worst output's."""
     return max((o.loss for o in outputs), default=0.0)
+
+
+def named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose every node has a (unique) name, so nodes can be excluded and reported by name."""
+    m = copy(model)
+    seen = set()
+    for i, n in enumerate(m.graph.node):
+        if not n.name or n.name in seen:
+            n.name = node_name(n, i) if not n.name else f"{n.name}_{i}"
+        seen.add(n.name)
+    return m
