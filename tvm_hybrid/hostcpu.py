@@ -11,6 +11,7 @@ qemu is emulate.py's.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import re
 from pathlib import Path
@@ -156,3 +157,25 @@ def check_native(target: dict[str, Any], name: str = "the artifact") -> None:
                 f"{', '.join(missing)}, so it would die of an illegal instruction; compile it for a profile this "
                 "CPU runs (`--target host` picks the best one here)"
             )
+
+
+#: Set to 0 to run a segment's portable build even where one of its dispatch variants would run.
+DISPATCH_ENV = "TVM_HYBRID_DISPATCH"
+
+
+def pick_variant(variants, flags: frozenset[str] | None = None) -> dict[str, Any] | None:
+    """The first of a segment's builds for other CPU levels (best first) this machine runs, or None
+    (run the segment's own library): this architecture, every x86 feature it needs present. Where
+    the CPU's features cannot be read, none is picked: the portable build cannot fault."""
+    if os.environ.get(DISPATCH_ENV, "1") == "0":
+        return None
+    flags = cpu_flags() if flags is None else flags
+    for v in variants:
+        t = v["tvm_target"]
+        if target_arch({"tvm_target": t}) != host_arch():
+            continue
+        if host_arch() == "x86_64" and (not flags or x86_features(t) - flags):
+            continue
+        return v
+    return None
+

@@ -113,6 +113,9 @@ class Segment:
     predicted: dict[str, Any] | None = None  # the planner's flops and ms
     kernels: dict[str, int] | None = None  # {"tuned": N, "default": N}
     device_code: dict[str, Any] | None = None  # GPU targets: the library's SASS / PTX
+    #: Builds of ``library`` for other CPU levels, best first: {"profile", "library", "tvm_target"};
+    #: the runtime loads the first this CPU runs, else ``library``.
+    variants: tuple[dict[str, Any], ...] = ()
 
     @property
     def local_library(self) -> str | None:
@@ -131,6 +134,8 @@ class Segment:
             d["endpoint"] = self.endpoint.to_dict()
         if self.nodes:
             d["nodes"] = list(self.nodes)
+        if self.variants:
+            d["variants"] = [dict(v) for v in self.variants]
         return d
 
     @classmethod
@@ -144,6 +149,7 @@ class Segment:
             onnx=d.get("onnx"), endpoint=Endpoint(ep["model"], ep["version"]) if ep is not None else None,
             nodes=tuple(d.get("nodes") or ()), reason=d.get("reason"), predicted=d.get("predicted"),
             kernels=d.get("kernels"), device_code=d.get("device_code"),
+            variants=tuple(dict(v) for v in d.get("variants") or ()),
         )  # fmt: skip
 
 
@@ -344,6 +350,12 @@ def validate(m: Any, where: str = MANIFEST) -> None:
             lib = seg.get(key)
             if lib is not None and (not isinstance(lib, str) or lib not in paths):
                 raise ArtifactError(f"{w}: {key} {str(lib)[:200]!r} is not among the listed files")
+        variants = seg.get("variants", [])
+        if not isinstance(variants, list) or not all(
+            isinstance(v, dict) and isinstance(v.get("library"), str) and v["library"] in paths
+            and isinstance(v.get("tvm_target"), dict) and isinstance(v.get("profile"), str) for v in variants
+        ):  # fmt: skip
+            raise ArtifactError(f"{w}: variants must be objects with a profile, a tvm_target and a listed library")
         if seg["placement"] == "device" and "library" not in seg:
             raise ArtifactError(f"{w}: a device segment names no library")
         ep = seg.get("endpoint")

@@ -42,6 +42,9 @@ class TargetProfile:
     source: str
     #: The compiler backend (compiler.backends) by name; None: the one for the TVM target kind.
     backend: str | None = None
+    #: Profiles whose builds ship alongside this one's, best first; the runtime loads the first
+    #: this CPU can run (``[tvm] dispatch``: a portable x86-64 artifact with AVX2 and AVX-512 builds).
+    dispatch: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as recorded in a manifest (the file it came from and the compiler backend
@@ -49,6 +52,7 @@ class TargetProfile:
         d = dataclasses.asdict(self)
         d.pop("source")
         d.pop("backend")
+        d.pop("dispatch")
         return d
 
     def tvm(self):
@@ -92,6 +96,7 @@ def _load_file(path: Path) -> TargetProfile:
         link=dict(data.get("link", {})),
         source=str(path),
         backend=str(data["backend"]) if "backend" in data else None,
+        dispatch=tuple(str(n) for n in tvm_section.get("dispatch", ())),
     )
 
 

@@ -145,7 +145,9 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     out.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
     summaries = []
-    logs = {p.name: tuning_log.open_database(opts.tuning_logs, p) for p in [*profiles, *([cloud] if cloud else [])]}
+    variants = {p.name: dispatch_profiles(p) for p in profiles}
+    every = {p.name: p for p in [*profiles, *([cloud] if cloud else []), *(v for vs in variants.values() for v in vs)]}
+    logs = {name: tuning_log.open_database(opts.tuning_logs, p) for name, p in every.items()}
     cloud_segments: dict[str, tuple[SegmentModel, TargetProfile]] = {}
     try:
         for prof in profiles:
@@ -155,7 +157,7 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
             graph, plan = plan_for(prepared, prof, cloud, opts.plan)
             segs = split(prepared, graph, plan)
             m = build_artifact(prepared, prof, cloud, segs, graph, plan, stage, opts.plan, logs[prof.name],
-                               opts.precision)  # fmt: skip
+                               opts.precision, [(v, logs[v.name]) for v in variants[prof.name]])  # fmt: skip
             for seg in segs:
                 if seg.placement == "cloud" or _cloud_copy(seg, opts.plan):
                     cloud_segments[endpoint_name(imported.name, seg.id) + seg.version] = (seg, graph)
@@ -174,6 +176,21 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
             shutil.rmtree(out, ignore_errors=True)
         raise
     return summaries
+
+
+def dispatch_profiles(profile: TargetProfile) -> list[TargetProfile]:
+    """The profiles a profile's ``dispatch`` names: same backend and architecture, or a UsageError."""
+    from ..hostcpu import target_arch
+
+    out = []
+    for name in profile.dispatch:
+        v = resolve(name)
+        if backends.for_profile(v) is not backends.for_profile(profile) or \
+                target_arch(v.to_dict()) != target_arch(profile.to_dict()):  # fmt: skip
+            raise UsageError(f"target profile {profile.name}: dispatch names {name}, which is not the same "
+                             "kind of CPU (backend and architecture)")  # fmt: skip
+        out.append(v)
+    return out
 
 
 PRECISIONS = ("fp32", "fp16")
@@ -272,9 +289,11 @@ def _built(c: backends.CompiledSegment) -> dict[str, Any]:
 
 def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None, segs: list[SegmentModel],
                    graph: planner.PlanGraph, plan: planner.Plan, root: Path, settings: PlanSettings,
-                   tuning: tuning_log.TuningLog | None = None, precision: str = "fp32") -> mf.Manifest:  # fmt: skip
-    """The device artifact: device segments compiled for the target, cloud segments as endpoints
-    (with a local fallback build where the device can run them)."""
+                   tuning: tuning_log.TuningLog | None = None, precision: str = "fp32",
+                   variants: list[tuple[TargetProfile, tuning_log.TuningLog | None]] = ()) -> mf.Manifest:  # fmt: skip
+    """The device artifact: device segments compiled for the target (and for each of its
+    ``dispatch`` profiles, ``variants``, which the runtime picks from by this CPU's features),
+    cloud segments as endpoints (with a local fallback build where the device can run them)."""
     files, entries = [], []
     for seg in segs:
         e = _segment_entry(seg, graph)
@@ -282,6 +301,12 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
             c = compile_segment(seg.imported, profile, root, str(seg.id), tuning, precision)
             e = dataclasses.replace(e, **_built(c), endpoint=_endpoint(imported, seg) if _cloud_copy(seg, settings) else None)
             files += c.files
+            built = []
+            for vprof, vlog in variants:
+                cv = compile_segment(seg.imported, vprof, root, f"{seg.id}.{vprof.name}", vlog, precision)
+                built.append({"profile": vprof.name, "library": cv.library, "tvm_target": dict(vprof.tvm_target)})
+                files += cv.files
+            e = dataclasses.replace(e, variants=tuple(built))
         else:
             e = dataclasses.replace(e, reason=seg.reason, endpoint=_endpoint(imported, seg))
             if seg.reason != "unsupported-op":

@@ -20,8 +20,14 @@ class TVMVMExecutor:
 
     def __init__(self, root: Path, segment: Segment, target: dict[str, Any], device: str | None,
                  threads: int | None = None):
-        from ..hostcpu import check_native
+        from ..hostcpu import check_native, pick_variant
 
+        variant = pick_variant(segment.variants)
+        #: The profile whose build runs: one of the segment's dispatch variants, or the artifact's.
+        self.build = variant["profile"] if variant else target.get("name")
+        if variant:  # the build for this CPU's level (AVX2, AVX-512) of a portable artifact
+            segment = dataclasses.replace(segment, library=variant["library"])
+            target = {**target, "name": variant["profile"], "tvm_target": variant["tvm_target"], "tvm_host": None}
         check_native(target, f"artifact segment {segment.library}")  # before dlopen fails obscurely
         tvm = tvm_runtime()
         from tvm.runtime.vm import VirtualMachine

@@ -119,6 +119,8 @@ class Session:
                         outs = dict(zip((t.name for t in seg.outputs), res))
                         sent, ran_on = 0, step.local.device_name
                         extra = {"threads": used} if (used := getattr(step.local, "threads_used", None)) else {}
+                        if seg.variants:  # a portable artifact: which CPU level's build ran
+                            extra["build"] = getattr(step.local, "build", None)
                     else:
                         outs, sent = self._cloud.infer(*step.remote, args)
                         ran_on, extra = self._cloud.url, {}
