@@ -48,6 +48,14 @@ def test_portable_artifact_lists_its_cpu_level_builds(portable):
     assert {v["library"] for v in seg.variants} <= files
     assert all((art / v["library"]).is_file() for v in seg.variants)
     assert seg.variants[0]["tvm_target"]["mcpu"] != seg.variants[1]["tvm_target"]["mcpu"]
+    # the weights once, out of the three libraries, in a file every build reads
+    assert seg.weights["file"] in files and seg.weights["keys"]
+    assert all(v["weights"] == seg.weights["keys"] for v in seg.variants)
+    with np.load(art / seg.weights["file"]) as z:
+        assert set(z.files) == set(seg.weights["keys"])
+        weight_bytes = sum(z[k].nbytes for k in z.files)
+    z_model = portable[1].model
+    assert weight_bytes >= 0.9 * sum(np.prod(t.dims) * 4 for t in z_model.graph.initializer if len(t.dims) == 4)
 
 
 def test_runtime_loads_the_best_build_this_cpu_runs(portable, tmp_path):

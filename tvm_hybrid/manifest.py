@@ -116,6 +116,9 @@ class Segment:
     #: Builds of ``library`` for other CPU levels, best first: {"profile", "library", "tvm_target"};
     #: the runtime loads the first this CPU runs, else ``library``.
     variants: tuple[dict[str, Any], ...] = ()
+    #: {"file", "keys"}: weights kept out of the libraries (shared by the variants), passed to
+    #: ``main`` after the inputs in ``keys`` order (each variant has its own "weights" keys).
+    weights: dict[str, Any] | None = None
 
     @property
     def local_library(self) -> str | None:
@@ -136,6 +139,8 @@ class Segment:
             d["nodes"] = list(self.nodes)
         if self.variants:
             d["variants"] = [dict(v) for v in self.variants]
+        if self.weights is not None:
+            d["weights"] = dict(self.weights)
         return d
 
     @classmethod
@@ -149,7 +154,7 @@ class Segment:
             onnx=d.get("onnx"), endpoint=Endpoint(ep["model"], ep["version"]) if ep is not None else None,
             nodes=tuple(d.get("nodes") or ()), reason=d.get("reason"), predicted=d.get("predicted"),
             kernels=d.get("kernels"), device_code=d.get("device_code"),
-            variants=tuple(dict(v) for v in d.get("variants") or ()),
+            variants=tuple(dict(v) for v in d.get("variants") or ()), weights=d.get("weights"),
         )  # fmt: skip
 
 
@@ -356,6 +361,12 @@ def validate(m: Any, where: str = MANIFEST) -> None:
             and isinstance(v.get("tvm_target"), dict) and isinstance(v.get("profile"), str) for v in variants
         ):  # fmt: skip
             raise ArtifactError(f"{w}: variants must be objects with a profile, a tvm_target and a listed library")
+        wts = seg.get("weights")
+        if wts is not None:
+            keys_ok = lambda k: isinstance(k, list) and all(isinstance(x, str) for x in k)  # noqa: E731
+            if not (isinstance(wts, dict) and wts.get("file") in paths and keys_ok(wts.get("keys"))
+                    and all(keys_ok(v.get("weights")) for v in variants)):  # fmt: skip
+                raise ArtifactError(f"{w}: weights must name a listed file and the keys of every build")
         if seg["placement"] == "device" and "library" not in seg:
             raise ArtifactError(f"{w}: a device segment names no library")
         ep = seg.get("endpoint")

@@ -120,6 +120,39 @@ def apply_database(mod, profile: TargetProfile, database):
     return mod
 
 
+def lift_weights(mod, min_bytes: int = 4096):
+    """(module, arrays): the constants of ``main`` of at least ``min_bytes`` become parameters after
+    its inputs, in the order of ``arrays``, so builds of one segment for several CPU levels can
+    share one weights file instead of each library embedding its own copy."""
+    import numpy as np
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Lift(PyExprMutator):
+        def __init__(self, m):
+            super().__init__(m)
+            self.params, self.arrays, self.seen = [], [], {}
+
+        def visit_generic_const_(self, c):
+            arr = c.value
+            if int(np.prod([int(d) for d in arr.shape])) * np.dtype(str(arr.dtype)).itemsize < min_bytes:
+                return c
+            key = c.__chandle__()
+            if key not in self.seen:
+                self.seen[key] = relax.Var(f"weight{len(self.params)}", c.ty)
+                self.params.append(self.seen[key])
+                self.arrays.append(arr.numpy())
+            return self.seen[key]
+
+    func = mod["main"]
+    lift = Lift(mod)
+    body = lift.visit_expr(func.body)
+    out = mod.clone() if hasattr(mod, "clone") else mod
+    out["main"] = relax.Function(list(func.params) + lift.params, body, func.ret_ty, func.is_pure, func.attrs)
+    return out, lift.arrays
+
+
 def median_ms(run_secs) -> float:
     """The median of MetaSchedule run times (seconds), in milliseconds."""
     vals = sorted(float(v) for v in run_secs)

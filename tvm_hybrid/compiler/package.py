@@ -178,6 +178,32 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     return summaries
 
 
+class WeightStore:
+    """The weights of a segment's builds, once each (by content): ``segments/<id>.weights.npz``."""
+
+    def __init__(self):
+        self.arrays: dict[str, Any] = {}
+
+    def add(self, array) -> str:
+        import hashlib
+
+        key = "w" + hashlib.sha256(str(array.dtype).encode() + str(array.shape).encode() + array.tobytes()).hexdigest()[:24]
+        self.arrays.setdefault(key, array)
+        return key
+
+    def save(self, path: Path) -> None:
+        import numpy as np
+
+        with open(path, "wb") as f:  # uncompressed: the runtime reads it without inflating
+            np.savez(f, **self.arrays)
+
+
+def build_lift_weights(mod):
+    from .build import lift_weights
+
+    return lift_weights(mod)
+
+
 def dispatch_profiles(profile: TargetProfile) -> list[TargetProfile]:
     """The profiles a profile's ``dispatch`` names: same backend and architecture, or a UsageError."""
     from ..hostcpu import target_arch
@@ -248,14 +274,21 @@ def _replace_dir(stage: Path, final: Path) -> None:
 
 
 def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, root: Path, stem: str,
-                    tuning: tuning_log.TuningLog | None = None, precision: str = "fp32") -> backends.CompiledSegment:  # fmt: skip
+                    tuning: tuning_log.TuningLog | None = None, precision: str = "fp32",
+                    weights: WeightStore | None = None) -> backends.CompiledSegment:  # fmt: skip
     """ONNX (sub-)model, prepared for the profile's backend → Relax → optimized (with the target's
-    tuning log) → ``root/segments/<stem>.*`` in the backend's segment format."""
+    tuning log) → ``root/segments/<stem>.*`` in the backend's segment format. With ``weights``,
+    the large constants go there instead of into the library (``c.weight_keys``, in order)."""
     log.info("building %s for %s", imported.name, profile.name)
     backend = backends.for_profile(profile)
     backend.check_segment(imported, profile)
     mod = backend.optimize(importer.to_relax(imported), profile, database=tuning, precision=precision)
+    keys = None
+    if weights is not None:
+        mod, arrays = build_lift_weights(mod)
+        keys = [weights.add(a) for a in arrays]
     c = backend.build_segment(mod, profile, root, stem)
+    c.weight_keys = keys
     log.info("%s: %d kernels tuned, %d default%s", imported.name, c.result.tuned_kernels, c.result.default_kernels,
              f" (tuning log {tuning.path})" if tuning else " (no tuning log)")  # fmt: skip
     return c
@@ -298,15 +331,21 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
     for seg in segs:
         e = _segment_entry(seg, graph)
         if seg.placement == "device":
-            c = compile_segment(seg.imported, profile, root, str(seg.id), tuning, precision)
+            store = WeightStore() if variants else None  # one copy of the weights for every build
+            c = compile_segment(seg.imported, profile, root, str(seg.id), tuning, precision, store)
             e = dataclasses.replace(e, **_built(c), endpoint=_endpoint(imported, seg) if _cloud_copy(seg, settings) else None)
             files += c.files
             built = []
             for vprof, vlog in variants:
-                cv = compile_segment(seg.imported, vprof, root, f"{seg.id}.{vprof.name}", vlog, precision)
-                built.append({"profile": vprof.name, "library": cv.library, "tvm_target": dict(vprof.tvm_target)})
+                cv = compile_segment(seg.imported, vprof, root, f"{seg.id}.{vprof.name}", vlog, precision, store)
+                built.append({"profile": vprof.name, "library": cv.library, "tvm_target": dict(vprof.tvm_target),
+                              "weights": cv.weight_keys})  # fmt: skip
                 files += cv.files
-            e = dataclasses.replace(e, variants=tuple(built))
+            if store is not None:
+                rel = f"segments/{seg.id}.weights.npz"
+                store.save(root / rel)
+                files.append(rel)
+                e = dataclasses.replace(e, variants=tuple(built), weights={"file": rel, "keys": c.weight_keys})
         else:
             e = dataclasses.replace(e, reason=seg.reason, endpoint=_endpoint(imported, seg))
             if seg.reason != "unsupported-op":

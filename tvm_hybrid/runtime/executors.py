@@ -45,6 +45,11 @@ class TVMVMExecutor:
                 f"cannot load {segment.library} on {self.device_name}: {one_line(e, last=True)}; "
                 "was it compiled for this machine's architecture?"
             ) from e
+        self._weights = []
+        if segment.weights is not None:  # kept out of the libraries: loaded once, passed to every call
+            keys = variant["weights"] if variant else segment.weights["keys"]
+            with np.load(root / segment.weights["file"], allow_pickle=False) as z:
+                self._weights = [tvm.runtime.tensor(z[k], self.device) for k in keys]
         self._n_out = len(segment.outputs)
         #: Workers of TVM's thread pool for this executor's calls (threads.resolve's default).
         self.threads = threads if threads is not None else resolve_threads(None)
@@ -53,7 +58,7 @@ class TVMVMExecutor:
     def run(self, args: list[np.ndarray]) -> list[np.ndarray]:
         tvm = self._tvm
         self.threads_used = use_threads(self.threads)  # the pool is per calling thread
-        out = self._main(*[tvm.runtime.tensor(a, self.device) for a in args])
+        out = self._main(*[tvm.runtime.tensor(a, self.device) for a in args], *self._weights)
         if self._n_out == 1 and hasattr(out, "numpy"):
             return [out.numpy()]
         return [o.numpy() for o in out]

@@ -35,6 +35,8 @@ class CompiledSegment:
     format: str
     library: str
     files: list[str]
+    #: The keys of the weights its ``main`` takes after the inputs (package.WeightStore), if lifted.
+    weight_keys: list[str] | None = None
 
 
 class Backend:
