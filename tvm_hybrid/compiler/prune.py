@@ -30,9 +30,8 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import UsageError
-from .importer import parse
-from .samples import (OutputReport, compare, copy, load_samples, loss, model_inputs, named, run, session, split,
-                      write_atomic)  # fmt: skip
+from .samples import (OutputReport, compare, copy, load_samples, loss, model_inputs, named, read_model, run, session,
+                      split, write_atomic)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +90,8 @@ def prune(model_path: str | Path, calibration: str | Path, output: str | Path, s
     if structured not in (None, "channels"):
         raise UsageError(f"bad --structured {structured!r}: channels")
     model_path, output = Path(model_path), Path(output)
-    try:
-        data = model_path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read model {model_path}: {e.strerror or e}") from e
-    model = named(_constants_as_initializers(parse(data, str(model_path))))
+    data, model = read_model(model_path)
+    model = named(_constants_as_initializers(model))
     samples = load_samples(calibration, model_inputs(model))
     _, held, held_is_calib = split(samples, holdout)
     ref = run(model, held)

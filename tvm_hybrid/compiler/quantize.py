@@ -27,8 +27,8 @@ import onnx
 
 from ..errors import UsageError, one_line
 from ..manifest import sha256_file
-from .importer import parse
-from .samples import OutputReport, named, compare, copy, load_samples, loss, model_inputs, run, split, write_atomic
+from .samples import (OutputReport, compare, copy, load_samples, loss, model_inputs, named, read_model, run, split,
+                      write_atomic)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +144,7 @@ def quantize(model_path: str | Path, calibration: str | Path, output: str | Path
     if method not in METHODS:
         raise UsageError(f"bad --method {method!r}: one of {', '.join(METHODS)}")
     model_path, output = Path(model_path), Path(output)
-    try:
-        data = model_path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read model {model_path}: {e.strerror or e}") from e
-    model = parse(data, str(model_path))
+    data, model = read_model(model_path)
     if any(n.domain not in ("", "ai.onnx") for n in model.graph.node):
         raise UsageError(f"{model_path} has ops outside the standard ONNX domain; quantize takes standard ONNX models")
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul") for n in model.graph.node):

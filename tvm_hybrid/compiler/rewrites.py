@@ -4,9 +4,10 @@ asks for (Backend.rewrites), such as patch_conv_as_matmul on CPUs."""
 from __future__ import annotations
 
 
-def _relax_pass(name: str, op_name: str, rewrite_call):
+def _relax_pass(name: str, op_name: str | tuple[str, ...], rewrite_call):
     """A module pass applying ``rewrite_call(builder, call)`` (a new expression, or None to keep
-    the call) to every call of ``op_name`` in the module's Relax functions."""
+    the call) to every call of ``op_name`` (or of any of several) in the module's Relax functions."""
+    op_names = (op_name,) if isinstance(op_name, str) else op_name
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -15,7 +16,7 @@ def _relax_pass(name: str, op_name: str, rewrite_call):
     class Rewriter(PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if isinstance(call.op, tvm.ir.Op) and call.op.name == op_name:
+            if isinstance(call.op, tvm.ir.Op) and call.op.name in op_names:
                 new = rewrite_call(self.builder_, call)
                 return call if new is None else new
             return call
@@ -92,34 +93,21 @@ def fp16_operands():
     (normalizations, softmax, activations) stay fp32, so inputs, outputs and the numerically
     touchy reductions keep fp32 range. (Relax's ToMixedPrecision does more, in fp16 throughout,
     but refuses the kernels TVM's ONNX importer emits as call_tir.)"""
-    import tvm
+    return _relax_pass("Fp16Operands", ("relax.nn.conv2d", "relax.matmul"), _fp16_operands)
+
+
+def _fp16_operands(bb, call):
     from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    @mutator
-    class Rewriter(PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if not isinstance(call.op, tvm.ir.Op) or call.op.name not in ("relax.nn.conv2d", "relax.matmul"):
-                return call
-            x, w = call.args
-            if str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32":
-                return call
-            xh, wh = relax.op.astype(x, "float16"), relax.op.astype(w, "float16")
-            if call.op.name == "relax.matmul":
-                return relax.op.matmul(xh, wh, out_dtype="float32")
-            a = call.attrs
-            return relax.op.nn.conv2d(xh, wh, a.strides, a.padding, a.dilation, a.groups, a.data_layout,
-                                      a.kernel_layout, a.out_layout, out_dtype="float32")  # fmt: skip
-
-    @tvm.transform.module_pass(opt_level=0, name="Fp16Operands")
-    def rewrite(mod, _ctx):
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                mod[gv] = Rewriter(mod).visit_expr(func)
-        return mod
-
-    return rewrite
+    x, w = call.args
+    if str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32":
+        return None
+    xh, wh = relax.op.astype(x, "float16"), relax.op.astype(w, "float16")
+    if call.op.name == "relax.matmul":
+        return relax.op.matmul(xh, wh, out_dtype="float32")
+    a = call.attrs
+    return relax.op.nn.conv2d(xh, wh, a.strides, a.padding, a.dilation, a.groups, a.data_layout,
+                              a.kernel_layout, a.out_layout, out_dtype="float32")  # fmt: skip
 
 
 def softmax_padded_to(lanes: int):

@@ -203,3 +203,15 @@ def named(model: onnx.ModelProto) -> onnx.ModelProto:
             n.name = node_name(n, i) if not n.name else f"{n.name}_{i}"
         seen.add(n.name)
     return m
+
+
+def read_model(path: Path) -> tuple[bytes, onnx.ModelProto]:
+    """The file's bytes and the checked model (UsageError, one line, when unreadable or invalid)."""
+    from .importer import parse
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read model {path}: {e.strerror or e}") from e
+    return data, parse(data, str(path))
+
