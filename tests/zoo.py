@@ -628,6 +628,99 @@ def _yolo_head() -> ZooModel:
     )
 
 
+def yolov8(name: str, img: int, widths=(16, 32, 64, 128, 256), depths=(1, 2, 2, 1), nc: int = 80,
+           reg_max: int = 16) -> ZooModel:
+    """A YOLOv8 detector as ultralytics exports it (YOLOv8n's widths and depths by default, random
+    weights): Conv+SiLU stem, C2f stages (Split, bottlenecks with residual Adds, Concat), SPPF
+    (three chained 5x5 MaxPools), the PAN neck (nearest Resize x2, Concat, stride-2 Convs), and
+    the three-scale Detect head with DFL and dist2bbox decoding."""
+    g = _Graph(name)
+    x = g.input("images", F32, [1, 3, img, img])
+
+    def cbs(x, cin, cout, k, scope, stride=1):
+        return g.silu(g.conv(x, cin, cout, k, f"{scope}/conv", stride=stride, gain=np.sqrt(2.0)), f"{scope}/act")
+
+    def c2f(x, cin, cout, n, scope, shortcut=True):
+        c = cout // 2
+        h = cbs(x, cin, 2 * c, 1, f"{scope}/cv1")
+        ys = list(g.op("Split", [h, g.const([c, c], np.int64, scope=scope)], f"{scope}/Split", n_out=2, axis=1))
+        for i in range(n):
+            m = cbs(ys[-1], c, c, 3, f"{scope}/m.{i}/cv1")
+            m = cbs(m, c, c, 3, f"{scope}/m.{i}/cv2")
+            ys.append(g.op("Add", [ys[-1], m], f"{scope}/m.{i}/Add") if shortcut else m)
+        return cbs(g.op("Concat", ys, f"{scope}/Concat", axis=1), (2 + n) * c, cout, 1, f"{scope}/cv2")
+
+    def sppf(x, cin, cout, scope):
+        c = cin // 2
+        h = cbs(x, cin, c, 1, f"{scope}/cv1")
+        ys = [h]
+        for i in range(3):
+            ys.append(g.op("MaxPool", [ys[-1]], f"{scope}/m/MaxPool", kernel_shape=[5, 5], pads=[2, 2, 2, 2],
+                           strides=[1, 1]))  # fmt: skip
+        return cbs(g.op("Concat", ys, f"{scope}/Concat", axis=1), 4 * c, cout, 1, f"{scope}/cv2")
+
+    def up(x, scope):
+        return g.op("Resize", [x, g.const(np.zeros(0, np.float32), scope=scope),
+                               g.const(np.array([1, 1, 2, 2], np.float32), scope=scope)],
+                    f"{scope}/Resize", mode="nearest", coordinate_transformation_mode="asymmetric",
+                    nearest_mode="floor")  # fmt: skip
+
+    w0, w1, w2, w3, w4 = widths
+    h = cbs(x, 3, w0, 3, "/model.0", stride=2)
+    h = cbs(h, w0, w1, 3, "/model.1", stride=2)
+    h = c2f(h, w1, w1, depths[0], "/model.2")
+    h = cbs(h, w1, w2, 3, "/model.3", stride=2)
+    p3 = c2f(h, w2, w2, depths[1], "/model.4")
+    h = cbs(p3, w2, w3, 3, "/model.5", stride=2)
+    p4 = c2f(h, w3, w3, depths[2], "/model.6")
+    h = cbs(p4, w3, w4, 3, "/model.7", stride=2)
+    h = c2f(h, w4, w4, depths[3], "/model.8")
+    p5 = sppf(h, w4, w4, "/model.9")
+    h = g.op("Concat", [up(p5, "/model.10"), p4], "/model.11/Concat", axis=1)
+    n4 = c2f(h, w4 + w3, w3, 1, "/model.12", shortcut=False)
+    h = g.op("Concat", [up(n4, "/model.13"), p3], "/model.14/Concat", axis=1)
+    o3 = c2f(h, w3 + w2, w2, 1, "/model.15", shortcut=False)
+    h = g.op("Concat", [cbs(o3, w2, w2, 3, "/model.16", stride=2), n4], "/model.17/Concat", axis=1)
+    o4 = c2f(h, w2 + w3, w3, 1, "/model.18", shortcut=False)
+    h = g.op("Concat", [cbs(o4, w3, w3, 3, "/model.19", stride=2), p5], "/model.20/Concat", axis=1)
+    o5 = c2f(h, w3 + w4, w4, 1, "/model.21", shortcut=False)
+
+    d = "/model.22"
+    no = 4 * reg_max + nc
+    cb, cc = max(16, w2 // 4, 4 * reg_max), max(w2, min(nc, 100))
+    flat, sizes = [], []
+    for i, (feat, ch, stride) in enumerate([(o3, w2, 8), (o4, w3, 16), (o5, w4, 32)]):
+        b = cbs(feat, ch, cb, 3, f"{d}/cv2.{i}/cv2.{i}.0")
+        b = cbs(b, cb, cb, 3, f"{d}/cv2.{i}/cv2.{i}.1")
+        b = g.conv(b, cb, 4 * reg_max, 1, f"{d}/cv2.{i}/cv2.{i}.2")
+        c = cbs(feat, ch, cc, 3, f"{d}/cv3.{i}/cv3.{i}.0")
+        c = cbs(c, cc, cc, 3, f"{d}/cv3.{i}/cv3.{i}.1")
+        c = g.conv(c, cc, nc, 1, f"{d}/cv3.{i}/cv3.{i}.2")
+        flat.append(g.op("Reshape", [g.op("Concat", [b, c], f"{d}/Concat", axis=1),
+                                     g.const([1, no, -1], np.int64, scope=d)], f"{d}/Reshape"))  # fmt: skip
+        sizes.append((img // stride, img // stride))
+    xcat = g.op("Concat", flat, f"{d}/Concat", axis=2)
+    anchors, strides = _make_anchors(sizes, [8, 16, 32])
+    A = anchors.shape[-1]
+    box, cls = g.op("Split", [xcat, g.const([4 * reg_max, nc], np.int64, scope=d)], f"{d}/Split", n_out=2, axis=1)
+    dfl = f"{d}/dfl"
+    t = g.op("Reshape", [box, g.const([1, 4, reg_max, A], np.int64, scope=dfl)], f"{dfl}/Reshape")
+    t = g.op("Softmax", [g.op("Transpose", [t], f"{dfl}/Transpose", perm=[0, 2, 1, 3])], f"{dfl}/Softmax", axis=1)
+    wd = g.init("model.22.dfl.conv.weight", np.arange(reg_max, dtype=np.float32).reshape(1, reg_max, 1, 1))
+    t = g.op("Conv", [t, wd], f"{dfl}/conv/Conv", kernel_shape=[1, 1])
+    dist = g.op("Reshape", [t, g.const([1, 4, A], np.int64, scope=dfl)], f"{dfl}/Reshape")
+    lt, rb = g.op("Split", [dist, g.const([2, 2], np.int64, scope=d)], f"{d}/Split", n_out=2, axis=1)
+    anc = g.const(anchors, scope=d)
+    x1y1, x2y2 = g.op("Sub", [anc, lt], f"{d}/Sub"), g.op("Add", [anc, rb], f"{d}/Add")
+    cxy = g.op("Div", [g.op("Add", [x1y1, x2y2], f"{d}/Add"), g.const(np.float32(2.0), scope=d)], f"{d}/Div")
+    dbox = g.op("Concat", [cxy, g.op("Sub", [x2y2, x1y1], f"{d}/Sub")], f"{d}/Concat", axis=1)
+    dbox = g.op("Mul", [dbox, g.const(strides, scope=d)], f"{d}/Mul")
+    g.op("Concat", [dbox, g.op("Sigmoid", [cls], f"{d}/Sigmoid")], f"{d}/Concat", outputs=["output0"], axis=1)
+    g.output("output0", F32, [1, 4 + nc, A])
+    return _zoo(name, g, {"images": (1, 3, img, img)}, rtol=1e-4, atol=1e-3,
+                note="YOLOv8 (ultralytics export layout): C2f, SPPF, PAN neck, 3-scale Detect with DFL")  # fmt: skip
+
+
 def vit(name: str, img: int, patch: int, dim: int, depth: int, heads: int, classes: int, atol: float = 1e-4) -> ZooModel:
     """A ViT image classifier as torch exports timm's ViT (pre-LN, erf-GELU, class token):
     patch-embedding Conv (stride = kernel = ``patch``), Flatten/Transpose to tokens, Concat of
@@ -693,6 +786,7 @@ def _vit_tiny() -> ZooModel:
 #: Real-sized models for benchmarks (scripts/bench.py --model zoo:NAME); too big for the test matrix.
 BENCH: dict[str, Callable[[], ZooModel]] = {
     "vit-s16": lambda: vit("vit_s16", 224, 16, 384, 12, 6, 1000),
+    "yolov8n-320": lambda: yolov8("yolov8n_320", 320),
 }
 
 
