@@ -234,6 +234,19 @@ def test_plan_counts_int8_weights_at_their_size(cls_int8):
     # a backend that folds them to fp32 (CUDA) is charged the fp32 size
     assert weights(out, "cuda-sm80") > 0.9 * fp32
 
+    def placements(model, memory):
+        proc = cli("plan", str(model), "--input", "x:1x3x48x192", "-t", "x86-64-avx2", "--memory", memory, "--json",
+                   check=True)  # fmt: skip
+        doc = json.loads(proc.stdout)
+        return [s["placement"] for s in doc["segments"]], doc["device_memory"]
+
+    # fake quantization's Q/DQ intermediates are fused into kernels, not held: the activation
+    # peak is fp32's, and a budget the fp32 model needs the cloud for fits the int8 one
+    (p32, m32), (p8, m8) = placements(CLS, "100MiB"), placements(out, "100MiB")
+    assert p32 == p8 == ["device"] and m8["activations"] <= m32["activations"]
+    budget = f"{(m32['total'] + m8['total']) // 2 // 1024}KiB"
+    assert "cloud" in placements(CLS, budget)[0] and placements(out, budget)[0] == ["device"]
+
 
 def test_fp16_on_a_target_without_fast_fp16_is_refused_exit_3(tmp_path):
     out = tmp_path / "out"

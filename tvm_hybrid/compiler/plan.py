@@ -86,6 +86,9 @@ class PlanGraph:
     tensor_bytes: dict[str, int]
     model_inputs: list[str]
     model_outputs: list[str]
+    #: Tensors the kernels never write to memory (device memory counts them 0; a cut there
+    #: still sends their bytes): dequantized weights and fake-quantization pairs' intermediates.
+    fused: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +211,7 @@ def memory_use(g: PlanGraph, on_device: list[bool]) -> dict[str, int]:
     for i, (n, d) in enumerate(zip(g.nodes, on_device)):
         if d:
             for t in n.outputs:
-                live[t] = g.tensor_bytes.get(t, 0)
+                live[t] = 0 if t in g.fused else g.tensor_bytes.get(t, 0)
             peak = max(peak, sum(live.values()))
         for t in list(live):
             if last_use.get(t, -1) <= i and t not in g.model_inputs:
@@ -476,4 +479,29 @@ def graph_from_model(imported, device, cloud) -> PlanGraph:
         tensor_bytes=sizes,
         model_inputs=[t.name for t in imported.inputs],
         model_outputs=[t.name for t in imported.outputs],
+        fused=_fused_tensors(model, inits),
     )
+
+
+def _fused_tensors(model, inits: set[str]) -> frozenset[str]:
+    """What a compiled QDQ model never materializes: a weight's DequantizeLinear output (read
+    from the int8 or folded constant by the kernel that uses it), and around a QuantizeLinear
+    that only DequantizeLinears read (fake quantization of an activation, fused into the epilogue
+    of the kernel before it) its output and, when it is the only reader, its input."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    fused = set()
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input and n.input[0] in inits:
+            fused.update(o for o in n.output if o not in outputs)
+        elif n.op_type == "QuantizeLinear" and n.output and n.output[0] not in outputs:
+            users = consumers.get(n.output[0], [])
+            if users and all(u.op_type == "DequantizeLinear" for u in users):
+                fused.add(n.output[0])
+                x = n.input[0]
+                if len(consumers.get(x, [])) == 1 and x not in outputs and x not in inits:
+                    fused.add(x)
+    return frozenset(fused)
