@@ -273,3 +273,25 @@ def test_op_types_default_to_the_compute_ops(cls_samples, tmp_path):
     assert "HardSigmoid" not in default and "HardSigmoid" in every and n_default < n_all
     proc = cli("quantize", str(CLS), "-c", str(cls_samples), "-o", str(tmp_path / "x.onnx"), "--op-types", "Conv,Foo")
     assert proc.returncode == 2 and "--op-types Foo" in proc.stderr
+
+
+def test_quantize_leaves_nothing_in_the_working_directory(tmp_path):
+    """onnxruntime's symbolic shape inference gives up on paraphrase-MiniLM-L3's graph and saves
+    what it had (sym_shape_infer_temp.onnx and a 66 MB weights .data file) in the current
+    directory; quantize runs it elsewhere."""
+    import os
+    import subprocess
+
+    from test_sentences import _cached
+
+    model = _cached("minilm-l3")
+    _cached("minilm-vocab")
+    calib = tmp_path / "calib"
+    calibration.write("sentences", calib, 3, inputs=("input_ids", "attention_mask"))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "tvm_hybrid", "quantize", str(model), "-c", str(calib), "-o",
+                           str(tmp_path / "q.onnx")], capture_output=True, text=True, cwd=work,
+                          env={**os.environ}, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert list(work.iterdir()) == []

@@ -257,7 +257,7 @@ def _preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
     norms folded into convs, constant subgraphs folded), so weights and biases are initializers."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(prefix="tvm-hybrid-quant.") as tmp, _ort_logs_to_debug():
+    with tempfile.TemporaryDirectory(prefix="tvm-hybrid-quant.") as tmp, _ort_logs_to_debug(), _cwd(tmp):
         src, out = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx"
         src.write_bytes(model.SerializeToString())
         try:
@@ -266,6 +266,19 @@ def _preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
             log.debug("quant_pre_process: %s; retrying without symbolic shape inference", one_line(e))
             quant_pre_process(src, out, skip_symbolic_shape=True)
         return onnx.load(str(out))
+
+
+@contextlib.contextmanager
+def _cwd(path):
+    """Run in ``path``: onnxruntime's symbolic shape inference, when it gives up, saves the model
+    it got so far as sym_shape_infer_temp.onnx (and its weights as a <uuid>.data file) in the
+    current directory — the user's, or the checkout, which got a 69 MB one committed."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 class _ToDebug(logging.Handler):
