@@ -61,7 +61,7 @@ def analyze(imported: ImportedModel, profile: TargetProfile | None = None) -> li
         ins = [x for x in node.input if x]
         pbytes = sum(_nbytes(*shapes[x]) for x in ins if x in inits and x in shapes)
         abytes = sum(_nbytes(*shapes[o]) for o in outs if o in shapes)
-        if node.op_type == "DequantizeLinear" and ins and ins[0] in inits:
+        if dequantizes_initializer(node, inits):
             # A quantized weight: never a tensor of its own on the device. A backend that keeps
             # it int8 (rewrites.int8_weights) stores it at its size; others fold it to fp32.
             abytes = 0
@@ -82,6 +82,12 @@ def analyze(imported: ImportedModel, profile: TargetProfile | None = None) -> li
             )
         )
     return infos
+
+
+def dequantizes_initializer(node: onnx.NodeProto, inits) -> bool:
+    """A DequantizeLinear of a constant: a quantized weight, which kernels read (int8, or folded
+    to fp32 by the backend) and never hold as a tensor of its own."""
+    return node.op_type == "DequantizeLinear" and bool(node.input) and node.input[0] in inits
 
 
 def _nbytes(shape: tuple[int, ...], elem_type: int) -> int:

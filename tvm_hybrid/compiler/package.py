@@ -18,6 +18,7 @@ from .. import manifest as mf
 from ..errors import UnsupportedError, UsageError
 from ..targets import TargetProfile, all_profiles, resolve
 from . import backends, importer, tuning_log
+from .build import lift_weights
 from . import plan as planner
 from .split import SegmentModel, endpoint_name, split
 
@@ -198,12 +199,6 @@ class WeightStore:
             np.savez(f, **self.arrays)
 
 
-def build_lift_weights(mod):
-    from .build import lift_weights
-
-    return lift_weights(mod)
-
-
 def dispatch_profiles(profile: TargetProfile) -> list[TargetProfile]:
     """The profiles a profile's ``dispatch`` names: same backend and architecture, or a UsageError."""
     from ..hostcpu import target_arch
@@ -285,7 +280,7 @@ def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, ro
     mod = backend.optimize(importer.to_relax(imported), profile, database=tuning, precision=precision)
     keys = None
     if weights is not None:
-        mod, arrays = build_lift_weights(mod)
+        mod, arrays = lift_weights(mod)
         keys = [weights.add(a) for a in arrays]
     c = backend.build_segment(mod, profile, root, stem)
     c.weight_keys = keys

@@ -488,6 +488,8 @@ def _fused_tensors(model, inits: set[str]) -> frozenset[str]:
     from the int8 or folded constant by the kernel that uses it), and around a QuantizeLinear
     that only DequantizeLinears read (fake quantization of an activation, fused into the epilogue
     of the kernel before it) its output and, when it is the only reader, its input."""
+    from . import analysis
+
     consumers: dict[str, list] = {}
     for n in model.graph.node:
         for t in n.input:
@@ -495,7 +497,7 @@ def _fused_tensors(model, inits: set[str]) -> frozenset[str]:
     outputs = {o.name for o in model.graph.output}
     fused = set()
     for n in model.graph.node:
-        if n.op_type == "DequantizeLinear" and n.input and n.input[0] in inits:
+        if analysis.dequantizes_initializer(n, inits):
             fused.update(o for o in n.output if o not in outputs)
         elif n.op_type == "QuantizeLinear" and n.output and n.output[0] not in outputs:
             users = consumers.get(n.output[0], [])

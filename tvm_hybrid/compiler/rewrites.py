@@ -49,6 +49,20 @@ def _conv_operands(call):
     return call.attrs, x, w, shapes[0], shapes[1]
 
 
+def _out_dtype(attrs) -> str | None:
+    """A call's ``out_dtype`` attribute, None where it is unset (the input's dtype)."""
+    return str(attrs.out_dtype) if attrs.out_dtype is not None and str(attrs.out_dtype) else None
+
+
+def _patches(attrs, kh: int, kw: int) -> bool:
+    """Each output pixel reads its own kh x kw patch: strides equal to the kernel, no padding,
+    no dilation, no groups."""
+    return (
+        int(attrs.groups) == 1 and [int(s) for s in attrs.strides] == [kh, kw]
+        and not any(int(p) for p in attrs.padding) and all(int(d) == 1 for d in attrs.dilation)
+    )  # fmt: skip
+
+
 def patch_conv_as_matmul():
     """A Relax pass: a ``conv2d`` whose stride equals its kernel, larger than 1x1, with no
     padding, dilation or groups (a ViT's patch embedding, space-to-depth stems) becomes a
@@ -70,15 +84,13 @@ def _patch_conv_as_matmul(bb, call):
         return None
     a, x, w, (n, c, h, wd), (o, ci, kh, kw) = ops
     plain = (
-        a.kernel_layout == "OIHW" and a.out_layout == "NCHW"
-        and int(a.groups) == 1 and ci == c and kh * kw > 1
-        and [int(s) for s in a.strides] == [kh, kw] and h % kh == 0 and wd % kw == 0
-        and not any(int(p) for p in a.padding) and all(int(d) == 1 for d in a.dilation)
+        a.kernel_layout == "OIHW" and a.out_layout == "NCHW" and _patches(a, kh, kw)
+        and ci == c and kh * kw > 1 and h % kh == 0 and wd % kw == 0
     )  # fmt: skip
     if not plain:
         return None
     hp, wp = h // kh, wd // kw
-    out_dtype = str(a.out_dtype) if a.out_dtype is not None and str(a.out_dtype) else None
+    out_dtype = _out_dtype(a)
     xp = bb.emit(relax.op.reshape(x, [n, c, hp, kh, wp, kw]))
     xp = bb.emit(relax.op.reshape(relax.op.permute_dims(xp, [0, 2, 4, 1, 3, 5]), [n * hp * wp, c * kh * kw]))
     wm = bb.emit(relax.op.permute_dims(relax.op.reshape(w, [o, c * kh * kw]), [1, 0]))
@@ -160,16 +172,13 @@ def _conv_transpose_as_conv(bb, call):
         return None
     a, x, w, (n, ci, h, wd), (wi, co, kh, kw) = ops
     plain = (
-        a.kernel_layout == "IOHW" and a.out_layout == "NCHW"
-        and int(a.groups) == 1 and wi == ci
-        and [int(s) for s in a.strides] == [kh, kw]
-        and not any(int(p) for p in a.padding) and not any(int(p) for p in a.output_padding)
-        and all(int(d) == 1 for d in a.dilation)
+        a.kernel_layout == "IOHW" and a.out_layout == "NCHW" and _patches(a, kh, kw)
+        and wi == ci and not any(int(p) for p in a.output_padding)
     )  # fmt: skip
     if not plain:
         return None
     w2 = bb.emit(relax.op.reshape(relax.op.permute_dims(w, [1, 2, 3, 0]), [co * kh * kw, ci, 1, 1]))
-    out_dtype = str(a.out_dtype) if a.out_dtype is not None and str(a.out_dtype) else None
+    out_dtype = _out_dtype(a)
     z = bb.emit(relax.op.nn.conv2d(x, w2, out_dtype=out_dtype))
     z = bb.emit(relax.op.permute_dims(relax.op.reshape(z, [n, co, kh, kw, h, wd]), [0, 1, 4, 2, 5, 3]))
     return relax.op.reshape(z, [n, co, h * kh, wd * kw])
@@ -195,8 +204,9 @@ def int8_weights():
     transposed weight, as Gemm imports) or a ``take`` (an embedding table) whose weight is such a
     dequantization, the call becomes one kernel that reads the int8 weight and dequantizes each
     element as it reads it, ``(float(q) - zero_point) * scale`` — the value constant folding would
-    have stored, so the results are the same; the CPU schedules inline the dequantization into
-    the reduction like any cast.
+    have stored, so the results are the same. The CPU schedules inline it into a matmul's or a
+    take's loop like any cast; a convolution dequantizes its weight as a stage of its own
+    (``DEQUANTIZE_STAGE``), the whole weight once a call, and convolves as an fp32 one does.
     """
     import tvm
     from tvm import relax
@@ -351,7 +361,7 @@ def _int8_conv2d(m, call):
     if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW":
         return None
     dq = _dequant_of(m, call.args[1])
-    out_dtype = str(a.out_dtype) if a.out_dtype is not None and str(a.out_dtype) else None
+    out_dtype = _out_dtype(a)
 
     def compute(x, value, wshape):
         w = te.compute(wshape, lambda *i: value(list(i)), name=DEQUANTIZE_STAGE)
@@ -377,7 +387,7 @@ def _int8_matmul(m, call):
     xs = _static_shapes(x)
     if dq.q.ndim != 2 or xs is None or len(xs[0]) < 2:
         return None
-    out_dtype = str(call.attrs.out_dtype) if call.attrs.out_dtype is not None and str(call.attrs.out_dtype) else "float32"
+    out_dtype = _out_dtype(call.attrs) or "float32"
     if str(x.ty.dtype) != "float32" or out_dtype not in ("float32", "void"):
         return None
 
