@@ -295,3 +295,14 @@ def test_quantize_leaves_nothing_in_the_working_directory(tmp_path):
                           env={**os.environ}, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert list(work.iterdir()) == []
+
+
+def test_without_onnxruntime_quantize_says_how_to_install_it(tmp_path, cls_samples):
+    import subprocess
+
+    code = ("import sys; sys.modules['onnxruntime'] = None; from tvm_hybrid.cli import main; "
+            f"main(['quantize', {str(CLS)!r}, '-c', {str(cls_samples)!r}, '-o', {str(tmp_path / 'o.onnx')!r}])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "pip install 'tvm-hybrid[quantize]'" in proc.stderr
+    assert not (tmp_path / "o.onnx").exists()

@@ -30,8 +30,8 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import UsageError
-from .samples import (OutputReport, compare, copy, load_samples, loss, model_inputs, named, read_model, run, session,
-                      split, write_atomic)  # fmt: skip
+from .samples import (OutputReport, compare, copy, load_samples, loss, model_inputs, named, onnxruntime, read_model,
+                      run, session, split, write_atomic)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def prune(model_path: str | Path, calibration: str | Path, output: str | Path, s
         raise UsageError(f"bad --sparsity {sparsity}: a fraction above 0 and below 1, e.g. 0.5")
     if structured not in (None, "channels"):
         raise UsageError(f"bad --structured {structured!r}: channels")
+    onnxruntime()  # a missing one is a line saying how to install it
     model_path, output = Path(model_path), Path(output)
     data, model = read_model(model_path)
     model = named(_constants_as_initializers(model))

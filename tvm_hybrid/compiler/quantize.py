@@ -27,8 +27,8 @@ import onnx
 
 from ..errors import UsageError, one_line
 from ..manifest import sha256_file
-from .samples import (OutputReport, compare, copy, load_samples, loss, model_inputs, named, read_model, run, split,
-                      write_atomic)  # fmt: skip
+from .samples import (OutputReport, compare, copy, load_samples, loss, model_inputs, named, onnxruntime, read_model,
+                      run, split, write_atomic)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def quantize(model_path: str | Path, calibration: str | Path, output: str | Path
              cache: str | Path | None = None, op_types=COMPUTE_OPS) -> Report:  # fmt: skip
     """Quantize ``model_path`` into a QDQ model at ``output`` (written atomically); the report.
     ``op_types``: the op types to quantize, or "all" (every one onnxruntime can)."""
+    onnxruntime()  # a missing one is a line saying how to install it
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:

@@ -137,8 +137,19 @@ def write_atomic(model: onnx.ModelProto, output: Path) -> None:
         raise
 
 
+def onnxruntime():
+    """The onnxruntime module, or a UsageError saying how to install it (quantize and prune use it)."""
+    try:
+        import onnxruntime as ort
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"quantize and prune need onnxruntime ({one_line(e)}); "
+                         "install it: pip install 'tvm-hybrid[quantize]'") from e
+    return ort
+
+
 def session(model: onnx.ModelProto, extra_outputs=()):
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     if extra_outputs:
         m = copy(model)
