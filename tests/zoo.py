@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["BENCH", "NAMES", "ZooModel", "build", "vit"]
+__all__ = ["BENCH", "CONTROL_FLOW", "NAMES", "ZooModel", "build", "vad", "vit"]
 
 OPSET = 17
 IR_VERSION = 8  # the IR version that goes with opset 17
@@ -783,6 +783,139 @@ def _vit_tiny() -> ZooModel:
     return vit("vit_tiny", 32, 8, 64, 2, 4, 10)
 
 
+# -- control flow and state ---------------------------------------------------------------
+
+
+def _branch(name: str, nodes: list, outputs: list) -> onnx.GraphProto:
+    return helper.make_graph(nodes, name, [], outputs)
+
+
+def _if_runtime() -> ZooModel:
+    """An If on a condition computed from the input at run time (mean > 0): both branches
+    are compiled, the VM picks one per call."""
+    g = _Graph("if_runtime")
+    x = g.input("x", F32, [2, 16])
+    h = g.linear(x, 16, 16, "/fc")
+    m = g.op("ReduceMean", [h], "/gate/ReduceMean", keepdims=0)
+    cond = g.op("Greater", [m, g.const(np.float32(0.0), scope="/gate")], "/gate/Greater")
+    then = _branch("then", [helper.make_node("Relu", [h], ["t_out"])],
+                   [helper.make_tensor_value_info("t_out", F32, [2, 16])])  # fmt: skip
+    other = _branch("else", [helper.make_node("Tanh", [h], ["e_out"])],
+                    [helper.make_tensor_value_info("e_out", F32, [2, 16])])  # fmt: skip
+    y = g.op("If", [cond], "/If", then_branch=then, else_branch=other)
+    g.output(y, F32, [2, 16])
+    return _zoo("if_runtime", g, {"x": (2, 16)})
+
+
+def _loop_scan() -> ZooModel:
+    """A Loop with a constant trip count (an exponential moving average, with a scan output)
+    and a Scan over the sequence axis: both unrolled at import."""
+    g = _Graph("loop_scan")
+    g.input("x", F32, [6, 8])
+    g.param("w", (8, 8))  # x and w are read inside the loop body (outer scope)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Gather", ["x", "i"], ["row"], axis=0),
+         helper.make_node("MatMul", ["row", "w"], ["proj"]),
+         helper.make_node("Mul", ["acc_in", "decay"], ["kept"]),
+         helper.make_node("Add", ["kept", "proj"], ["acc_out"]),
+         helper.make_node("Identity", ["acc_out"], ["trace"])],
+        "ema", [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("acc_in", F32, [8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", F32, [8]),
+         helper.make_tensor_value_info("trace", F32, [8])],
+        initializer=[numpy_helper.from_array(np.float32(0.75), "decay")])  # fmt: skip
+    trip = g.init("trip", np.array(6, np.int64))
+    acc0 = g.init("acc0", np.zeros(8, np.float32))
+    final, trace = g.op("Loop", [trip, "", acc0], "/Loop", n_out=2, body=body)
+    scan_body = helper.make_graph(
+        [helper.make_node("Add", ["s_in", "elem"], ["s_out"]), helper.make_node("Relu", ["s_out"], ["s_seq"])],
+        "cumsum", [helper.make_tensor_value_info("s_in", F32, [8]), helper.make_tensor_value_info("elem", F32, [8])],
+        [helper.make_tensor_value_info("s_out", F32, [8]), helper.make_tensor_value_info("s_seq", F32, [8])])  # fmt: skip
+    total, seq = g.op("Scan", [acc0, trace], "/Scan", n_out=2, body=scan_body, num_scan_inputs=1,
+                      scan_input_directions=[1])  # fmt: skip
+    g.output(final, F32, [8])
+    g.output(total, F32, [8])
+    g.output(seq, F32, [6, 8])
+    return _zoo("loop_scan", g, {"x": (6, 8)})
+
+
+def _crnn_lstm() -> ZooModel:
+    """A CRNN text recognizer's shape: convs down to a width-wise sequence, a bidirectional LSTM
+    and a GRU over it, per-step class scores (the LSTM and GRU are unrolled at import)."""
+    g = _Graph("crnn_lstm")
+    x = g.input("x", F32, [1, 3, 16, 48])
+    h = g.op("Relu", [g.conv(x, 3, 16, 3, "/backbone/conv1", stride=2)], "/backbone/relu1")
+    h = g.op("Relu", [g.conv(h, 16, 32, 3, "/backbone/conv2", stride=2)], "/backbone/relu2")  # [1, 32, 4, 12]
+    h = g.op("ReduceMean", [h], "/neck/ReduceMean", axes=[2], keepdims=0)  # [1, 32, 12]
+    seq = g.op("Transpose", [h], "/neck/Transpose", perm=[2, 0, 1])  # [12, 1, 32]
+    hid = 24
+    w = g.param("rnn.lstm.W", (2, 4 * hid, 32), fan_in=32)
+    r = g.param("rnn.lstm.R", (2, 4 * hid, hid), fan_in=hid)
+    b = g.bias("rnn.lstm.B.flat", 2 * 8 * hid)
+    bb = g.op("Reshape", [b, g.const(np.array([2, 8 * hid], np.int64), scope="/rnn")], "/rnn/Reshape")
+    y = g.op("LSTM", [seq, w, r, bb], "/rnn/LSTM", n_out=1, hidden_size=hid, direction="bidirectional")  # [12, 2, 1, 24]
+    y = g.op("Transpose", [y], "/rnn/Transpose", perm=[0, 2, 1, 3])
+    y = g.op("Reshape", [y, g.const(np.array([12, 1, 2 * hid], np.int64), scope="/rnn2")], "/rnn2/Reshape")
+    gw = g.param("rnn.gru.W", (1, 3 * hid, 2 * hid), fan_in=2 * hid)
+    gr = g.param("rnn.gru.R", (1, 3 * hid, hid), fan_in=hid)
+    gb = g.bias("rnn.gru.B", 6 * hid)
+    gbb = g.op("Reshape", [gb, g.const(np.array([1, 6 * hid], np.int64), scope="/rnn3")], "/rnn3/Reshape")
+    gy, _ = g.op("GRU", [y, gw, gr, gbb], "/rnn/GRU", n_out=2, hidden_size=hid, linear_before_reset=1)
+    gy = g.op("Reshape", [gy, g.const(np.array([12, hid], np.int64), scope="/head")], "/head/Reshape")
+    logits = g.matmul_linear(gy, hid, 10, "/head/fc")
+    out = g.op("Softmax", [logits], "/head/Softmax", axis=-1)
+    g.output(out, F32, [12, 10])
+    return _zoo("crnn_lstm", g, {"x": (1, 3, 16, 48)})
+
+
+def vad() -> ZooModel:
+    """A voice-activity detector's shape (the widely used one is opset 15 with If on ``sr``, a
+    state in and out, a scalar ``sr``): a frame of audio and the LSTM state in, the speech
+    probability and the next state out; ``If`` on the sample rate picks the front end at run time.
+    Run step after step with the state fed back (tests/test_controlflow.py)."""
+    g = _Graph("vad")
+    x = g.input("input", F32, [1, 256])
+    state = g.input("state", F32, [2, 1, 32])
+    sr = g.input("sr", I64, [])
+    w16 = g.param("frontend16.weight", (256, 64), fan_in=256)
+    w8 = g.param("frontend8.weight", (256, 64), fan_in=128)
+    is16 = g.op("Equal", [sr, g.const(np.int64(16000), scope="/sr")], "/sr/Equal")
+    then = _branch("sr16000", [helper.make_node("MatMul", [x, w16], ["f16"])],
+                   [helper.make_tensor_value_info("f16", F32, [1, 64])])  # fmt: skip
+    other = _branch("sr8000", [helper.make_node("MatMul", [x, w8], ["f8"]), helper.make_node("Abs", ["f8"], ["f8a"])],
+                    [helper.make_tensor_value_info("f8a", F32, [1, 64])])  # fmt: skip
+    feats = g.op("If", [is16], "/frontend/If", then_branch=then, else_branch=other)
+    feats = g.op("Relu", [g.op("Add", [feats, g.bias("frontend.bias", 64)], "/frontend/Add")], "/frontend/Relu")
+    seq = g.op("Unsqueeze", [feats, g.const(np.array([0], np.int64), scope="/lstm")], "/lstm/Unsqueeze")  # [1, 1, 64]
+    h0 = g.op("Gather", [state, g.const(np.array([0], np.int64), scope="/lstm/h")], "/lstm/h/Gather", axis=0)
+    c0 = g.op("Gather", [state, g.const(np.array([1], np.int64), scope="/lstm/c")], "/lstm/c/Gather", axis=0)
+    w = g.param("lstm.W", (1, 128, 64), fan_in=64, gain=2.0)
+    r = g.param("lstm.R", (1, 128, 32), fan_in=32, gain=2.0)
+    b = g.init("lstm.B", (g.rng.standard_normal((1, 256)) * 0.1).astype(np.float32))
+    _, hn, cn = g.op("LSTM", [seq, w, r, b, "", h0, c0], "/lstm/LSTM", n_out=3, hidden_size=32)
+    new_state = g.op("Concat", [hn, cn], "/state/Concat", outputs=["stateN"], axis=0)
+    flat = g.op("Reshape", [hn, g.const(np.array([1, 32], np.int64), scope="/head")], "/head/Reshape")
+    prob = g.op("Sigmoid", [g.matmul_linear(flat, 32, 1, "/head/fc")], "/head/Sigmoid", outputs=["output"])
+    g.output(prob, F32, [1, 1])
+    g.output(new_state, F32, [2, 1, 32])
+    model = g.model(opset=15, doc="VAD-shaped: If on sr, LSTM state in and out")
+    rng = np.random.RandomState(_seed("vad", ":feeds"))
+    feeds = {"input": (rng.standard_normal((1, 256)) * 0.5).astype(np.float32),
+             "state": np.zeros((2, 1, 32), np.float32), "sr": np.array(16000, np.int64)}  # fmt: skip
+    return ZooModel("vad", model, feeds, {"input": (1, 256), "state": (2, 1, 32), "sr": ()})
+
+
+#: Models with control flow and state (tests/test_controlflow.py): If on a run-time condition,
+#: Loop and Scan, LSTM and GRU, and a stateful VAD.
+CONTROL_FLOW: dict[str, Callable[[], ZooModel]] = {
+    "if_runtime": _if_runtime,
+    "loop_scan": _loop_scan,
+    "crnn_lstm": _crnn_lstm,
+    "vad": vad,
+}
+
+
 #: Real-sized models for benchmarks (scripts/bench.py --model zoo:NAME); too big for the test matrix.
 BENCH: dict[str, Callable[[], ZooModel]] = {
     "vit-s16": lambda: vit("vit_s16", 224, 16, 384, 12, 6, 1000),
@@ -811,7 +944,7 @@ NAMES: tuple[str, ...] = tuple(_BUILDERS)
 def build(name: str) -> ZooModel:
     """Build a fresh copy of zoo model ``name`` (see :data:`NAMES`, and :data:`BENCH`)."""
     try:
-        fn = _BUILDERS.get(name) or BENCH[name]
+        fn = _BUILDERS.get(name) or CONTROL_FLOW.get(name) or BENCH[name]
     except KeyError:
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(NAMES)}") from None
     return fn()

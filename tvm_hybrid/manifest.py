@@ -48,19 +48,25 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """A named tensor with a static shape and a numpy dtype name."""
+    """A named tensor with a static shape and a numpy dtype name; ``value`` (model inputs only):
+    the value it was fixed to at compile time (``--input NAME=VALUE``), as nested lists."""
 
     name: str
     shape: tuple[int, ...] | None
     dtype: str
+    value: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape) if self.shape is not None else None, "dtype": self.dtype}
+        d = {"name": self.name, "shape": list(self.shape) if self.shape is not None else None, "dtype": self.dtype}
+        if self.value is not None:
+            d["value"] = self.value
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
         shape = d.get("shape")
-        return cls(str(d["name"]), tuple(int(x) for x in shape) if shape is not None else None, str(d["dtype"]))
+        return cls(str(d["name"]), tuple(int(x) for x in shape) if shape is not None else None, str(d["dtype"]),
+                   d.get("value"))  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,6 +451,16 @@ def _tensor(t: Any, where: str) -> None:
         or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 62 for x in shape)
     ):
         raise ArtifactError(f"{where}: tensor {t['name'][:100]!r} has a bad shape {str(shape)[:100]}")
+    if t.get("value") is not None:
+        import numpy as np
+
+        try:
+            ok = shape is not None and np.asarray(t["value"], dtype=t["dtype"]).shape == tuple(shape)
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise ArtifactError(f"{where}: tensor {t['name'][:100]!r} has a value that is not a {t['dtype']} "
+                                f"tensor of its shape")  # fmt: skip
 
 
 def verify_files(artifact_dir: Path, m: Manifest) -> None:

@@ -44,7 +44,7 @@ def encode(tensors: dict[str, np.ndarray], *, binary: bool, key: str = "inputs",
     doc: dict[str, Any] = dict(extra or {})
     items, blobs = [], []
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # not ascontiguousarray: it makes a scalar 1-d
         item = {"name": name, "shape": list(arr.shape), "datatype": v2_datatype(str(arr.dtype))}
         if binary:
             raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()

@@ -136,3 +136,12 @@ def resolve(name: str) -> TargetProfile:
         f"unknown target {name!r}.{hint} Run `tvm-hybrid targets` to list them "
         f"(profiles are read from {', '.join(str(d) for d in search_dirs())})."
     )
+
+
+def precisions(profile: TargetProfile) -> list[str]:
+    """The ``--precision`` values a profile computes natively: its capacity's ``precisions``,
+    else fp32 and, where its dtypes list float16, fp16."""
+    given = profile.capacity.get("precisions")
+    if given is not None:
+        return list(given)
+    return ["fp32", *(["fp16"] if "float16" in profile.capacity.get("dtypes", ()) else [])]

@@ -11,7 +11,7 @@ from onnx import helper
 
 from ..targets import TargetProfile
 from . import backends
-from .importer import ImportedModel, node_name, supported_op_types
+from .importer import ImportedModel, node_name, subgraph_reads, supported_op_types
 
 # Ops whose cost is a few operations per output element rather than one.
 _TRANSCENDENTAL = {"Softmax": 5, "LogSoftmax": 5, "Erf": 8, "Gelu": 10, "Sigmoid": 4, "Tanh": 6, "Exp": 4,
@@ -58,7 +58,7 @@ def analyze(imported: ImportedModel, profile: TargetProfile | None = None) -> li
     infos = []
     for i, node in enumerate(g.node):
         outs = [o for o in node.output if o]
-        ins = [x for x in node.input if x]
+        ins = list(dict.fromkeys([*(x for x in node.input if x), *subgraph_reads(node)]))  # branches read too
         pbytes = sum(_nbytes(*shapes[x]) for x in ins if x in inits and x in shapes)
         abytes = sum(_nbytes(*shapes[o]) for o in outs if o in shapes)
         if dequantizes_initializer(node, inits):

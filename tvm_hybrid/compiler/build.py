@@ -45,7 +45,7 @@ def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision:
     import tvm
     from tvm import relax
 
-    from .rewrites import conv_transpose_as_conv, fp16_operands
+    from .rewrites import conv_transpose_as_conv, fp16_operands, legalize_overrides
 
     target = profile.tvm()
     seq = tvm.transform.Sequential(
@@ -59,7 +59,7 @@ def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision:
             relax.transform.FoldConstant(),
             *([fp16_operands(), relax.transform.FoldConstant()] if precision == "fp16" else []),
             *rewrites,
-            relax.transform.LegalizeOps(),
+            relax.transform.LegalizeOps(legalize_overrides()),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -19,6 +20,9 @@ from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import UnsupportedError, UsageError, one_line
 from ..manifest import DTYPES, TensorSpec
+from .controlflow import static_control_flow
+from .expand import expand_functions
+from .legalize import legalize
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +44,32 @@ _NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "Rando
 
 @dataclasses.dataclass(frozen=True)
 class InputOverride:
-    """A user's ``--input NAME:1x3x224x224[:float32]``."""
+    """A user's ``--input NAME:1x3x224x224[:float32]``, or ``--input NAME=VALUE``: the input's
+    value fixed at compile time (JSON: ``axes=[0,2]``, ``k=3``), for inputs the output's shape
+    depends on (axes, shapes, sizes, counts). The artifact still takes the input and refuses
+    any other value."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     dtype: str | None = None
+    value: Any = None  # JSON: a number or nested lists of numbers
 
     @classmethod
     def parse(cls, text: str) -> InputOverride:
-        """Parse ``NAME:DIMS[:DTYPE]``; NAME may itself hold colons (``input:0``)."""
+        """Parse ``NAME:DIMS[:DTYPE]`` (NAME may itself hold colons: ``input:0``) or ``NAME=VALUE``."""
+        name, eq, value = text.partition("=")
+        if eq and name and value.strip()[:1] in set("[-.0123456789tf"):
+            try:
+                v = json.loads(value)
+            except ValueError:
+                raise UsageError(f"bad --input {text!r}: the value after '=' must be JSON, e.g. {name}=[0,2] or {name}=3") from None
+            if not _numeric(v):
+                raise UsageError(f"bad --input {text!r}: the value must be a number or nested lists of numbers")
+            try:
+                shape = np.asarray(v).shape
+            except ValueError:
+                raise UsageError(f"bad --input {text!r}: the nested lists are ragged") from None
+            return cls(name, tuple(shape), None, v)
         parts = text.rsplit(":", 2)
         if len(parts) == 3 and parts[2] in _DTYPES and _SHAPE_RE.match(parts[1]):
             return cls(parts[0], _dims(parts[1]), parts[2])
@@ -58,6 +79,12 @@ class InputOverride:
         raise UsageError(
             f"bad --input {text!r}: expected NAME:DIMS[:DTYPE], e.g. x:1x3x320x320 or x:1x3x320x320:float32"
         )
+
+
+def _numeric(v) -> bool:
+    if isinstance(v, list):
+        return all(_numeric(x) for x in v)
+    return isinstance(v, (int, float, bool))
 
 
 def _dims(text: str) -> tuple[int, ...]:
@@ -156,11 +183,11 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
             dyn = [
                 (d, dim.dim_param or "?")
                 for d, dim in enumerate(tt.shape.dim)
-                if not dim.HasField("dim_value") or dim.dim_value <= 0
+                if not dim.HasField("dim_value") or dim.dim_value < 0  # 0 is a size (an empty tensor)
             ]
             if dyn:
                 shown = "x".join(
-                    str(dim.dim_value) if dim.HasField("dim_value") and dim.dim_value > 0 else (dim.dim_param or "?")
+                    str(dim.dim_value) if dim.HasField("dim_value") and dim.dim_value >= 0 else (dim.dim_param or "?")
                     for dim in tt.shape.dim
                 )
                 missing.append(f"{vi.name} [{shown}]")
@@ -170,18 +197,40 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
             + "; give each with --input NAME:DIMS, e.g. --input "
             + _example(real_inputs, by_name)
         )
+    values = _bind_values(graph, [o for o in overrides if o.value is not None])
     # Shapes of intermediates recorded by the exporter may hold the old dynamic dims.
     del graph.value_info[:]
     for out in graph.output:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
     model = _infer(model)
+    model = expand_functions(model, supported_op_types(), _infer)
     model = fold_constants(model)
+    if legalize(model):
+        model = fold_constants(_infer(model))
+    for _ in range(16):  # an unrolled body may hold more control flow
+        if not static_control_flow(model):
+            break
+        model = fold_constants(_infer(model))
+        if legalize(model):
+            model = fold_constants(_infer(model))
     _cast_mul_as_dequantize(model)
     check_sizes(model)
     inputs = [_spec(vi) for vi in model.graph.input if vi.name not in {t.name for t in model.graph.initializer}]
-    outputs = []
+    inputs = [dataclasses.replace(s, value=values[s.name]) if s.name in values else s for s in inputs]
     consts = {t.name for t in model.graph.initializer}
+    runtime_axes = sorted({(n.op_type, n.input[k]) for n in model.graph.node for k in _CONST_OPERANDS.get(n.op_type, ())
+                           if k < len(n.input) and n.input[k] and n.input[k] not in consts})  # fmt: skip
+    if runtime_axes:
+        needed = shape_inputs(model)
+        op, name = runtime_axes[0]
+        err = UnsupportedError(
+            f"{op} reads {name!r} as a constant (TVM's kernel fixes it at compile time), but it is computed at run time"
+            + (f"; fix input(s) {', '.join(needed)} with " + " ".join(f"--input {n}=VALUE" for n in needed) if needed else "")
+        )
+        err.shape_inputs = needed
+        raise err
+    outputs = []
     for vi in model.graph.output:
         if vi.name in consts:
             raise UnsupportedError(
@@ -190,6 +239,16 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
             )
         spec = _spec(vi)
         if spec.shape is None or any(d < 0 for d in spec.shape):
+            needed = shape_inputs(model)
+            if needed:
+                example = " ".join(f"--input {n}=VALUE" for n in needed)
+                err = UnsupportedError(
+                    f"output {vi.name!r} has a shape that depends on the value of input(s) {', '.join(needed)}; "
+                    f"tvm-hybrid compiles static shapes: fix the value at compile time with {example} "
+                    "(JSON, e.g. [0,2]); the artifact then refuses other values"
+                )
+                err.shape_inputs = needed
+                raise err
             raise UnsupportedError(
                 f"output {vi.name!r} has a data-dependent shape that cannot be fixed at compile time "
                 "(ops like NonZero or NonMaxSuppression); tvm-hybrid compiles static shapes only"
@@ -203,6 +262,96 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
         outputs=outputs,
         opset=_opset(model),
     )
+
+
+def _bind_values(graph: onnx.GraphProto, overrides: list[InputOverride]) -> dict[str, Any]:
+    """Fixed input values: each becomes a constant ``NAME__value`` that every node reads instead
+    of the input (which stays, unread, in the signature). Returns the values as nested lists."""
+    out = {}
+    renames = {}
+    for ov in overrides:
+        vi = next(i for i in graph.input if i.name == ov.name)
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                arr = np.asarray(ov.value, dtype=dtype)
+                exact = np.array_equal(arr, np.asarray(ov.value), equal_nan=arr.dtype.kind == "f")
+            except (TypeError, ValueError, OverflowError):
+                exact = False
+        if not exact:
+            raise UsageError(f"--input {ov.name}={json.dumps(ov.value)[:60]}: not a value of the input's dtype {dtype}")
+        const = f"{ov.name}__value"
+        graph.initializer.append(numpy_helper.from_array(arr, const))
+        renames[ov.name] = const
+        out[ov.name] = arr.tolist()
+    if renames:
+        _rename_reads(graph, renames)
+    return out
+
+
+def _rename_reads(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in renames:
+                node.input[k] = renames[name]
+        for a in node.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                _rename_reads(sub, renames)
+
+
+#: Most elements an input may have to be taken for a shape-like input (axes, sizes, counts).
+_SHAPE_INPUT_MAX = 64
+#: Operands TVM's frontend needs as constants although shapes do not depend on them (axes).
+_CONST_OPERANDS = {"CumSum": (1,), "CumProd": (1,), "ReverseSequence": (1,), "OneHot": (1,), "Trilu": (1,),
+                   "LSTM": (4,), "GRU": (4,), "RNN": (4,), "Dropout": (1, 2)}  # fmt: skip
+#: Ops whose every operand shapes the output (start/limit/delta, a shape, sizes).
+_ALL_OPERANDS_SHAPE = {"ConstantOfShape", "Range", "EyeLike", "HannWindow", "HammingWindow", "BlackmanWindow",
+                       "MelWeightMatrix"}  # fmt: skip
+
+
+def shape_inputs(model: onnx.ModelProto) -> list[str]:
+    """The small model inputs whose values some tensor's shape depends on: operands (after the
+    first, or any operand of ops like Range) of the nodes where static shapes end, traced back to
+    the model inputs they come from. What ``--input NAME=VALUE`` should fix."""
+    g = model.graph
+    shapes = _static_shapes(model)
+    inits = {t.name for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    inputs = {vi.name: vi for vi in g.input if vi.name not in inits}
+
+    def small_input(name: str) -> bool:
+        s = shapes.get(name)
+        return name in inputs and s is not None and int(np.prod(s)) <= _SHAPE_INPUT_MAX
+
+    def sources(name: str, seen: set) -> set[str]:
+        if name in seen:
+            return set()
+        seen.add(name)
+        if name in inputs:
+            return {name} if small_input(name) else set()
+        node = producers.get(name)
+        if node is None:
+            return set()
+        return set().union(*(sources(i, seen) for i in node.input if i)) if node.input else set()
+
+    found: set[str] = set()
+    for node in g.node:
+        for k in _CONST_OPERANDS.get(node.op_type, ()):
+            if k < len(node.input) and node.input[k] and node.input[k] not in inits:
+                found |= sources(node.input[k], set())
+        ins = [i for i in node.input if i]
+        outs = [o for o in node.output if o]
+        if not outs or all(o in shapes for o in outs):
+            continue
+        if not all(i in shapes or i in inits for i in ins):
+            continue  # static shapes ended further up
+        operands = node.input if node.op_type in _ALL_OPERANDS_SHAPE else \
+            node.input[:2] if node.op_type == "Loop" else node.input[1:]  # fmt: skip
+        for i in operands:
+            if i and i not in inits:
+                found |= sources(i, set())
+    return sorted(found)
 
 
 def _example(inputs: list[onnx.ValueInfoProto], given: dict) -> str:
@@ -240,10 +389,19 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference, strict first; where strict mode finds a node it cannot check (a
+    function body's broadcast it cannot prove, a subgraph's unknown outer types) it runs again
+    leniently, as onnxruntime does, keeping every shape it could infer."""
     try:
         return shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
+        strict = e
+    try:
+        lenient = shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as e:
         raise UsageError(f"ONNX shape inference failed: {one_line(e)}") from e
+    log.debug("strict shape inference failed (%s); continuing with the lenient one", one_line(strict))
+    return lenient
 
 
 def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
@@ -496,6 +654,7 @@ def _prune(model: onnx.ModelProto) -> None:
         if any(o in needed for o in node.output):
             live.append(node)
             needed.update(i for i in node.input if i)
+            needed.update(subgraph_reads(node))
     live.reverse()
     del g.node[:]
     g.node.extend(live)
@@ -510,6 +669,21 @@ def _prune(model: onnx.ModelProto) -> None:
     vis = [v for v in g.value_info if v.name in needed]
     del g.value_info[:]
     g.value_info.extend(vis)
+
+
+def subgraph_reads(node: onnx.NodeProto) -> list[str]:
+    """Outer-scope names the node's subgraphs (If branches, Loop and Scan bodies) read, at any
+    depth: inputs of the node as much as its own inputs are."""
+    out: dict[str, None] = {}
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            own = {vi.name for vi in sub.input} | {t.name for t in sub.initializer} | \
+                {o for n in sub.node for o in n.output}  # fmt: skip
+            for n in sub.node:
+                for i in [*n.input, *subgraph_reads(n)]:
+                    if i and i not in own:
+                        out[i] = None
+    return list(out)
 
 
 def node_name(node: onnx.NodeProto, index: int) -> str:
@@ -535,9 +709,12 @@ def tensor_dtypes(imported: ImportedModel) -> dict[str, str]:
 
 def supported_op_types() -> set[str]:
     """ONNX op types TVM's Relax frontend converts."""
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+    from tvm.relax.frontend.onnx import onnx_frontend
 
-    return set(_get_convert_map()) | {"Constant", "If"}
+    from .converters import install
+
+    install()
+    return set(onnx_frontend._get_convert_map()) | {"Constant", "If"}
 
 
 def unsupported_ops(imported: ImportedModel, extra_unsupported: tuple | list = ()) -> list[str]:
@@ -550,6 +727,9 @@ def to_relax(imported: ImportedModel):
     """Convert to a Relax IRModule with the weights bound as constants."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    from .converters import install
+
+    install()
     bad = unsupported_ops(imported)
     if bad:
         raise UnsupportedError(f"unsupported ops: {', '.join(bad)} (TVM's ONNX frontend cannot convert them)")

@@ -16,7 +16,7 @@ import onnx
 from .. import __version__
 from .. import manifest as mf
 from ..errors import UnsupportedError, UsageError
-from ..targets import TargetProfile, all_profiles, resolve
+from ..targets import TargetProfile, all_profiles, precisions, resolve
 from . import backends, importer, tuning_log
 from .build import lift_weights
 from . import plan as planner
@@ -218,16 +218,15 @@ PRECISIONS = ("fp32", "fp16")
 
 
 def check_precision(precision: str, profile: TargetProfile) -> None:
-    """fp16 only where the target computes it natively (its capacity lists float16): elsewhere it
-    would be emulated in fp32, slower than fp32 itself (UnsupportedError, exit 3)."""
+    """fp16 only where the target computes it natively: elsewhere it would be emulated in fp32,
+    slower than fp32 itself (UnsupportedError, exit 3)."""
     if precision not in PRECISIONS:
         raise UsageError(f"bad --precision {precision!r}: one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and "float16" not in profile.capacity.get("dtypes", ()):
-        fp16 = sorted(n for n, p in all_profiles().items() if "float16" in p.capacity.get("dtypes", ())
-                      and p.placement == "device")  # fmt: skip
+    if precision not in precisions(profile):
+        fp16 = sorted(n for n, p in all_profiles().items() if "fp16" in precisions(p) and p.placement == "device")
         raise UnsupportedError(
-            f"--precision fp16: {profile.name} has no fast fp16 arithmetic (its capacity lists no float16"
-            f"{'; x86 without AVX512-FP16 converts every fp16 value to fp32' if profile.family.startswith('x86') else ''})"
+            f"--precision fp16: {profile.name} has no fast fp16 arithmetic"
+            f"{' (x86 without AVX512-FP16 converts every fp16 value to fp32)' if profile.family.startswith('x86') else ''}"
             f"; targets with it: {', '.join(fp16)}. To shrink a CPU model, quantize it to int8 (tvm-hybrid quantize)"
         )
 

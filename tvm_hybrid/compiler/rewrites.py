@@ -431,3 +431,99 @@ def _int8_take(m, call):
         return te.compute([*it.shape, wshape[1]], body, name="take")
 
     return _emit_int8(m, "take_int8w", compute, [idx], dq, mode)
+
+
+def legalize_overrides() -> dict:
+    """LegalizeOps replacements where TVM's own kernel is wrong: float max and min reductions
+    start from ∓inf, not the type's finite limit (TVM's), so a row of -inf reduces to -inf (an
+    attention row masked out entirely is recognised by exactly that)."""
+    return {"relax.max": _extremum("max"), "relax.min": _extremum("min"), "relax.cosh": _hyperbolic("cosh"),
+            "relax.sinh": _hyperbolic("sinh"), "relax.topk": _topk, "relax.cumsum": _scan("cumsum"),
+            "relax.cumprod": _scan("cumprod")}  # fmt: skip
+
+
+def _scan(kind: str):
+    """cumsum and cumprod (no legalization registered in TVM 0.27): topi's scan kernels."""
+
+    def legalize(bb, call):
+        from tvm import topi
+
+        a = call.attrs
+        dtype = str(a.dtype) if a.dtype is not None and str(a.dtype) else None
+        axis = int(a.axis) if a.axis is not None else None
+        return bb.call_te(getattr(topi, kind), call.args[0], axis, dtype, bool(a.exclusive), primfunc_name_hint=kind)
+
+    return legalize
+
+
+def _hyperbolic(kind: str):
+    """cosh and sinh from exp (LLVM has no intrinsic TVM can lower them to)."""
+    from tvm import te, tirx
+
+    def legalize(bb, call):
+        def compute(x):
+            def body(*i):
+                e, ne = tirx.exp(x(*i)), tirx.exp(-x(*i))
+                half = tirx.const(0.5, x.dtype)
+                return (e + ne) * half if kind == "cosh" else (e - ne) * half
+
+            return te.compute(x.shape, body, name=kind)
+
+        return bb.call_te(compute, call.args[0], primfunc_name_hint=kind)
+
+    return legalize
+
+
+def _topk(bb, call):
+    """TopK (TVM 0.27 registers no legalization for relax.topk): topi's sort-based kernel."""
+    from tvm import relax, topi
+
+    a = call.attrs
+    ret = str(a.ret_type)
+    out = bb.call_te(topi.topk, call.args[0], int(a.k), int(a.axis), ret, not bool(a.largest), str(a.dtype),
+                     primfunc_name_hint="topk")  # fmt: skip
+    if ret == "both":
+        return out
+    return relax.TupleGetItem(out, 0) if isinstance(out.struct_info, relax.TupleStructInfo) else out
+
+
+def _extremum(kind: str):
+    import tvm
+    from tvm import te, tirx
+
+    default = tvm.ir.Op.get(f"relax.{kind}").get_attr("FLegalize")
+
+    def legalize(bb, call):
+        x = call.args[0]
+        shape = _static_shapes(x)
+        dtype = str(x.ty.dtype)
+        if shape is None or not dtype.startswith(("float", "bfloat")) or 0 in shape[0]:
+            return default(bb, call)
+        ndim = len(shape[0])
+        axes = [int(a) % ndim for a in call.attrs.axis] if call.attrs.axis is not None else list(range(ndim))
+        keep = bool(call.attrs.keepdims)
+        inf = float("-inf") if kind == "max" else float("inf")
+        combine = tirx.max if kind == "max" else tirx.min
+        reducer = te.comm_reducer(lambda a, b: combine(a, b), lambda t: tirx.const(inf, t), name=f"{kind}_from_inf")
+
+        def compute(data):
+            out_shape = [1 if d in axes else n for d, n in enumerate(shape[0]) if keep or d not in axes]
+            rs = [te.reduce_axis((0, shape[0][d]), name=f"k{d}") for d in axes]
+
+            def body(*idx):
+                it = iter(idx)
+                full, r = [], iter(rs)
+                for d in range(ndim):
+                    if d in axes:
+                        if keep:
+                            next(it)
+                        full.append(next(r))
+                    else:
+                        full.append(next(it))
+                return reducer(data[tuple(full)], axis=rs)
+
+            return te.compute(out_shape, body, name=f"{kind}_reduce")
+
+        return bb.call_te(compute, x, primfunc_name_hint=kind)
+
+    return legalize

@@ -8,7 +8,7 @@ import re
 
 from onnx import helper
 
-from .importer import ImportedModel, prepare
+from .importer import ImportedModel, prepare, subgraph_reads
 from .plan import Plan, PlanGraph, segments_in_order
 
 
@@ -60,7 +60,8 @@ def split(imported: ImportedModel, graph: PlanGraph, plan: Plan) -> list[Segment
         ins = list(dict.fromkeys(t for i in idx for t in graph.nodes[i].inputs if t not in mine))
         outs = [t for t in dict.fromkeys(o for i in idx for o in graph.nodes[i].outputs)
                 if t in model_outputs or any(s != sid for s in needed_later.get(t, ()))]  # fmt: skip
-        used_inits = [inits[n] for n in dict.fromkeys(x for nd in nodes for x in nd.input if x in inits)]
+        used_inits = [inits[n] for n in dict.fromkeys(x for nd in nodes for x in [*nd.input, *subgraph_reads(nd)]
+                                                      if x in inits)]  # fmt: skip
         sub = helper.make_graph(
             nodes,
             f"{imported.name}-s{sid}",

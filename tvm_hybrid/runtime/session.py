@@ -187,7 +187,12 @@ class Session:
                     f"input {name} must have shape {_fmt_shape(spec.shape)}, got {_fmt_shape(arr.shape)}; "
                     "the artifact was compiled for that shape (recompile with --input to change it)"
                 )
-            env[name] = np.ascontiguousarray(arr)
+            if spec.value is not None and not np.array_equal(arr, np.asarray(spec.value, dtype=spec.dtype)):
+                raise UsageError(
+                    f"input {name} was fixed to {_fmt_value(spec.value)} at compile time (--input {name}=VALUE), "
+                    f"got {_fmt_value(arr.tolist())}; recompile with that value to run it"
+                )
+            env[name] = np.asarray(arr, order="C")  # not ascontiguousarray: it makes a scalar 1-d
         return env
 
     def close(self) -> None:
@@ -212,6 +217,13 @@ class _Step:
     local: Any  # an executor, or None
     remote: tuple[str, str] | None  # (model, version) on the cloud, or None
     order: list[str]
+
+
+def _fmt_value(v) -> str:
+    import json
+
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _fmt_shape(shape) -> str:

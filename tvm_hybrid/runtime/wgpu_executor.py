@@ -201,7 +201,7 @@ class WGPUExecutor:
         if len(args) != len(self._inputs):
             raise RuntimeFailure(f"the plan takes {len(self._inputs)} inputs, got {len(args)}")
         for spec, arr in zip(self._inputs, args):
-            a = np.ascontiguousarray(arr, dtype=spec["dtype"])
+            a = np.asarray(arr, dtype=spec["dtype"], order="C")  # scalars stay 0-d
             if list(a.shape) != spec["shape"]:
                 raise RuntimeFailure(f"input {spec['name']} must be {spec['shape']}, got {list(a.shape)}")
             data = a.tobytes()

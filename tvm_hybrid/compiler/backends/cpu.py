@@ -839,6 +839,22 @@ class CpuBackend(Backend):
         lanes = cpu_config(profile.tvm()).lanes
         return [softmax_padded_to(lanes), relax.transform.FastMathTransform(), patch_conv_as_matmul()]
 
+    def prepare(self, imported, profile: TargetProfile):
+        """float16 nodes compute in float32 where the CPU has no fp16 arithmetic (``--precision``
+        fp16 not in the profile's precisions): ``legalize.fp16_in_fp32``."""
+        import dataclasses
+
+        from ..importer import _copy, _infer
+        from ..legalize import fp16_in_fp32
+        from ...targets import precisions
+
+        if "fp16" in precisions(profile):
+            return imported
+        model = _copy(imported.model)
+        if not fp16_in_fp32(model):
+            return imported
+        return dataclasses.replace(imported, model=_infer(model))
+
     keeps_int8_weights = True
 
     def before_folding(self, profile: TargetProfile) -> list:

@@ -1,0 +1,93 @@
+"""Control flow and state through compile and run, against onnxruntime (rtol 1e-4, atol 1e-5):
+If on a run-time condition, Loop and Scan (unrolled at import), LSTM and GRU (unrolled), a
+VAD-shaped model fed its own state for 20 steps, and inputs whose values fix shapes
+(``--input NAME=VALUE``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_close, reference
+from onnx import TensorProto, helper
+
+from tvm_hybrid.errors import UsageError
+from tvm_hybrid.runtime import Session
+
+
+@pytest.mark.parametrize("name", ["if_runtime", "loop_scan", "crnn_lstm"])
+def test_control_flow_model_matches_onnxruntime(name, artifacts, zoo_files):
+    z, path = zoo_files(name)
+    with Session(artifacts.get(path, z.input_shapes), threads=1) as sess:
+        feeds = [z.feeds]
+        if name == "if_runtime":  # both branches: the condition is the sign of a mean
+            feeds = [z.feeds, {"x": -z.feeds["x"]}, {"x": z.feeds["x"] * 3 + 1}]
+        for f in feeds:
+            assert_close(sess.run(f), reference(z.model, f), z.rtol, z.atol)
+
+
+def test_loops_and_recurrences_are_unrolled_at_import(zoo_files):
+    from tvm_hybrid.compiler import importer
+
+    for name in ("loop_scan", "crnn_lstm"):
+        _, path = zoo_files(name)
+        ops = importer.load(path).op_types
+        assert not {"Loop", "Scan", "LSTM", "GRU", "RNN"} & set(ops), (name, ops)
+
+
+def test_vad_fed_its_own_state_for_20_steps(artifacts, zoo_files):
+    """The VAD's state comes back as an output and goes in again; ``sr`` is a scalar input the
+    compile needs no dims for, and the If on it picks the front end at run time."""
+    import onnxruntime as ort
+
+    z, path = zoo_files("vad")
+    ref = ort.InferenceSession(z.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.RandomState(7)
+    with Session(artifacts.get(path, {}), threads=1) as sess:
+        assert [s.shape for s in sess.inputs] == [(1, 256), (2, 1, 32), ()]
+        for sr in (16000, 8000):
+            state = ref_state = np.zeros((2, 1, 32), np.float32)
+            probs = []
+            for step in range(20):
+                x = (rng.standard_normal((1, 256)) * 0.5).astype(np.float32)
+                got = sess.run({"input": x, "state": state, "sr": np.array(sr, np.int64)})
+                want = dict(zip(["output", "stateN"], ref.run(None, {"input": x, "state": ref_state, "sr": np.array(sr)})))
+                assert_close(got, want, 1e-4, 1e-5)
+                state, ref_state = got["stateN"], want["stateN"]
+                probs.append(float(got["output"][0, 0]))
+            assert np.abs(state).max() > 0.05  # the state really carries from step to step
+            assert np.ptp(probs) > 0.01
+
+
+def _unsqueeze_model(path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])
+    axes = helper.make_tensor_value_info("axes", TensorProto.INT64, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 1, 4])
+    g = helper.make_graph([helper.make_node("Unsqueeze", ["x", "axes"], ["y"])], "g", [x, axes], [y])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
+def test_input_value_fixes_a_shape_at_compile_time(tmp_path):
+    """An output whose shape depends on an input's value: compile says which input, in one
+    line and exit 3; ``--input NAME=VALUE`` fixes it; the artifact refuses another value."""
+    model = tmp_path / "unsqueeze.onnx"
+    _unsqueeze_model(model)
+    cli = [sys.executable, "-m", "tvm_hybrid", "compile", str(model), "-t", "host", "-o", str(tmp_path / "out")]
+    r = subprocess.run(cli, capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.count("\n") == 1 and "--input axes=VALUE" in r.stderr, r.stderr
+    r = subprocess.run([*cli, "--input", "axes=[-2]", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    art = json.loads(r.stdout)["artifacts"][0]["path"]
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with Session(art) as sess:
+        assert sess.inputs[1].value == [-2]
+        np.testing.assert_array_equal(sess.run({"x": x, "axes": np.array([-2])})["y"], x[:, None, :])
+        with pytest.raises(UsageError, match="fixed to \\[-2\\] at compile time"):
+            sess.run({"x": x, "axes": np.array([0])})
+    r = subprocess.run([*cli, "--input", "axes=[0.5]"], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a value of the input's dtype int64" in r.stderr, r.stderr

@@ -1,0 +1,241 @@
+"""RNN, GRU and LSTM unrolled into the ops they are made of (TVM's Relax frontend has no
+converter for them). The input projection of every time step is one matmul; each step adds the
+recurrent matmul and the gates. Only ops that mean the same in every opset since 7 are emitted
+(Gather, MatMul, Reshape, Concat, elementwise), so the model's opset stays as it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import UnsupportedError
+
+OPS = {"RNN", "GRU", "LSTM"}
+_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+_DEFAULT_ACTS = {"RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]}
+
+
+class _Emit:
+    def __init__(self, names, hint: str, dtype):
+        self.names, self.hint, self.dtype = names, hint, dtype
+        self.nodes: list[onnx.NodeProto] = []
+
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
+        out = out or self.names.fresh(f"{self.hint}_{op_type.lower()}")
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"{out}_node", **attrs))
+        return out
+
+    def const(self, value, dtype=None) -> str:
+        return self.names.const(np.asarray(value, dtype or self.dtype), self.hint)
+
+    def idx(self, value) -> str:
+        return self.names.const(np.asarray(value, np.int64), self.hint)
+
+    def cols(self, x: str, start: int, size: int) -> str:
+        """x[..., start:start + size] (a Gather: its meaning is the same in every opset)."""
+        return self.op("Gather", [x, self.idx(np.arange(start, start + size))], axis=-1)
+
+    def act(self, kind: str, x: str, alpha, beta) -> str:
+        k = kind.lower()
+        if k == "sigmoid":
+            return self.op("Sigmoid", [x])
+        if k == "tanh":
+            return self.op("Tanh", [x])
+        if k == "relu":
+            return self.op("Relu", [x])
+        if k == "leakyrelu":
+            return self.op("LeakyRelu", [x], alpha=0.01 if alpha is None else alpha)
+        if k == "elu":
+            return self.op("Elu", [x], alpha=1.0 if alpha is None else alpha)
+        if k == "softsign":
+            return self.op("Softsign", [x])
+        if k == "softplus":
+            return self.op("Softplus", [x])
+        if k == "hardsigmoid":
+            return self.op("HardSigmoid", [x], alpha=0.2 if alpha is None else alpha, beta=0.5 if beta is None else beta)
+        if k == "thresholdedrelu":
+            a = 1.0 if alpha is None else alpha
+            keep = self.op("Cast", [self.op("Greater", [x, self.const(a)])], to=helper.np_dtype_to_tensor_dtype(self.dtype))
+            return self.op("Mul", [x, keep])
+        if k == "scaledtanh":
+            a, b = (1.0 if alpha is None else alpha), (1.0 if beta is None else beta)
+            return self.op("Mul", [self.const(a), self.op("Tanh", [self.op("Mul", [x, self.const(b)])])])
+        if k == "affine":
+            a, b = (1.0 if alpha is None else alpha), (0.0 if beta is None else beta)
+            return self.op("Add", [self.op("Mul", [x, self.const(a)]), self.const(b)])
+        raise UnsupportedError(f"recurrent activation {kind!r} is not an ONNX RNN activation")
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            v = helper.get_attribute_value(a)
+            return v.decode() if isinstance(v, bytes) else [x.decode() if isinstance(x, bytes) else x for x in v] \
+                if isinstance(v, list) else v  # fmt: skip
+    return default
+
+
+def unroll(node: onnx.NodeProto, names, shapes: dict, types: dict):
+    """The node's steps as plain ops, or None when its input shapes are not known yet."""
+    op = node.op_type
+    ins = list(node.input) + [""] * (8 - len(node.input))
+    x, w, r, b, seq_lens, h0 = ins[:6]
+    c0, peep = (ins[6], ins[7]) if op == "LSTM" else ("", "")
+    if x not in shapes or w not in shapes:
+        return None
+    layout = _attr(node, "layout", 0)
+    xs = shapes[x]
+    seq, batch = (xs[1], xs[0]) if layout else (xs[0], xs[1])
+    hidden = _attr(node, "hidden_size") or shapes[w][1] // _GATES[op]
+    direction = _attr(node, "direction", "forward")
+    nd = 2 if direction == "bidirectional" else 1
+    gates = _GATES[op]
+    acts = _attr(node, "activations") or _DEFAULT_ACTS[op] * nd
+    per = len(_DEFAULT_ACTS[op])
+    alphas = list(_attr(node, "activation_alpha", []) or [])
+    betas = list(_attr(node, "activation_beta", []) or [])
+    clip = _attr(node, "clip")
+    if seq_lens:
+        lens = names.value(seq_lens)
+        if lens is None or np.any(np.asarray(lens) != seq):
+            raise UnsupportedError(f"{op} node {node.name!r}: sequence_lens shorter than the sequence (padded batches) "
+                                   "are not compiled; give full-length sequences")  # fmt: skip
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(_elem(names, types, x, node)))
+    e = _Emit(names, f"{node.name or op}", dtype)
+    if layout:
+        x = e.op("Transpose", [x], perm=[1, 0, 2])
+    ys, hs, cs = [], [], []
+    k_act = 0
+    for d in range(nd):
+        reverse = direction == "reverse" or d == 1
+        fn = []
+        for j in range(per):
+            fn.append((acts[d * per + j] if d * per + j < len(acts) else _DEFAULT_ACTS[op][j],
+                       alphas[k_act] if k_act < len(alphas) else None, betas[k_act] if k_act < len(betas) else None))  # fmt: skip
+            k_act += 1
+        wd = e.op("Transpose", [e.op("Gather", [w, e.idx(d)], axis=0)], perm=[1, 0])  # [in, G*h]
+        rd = e.op("Transpose", [e.op("Gather", [r, e.idx(d)], axis=0)], perm=[1, 0])  # [h, G*h]
+        xw = e.op("MatMul", [x, wd])  # [seq, batch, G*h]: every step's input projection at once
+        wb = rb = None
+        if b:
+            bd = e.op("Gather", [b, e.idx(d)], axis=0)
+            wb, rb = e.cols(bd, 0, gates * hidden), e.cols(bd, gates * hidden, gates * hidden)
+        h = e.op("Gather", [h0, e.idx(d)], axis=0) if h0 else e.const(np.zeros((batch, hidden)))
+        c = (e.op("Gather", [c0, e.idx(d)], axis=0) if c0 else e.const(np.zeros((batch, hidden)))) if op == "LSTM" else None
+        pd = e.op("Gather", [peep, e.idx(d)], axis=0) if peep else None
+        steps = range(seq - 1, -1, -1) if reverse else range(seq)
+        out = {}
+        for t in steps:
+            xt = e.op("Gather", [xw, e.idx(t)], axis=0)  # [batch, G*h]
+            if op == "GRU":
+                h, _ = _gru_step(e, node, xt, h, rd, wb, rb, hidden, fn, clip)
+            elif op == "LSTM":
+                h, c = _lstm_step(e, node, xt, h, c, rd, wb, rb, pd, hidden, fn, clip)
+            else:
+                pre = e.op("Add", [xt, e.op("MatMul", [h, rd])])
+                if b:
+                    pre = e.op("Add", [pre, e.op("Add", [wb, rb])])
+                h = e.act(fn[0][0], _clip(e, pre, clip), fn[0][1], fn[0][2])
+            out[t] = h
+        ys.append([out[t] for t in range(seq)])
+        hs.append(h)
+        cs.append(c)
+    outs = list(node.output) + [""] * (3 - len(node.output))
+    y, yh, yc = outs[:3]
+    if y:
+        per_t = []
+        for t in range(seq):
+            parts = [e.op("Reshape", [ys[d][t], e.idx([1, 1, batch, hidden])]) for d in range(nd)]
+            per_t.append(parts[0] if nd == 1 else e.op("Concat", parts, axis=1))
+        full = e.op("Concat", per_t, axis=0) if seq > 1 else per_t[0]
+        if layout:
+            e.op("Transpose", [full], y, perm=[2, 0, 1, 3])
+        else:
+            e.op("Identity", [full], y)
+    for name, finals in ((yh, hs), (yc, cs)):
+        if name:
+            parts = [e.op("Reshape", [f, e.idx([1, batch, hidden])]) for f in finals]
+            stacked = parts[0] if nd == 1 else e.op("Concat", parts, axis=0)
+            if layout:
+                e.op("Transpose", [stacked], name, perm=[1, 0, 2])
+            else:
+                e.op("Identity", [stacked], name)
+    return e.nodes
+
+
+def _elem(names, types, x, node):
+    t = names.values.get(x)
+    if t is not None:
+        return t.data_type
+    elem = types.get(x)
+    if not elem:
+        raise UnsupportedError(f"{node.op_type} node {node.name!r}: the type of {x!r} is unknown")
+    return elem
+
+
+def _clip(e: _Emit, x: str, clip) -> str:
+    if clip is None:
+        return x
+    return e.op("Max", [e.op("Min", [x, e.const(clip)]), e.const(-clip)])
+
+
+def _gru_step(e: _Emit, node, xt, h, rd, wb, rb, hidden, fn, clip):
+    (f, fa, fb), (g, ga, gb) = fn[0], fn[1]
+    lbr = _attr(node, "linear_before_reset", 0)
+    hr = e.op("MatMul", [h, rd])  # [batch, 3h]: z, r, h gates
+    gate = {}
+    for k, name in enumerate(("z", "r")):
+        pre = e.op("Add", [e.cols(xt, k * hidden, hidden), e.cols(hr, k * hidden, hidden)])
+        if wb is not None:
+            pre = e.op("Add", [pre, e.op("Add", [e.cols(wb, k * hidden, hidden), e.cols(rb, k * hidden, hidden)])])
+        gate[name] = e.act(f, _clip(e, pre, clip), fa, fb)
+    xh = e.cols(xt, 2 * hidden, hidden)
+    if lbr:
+        rh = e.cols(hr, 2 * hidden, hidden)
+        if rb is not None:
+            rh = e.op("Add", [rh, e.cols(rb, 2 * hidden, hidden)])
+        pre = e.op("Add", [xh, e.op("Mul", [gate["r"], rh])])
+    else:
+        rh_w = e.cols(rd, 2 * hidden, hidden)  # R_h^T: [h, h]
+        pre = e.op("Add", [xh, e.op("MatMul", [e.op("Mul", [gate["r"], h]), rh_w])])
+        if rb is not None:
+            pre = e.op("Add", [pre, e.cols(rb, 2 * hidden, hidden)])
+    if wb is not None:
+        pre = e.op("Add", [pre, e.cols(wb, 2 * hidden, hidden)])
+    cand = e.act(g, _clip(e, pre, clip), ga, gb)
+    one = e.const(1.0)
+    new_h = e.op("Add", [e.op("Mul", [e.op("Sub", [one, gate["z"]]), cand]), e.op("Mul", [gate["z"], h])])
+    return new_h, None
+
+
+def _lstm_step(e: _Emit, node, xt, h, c, rd, wb, rb, pd, hidden, fn, clip):
+    (f, fa, fb), (g, ga, gb), (hh, ha, hb) = fn[0], fn[1], fn[2]
+    hr = e.op("MatMul", [h, rd])  # [batch, 4h]: i, o, f, c gates
+
+    def pre(k):
+        p = e.op("Add", [e.cols(xt, k * hidden, hidden), e.cols(hr, k * hidden, hidden)])
+        if wb is not None:
+            p = e.op("Add", [p, e.op("Add", [e.cols(wb, k * hidden, hidden), e.cols(rb, k * hidden, hidden)])])
+        return p
+
+    pi = pre(0)
+    if pd is not None:
+        pi = e.op("Add", [pi, e.op("Mul", [e.cols(pd, 0, hidden), c])])
+    i = e.act(f, _clip(e, pi, clip), fa, fb)
+    if _attr(node, "input_forget", 0):
+        fg = e.op("Sub", [e.const(1.0), i])
+    else:
+        pf = pre(2)
+        if pd is not None:
+            pf = e.op("Add", [pf, e.op("Mul", [e.cols(pd, 2 * hidden, hidden), c])])
+        fg = e.act(f, _clip(e, pf, clip), fa, fb)
+    cand = e.act(g, _clip(e, pre(3), clip), ga, gb)
+    new_c = e.op("Add", [e.op("Mul", [fg, c]), e.op("Mul", [i, cand])])
+    po = pre(1)
+    if pd is not None:
+        po = e.op("Add", [po, e.op("Mul", [e.cols(pd, hidden, hidden), new_c])])
+    o = e.act(f, _clip(e, po, clip), fa, fb)
+    new_h = e.op("Mul", [o, e.act(hh, new_c, ha, hb)])
+    return new_h, new_c
