@@ -75,6 +75,16 @@ def op_of(case) -> str:
     return ops[0] if ops else "Constant"
 
 
+def ops_of(cases) -> dict[str, str]:
+    """The op of every case; an "_expanded" case (the op's function body) counts for its op."""
+    ops = {c.name: op_of(c) for c in cases}
+    for name in ops:
+        base = name.removesuffix("_expanded")
+        if base != name and base in ops:
+            ops[name] = ops[base]
+    return ops
+
+
 def compare(outputs: list, expected: list, rtol: float, atol: float) -> str | None:
     """None when every output matches as ONNX's backend runner requires, else what differs."""
     import numpy as np
@@ -240,6 +250,7 @@ def run_all(cases, jobs: int, timeout: float, verbose: bool = False, log=sys.std
     from tvm_hybrid.runtime import session  # noqa: F401
 
     results: dict[str, dict] = {}
+    ops = ops_of(cases)
     pending = list(reversed(cases))
     running: dict[int, tuple] = {}  # pid: (case, result file, start)
     tmp = Path(tempfile.mkdtemp(prefix="conformance-results-"))
@@ -273,7 +284,7 @@ def run_all(cases, jobs: int, timeout: float, verbose: bool = False, log=sys.std
             elif "status" not in res:
                 res.update(status="crash", detail=status or "the process reported nothing")
             res.setdefault("onnxruntime", False)
-            res["op"] = op_of(case)
+            res["op"] = ops[case.name]
             res["seconds"] = round(time.monotonic() - t0, 2)
             results[case.name] = res
             done += 1

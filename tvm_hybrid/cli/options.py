@@ -19,8 +19,10 @@ input_option = click.option(
     "inputs",
     multiple=True,
     callback=_parse_inputs,
-    metavar="NAME:DIMS[:DTYPE]",
-    help="Fix an input's shape (and dtype), e.g. x:1x3x320x320 or x:1x3x320x320:float32. Repeatable.",
+    metavar="NAME:DIMS[:DTYPE] | NAME=VALUE",
+    help="Fix an input's shape (and dtype), e.g. x:1x3x320x320 or x:1x3x320x320:float32; or fix an input's "
+         "value, for inputs a shape depends on (axes, sizes, a trip count): axes=[0,2] (JSON) or axes=axes.npy. "
+         "Repeatable.",
 )
 
 

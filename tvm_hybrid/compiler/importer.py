@@ -58,6 +58,12 @@ class InputOverride:
     def parse(cls, text: str) -> InputOverride:
         """Parse ``NAME:DIMS[:DTYPE]`` (NAME may itself hold colons: ``input:0``) or ``NAME=VALUE``."""
         name, eq, value = text.partition("=")
+        if eq and name and value.endswith(".npy"):  # as `run --input NAME=FILE.npy` takes it
+            try:
+                arr = np.load(value, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"bad --input {text!r}: cannot read {value}: {one_line(e)}") from None
+            return cls(name, tuple(arr.shape), None, arr.tolist())
         if eq and name and value.strip()[:1] in set("[-.0123456789tf"):
             try:
                 v = json.loads(value)
