@@ -90,10 +90,10 @@ def test_input_value_fixes_a_shape_at_compile_time(tmp_path):
         with pytest.raises(UsageError, match="fixed to \\[-2\\] at compile time"):
             sess.run({"x": x, "axes": np.array([0])})
     np.save(tmp_path / "axes.npy", np.array([2]))  # a .npy file, as `run --input NAME=FILE.npy`
-    r = subprocess.run([*cli, "--input", f"axes={tmp_path / 'axes.npy'}"], capture_output=True, text=True)
+    cli2 = [*cli[:-1], str(tmp_path / "out2"), "--input", f"axes={tmp_path / 'axes.npy'}", "--json"]
+    r = subprocess.run(cli2, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    with Session(tmp_path / "out" / json.loads(subprocess.run(
-            [sys.executable, "-m", "tvm_hybrid", "targets", "--json"], capture_output=True, text=True).stdout)["host"]) as sess:
+    with Session(json.loads(r.stdout)["artifacts"][0]["path"]) as sess:
         assert sess.inputs[1].value == [2] and sess.run({"x": x, "axes": np.array([2])})["y"].shape == (3, 4, 1)
     r = subprocess.run([*cli, "--input", "axes=[0.5]"], capture_output=True, text=True)
     assert r.returncode == 2 and "not a value of the input's dtype int64" in r.stderr, r.stderr
