@@ -223,3 +223,27 @@ def test_artifact_needing_cpu_features_this_cpu_lacks_is_refused_before_loading(
     assert proc.returncode == 5, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert "x86-64-avx512" in line and "avx512f" in line and "--target host" in line, line
+
+
+def test_artifact_recompiled_in_place_runs_its_new_code(tmp_path):
+    """The dynamic loader keeps a library it has loaded by name: a Session opened after the
+    artifact was rebuilt in place (an update on a device, a recompile in a notebook) must run
+    the new library, not the one this process loaded before."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tvm_hybrid.compiler.package import CompileOptions, compile_model
+
+    x = np.arange(-3, 3, dtype=np.float32).reshape(2, 3)
+    outs = []
+    for op in ("Relu", "Neg"):
+        vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("x", "y")]
+        model = helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"])], op, vi[:1], vi[1:]),
+                                  opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+        onnx.save(model, tmp_path / f"{op}.onnx")
+        [s] = compile_model(CompileOptions(model=tmp_path / f"{op}.onnx", targets=("host",), output=tmp_path / "out",
+                                           cloud=None, tuning_logs=None))  # fmt: skip
+        with Session(s.path) as sess:
+            outs.append(sess.run({"x": x})["y"])
+    np.testing.assert_array_equal(outs[0], np.maximum(x, 0))
+    np.testing.assert_array_equal(outs[1], -x)

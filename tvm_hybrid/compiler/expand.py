@@ -40,6 +40,11 @@ def needs_expansion(node: NodeProto, supported: set[str], used: set[str], types:
     # TVM's LayerNormalization converter returns Y only, not Mean and InvStdDev.
     if node.op_type == "LayerNormalization" and any(o in used for o in node.output[1:] if o):
         return True
+    # ONNX infers no shape for some function ops (GroupNormalization-21, MeanVarianceNormalization):
+    # through their bodies it does.
+    if types and all(_static(types.get(i)) for i in node.input if i) and \
+            not all(_static(types.get(o)) for o in node.output if o):  # fmt: skip
+        return True
     # TVM's rms_norm kernel fails to build when every axis is normalized (axis 0).
     if node.op_type == "RMSNormalization" and types and node.input[0] in types:
         rank = len(types[node.input[0]].tensor_type.shape.dim)
@@ -47,6 +52,12 @@ def needs_expansion(node: NodeProto, supported: set[str], used: set[str], types:
         if rank and axis % rank == 0:
             return True
     return False
+
+
+def _static(t) -> bool:
+    if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return False
+    return all(d.HasField("dim_value") for d in t.tensor_type.shape.dim)
 
 
 def function_body(node: NodeProto, opset: int, input_types: list[onnx.TypeProto]) -> FunctionProto | None:

@@ -248,12 +248,52 @@ def _resize(node, ctx: Ctx):
     if scales is None or scales.size == 0 or x not in ctx.shapes or mode == "tf_crop_and_resize":
         return None
     axes = _attr(node, "axes") or list(range(len(ctx.shapes[x])))
-    for a, s in zip(axes, scales.ravel()):
-        n = ctx.shapes[x][a]
-        if float(np.float32(n * s)) != np.floor(n * s):
-            _refuse(node, f"scales {scales.tolist()} give a fractional output size ({n} x {s:g}); TVM's resize maps "
-                          f"coordinates by the output size, not the scale ({mode}): give sizes instead")  # fmt: skip
-    return None
+    fractional = [a for a, s in zip(axes, scales.ravel())
+                  if float(np.float32(ctx.shapes[x][a] * s)) != np.floor(ctx.shapes[x][a] * s)]  # fmt: skip
+    if not fractional:
+        return None
+    if mode in ("half_pixel", "pytorch_half_pixel", "asymmetric") and np.all(scales <= 1) and \
+            all(ctx.shapes[x][a] > 1 for a in fractional):  # fmt: skip
+        return _resize_by_roi(node, ctx, dict(zip(axes, scales.ravel().tolist())), mode)
+    a = fractional[0]
+    n, s = ctx.shapes[x][a], dict(zip(axes, scales.ravel().tolist()))[a]
+    _refuse(node, f"scales {scales.tolist()} give a fractional output size ({n} x {s:g}); TVM's resize maps "
+                  f"coordinates by the output size, not the scale ({mode}): give sizes instead")  # fmt: skip
+
+
+def _resize_by_roi(node, ctx: Ctx, scale: dict, mode: str):
+    """A downscale by a scale whose output size is fractional, as ONNX maps it (by the scale:
+    x_in = (x + 0.5) / s - 0.5 for half_pixel, x / s for asymmetric): the same straight line as
+    tf_crop_and_resize over a region of interest, which TVM's resize takes with the output size.
+    Downscaling keeps every sampled coordinate inside the input, where the two modes agree."""
+    x = node.input[0]
+    shape = ctx.shapes[x]
+    rank = len(shape)
+    out = [int(np.floor(shape[a] * scale.get(a, 1.0))) for a in range(rank)]
+    start, end = np.zeros(rank, np.float32), np.ones(rank, np.float32)
+    for a in range(rank):
+        s, n, m = scale.get(a, 1.0), shape[a], out[a]
+        if s == 1.0 or n == 1:
+            continue
+        b = 0.0 if mode == "asymmetric" or (mode == "pytorch_half_pixel" and m == 1) else 0.5 / s - 0.5
+        start[a] = b / (n - 1)
+        end[a] = start[a] + ((m - 1) / s) / (n - 1) if m > 1 else start[a]
+    # TVM's kernel divides by (output size - 1): a one-pixel axis is made two identical ones, then cut.
+    single = [a for a in range(rank) if out[a] == 1 and shape[a] > 1]
+    sized = [2 if a in single else out[a] for a in range(rank)]
+    new = onnx.NodeProto()
+    new.CopyFrom(node)
+    del new.attribute[:]
+    new.attribute.extend(a for a in node.attribute if a.name not in ("coordinate_transformation_mode", "axes"))
+    new.attribute.append(helper.make_attribute("coordinate_transformation_mode", "tf_crop_and_resize"))
+    y = node.output[0]
+    mid = ctx.tmp(y) if single else y
+    new.input[:] = [x, ctx.add_const(np.concatenate([start, end]), y), "", ctx.add_const(np.array(sized, np.int64), y)]
+    new.output[0] = mid
+    if not single:
+        return [new]
+    zeros, ones = ctx.add_const(np.zeros(len(single), np.int64), y), ctx.add_const(np.ones(len(single), np.int64), y)
+    return [new, helper.make_node("Slice", [mid, zeros, ones, ctx.add_const(np.array(single, np.int64), y)], [y])]
 
 
 def _roi_align(node, ctx: Ctx):
@@ -494,7 +534,41 @@ def _resize_all(node, ctx: Ctx):
     return _resize_full(node, ctx) or _resize(node, ctx)
 
 
+def _axes_1d(node, ctx: Ctx):
+    """Axes given as a scalar (onnxruntime takes them; the spec and TVM's frontend want 1-D)."""
+    if len(node.input) < 2 or not node.input[1]:
+        return None
+    axes = ctx.const(node.input[1])
+    if axes is None or axes.ndim != 0:
+        return None
+    new = onnx.NodeProto()
+    new.CopyFrom(node)
+    new.input[1] = ctx.add_const(axes.reshape(1), node.output[0])
+    return [new]
+
+
+def _split_empty(node, ctx: Ctx):
+    """A Split with zero-length pieces (TVM's split wants strictly increasing indices): a Slice each."""
+    sizes = _attr(node, "split")
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        sizes = ctx.const(node.input[1])
+        sizes = None if sizes is None else sizes.ravel().tolist()
+    if not sizes or 0 not in sizes or _opset_of(ctx) < 10:
+        return None
+    axis = _attr(node, "axis", 0)
+    nodes, off = [], 0
+    for out, n in zip(node.output, sizes):
+        if out:
+            c = [ctx.add_const(np.array([v], np.int64), out) for v in (off, off + n, axis)]
+            nodes.append(helper.make_node("Slice", [node.input[0], *c], [out]))
+        off += n
+    return nodes
+
+
 RULES: dict[str, Callable] = {
+    "Split": _split_empty,
+    "Unsqueeze": _axes_1d,
+    "Squeeze": _axes_1d,
     "Pow": _pow,
     "ReduceMax": lambda n, c: _reduce_bool(n, c) or _reduce(n, c),
     "ReduceMin": lambda n, c: _reduce_bool(n, c) or _reduce(n, c),

@@ -37,7 +37,7 @@ class TVMVMExecutor:
         self.device = _device(tvm, target, device, segment)
         self.device_name = str(self.device)
         try:
-            lib = tvm.runtime.load_module(str(lib_path))
+            lib = tvm.runtime.load_module(str(_loadable(lib_path)))
             self._vm = VirtualMachine(lib, self.device)
             self._main = self._vm["main"]
         except Exception as e:
@@ -62,6 +62,36 @@ class TVMVMExecutor:
         if self._n_out == 1 and hasattr(out, "numpy"):
             return [out.numpy()]
         return [o.numpy() for o in out]
+
+
+#: Libraries this process has loaded: path -> the file's identity then (device, inode, size, mtime).
+_LOADED: dict[str, tuple] = {}
+_COPIES: list = []  # temporary directories holding fresh copies (removed at exit)
+
+
+def _loadable(path: Path) -> Path:
+    """``path``, or a fresh copy of it when this process already loaded another file from that
+    path: the dynamic loader hands back a library it has by name, so an artifact recompiled or
+    updated in place would otherwise run its old code."""
+    import os
+    import shutil
+    import tempfile
+
+    key = os.path.realpath(path)
+    st = os.stat(key)
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    seen = _LOADED.setdefault(key, ident)
+    if seen == ident:
+        return path
+    if not _COPIES:
+        import atexit
+
+        _COPIES.append(tempfile.mkdtemp(prefix="tvm-hybrid-libs-"))
+        atexit.register(shutil.rmtree, _COPIES[0], True)
+    copy = Path(_COPIES[0]) / f"{st.st_ino}-{st.st_mtime_ns}-{path.name}"
+    if not copy.exists():
+        shutil.copyfile(path, copy)
+    return copy
 
 
 def _device(tvm, target: dict[str, Any], override: str | None, segment: Segment | None = None):

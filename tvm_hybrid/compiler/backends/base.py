@@ -79,9 +79,12 @@ class Backend:
 
     def check_supported(self, imported: ImportedModel, profile: TargetProfile) -> None:
         """UnsupportedError naming the op types this target cannot run (when there is no cloud)."""
-        bad = sorted({r.op_type for r in self.rejected_nodes(imported, profile)})
-        if bad:
-            raise UnsupportedError(f"unsupported ops for target {profile.name}: {', '.join(bad)}")
+        why: dict[str, set[str]] = {}
+        for r in self.rejected_nodes(imported, profile):
+            why.setdefault(r.op_type, set()).add(r.reason)
+        if why:
+            raise UnsupportedError(f"unsupported ops for target {profile.name}: "
+                                   + ", ".join(f"{op} ({'; '.join(sorted(rs))})" for op, rs in sorted(why.items())))  # fmt: skip
 
     def check_segment(self, imported: ImportedModel, profile: TargetProfile) -> None:
         """Refuse a segment this backend cannot build, naming its nodes, before TVM fails on it
