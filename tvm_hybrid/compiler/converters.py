@@ -1,5 +1,6 @@
 """Converters added to TVM's ONNX frontend, the way it is extended: a class per op with
-``_impl_vN`` methods, registered in the frontend's convert map (``install``, idempotent)."""
+``_impl_vN`` methods, registered in the frontend's convert map (``install``, idempotent); an
+entry here replaces TVM's own for that op."""
 
 from __future__ import annotations
 
@@ -34,7 +35,35 @@ def _converters() -> dict:
                 out = bb.emit_te(topi.flip, out, axis=axis)
             return out
 
-    return {"CumProd": CumProd}
+    class Upsample(fe.OnnxOpConverter):
+        """Upsample: scales from the attribute (opset 7) or a constant input (opset 9; TVM's
+        converter reads only the attribute); nearest rounds down, as ONNX's Upsample does."""
+
+        @classmethod
+        def _impl_v7(cls, bb, inputs, attr, params):
+            scales = attr.get("scales")
+            if scales is None and len(inputs) > 1:
+                c = fe.get_constant(inputs[1], params)
+                if isinstance(c, tvm.ir.GenericConst):
+                    scales = c.value.numpy().tolist()
+                elif isinstance(c, relax.Constant):
+                    scales = c.data.numpy().tolist()
+            if scales is None:
+                raise ValueError("Upsample's scales must be a compile-time constant")
+            shape = [int(x) for x in inputs[0].ty.shape]
+            if len(shape) != 4 or scales[0] != 1 or scales[1] != 1:
+                raise ValueError("Upsample is converted for NCHW inputs scaled in H and W only")
+            mode = attr.get("mode", b"nearest")
+            mode = mode.decode() if isinstance(mode, bytes) else mode
+            method = {"nearest": "nearest_neighbor", "linear": "linear", "bilinear": "linear"}.get(mode)
+            if method is None:
+                raise ValueError(f"Upsample mode {mode!r}")
+            size = [int(d * s) for d, s in zip(shape[2:], scales[2:])]
+            return relax.op.image.resize2d(inputs[0], roi=None, size=relax.ShapeExpr(size), layout="NCHW",
+                                           method=method, coordinate_transformation_mode="asymmetric",
+                                           rounding_method="floor" if method == "nearest_neighbor" else "")  # fmt: skip
+
+    return {"CumProd": CumProd, "Upsample": Upsample}
 
 
 def install() -> None:

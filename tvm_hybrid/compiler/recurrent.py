@@ -1,7 +1,8 @@
 """RNN, GRU and LSTM unrolled into the ops they are made of (TVM's Relax frontend has no
 converter for them). The input projection of every time step is one matmul; each step adds the
 recurrent matmul and the gates. Only ops that mean the same in every opset since 7 are emitted
-(Gather, MatMul, Reshape, Concat, elementwise), so the model's opset stays as it is.
+(Gather, MatMul, Reshape, Concat, elementwise; Slice from opset 10), so the model's opset stays
+as it is.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ class _Emit:
         return self.names.const(np.asarray(value, np.int64), self.hint)
 
     def cols(self, x: str, start: int, size: int) -> str:
-        """x[..., start:start + size] (a Gather: its meaning is the same in every opset)."""
+        """x[..., start:start + size]: a Slice (a strided view for TVM) from opset 10, where its
+        bounds became inputs; a Gather of the columns before."""
+        if self.names.opset >= 10:
+            return self.op("Slice", [x, self.idx([start]), self.idx([start + size]), self.idx([-1])])
         return self.op("Gather", [x, self.idx(np.arange(start, start + size))], axis=-1)
 
     def act(self, kind: str, x: str, alpha, beta) -> str:
