@@ -293,7 +293,8 @@ def test_matmuls_on_awkward_extents_tile_fully_and_match_onnxruntime(tmp_path):
     mod, _, run = _compile(model, {"x": (1, 197, 64)}, TARGET, tmp_path)
     scripts = " ".join(f.script() for _, f in mod.functions.items() if hasattr(f, "script"))
     assert "_pad" in scripts  # pad_einsum's zero-padded copies
-    assert any("softmax" in gv.name_hint and "strided_slice" in gv.name_hint for gv in mod.functions)
+    names = [gv.name_hint for gv in mod.functions]  # the padded softmax is the row kernel, then the slice
+    assert any(n.startswith("softmax_rows") for n in names) and any("strided_slice" in n for n in names), names
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-4)
 
 
@@ -340,3 +341,45 @@ def test_fast_math_accuracy_is_as_the_readme_states():
             assert np.all(got[x < -88.5] == 0)
         else:
             assert np.max(np.abs(got - want)) < 5e-7, name
+
+
+@pytest.mark.parametrize("shape", [(1, 197, 384), (2, 5, 64), (3, 50)], ids=["vit-tokens", "batch", "unaligned"])
+def test_layer_norm_rows_kernel_matches_onnxruntime(shape, tmp_path):
+    """LayerNorm over the last axis is one row-parallel vectorized kernel (rewrites.layer_norm_rows)
+    where the row is a whole number of vectors; other rows keep TVM's kernel. Inputs far from zero
+    mean (mean 5, std 3), where a one-pass variance would lose digits."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = shape[-1]
+    rng = np.random.RandomState(0)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(shape)) for n in ("x", "y")]
+    params = [numpy_helper.from_array(rng.rand(c).astype(np.float32) + 0.5, "g"),
+              numpy_helper.from_array(rng.rand(c).astype(np.float32), "b")]  # fmt: skip
+    node = helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)
+    model = helper.make_model(helper.make_graph([node], "ln", io[:1], io[1:], params),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    mod, _, run = _compile(model, {"x": shape}, TARGET, tmp_path)
+    lanes = cpu.cpu_config(resolve(TARGET).tvm()).lanes
+    names = [gv.name_hint for gv in mod.functions]
+    assert any(n.startswith("layer_norm_rows") for n in names) == (c % lanes == 0), names
+    x = (rng.standard_normal(shape) * 3 + 5).astype(np.float32)
+    assert_close(run({"x": x}), reference(model, {"x": x}), 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 197, 197), (4, 64), (3, 5, 40)], ids=["vit-scores", "aligned", "short"])
+def test_softmax_rows_kernel_matches_onnxruntime(shape, tmp_path):
+    """Softmax over the last axis is one row-parallel vectorized kernel (rewrites.softmax_rows)
+    when the row is whole vectors, after padding (197 -> 208 with -1e30); short rows keep TVM's."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(shape)) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "sm", io[:1], io[1:]),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    mod, _, run = _compile(model, {"x": shape}, TARGET, tmp_path)
+    lanes = cpu.cpu_config(resolve(TARGET).tvm()).lanes
+    names = [gv.name_hint for gv in mod.functions]
+    assert any(n.startswith("softmax_rows") for n in names) == (shape[-1] >= 2 * lanes), names
+    x = (np.random.RandomState(1).standard_normal(shape) * 4).astype(np.float32)
+    assert_close(run({"x": x}), reference(model, {"x": x}), 1e-4, 1e-6)

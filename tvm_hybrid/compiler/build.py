@@ -27,7 +27,7 @@ class BuildResult:
     device_code: dict | None = None  # GPU targets: what the library holds (arch, SASS, PTX)
 
 
-def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision: str = "fp32"):
+def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision: str = "fp32", legalizations=None):
     """Legalize and fuse a Relax module into fused TIR kernels: what tuning extracts tasks from.
 
     The ONNX importer leaves composite ops (batch_norm, layer_norm, gelu…) that only
@@ -37,7 +37,8 @@ def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision:
     is what lets real exported models (BN-folded detectors, SiLU/HardSwish chains) build.
     ``rewrites`` are the backend's Relax passes before legalization (``Backend.rewrites``);
     ``before_folding`` its passes that must see the graph before any constant is folded
-    (``Backend.before_folding``: int8 weights kept int8). ``precision`` "fp16":
+    (``Backend.before_folding``: int8 weights kept int8); ``legalizations`` its kernels for some
+    Relax ops in place of TVM's (``Backend.legalizations``). ``precision`` "fp16":
     ``rewrites.fp16_operands`` (convolutions and matmuls read fp16, accumulate in fp32).
     Tuning and building must both start from this module (``Backend.fuse``): database records
     are keyed by the kernels' TIR, so any pass difference means no record matches.
@@ -59,7 +60,7 @@ def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision:
             relax.transform.FoldConstant(),
             *([fp16_operands(), relax.transform.FoldConstant()] if precision == "fp16" else []),
             *rewrites,
-            relax.transform.LegalizeOps(legalize_overrides()),
+            relax.transform.LegalizeOps({**legalize_overrides(), **(legalizations or {})}),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),

@@ -25,7 +25,13 @@ def _relax_pass(name: str, op_name: str | tuple[str, ...], rewrite_call):
     def rewrite(mod, _ctx):
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
-                mod[gv] = Rewriter(mod).visit_expr(func)
+                rw = Rewriter(mod)
+                mod[gv] = rw.visit_expr(func)
+                # Kernels a rewrite added (builder.add_func) go into the module too.
+                have = list(mod.functions)
+                for new_gv, new_func in rw.builder_.get().functions.items():
+                    if not any(new_gv.same_as(g) for g in have) and not isinstance(new_func, relax.Function):
+                        mod[new_gv] = new_func
         return mod
 
     return rewrite
@@ -527,3 +533,123 @@ def _extremum(kind: str):
         return bb.call_te(compute, x, primfunc_name_hint=kind)
 
     return legalize
+
+
+def layer_norm_rows(lanes: int):
+    """LayerNorm over the last axis as one kernel per row, parallel over rows: the mean and the
+    variance each one vectorized pass over the row (``rfactor`` into ``lanes`` partial sums), then
+    the normalized row, all while the row is in cache. TVM's own (topi) kernel, scheduled by the
+    default heuristics, padded the rows to a tile (two copies of the input) and ran its reductions
+    on one thread: ViT-S/16's 25 LayerNorms took 1.38 ms."""
+
+    def legalize(bb, call):
+        import tvm
+        from tvm import relax, s_tir, te, tirx
+
+        default = tvm.ir.Op.get("relax.nn.layer_norm").get_attr("FLegalize")
+        x, gamma, beta = call.args
+        shapes = _static_shapes(x, gamma, beta)
+        a = call.attrs
+        if shapes is None or str(x.ty.dtype) != "float32" or not a.center or not a.scale:
+            return default(bb, call)
+        shape = shapes[0]
+        axes = [int(v) % len(shape) for v in a.axes]
+        c = shape[-1] if shape else 0
+        if axes != [len(shape) - 1] or shapes[1] != (c,) or shapes[2] != (c,) or c % lanes or c == 0:
+            return default(bb, call)
+        rows = 1
+        for d in shape[:-1]:
+            rows *= d
+        inv, eps = 1.0 / c, float(a.epsilon)
+        X = te.placeholder((rows, c), "float32", "x")
+        G = te.placeholder((c,), "float32", "gamma")
+        B = te.placeholder((c,), "float32", "beta")
+        k1 = te.reduce_axis((0, c), "k1")
+        s1 = te.compute((rows,), lambda r: te.sum(X[r, k1], axis=k1), "ln_sum")
+        k2 = te.reduce_axis((0, c), "k2")
+        s2 = te.compute((rows,), lambda r: te.sum((X[r, k2] - s1[r] * inv) * (X[r, k2] - s1[r] * inv), axis=k2), "ln_var")
+        Y = te.compute((rows, c), lambda r, j: (X[r, j] - s1[r] * inv) * tirx.rsqrt(s2[r] * inv + eps) * G[j] + B[j],
+                       "ln_out")  # fmt: skip
+        sch = s_tir.Schedule(te.create_prim_func([X, G, B, Y]))
+        out = sch.get_sblock("ln_out")
+        r, j = sch.get_loops(out)
+        sch.parallel(r)
+        _, jv = sch.split(j, [None, lanes])
+        sch.vectorize(jv)
+        rfs = {}
+        for name in ("ln_sum", "ln_var"):  # lanes of partial sums, reduced to one at the end
+            blk = sch.get_sblock(name)
+            _, kv = sch.split(sch.get_loops(blk)[-1], [None, lanes])
+            rfs[name] = sch.rfactor(kv, factor_axis=1)
+        for name in ("ln_var", "ln_sum"):  # consumers first: each lands under the row loop
+            sch.compute_at(sch.get_sblock(name), r)
+            sch.compute_at(rfs[name], r)
+        for rf in rfs.values():
+            _, lane, k = sch.get_loops(rf)  # compute_at orders them as the block's iters: lanes, then k
+            sch.reorder(k, lane)
+            sch.vectorize(lane)
+            sch.decompose_reduction(rf, k)
+        func = sch.mod["main"].with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+        gv = bb.add_func(func, "layer_norm_rows")
+        xr = bb.normalize(relax.op.reshape(x, (rows, c)))
+        y = bb.emit(relax.call_tir(gv, [xr, gamma, beta], relax.TensorType((rows, c), "float32")))
+        return relax.op.reshape(y, shape)
+
+    return legalize
+
+
+def softmax_rows(lanes: int):
+    """A Relax pass: a float32 softmax over the last axis whose length is a whole number of
+    vectors (after ``softmax_padded_to``) becomes one row-parallel kernel: the row's max and its
+    sum of exponentials each one vectorized pass (``rfactor`` into ``lanes`` partials), then the
+    normalized row, while the row is in cache; exp is TVM's fast polynomial form, as
+    ``FastMathTransform`` gives the rest of the model."""
+    return _relax_pass("SoftmaxRows", "relax.nn.softmax", lambda bb, call: _softmax_rows(bb, call, lanes))
+
+
+def _softmax_rows(bb, call, lanes: int):
+    from tvm import relax, s_tir, te, topi
+
+    x = call.args[0]
+    shapes = _static_shapes(x)
+    if not shapes or not shapes[0] or str(x.ty.dtype) != "float32":
+        return None
+    shape = shapes[0]
+    if int(call.attrs.axis) % len(shape) != len(shape) - 1 or shape[-1] % lanes or shape[-1] < 2 * lanes:
+        return None
+    c = shape[-1]
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    X = te.placeholder((rows, c), "float32", "x")
+    k1 = te.reduce_axis((0, c), "k1")
+    M = te.compute((rows,), lambda r: te.max(X[r, k1], axis=k1), "sm_max")
+    E = topi.fast_exp(te.compute((rows, c), lambda r, j: X[r, j] - M[r], "sm_shift"))
+    k2 = te.reduce_axis((0, c), "k2")
+    S = te.compute((rows,), lambda r: te.sum(E[r, k2], axis=k2), "sm_sum")
+    Y = te.compute((rows, c), lambda r, j: E[r, j] / S[r], "sm_out")
+    sch = s_tir.Schedule(te.create_prim_func([X, Y]))
+    for name in ("sm_shift", E.op.name):  # recomputed where read: two cheap vector passes
+        sch.compute_inline(sch.get_sblock(name))
+    r, j = sch.get_loops(sch.get_sblock("sm_out"))
+    sch.parallel(r)
+    _, jv = sch.split(j, [None, lanes])
+    sch.vectorize(jv)
+    rfs = {}
+    for name in ("sm_max", "sm_sum"):
+        blk = sch.get_sblock(name)
+        _, kv = sch.split(sch.get_loops(blk)[-1], [None, lanes])
+        rfs[name] = sch.rfactor(kv, factor_axis=1)
+    for name in ("sm_sum", "sm_max"):  # consumers first: each lands under the row loop
+        sch.compute_at(sch.get_sblock(name), r)
+        sch.compute_at(rfs[name], r)
+    for rf in rfs.values():
+        _, lane, k = sch.get_loops(rf)
+        sch.reorder(k, lane)
+        sch.vectorize(lane)
+        sch.decompose_reduction(rf, k)
+    func = sch.mod["main"].with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+    gv = bb.add_func(func, "softmax_rows")
+    xr = bb.normalize(relax.op.reshape(x, (rows, c)))
+    y = bb.emit(relax.call_tir(gv, [xr], relax.TensorType((rows, c), "float32")))
+    return relax.op.reshape(y, shape)

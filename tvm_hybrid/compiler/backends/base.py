@@ -110,9 +110,14 @@ class Backend:
         """Relax passes this backend runs before any constant folding (part of ``fuse``)."""
         return []
 
+    def legalizations(self, profile: TargetProfile) -> dict:
+        """Relax op name -> legalization this backend uses instead of TVM's (part of ``fuse``)."""
+        return {}
+
     def fuse(self, mod, profile: TargetProfile, precision: str = "fp32"):
         """Legalized, fused TIR kernels: what tuning extracts tasks from and builds start from."""
-        return build.fuse(mod, profile, self.rewrites(profile), self.before_folding(profile), precision)
+        return build.fuse(mod, profile, self.rewrites(profile), self.before_folding(profile), precision,
+                          self.legalizations(profile))  # fmt: skip
 
     def optimize(self, mod, profile: TargetProfile, database=None, precision: str = "fp32"):
         """The Relax passes every build runs, ending with scheduled TIR kernels.

@@ -834,10 +834,11 @@ class CpuBackend(Backend):
         88.72), erf within 4.2e-7 and tanh within 3.2e-7 absolute."""
         from tvm import relax
 
-        from ..rewrites import patch_conv_as_matmul, softmax_padded_to
+        from ..rewrites import patch_conv_as_matmul, softmax_padded_to, softmax_rows
 
         lanes = cpu_config(profile.tvm()).lanes
-        return [softmax_padded_to(lanes), relax.transform.FastMathTransform(), patch_conv_as_matmul()]
+        return [softmax_padded_to(lanes), softmax_rows(lanes), relax.transform.FastMathTransform(),
+                patch_conv_as_matmul()]  # fmt: skip
 
     def prepare(self, imported, profile: TargetProfile):
         """float16 nodes compute in float32 where the CPU has no fp16 arithmetic (``--precision``
@@ -854,6 +855,13 @@ class CpuBackend(Backend):
         if not fp16_in_fp32(model):
             return imported
         return dataclasses.replace(imported, model=_infer(model))
+
+    def legalizations(self, profile: TargetProfile) -> dict:
+        """LayerNorm over the last axis as a row-parallel, vectorized kernel
+        (``rewrites.layer_norm_rows``)."""
+        from ..rewrites import layer_norm_rows
+
+        return {"relax.nn.layer_norm": layer_norm_rows(cpu_config(profile.tvm()).lanes)}
 
     keeps_int8_weights = True
 
