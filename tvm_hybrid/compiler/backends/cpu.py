@@ -817,6 +817,14 @@ def _interleave_phases(sch, block) -> int:
 # -- the backend ------------------------------------------------------------------------
 
 
+def _has_half(model) -> bool:
+    """Whether any tensor of the model is float16 or bfloat16 (no copy of the model needed if not)."""
+    half = (10, 16)  # TensorProto.FLOAT16, BFLOAT16
+    g = model.graph
+    return any(t.data_type in half for t in g.initializer) or any(
+        vi.type.tensor_type.elem_type in half for vi in [*g.input, *g.value_info, *g.output])  # fmt: skip
+
+
 class CpuBackend(Backend):
     """CPUs through LLVM: heuristic default schedules (``apply_default``), MetaSchedule tuning
     measured on this machine (or on the device over RPC), the library linked for the profile."""
@@ -849,7 +857,7 @@ class CpuBackend(Backend):
         from ..legalize import fp16_in_fp32
         from ...targets import precisions
 
-        if "fp16" in precisions(profile):
+        if "fp16" in precisions(profile) or not _has_half(imported.model):
             return imported
         model = _copy(imported.model)
         if not fp16_in_fp32(model):
