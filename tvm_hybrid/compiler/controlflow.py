@@ -218,7 +218,7 @@ def static_control_flow(model: onnx.ModelProto) -> bool:
     """Replace If on a constant condition, Loop with constant trip count, Scan and the recurrent
     ops, in place; True when something changed (shapes need inferring again)."""
     from . import recurrent
-    from .legalize import Ctx
+    from .legalize import Ctx, replace_nodes
 
     g = model.graph
     info = Ctx(model)
@@ -242,9 +242,7 @@ def static_control_flow(model: onnx.ModelProto) -> bool:
             out.extend(new)
             changed = True
     if changed:
-        del g.node[:]
-        g.node.extend(out)
-        g.initializer.extend(names.inits)
+        replace_nodes(g, out, names.inits)
     return changed
 
 

@@ -128,11 +128,7 @@ def inline(node: NodeProto, body: FunctionProto, prefix: str, schema) -> list[No
         new.name = prefix + (inner.name or inner.op_type)
         for a in inner.attribute:
             if a.HasField("ref_attr_name"):
-                if a.ref_attr_name in attrs:
-                    b = AttributeProto()
-                    b.CopyFrom(attrs[a.ref_attr_name])
-                    b.name = a.name
-                    new.attribute.append(b)
+                new.attribute.extend(_referenced(a, attrs))
                 continue
             if a.type == AttributeProto.GRAPHS:
                 return None
@@ -145,6 +141,17 @@ def inline(node: NodeProto, body: FunctionProto, prefix: str, schema) -> list[No
             new.attribute.append(a)
         out.append(new)
     return out
+
+
+def _referenced(a: AttributeProto, attrs: dict) -> list[AttributeProto]:
+    """A body attribute that refers to the node's (``ref_attr_name``), resolved: the node's
+    value under the body's name, or nothing when the node does not set it."""
+    if a.ref_attr_name not in attrs:
+        return []
+    b = AttributeProto()
+    b.CopyFrom(attrs[a.ref_attr_name])
+    b.name = a.name
+    return [b]
 
 
 def _rename_subgraph(g: onnx.GraphProto, outer: Callable[[str], str], attrs: dict, prefix: str) -> None:
@@ -169,11 +176,7 @@ def _rename_subgraph(g: onnx.GraphProto, outer: Callable[[str], str], attrs: dic
         keep = []
         for a in n.attribute:
             if a.HasField("ref_attr_name"):
-                if a.ref_attr_name in attrs:
-                    b = AttributeProto()
-                    b.CopyFrom(attrs[a.ref_attr_name])
-                    b.name = a.name
-                    keep.append(b)
+                keep.extend(_referenced(a, attrs))
                 continue
             if a.type == AttributeProto.GRAPH:
                 _rename_subgraph(a.g, rename, attrs, prefix)

@@ -615,10 +615,15 @@ def legalize(model: onnx.ModelProto) -> bool:
         out.extend(_topo(new))
         changed = True
     if changed:
-        del g.node[:]
-        g.node.extend(out)
-        g.initializer.extend(ctx.new_inits)
+        replace_nodes(g, out, ctx.new_inits)
     return changed
+
+
+def replace_nodes(g: onnx.GraphProto, nodes: list, inits: list) -> None:
+    """The graph's nodes become ``nodes``; ``inits`` join its initializers."""
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
 
 
 def _topo(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
@@ -679,6 +684,5 @@ def fp16_in_fp32(model: onnx.ModelProto) -> bool:
         out.extend(tail)
         changed = True
     if changed:
-        del g.node[:]
-        g.node.extend(out)
+        replace_nodes(g, out, [])
     return changed

@@ -136,15 +136,21 @@ def softmax_padded_to(lanes: int):
     return _relax_pass("SoftmaxPaddedToVectors", "relax.nn.softmax", lambda bb, call: _pad_softmax(bb, call, lanes))
 
 
-def _pad_softmax(bb, call, lanes: int):
-    from tvm import relax
-
+def _f32_softmax(call):
+    """(input, its static shape, the softmax axis) of a float32 softmax, or None."""
     x = call.args[0]
     shapes = _static_shapes(x)
     if not shapes or not shapes[0] or str(x.ty.dtype) != "float32":
         return None
-    shape = list(shapes[0])
-    axis = int(call.attrs.axis) % len(shape)
+    return x, list(shapes[0]), int(call.attrs.axis) % len(shapes[0])
+
+
+def _pad_softmax(bb, call, lanes: int):
+    from tvm import relax
+
+    if (found := _f32_softmax(call)) is None:
+        return None
+    x, shape, axis = found
     n = shape[axis]
     best = next((d for d in range(min(n, lanes), 3, -1) if n % d == 0), 0)
     if n < 2 * lanes or 2 * best > lanes:
@@ -571,28 +577,7 @@ def layer_norm_rows(lanes: int):
         Y = te.compute((rows, c), lambda r, j: (X[r, j] - s1[r] * inv) * tirx.rsqrt(s2[r] * inv + eps) * G[j] + B[j],
                        "ln_out")  # fmt: skip
         sch = s_tir.Schedule(te.create_prim_func([X, G, B, Y]))
-        out = sch.get_sblock("ln_out")
-        r, j = sch.get_loops(out)
-        sch.parallel(r)
-        _, jv = sch.split(j, [None, lanes])
-        sch.vectorize(jv)
-        rfs = {}
-        for name in ("ln_sum", "ln_var"):  # lanes of partial sums, reduced to one at the end
-            blk = sch.get_sblock(name)
-            _, kv = sch.split(sch.get_loops(blk)[-1], [None, lanes])
-            rfs[name] = sch.rfactor(kv, factor_axis=1)
-        for name in ("ln_var", "ln_sum"):  # consumers first: each lands under the row loop
-            sch.compute_at(sch.get_sblock(name), r)
-            sch.compute_at(rfs[name], r)
-        for rf in rfs.values():
-            _, lane, k = sch.get_loops(rf)  # compute_at orders them as the block's iters: lanes, then k
-            sch.reorder(k, lane)
-            sch.vectorize(lane)
-            sch.decompose_reduction(rf, k)
-        func = sch.mod["main"].with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
-        gv = bb.add_func(func, "layer_norm_rows")
-        xr = bb.normalize(relax.op.reshape(x, (rows, c)))
-        y = bb.emit(relax.call_tir(gv, [xr, gamma, beta], relax.TensorType((rows, c), "float32")))
+        y = _row_kernel(bb, sch, "ln_out", ("ln_sum", "ln_var"), lanes, "layer_norm_rows", [x, gamma, beta], rows, c)
         return relax.op.reshape(y, shape)
 
     return legalize
@@ -610,12 +595,10 @@ def softmax_rows(lanes: int):
 def _softmax_rows(bb, call, lanes: int):
     from tvm import relax, s_tir, te, topi
 
-    x = call.args[0]
-    shapes = _static_shapes(x)
-    if not shapes or not shapes[0] or str(x.ty.dtype) != "float32":
+    if (found := _f32_softmax(call)) is None:
         return None
-    shape = shapes[0]
-    if int(call.attrs.axis) % len(shape) != len(shape) - 1 or shape[-1] % lanes or shape[-1] < 2 * lanes:
+    x, shape, axis = found
+    if axis != len(shape) - 1 or shape[-1] % lanes or shape[-1] < 2 * lanes:
         return None
     c = shape[-1]
     rows = 1
@@ -631,25 +614,35 @@ def _softmax_rows(bb, call, lanes: int):
     sch = s_tir.Schedule(te.create_prim_func([X, Y]))
     for name in ("sm_shift", E.op.name):  # recomputed where read: two cheap vector passes
         sch.compute_inline(sch.get_sblock(name))
-    r, j = sch.get_loops(sch.get_sblock("sm_out"))
+    y = _row_kernel(bb, sch, "sm_out", ("sm_max", "sm_sum"), lanes, "softmax_rows", [x], rows, c)
+    return relax.op.reshape(y, shape)
+
+
+def _row_kernel(bb, sch, out: str, reductions: tuple[str, ...], lanes: int, name: str, args, rows: int, c: int):
+    """Schedule a (rows, c) kernel whose ``reductions`` (in order, each reading the ones before)
+    feed ``out``: rows in parallel, each reduction one vectorized pass (``rfactor`` into ``lanes``
+    partials) under the row loop, the output row vectorized; add it to the module and call it on
+    ``args`` (the first flattened to rows). Returns the (rows, c) result."""
+    from tvm import relax
+
+    r, j = sch.get_loops(sch.get_sblock(out))
     sch.parallel(r)
     _, jv = sch.split(j, [None, lanes])
     sch.vectorize(jv)
     rfs = {}
-    for name in ("sm_max", "sm_sum"):
-        blk = sch.get_sblock(name)
+    for red in reductions:
+        blk = sch.get_sblock(red)
         _, kv = sch.split(sch.get_loops(blk)[-1], [None, lanes])
-        rfs[name] = sch.rfactor(kv, factor_axis=1)
-    for name in ("sm_sum", "sm_max"):  # consumers first: each lands under the row loop
-        sch.compute_at(sch.get_sblock(name), r)
-        sch.compute_at(rfs[name], r)
+        rfs[red] = sch.rfactor(kv, factor_axis=1)
+    for red in reversed(reductions):  # consumers first: each lands under the row loop
+        sch.compute_at(sch.get_sblock(red), r)
+        sch.compute_at(rfs[red], r)
     for rf in rfs.values():
-        _, lane, k = sch.get_loops(rf)
+        _, lane, k = sch.get_loops(rf)  # compute_at orders them as the block's iters: lanes, then k
         sch.reorder(k, lane)
         sch.vectorize(lane)
         sch.decompose_reduction(rf, k)
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
-    gv = bb.add_func(func, "softmax_rows")
-    xr = bb.normalize(relax.op.reshape(x, (rows, c)))
-    y = bb.emit(relax.call_tir(gv, [xr], relax.TensorType((rows, c), "float32")))
-    return relax.op.reshape(y, shape)
+    gv = bb.add_func(func, name)
+    flat = bb.normalize(relax.op.reshape(args[0], (rows, c)))
+    return bb.emit(relax.call_tir(gv, [flat, *args[1:]], relax.TensorType((rows, c), "float32")))
