@@ -13,6 +13,8 @@ import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
 from ..errors import UnsupportedError
+from .onnx_graph import attr as _attr
+from .onnx_graph import opset, replace_nodes
 
 #: Most nodes an unrolled loop may add (iterations × body nodes): beyond, the model is refused.
 MAX_UNROLLED_NODES = 200_000
@@ -20,7 +22,7 @@ MAX_UNROLLED_NODES = 200_000
 
 class _Names:
     def __init__(self, model: onnx.ModelProto):
-        self.opset = _opset(model)
+        self.opset = opset(model)
         self.ids = itertools.count()
         self.inits: list[onnx.TensorProto] = []
         self.values = {t.name: t for t in model.graph.initializer}
@@ -38,13 +40,6 @@ class _Names:
     def value(self, name: str) -> np.ndarray | None:
         t = self.values.get(name)
         return None if t is None else numpy_helper.to_array(t)
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _instantiate(body: onnx.GraphProto, bind: dict[str, str], suffix: str, names: _Names) -> tuple[list, dict]:
@@ -218,7 +213,7 @@ def static_control_flow(model: onnx.ModelProto) -> bool:
     """Replace If on a constant condition, Loop with constant trip count, Scan and the recurrent
     ops, in place; True when something changed (shapes need inferring again)."""
     from . import recurrent
-    from .legalize import Ctx, replace_nodes
+    from .legalize import Ctx
 
     g = model.graph
     info = Ctx(model)
@@ -230,7 +225,7 @@ def static_control_flow(model: onnx.ModelProto) -> bool:
         if node.domain in ("", "ai.onnx"):
             if node.op_type == "If":
                 new = _static_if(node, names)
-            elif node.op_type == "Scan" and _opset(model) >= 9:
+            elif node.op_type == "Scan" and opset(model) >= 9:
                 new = _scan(node, names, shapes)
             elif node.op_type == "Loop":
                 new = _loop(node, names)
@@ -244,8 +239,4 @@ def static_control_flow(model: onnx.ModelProto) -> bool:
     if changed:
         replace_nodes(g, out, names.inits)
     return changed
-
-
-def _opset(model) -> int:
-    return max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [1])
 

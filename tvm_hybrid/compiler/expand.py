@@ -15,6 +15,8 @@ from typing import Callable
 import onnx
 from onnx import AttributeProto, FunctionProto, NodeProto, helper
 
+from .onnx_graph import attr, opset, replace_nodes
+
 log = logging.getLogger(__name__)
 
 #: Op types the frontend has a converter for that implements a different op (another domain's).
@@ -48,7 +50,7 @@ def needs_expansion(node: NodeProto, supported: set[str], used: set[str], types:
     # TVM's rms_norm kernel fails to build when every axis is normalized (axis 0).
     if node.op_type == "RMSNormalization" and types and node.input[0] in types:
         rank = len(types[node.input[0]].tensor_type.shape.dim)
-        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
+        axis = attr(node, "axis", -1)
         if rank and axis % rank == 0:
             return True
     return False
@@ -92,9 +94,9 @@ def _with_defaults(node: NodeProto, schema) -> NodeProto:
     out = NodeProto()
     out.CopyFrom(node)
     have = {a.name for a in node.attribute}
-    for name, attr in schema.attributes.items():
-        if name not in have and attr.default_value and attr.default_value.type != AttributeProto.UNDEFINED:
-            out.attribute.append(attr.default_value)
+    for name, spec in schema.attributes.items():
+        if name not in have and spec.default_value and spec.default_value.type != AttributeProto.UNDEFINED:
+            out.attribute.append(spec.default_value)
     return out
 
 
@@ -190,7 +192,7 @@ def _rename_subgraph(g: onnx.GraphProto, outer: Callable[[str], str], attrs: dic
 def expand_functions(model: onnx.ModelProto, supported: set[str], infer: Callable) -> onnx.ModelProto:
     """Replace every node the frontend cannot take by its ONNX function body, re-inferring shapes
     between rounds (``infer``). Nodes with no body are left for the caller to report."""
-    opset = max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [1])
+    version = opset(model)
     for round_ in range(_MAX_ROUNDS):
         g = model.graph
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
@@ -201,11 +203,11 @@ def expand_functions(model: onnx.ModelProto, supported: set[str], infer: Callabl
         changed = False
         for i, node in enumerate(g.node):
             if needs_expansion(node, supported, used, types):
-                body = function_body(node, opset, [types.get(x) if x else onnx.TypeProto() for x in node.input])
+                body = function_body(node, version, [types.get(x) if x else onnx.TypeProto() for x in node.input])
                 nodes = None
                 if body is not None:
                     prefix = f"{node.name or node.op_type}__{round_}_{i}__"
-                    nodes = inline(node, body, prefix, _schema(node.op_type, opset, node.domain))
+                    nodes = inline(node, body, prefix, _schema(node.op_type, version, node.domain))
                 if nodes:
                     log.debug("expanded %s (%s) into %d nodes", node.name, node.op_type, len(nodes))
                     new_nodes.extend(nodes)
@@ -214,8 +216,7 @@ def expand_functions(model: onnx.ModelProto, supported: set[str], infer: Callabl
             new_nodes.append(node)
         if not changed:
             return model
-        del g.node[:]
-        g.node.extend(new_nodes)
+        replace_nodes(g, new_nodes, [])
         # A body may use ops from a newer opset than the model imports (the function's own
         # opset_import); the schema versions chosen above are at the model's opset, so it holds.
         model = infer(model)

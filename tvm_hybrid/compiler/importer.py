@@ -23,6 +23,9 @@ from ..manifest import DTYPES, TensorSpec
 from .controlflow import static_control_flow
 from .expand import expand_functions
 from .legalize import legalize
+from .onnx_graph import attr as _attr
+from .onnx_graph import opset as _opset
+from .onnx_graph import static_shapes as _static_shapes
 
 log = logging.getLogger(__name__)
 
@@ -212,14 +215,12 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
     model = _infer(model)
     model = expand_functions(model, supported_op_types(), _infer)
     model = fold_constants(model)
-    if legalize(model):
-        model = fold_constants(_infer(model))
-    for _ in range(16):  # an unrolled body may hold more control flow
+    for _ in range(16):  # what one pass writes may need the other (an unrolled body holds more control flow)
+        if legalize(model):
+            model = fold_constants(_infer(model))
         if not static_control_flow(model):
             break
         model = fold_constants(_infer(model))
-        if legalize(model):
-            model = fold_constants(_infer(model))
     _cast_mul_as_dequantize(model)
     check_sizes(model)
     inputs = [_spec(vi) for vi in model.graph.input if vi.name not in {t.name for t in model.graph.initializer}]
@@ -230,12 +231,8 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
     if runtime_axes:
         needed = shape_inputs(model)
         op, name = runtime_axes[0]
-        err = UnsupportedError(
-            f"{op} reads {name!r} as a constant (TVM's kernel fixes it at compile time), but it is computed at run time"
-            + (f"; fix input(s) {', '.join(needed)} with " + " ".join(f"--input {n}=VALUE" for n in needed) if needed else "")
-        )
-        err.shape_inputs = needed
-        raise err
+        raise _needs_values(f"{op} reads {name!r} as a constant (TVM's kernel fixes it at compile time), but it is "
+                            f"computed at run time", needed)  # fmt: skip
     outputs = []
     for vi in model.graph.output:
         if vi.name in consts:
@@ -247,14 +244,8 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
         if spec.shape is None or any(d < 0 for d in spec.shape):
             needed = shape_inputs(model)
             if needed:
-                example = " ".join(f"--input {n}=VALUE" for n in needed)
-                err = UnsupportedError(
-                    f"output {vi.name!r} has a shape that depends on the value of input(s) {', '.join(needed)}; "
-                    f"tvm-hybrid compiles static shapes: fix the value at compile time with {example} "
-                    "(JSON, e.g. [0,2]); the artifact then refuses other values"
-                )
-                err.shape_inputs = needed
-                raise err
+                raise _needs_values(f"output {vi.name!r} has a shape that depends on the value of input(s) "
+                                    f"{', '.join(needed)}; tvm-hybrid compiles static shapes", needed)  # fmt: skip
             raise UnsupportedError(
                 f"output {vi.name!r} has a data-dependent shape that cannot be fixed at compile time "
                 "(ops like NonZero or NonMaxSuppression); tvm-hybrid compiles static shapes only"
@@ -268,6 +259,17 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
         outputs=outputs,
         opset=_opset(model),
     )
+
+
+def _needs_values(what: str, needed: list[str]) -> UnsupportedError:
+    """The error for a model that compiles once ``needed`` inputs' values are fixed; it names
+    them, and carries them as ``shape_inputs`` (scripts/conformance.py fixes them from its data)."""
+    err = UnsupportedError(
+        what + (f": fix the value at compile time with {' '.join(f'--input {n}=VALUE' for n in needed)} "
+                "(JSON, e.g. [0,2]); the artifact then refuses other values" if needed else "")
+    )
+    err.shape_inputs = needed
+    return err
 
 
 def _bind_values(graph: onnx.GraphProto, overrides: list[InputOverride]) -> dict[str, Any]:
@@ -381,13 +383,6 @@ def _check_domains(model: onnx.ModelProto) -> None:
         )
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            return o.version
-    return 1
-
-
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -471,19 +466,6 @@ def _itemsize(elem_type: int) -> int:
         return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
     except Exception:  # undefined, string or exotic types: count elements
         return 1
-
-
-def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    g = model.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-        if all(d >= 0 for d in dims):
-            shapes[vi.name] = tuple(dims)
-    return shapes
 
 
 def fold_constants(model: onnx.ModelProto, max_rounds: int = 20) -> onnx.ModelProto:
@@ -636,13 +618,6 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto:
     raise ValueError("constant without a dense value")
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _single_node_model(node, graph, opsets, init_by_name, new_inits) -> onnx.ModelProto:
     ins = [i for i in node.input if i]
     inits = [init_by_name[i] for i in dict.fromkeys(ins)]
@@ -733,10 +708,7 @@ def to_relax(imported: ImportedModel):
     """Convert to a Relax IRModule with the weights bound as constants."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    from .converters import install
-
-    install()
-    bad = unsupported_ops(imported)
+    bad = unsupported_ops(imported)  # (installs our converters in the frontend's map first)
     if bad:
         raise UnsupportedError(f"unsupported ops: {', '.join(bad)} (TVM's ONNX frontend cannot convert them)")
     shapes = {s.name: list(s.shape) for s in imported.inputs}

@@ -17,6 +17,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UnsupportedError
+from .onnx_graph import attr as _attr
+from .onnx_graph import opset, replace_nodes, static_shapes
 
 
 class Ctx:
@@ -25,17 +27,9 @@ class Ctx:
     def __init__(self, model: onnx.ModelProto):
         g = model.graph
         self.model = model
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.types: dict[str, int] = {}
-        for vi in [*g.input, *g.value_info, *g.output]:
-            tt = vi.type.tensor_type
-            if not vi.type.HasField("tensor_type"):
-                continue
-            self.types[vi.name] = tt.elem_type
-            if tt.HasField("shape"):
-                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-                if all(d >= 0 for d in dims):
-                    self.shapes[vi.name] = tuple(dims)
+        self.shapes: dict[str, tuple[int, ...]] = static_shapes(model)
+        self.types: dict[str, int] = {vi.name: vi.type.tensor_type.elem_type
+                                      for vi in [*g.input, *g.value_info, *g.output] if vi.type.HasField("tensor_type")}  # fmt: skip
         self.inits = {t.name: t for t in g.initializer}
         for t in g.initializer:
             self.types[t.name] = t.data_type
@@ -56,13 +50,6 @@ class Ctx:
 
     def tmp(self, hint: str) -> str:
         return f"{hint}__legal{next(self._ids)}"
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _refuse(node, why: str):
@@ -374,14 +361,10 @@ def _lp_norm(node, ctx: Ctx):
     n, q, zero_n = ctx.tmp(y), ctx.tmp(y), ctx.tmp(y)
     zero = ctx.add_const(np.zeros((), _np(ctx, x)), y)
     reduce = helper.make_node("ReduceL1" if p == 1 else "ReduceL2", [x], [n], keepdims=1, axes=[axis])
-    if _opset_of(ctx) >= 18:  # axes became an input
+    if opset(ctx.model) >= 18:  # axes became an input
         reduce = helper.make_node(reduce.op_type, [x, ctx.add_const(np.array([axis], np.int64), y)], [n], keepdims=1)
     return [reduce, helper.make_node("Div", [x, n], [q]), helper.make_node("Equal", [n, zero], [zero_n]),
             helper.make_node("Where", [zero_n, zero, q], [y])]  # a zero vector stays zero
-
-
-def _opset_of(ctx: Ctx) -> int:
-    return max([o.version for o in ctx.model.opset_import if o.domain in ("", "ai.onnx")] or [1])
 
 
 def _reverse_sequence(node, ctx: Ctx):
@@ -465,7 +448,7 @@ def _conv_integer(node, ctx: Ctx):
 
 def _upsample(node, ctx: Ctx):
     """Upsample (deprecated) is Resize with asymmetric coordinates and floor rounding."""
-    if max([o.version for o in ctx.model.opset_import if o.domain in ("", "ai.onnx")] or [1]) < 10:
+    if opset(ctx.model) < 10:
         return None  # no Resize before opset 10
     scales = node.input[1] if len(node.input) > 1 else None
     if scales is None:
@@ -553,7 +536,7 @@ def _split_empty(node, ctx: Ctx):
     if sizes is None and len(node.input) > 1 and node.input[1]:
         sizes = ctx.const(node.input[1])
         sizes = None if sizes is None else sizes.ravel().tolist()
-    if not sizes or 0 not in sizes or _opset_of(ctx) < 10:
+    if not sizes or 0 not in sizes or opset(ctx.model) < 10:
         return None
     axis = _attr(node, "axis", 0)
     nodes, off = [], 0
@@ -617,13 +600,6 @@ def legalize(model: onnx.ModelProto) -> bool:
     if changed:
         replace_nodes(g, out, ctx.new_inits)
     return changed
-
-
-def replace_nodes(g: onnx.GraphProto, nodes: list, inits: list) -> None:
-    """The graph's nodes become ``nodes``; ``inits`` join its initializers."""
-    del g.node[:]
-    g.node.extend(nodes)
-    g.initializer.extend(inits)
 
 
 def _topo(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:

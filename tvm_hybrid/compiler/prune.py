@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import numpy_helper, shape_inference
 
 from ..errors import UsageError
+from .onnx_graph import attr as _attr
 from .samples import (OutputReport, compare, copy, load_samples, loss, model_inputs, named, onnxruntime, read_model,
                       run, session, split, write_atomic)  # fmt: skip
 
@@ -233,13 +234,6 @@ def _channels(model: onnx.ModelProto, sparsity: float) -> tuple[onnx.ModelProto,
             t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new_inits[t.name]), t.name))
     del g.value_info[:]
     return shape_inference.infer_shapes(m), layers, removed
-
-
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _per_channel(arr: np.ndarray, c: int) -> bool:

@@ -27,6 +27,7 @@ import onnx
 
 from ..errors import UsageError, one_line
 from ..manifest import sha256_file
+from .onnx_graph import opset
 from .samples import (OutputReport, compare, copy, load_samples, loss, model_inputs, named, onnxruntime, read_model,
                       run, split, write_atomic)  # fmt: skip
 
@@ -244,8 +245,7 @@ def _opset_13(model: onnx.ModelProto) -> onnx.ModelProto:
     """Per-channel DequantizeLinear (its ``axis``) needs opset 13: older models are converted."""
     from onnx import version_converter
 
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    if opset >= 13:
+    if opset(model) >= 13:
         return model
     try:
         return version_converter.convert_version(model, 13)

@@ -12,6 +12,7 @@ import onnx
 from onnx import helper
 
 from ..errors import UnsupportedError
+from .onnx_graph import attr
 
 OPS = {"RNN", "GRU", "LSTM"}
 _GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
@@ -73,12 +74,11 @@ class _Emit:
 
 
 def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            v = helper.get_attribute_value(a)
-            return v.decode() if isinstance(v, bytes) else [x.decode() if isinstance(x, bytes) else x for x in v] \
-                if isinstance(v, list) else v  # fmt: skip
-    return default
+    """``onnx_graph.attr`` with strings (and lists of them) decoded."""
+    v = attr(node, name, default)
+    if isinstance(v, list):
+        return [x.decode() if isinstance(x, bytes) else x for x in v]
+    return v.decode() if isinstance(v, bytes) else v
 
 
 def unroll(node: onnx.NodeProto, names, shapes: dict, types: dict):
