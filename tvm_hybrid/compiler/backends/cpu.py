@@ -98,7 +98,12 @@ def schedule_func(func, cfg: CpuConfig):
     """A scheduled copy of ``func``, or None when the heuristic does not apply."""
     from tvm import s_tir
 
+    from .. import int8
+
     sch = s_tir.Schedule(func)
+    if int8.is_int8_kernel(sch):
+        int8.schedule(sch, cfg.parallel_min_work)
+        return sch.mod["main"]
     blocks = _child_blocks(sch)
     if blocks is None:
         return None
@@ -875,10 +880,12 @@ class CpuBackend(Backend):
 
     def before_folding(self, profile: TargetProfile) -> list:
         """int8 weights stay int8 in the library, dequantized in the kernels that read them
-        (``rewrites.int8_weights``)."""
+        (``rewrites.int8_weights``); with AVX-512 VNNI a quantized convolution of a quantized
+        activation computes in int8 (``int8.conv2d_int8``)."""
+        from .. import int8
         from ..rewrites import int8_weights
 
-        return [int8_weights()]
+        return [*([int8.conv2d_int8()] if int8.has_vnni(profile.tvm()) else []), int8_weights()]
 
     def schedule(self, mod, profile: TargetProfile):
         return apply_default(mod, profile)

@@ -1,0 +1,331 @@
+"""int8 x int8 convolutions on CPUs with AVX-512 VNNI: a QDQ model's quantized convolutions as
+integer arithmetic, not fake-quantized fp32.
+
+A QDQ model (``tvm-hybrid quantize``, onnxruntime's quantizer, most exporters) writes a quantized
+convolution as ``Conv(DequantizeLinear(x_q), DequantizeLinear(w_q))``: the activation ``x_q`` is
+uint8 (or int8) with one scale and zero point, the weight int8 per output channel with zero
+points 0. Run as written, both are turned back into floats and convolved in fp32. Here the
+convolution becomes one kernel (``conv2d_int8``) that reads ``x_q`` itself:
+
+    out[n, o, y, x] = scale_x * scale_w[o] * (Σ x_q * w_q  -  zero_x * Σ w_q[o])
+
+— the same value as the dequantized convolution (both integers are exact; one fp32 rounding of
+the product of scales). The sum runs on ``vpdpbusd`` (u8 x s8 -> s32, 64 products an
+instruction, no saturation). Padding pads ``x_q`` with its zero point, which is the 0.0 the
+float convolution pads with, so the correction term holds at the borders too.
+
+The kernel's stages (``schedule``):
+
+- ``int8_pack``: ``x_q`` in the layout the dot product reads: four input channels interleaved
+  (the four bytes ``vpdpbusd`` sums), padded, and for a stride-s convolution split into s x s
+  phase planes, each plane flattened. A tap (dy, dx) of the window is then one offset into a
+  plane, so 16 consecutive outputs read 64 consecutive bytes — one vector load, no im2col
+  (the "wide rows" form: a row computes ``Wq - OW`` outputs past its end, dropped later).
+- ``int8_acc``: the int32 sums, a register tile of (rows output channels) x (cols vectors of 16
+  pixels) accumulators, the weights (prepacked at compile time as [o, tap, 4 channels])
+  broadcast 4 bytes at a time.
+- ``int8_out``: the int32 sums to floats (the correction and the scales), then whatever FuseOps
+  put after it (bias, activation, the next layer's QuantizeLinear) inlined into one pass.
+
+Only where the target has AVX-512 VNNI (``has_vnni``). Depthwise and grouped convolutions,
+small weights and anything not of this form keep the fp32 path (``rewrites.int8_weights``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+#: The block names the CPU schedule recognizes (``backends.cpu.schedule_func``).
+PACK, ACC, OUT = "int8_pack", "int8_acc", "int8_out"
+#: Block annotation on ``int8_acc``: the register tile [rows, cols] the weights were padded for.
+TILE_ATTR = "tvm_hybrid.int8_tile"
+INTRIN = "tvm_hybrid_vnni_px16x4"
+#: Output pixels one accumulator vector holds (16 int32 lanes of a zmm register).
+LANES = 16
+#: Accumulator registers of a tile (of 32 zmm: the rest hold the data vectors and a broadcast).
+_ACCUMULATORS = 24
+_MAX_ROWS = 8
+_MAX_COLS = 4
+
+
+def has_vnni(target) -> bool:
+    """Whether an llvm target compiles in AVX-512 VNNI (its mcpu, or ``+avx512vnni``)."""
+    from .. import hostcpu
+
+    if target.kind.name != "llvm":
+        return False
+    attrs = {"mcpu": str(target.attrs.get("mcpu", "") or ""), "mattr": [str(a) for a in (target.attrs.get("mattr") or [])]}
+    return "avx512_vnni" in hostcpu.x86_features(attrs)
+
+
+@functools.lru_cache(maxsize=1)
+def register_intrinsic() -> str:
+    """The VNNI tensor intrinsic: 16 output pixels x 4 input channels (u8) times 4 weights (s8),
+    accumulated into 16 int32 lanes: one ``vpdpbusd`` with the weights broadcast."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((16, 4), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:  # fmt: skip
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:16, 0:4], b[0:4])
+            T.writes(c[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vi, vk], "int32") * T.cast(b[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((16, 4), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:  # fmt: skip
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:16, 0:4], b[0:4])
+            T.writes(c[0:16])
+            w = T.reinterpret(T.broadcast(T.reinterpret(b.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64")
+            c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                c.vload([0], "int32x16"), a.vload([0, 0], "uint8x64"), w, dtype="int32x16",
+            )  # fmt: skip
+
+    try:
+        TensorIntrin.get(INTRIN)
+    except Exception:  # not registered yet in this process
+        TensorIntrin.register(INTRIN, desc, impl)
+    return INTRIN
+
+
+# -- the Relax rewrite ------------------------------------------------------------------------
+
+
+def conv2d_int8():
+    """A Relax pass (before constant folding, CPU targets with VNNI): each ``conv2d`` of a
+    dequantized uint8/int8 activation (one scale and zero point) and a dequantized int8 weight
+    constant (zero points 0) becomes a ``conv2d_int8`` kernel; see the module's docstring."""
+    from .rewrites import _relax_pass
+
+    return _relax_pass("Conv2dInt8", "relax.nn.conv2d", _rewrite_conv)
+
+
+class _Skip(Exception):
+    pass
+
+
+def _scalar(m, expr):
+    from .rewrites import _const
+
+    v = _const(m, expr)
+    if v is None or v.size != 1:
+        raise _Skip
+    return v.reshape(())
+
+
+def _activation(m, expr):
+    """(x_q, scale, zero point) of a dequantized activation, else _Skip."""
+    from .rewrites import _resolve
+
+    e = _resolve(m, expr)
+    if getattr(getattr(e, "op", None), "name", "") != "relax.dequantize" or str(e.attrs.out_dtype) != "float32":
+        raise _Skip
+    xq = e.args[0]
+    if str(xq.ty.dtype) not in ("uint8", "int8"):
+        raise _Skip
+    return xq, float(_scalar(m, e.args[1])), int(_scalar(m, e.args[2]))
+
+
+def _rewrite_conv(bb, call):
+    import numpy as np
+
+    from .rewrites import _dequant_of, _NotInt8, _out_dtype, _static_shapes
+
+    a = call.attrs
+    shapes = _static_shapes(*call.args)
+    if (shapes is None or a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
+            or int(a.groups) != 1 or (_out_dtype(a) or "float32") != "float32"):  # fmt: skip
+        return None
+    m = _Mutator(bb)
+    try:
+        xq, sx, zx = _activation(m, call.args[0])
+        dq = _dequant_of(m, call.args[1])
+    except (_Skip, _NotInt8):
+        return None
+    w = dq.q
+    if w.dtype != np.int8 or dq.zero_point is not None or w.ndim != 4:
+        return None
+    oc = w.shape[0]
+    sw = np.broadcast_to(dq.scale, w.shape)[:, 0, 0, 0].astype(np.float64)
+    if str(xq.ty.dtype) == "int8":
+        zx += 128  # packed as uint8: x + 128
+    geo = _Geometry.of(shapes[0], w.shape, a)
+    rows, cols = geo.rows, geo.cols
+    ocp = -(-oc // rows) * rows
+    kb = geo.cb * geo.kh * geo.kw
+    wpad = np.zeros((ocp, geo.cb * 4, geo.kh, geo.kw), np.int8)
+    wpad[:oc, : w.shape[1]] = w
+    packed = wpad.reshape(ocp, geo.cb, 4, geo.kh, geo.kw).transpose(0, 1, 3, 4, 2).reshape(ocp, kb, 4)
+    zero_term = np.zeros(ocp, np.int32)
+    zero_term[:oc] = zx * w.astype(np.int64).sum(axis=(1, 2, 3))
+    scale = np.zeros(ocp, np.float32)
+    scale[:oc] = (sx * sw).astype(np.float32)
+    return _emit(bb, geo, xq, np.ascontiguousarray(packed), zero_term, scale, np.array([zx], np.uint8), oc)
+
+
+class _Mutator:
+    """What rewrites' helpers need of a mutator (``lookup_binding``), from a block builder."""
+
+    def __init__(self, bb):
+        self.bb = bb
+
+    def lookup_binding(self, var):
+        return self.bb.lookup_binding(var)
+
+
+class _Geometry:
+    """The shapes of one int8 convolution: input, window, stride, padding, planes, tile."""
+
+    @classmethod
+    def of(cls, xshape, wshape, attrs):
+        g = cls()
+        g.n, g.c, g.h, g.w = (int(d) for d in xshape)
+        g.oc, _, g.kh, g.kw = (int(d) for d in wshape)
+        g.sy, g.sx = (int(s) for s in attrs.strides)
+        g.dy, g.dx = (int(d) for d in attrs.dilation)
+        pt, pl, pb, pr = (int(p) for p in attrs.padding)
+        g.pt, g.pl = pt, pl
+        g.oh = (g.h + pt + pb - g.dy * (g.kh - 1) - 1) // g.sy + 1
+        g.ow = (g.w + pl + pr - g.dx * (g.kw - 1) - 1) // g.sx + 1
+        # Phase planes: the padded input split by stride; a plane row is Wq wide.
+        g.hq = -(-(g.h + pt + pb) // g.sy)
+        g.wq = -(-(g.w + pl + pr) // g.sx)
+        g.cb = -(-g.c // 4)
+        pixels = g.oh * g.wq
+        g.cols = max(1, min(_MAX_COLS, -(-pixels // LANES)))
+        g.rows = _rows(g.oc, min(_MAX_ROWS, _ACCUMULATORS // g.cols))
+        g.pp = -(-pixels // (LANES * g.cols)) * LANES * g.cols
+        # The last tap reads this far past a pixel's own offset.
+        reach = ((g.kh - 1) * g.dy // g.sy) * g.wq + (g.kw - 1) * g.dx // g.sx
+        g.length = g.pp + reach
+        return g
+
+    def key(self):
+        return tuple(sorted(vars(self).items()))
+
+
+def _rows(oc: int, most: int) -> int:
+    """Output channels a tile holds: the most that pad ``oc`` least."""
+    return min(range(most, 0, -1), key=lambda r: (-(-oc // r) * r - oc, -r)) if oc > 1 else 1
+
+
+def _emit(bb, g: _Geometry, xq, packed, zero_term, scale, zero_point, oc):
+    from tvm import relax
+
+    from .rewrites import _OUT_ELEMWISE_FUSABLE
+
+    args = [xq, relax.const(packed), relax.const(zero_term), relax.const(scale), relax.const(zero_point)]
+    key = (g.key(), str(xq.ty.dtype))
+    cache = bb.__dict__.setdefault("_conv2d_int8", {})
+    if key in cache:
+        gv, out_ty = cache[key]
+        return relax.call_tir(gv, args, out_ty)
+    out = bb.call_te(functools.partial(_compute, g, oc), *args, primfunc_name_hint="conv2d_int8")
+    gv = out.args[0]
+    func = bb.get()[gv]
+    bb.update_func(gv, func.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE))
+    cache[key] = (gv, list(out.ty_args))
+    return out
+
+
+def _compute(g: _Geometry, oc, xq, wp, zero_term, scale, zero_point):
+    from tvm import te, tirx
+
+    signed = str(xq.dtype) == "int8"
+    planes = g.sy * g.sx
+
+    def pack(n, icb, ph, pos, i4):
+        r, col = pos // g.wq, pos % g.wq
+        ih = r * g.sy + ph // g.sx - g.pt
+        iw = col * g.sx + ph % g.sx - g.pl
+        ic = icb * 4 + i4
+        ok = tirx.all(ic < g.c, ih >= 0, ih < g.h, iw >= 0, iw < g.w)
+        v = xq[n, te.min(ic, g.c - 1), te.max(te.min(ih, g.h - 1), 0), te.max(te.min(iw, g.w - 1), 0)]
+        if signed:
+            v = (v.astype("int32") + 128).astype("uint8")
+        return tirx.if_then_else(ok, v, zero_point[0])
+
+    xp = te.compute((g.n, g.cb, planes, g.length, 4), pack, name=PACK)
+    kb = te.reduce_axis((0, g.cb * g.kh * g.kw), "kb")
+    k4 = te.reduce_axis((0, 4), "k4")
+    taps = g.kh * g.kw
+
+    def acc(n, o, p):
+        icb, ty, tx = kb // taps, kb % taps // g.kw, kb % g.kw
+        y, x = ty * g.dy, tx * g.dx
+        plane = (y % g.sy) * g.sx + x % g.sx
+        src = xp[n, icb, plane, p + (y // g.sy) * g.wq + x // g.sx, k4]
+        return te.sum(src.astype("int32") * wp[o, kb, k4].astype("int32"), axis=[kb, k4])
+
+    ocp = int(wp.shape[0])
+    s = te.compute((g.n, ocp, g.pp), acc, name=ACC, attrs={TILE_ATTR: [g.rows, g.cols]})
+
+    def out(n, o, y, x):
+        return (s[n, o, y * g.wq + x] - zero_term[o]).astype("float32") * scale[o]
+
+    return te.compute((g.n, oc, g.oh, g.ow), out, name=OUT)
+
+
+# -- the schedule -----------------------------------------------------------------------------
+
+
+def is_int8_kernel(sch) -> bool:
+    try:
+        sch.get_sblock(ACC)
+        return True
+    except Exception:
+        return False
+
+
+def schedule(sch, parallel_min_work: int) -> None:
+    """Schedule a ``conv2d_int8`` kernel (and the epilogue FuseOps put after it) in place."""
+    register_intrinsic()
+    from .backends.cpu import _child_blocks
+
+    blocks = _child_blocks(sch)
+    if blocks is None:
+        raise ValueError("int8 kernel: blocks not in their own loop nests")
+    # Everything FuseOps put around the kernel (the epilogue: bias, activation, the next
+    # QuantizeLinear; a residual's dequantized operand) is elementwise: inlined into its reader.
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
+    for b in blocks:
+        name = sch.get(b).name_hint
+        if name not in (PACK, ACC) and name not in outputs:
+            sch.compute_inline(b)
+
+    pack = sch.get_sblock(PACK)
+    loops = sch.get_loops(pack)
+    sch.parallel(sch.fuse(*loops[:3]))
+
+    acc = sch.get_sblock(ACC)
+    rows, cols = (int(v) for v in sch.get(acc).annotations[TILE_ATTR])
+    n, o, p, kb, k4 = sch.get_loops(acc)
+    ot, orow = sch.split(o, [None, rows])
+    pt, pc, pl = sch.split(p, [None, cols, LANES])
+    sch.reorder(n, ot, pt, kb, orow, pc, pl, k4)
+    outer = sch.fuse(n, ot, pt)
+    st = sch.get(acc)
+    work = 1
+    for iv in st.iter_vars:
+        work *= int(iv.dom.extent)
+    if work >= parallel_min_work:
+        sch.parallel(outer)
+    init = sch.decompose_reduction(acc, kb)
+    sch.tensorize(pl, INTRIN)
+    sch.unroll(orow)
+    sch.unroll(pc)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+    for name in sorted(outputs):
+        lp = sch.get_loops(sch.get_sblock(name))
+        if len(lp) >= 2:
+            sch.parallel(sch.fuse(*lp[:2]))
