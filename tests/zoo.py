@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["BENCH", "CONTROL_FLOW", "NAMES", "ZooModel", "build", "vad", "vit"]
+__all__ = ["BENCH", "CONTROL_FLOW", "NAMES", "ZooModel", "build", "qdq_convs", "vad", "vit"]
 
 OPSET = 17
 IR_VERSION = 8  # the IR version that goes with opset 17
@@ -904,6 +904,46 @@ def vad() -> ZooModel:
     feeds = {"input": (rng.standard_normal((1, 256)) * 0.5).astype(np.float32),
              "state": np.zeros((2, 1, 32), np.float32), "sr": np.array(16000, np.int64)}  # fmt: skip
     return ZooModel("vad", model, feeds, {"input": (1, 256), "state": (2, 1, 32), "sr": ()})
+
+
+def qdq_convs(signed: bool = False) -> ZooModel:
+    """Quantized convolutions as QDQ exporters write them (``DequantizeLinear`` of a quantized
+    activation and of int8 weights): a 3x3 stride-2 conv with asymmetric padding and per-channel
+    weight scales, its ReLU and QuantizeLinear, then two convs of that one activation (a 1x1 with
+    a per-tensor weight scale, output in float; a dilated 3x3 quantized again), batch 2.
+    ``signed``: int8 activations (nonzero zero points) instead of uint8."""
+    name = "qdq_convs_s8" if signed else "qdq_convs"
+    g = _Graph(name)
+    act = TensorProto.INT8 if signed else TensorProto.UINT8
+    adt = np.int8 if signed else np.uint8
+    x = g.input("x", F32, [2, 12, 21, 24])
+
+    def qdq(v, scale, zp, scope):
+        s, z = g.init(f"{scope}.scale", np.float32(scale)), g.init(f"{scope}.zp", adt(zp))
+        q = g.op("QuantizeLinear", [v, s, z], f"{scope}/QuantizeLinear")
+        return g.op("DequantizeLinear", [q, s, z], f"{scope}/DequantizeLinear")
+
+    def weight(scope, shape, per_channel=True):
+        w = g.rng.standard_normal(shape).astype(np.float32) / np.sqrt(np.prod(shape[1:]))
+        scale = np.abs(w).reshape(shape[0], -1).max(axis=1) / 127 if per_channel else np.float32(np.abs(w).max() / 127)
+        q = np.clip(np.round(w / (scale.reshape(-1, 1, 1, 1) if per_channel else scale)), -127, 127).astype(np.int8)
+        ins = [g.init(f"{scope}.weight_q", q), g.init(f"{scope}.weight_scale", np.asarray(scale, np.float32)),
+               g.init(f"{scope}.weight_zp", np.zeros(shape[0] if per_channel else (), np.int8))]  # fmt: skip
+        return g.op("DequantizeLinear", ins, f"{scope}/weight/DequantizeLinear", axis=0)
+
+    a = qdq(x, 0.03, -3 if signed else 125, "/in")
+    a = g.op("Conv", [a, weight("/c1", (20, 12, 3, 3)), g.bias("c1.bias", 20)], "/c1/Conv",
+             strides=[2, 2], pads=[1, 0, 2, 1])  # fmt: skip
+    a = qdq(g.op("Relu", [a], "/c1/Relu"), 0.02, -128 if signed else 0, "/c1/out")
+    y1 = g.op("Conv", [a, weight("/c2", (24, 20, 1, 1), per_channel=False)], "/c2/Conv", outputs=["y1"])
+    y2 = g.op("Conv", [a, weight("/c3", (10, 20, 3, 3)), g.bias("c3.bias", 10)], "/c3/Conv", dilations=[2, 2],
+              pads=[2, 2, 2, 2])  # fmt: skip
+    y2 = g.op("Identity", [qdq(y2, 0.05, 7 if signed else 100, "/c3/out")], "/y2/Identity", outputs=["y2"])
+    g.output(y1, F32, [2, 24, 11, 12])
+    g.output(y2, F32, [2, 10, 11, 12])
+    rng = np.random.RandomState(_seed(name, ":feeds"))
+    feeds = {"x": (rng.standard_normal((2, 12, 21, 24)) * 1.5).astype(np.float32)}
+    return ZooModel(name, g.model(doc="QDQ convolutions"), feeds, {"x": (2, 12, 21, 24)})
 
 
 #: Models with control flow and state (tests/test_controlflow.py): If on a run-time condition,

@@ -147,12 +147,16 @@ def _rewrite_conv(bb, call):
     m = _Mutator(bb)
     try:
         xq, sx, zx = _activation(m, call.args[0])
-        dq = _dequant_of(m, call.args[1])
+        dq = _dequant_of(m, call.args[1], min_elements=1)  # int8 arithmetic pays at any size
     except (_Skip, _NotInt8):
         return None
     w = dq.q
     if w.dtype != np.int8 or dq.zero_point is not None or w.ndim != 4:
         return None
+    if dq.scale.ndim == 4 and any(d != 1 for d in dq.scale.shape[1:]):
+        return None  # a scale per input channel or tap: not one per output channel
+    if w[0].size * 255 * 128 >= 2**31:
+        return None  # int32 sums could overflow (over 65793 products an output)
     oc = w.shape[0]
     sw = np.broadcast_to(dq.scale, w.shape)[:, 0, 0, 0].astype(np.float64)
     if str(xq.ty.dtype) == "int8":

@@ -296,8 +296,9 @@ def _const(m, expr):
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
 
 
-def _dequant_of(m, expr) -> _Dequant:
-    """The dequantization ``expr`` computes from a large int8 constant, else raises _NotInt8."""
+def _dequant_of(m, expr, min_elements: int = _INT8_MIN_ELEMENTS) -> _Dequant:
+    """The dequantization ``expr`` computes from an int8 constant of at least ``min_elements``,
+    else raises _NotInt8."""
     import numpy as np
 
     e = _resolve(m, expr)
@@ -327,7 +328,7 @@ def _dequant_of(m, expr) -> _Dequant:
     else:
         raise _NotInt8
     q = d.q
-    if q.dtype not in (np.int8, np.uint8) or q.size < _INT8_MIN_ELEMENTS:
+    if q.dtype not in (np.int8, np.uint8) or q.size < min_elements:
         raise _NotInt8
     try:  # the scale must not add dimensions or change the weight's shape
         if np.broadcast_shapes(q.shape, d.scale.shape) != q.shape or d.scale.ndim > q.ndim:

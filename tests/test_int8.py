@@ -1,0 +1,80 @@
+"""int8 x int8 convolutions (compiler/int8.py): a QDQ model's quantized convolutions compile to
+conv2d_int8 kernels on AVX-512 VNNI targets and give what onnxruntime gives on the same model."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import zoo
+from conftest import reference
+
+from tvm_hybrid import hostcpu
+
+VNNI = "x86-64-avx512-vnni"
+needs_vnni = pytest.mark.skipif("avx512_vnni" not in hostcpu.cpu_flags(), reason="this CPU has no AVX-512 VNNI")
+
+
+def _compile(zm, target, tmp_path):
+    from tvm_hybrid.compiler.importer import InputOverride
+    from tvm_hybrid.compiler.package import CompileOptions, compile_model
+
+    path = tmp_path / f"{zm.name}.onnx"
+    path.write_bytes(zm.model.SerializeToString())
+    inputs = tuple(InputOverride(k, v) for k, v in zm.input_shapes.items())
+    [s] = compile_model(CompileOptions(model=path, targets=(target,), output=tmp_path / target, inputs=inputs,
+                                       cloud=None, tuning_logs=None))  # fmt: skip
+    return path, s.path
+
+
+def _int8_kernels(artifact) -> int:
+    """The int8 convolution kernels in an artifact's library (with what FuseOps put after them)."""
+    lib = next((artifact / "segments").glob("*.so")).read_bytes()
+    names = set(re.findall(rb"(?:fused_)?conv2d_int8(?!w)[a-z0-9_]*", lib))  # not int8w: int8 weights only
+    return len({n for n in names if not n.endswith(b"_compute_")})
+
+
+def test_vnni_profile_and_host_resolution():
+    from tvm_hybrid.compiler import int8
+    from tvm_hybrid.targets import host_profile_name, resolve
+
+    assert int8.has_vnni(resolve(VNNI).tvm())
+    assert not int8.has_vnni(resolve("x86-64-avx512").tvm()) and not int8.has_vnni(resolve("arm64").tvm())
+    v4 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}
+    assert host_profile_name(frozenset(v4 | {"avx512_vnni"})) == VNNI
+    assert host_profile_name(frozenset(v4)) == "x86-64-avx512"
+    # an artifact built for it says what it needs: a CPU without VNNI is told, not crashed
+    assert "avx512_vnni" in hostcpu.missing_features(resolve(VNNI).tvm_target, frozenset(v4 | {"sse4_2"}))
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_qdq_convs_compile_to_int8_kernels(signed, tmp_path):
+    """Every conv of the model (asymmetric padding, stride 2, dilation, per-tensor and per-channel
+    weight scales, batch 2) becomes a conv2d_int8 kernel for VNNI, none for AVX-512 without it."""
+    zm = zoo.qdq_convs(signed)
+    _, vnni = _compile(zm, VNNI, tmp_path)
+    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
+    assert _int8_kernels(vnni) == 3
+    assert _int8_kernels(plain) == 0
+
+
+@needs_vnni
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_int8_kernels_match_the_dequantized_model(signed, tmp_path):
+    """The int8 build computes what the fp32 build of the same QDQ model computes (integer sums
+    are exact; only the float conv's own rounding differs), and onnxruntime agrees up to its
+    integer requantization, which rounds a few of c1's outputs to the neighbouring step."""
+    from tvm_hybrid.runtime import Session
+
+    zm = zoo.qdq_convs(signed)
+    path, vnni = _compile(zm, VNNI, tmp_path)
+    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
+    got, fp32 = Session(vnni).run(zm.feeds), Session(plain).run(zm.feeds)
+    want = reference(path, zm.feeds)
+    for name in ("y1", "y2"):
+        np.testing.assert_allclose(got[name], fp32[name], rtol=1e-5, atol=1e-5 * np.abs(fp32[name]).max())
+        same = np.isclose(got[name], want[name], rtol=1e-5, atol=1e-5 * np.abs(want[name]).max())
+        assert same.mean() > 0.98, (name, same.mean())
+    # y2 is quantized again (scale 0.05): never more than one step from onnxruntime's.
+    assert np.abs(got["y2"] - want["y2"]).max() <= 0.05 + 1e-6
