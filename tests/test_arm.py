@@ -272,3 +272,34 @@ def test_int8_qdq_build_under_qemu_matches_onnxruntime_int8(emulation, tmp_path)
     # the softmax output's last quantization step is its input's: 1/255 of the range at most
     np.testing.assert_allclose(g, w, atol=1 / 255)
     assert (g.argmax(-1) == w.argmax(-1)).all()
+
+
+def test_int8_convolutions_with_dot_product_under_qemu(emulation, tmp_path):
+    """A QDQ model on an armv8.2 core with the dot product: its convolutions become conv2d_int8
+    kernels (sdot, the uint8 activations shifted to int8), and under qemu the int8 build gives
+    what the fp32 build of the same QDQ model gives, and onnxruntime's int8 output within one
+    quantization step."""
+    import re
+
+    from conftest import reference
+
+    from tvm_hybrid.compiler.importer import InputOverride
+    from tvm_hybrid.compiler.package import CompileOptions, compile_model
+
+    zm = zoo.qdq_convs()
+    path = tmp_path / "qdq.onnx"
+    path.write_bytes(zm.model.SerializeToString())
+    built = {}
+    for target in ("arm64-cortex-a76", "arm64"):
+        [s] = compile_model(CompileOptions(model=path, targets=(target,), output=tmp_path / target, cloud=None,
+                                           inputs=(InputOverride("x", zm.input_shapes["x"]),), tuning_logs=None))  # fmt: skip
+        built[target] = s.path
+    lib = next((built["arm64-cortex-a76"] / "segments").glob("*.so")).read_bytes()
+    assert len({n for n in re.findall(rb"(?:fused_)?conv2d_int8(?!w)[a-z0-9_]*", lib) if not n.endswith(b"_compute_")}) == 3
+    got, _, _ = run_emulated(built["arm64-cortex-a76"], zm.feeds, tmp_path / "int8")
+    fp32, _, _ = run_emulated(built["arm64"], zm.feeds, tmp_path / "fp32")
+    want = reference(path, zm.feeds)
+    for name in ("y1", "y2"):
+        np.testing.assert_allclose(got[name], fp32[name], rtol=1e-5, atol=1e-5 * np.abs(fp32[name]).max())
+        assert np.isclose(got[name], want[name], rtol=1e-5, atol=1e-5 * np.abs(want[name]).max()).mean() > 0.98
+    assert np.abs(got["y2"] - want["y2"]).max() <= 0.05 + 1e-6  # y2's quantization step

@@ -39,8 +39,9 @@ def test_vnni_profile_and_host_resolution():
     from tvm_hybrid.compiler import int8
     from tvm_hybrid.targets import host_profile_name, resolve
 
-    assert int8.has_vnni(resolve(VNNI).tvm())
-    assert not int8.has_vnni(resolve("x86-64-avx512").tvm()) and not int8.has_vnni(resolve("arm64").tvm())
+    assert int8.isa_of(resolve(VNNI).tvm()) is int8.VNNI
+    assert int8.isa_of(resolve("arm64-cortex-a76").tvm()) is int8.SDOT  # armv8.2 +dotprod
+    assert int8.isa_of(resolve("x86-64-avx512").tvm()) is None and int8.isa_of(resolve("arm64").tvm()) is None
     v4 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}
     assert host_profile_name(frozenset(v4 | {"avx512_vnni"})) == VNNI
     assert host_profile_name(frozenset(v4)) == "x86-64-avx512"

@@ -206,7 +206,8 @@ def test_x86_profiles_name_the_cpu_features_their_code_needs():
     assert hostcpu.missing_features({"mcpu": "x86-64-v2", "mattr": ["+avx512f", "+fast-gather"]}, ZEN3_FLAGS) == ["avx512f"]
     assert hostcpu.missing_features({"mcpu": "some-future-cpu"}, ZEN3_FLAGS) == []
     # LLVM and /proc/cpuinfo name features differently; one without a known flag is not refused.
-    assert hostcpu.x86_features({"mattr": ["+bmi", "+sse4.2", "+avx512vnni"]}) == {"bmi1", "sse4_2"}
+    assert hostcpu.x86_features({"mattr": ["+bmi", "+sse4.2", "+avx512vnni", "+avx512vbmi"]}) == {
+        "bmi1", "sse4_2", "avx512_vnni"}  # fmt: skip
     assert hostcpu.missing_features({"mcpu": "skylake-avx512"}, frozenset()) == []  # no /proc/cpuinfo: unknown
 
 

@@ -1,5 +1,5 @@
-"""int8 x int8 convolutions on CPUs with AVX-512 VNNI: a QDQ model's quantized convolutions as
-integer arithmetic, not fake-quantized fp32.
+"""int8 x int8 convolutions on CPUs with int8 dot products (x86 AVX-512 VNNI, Arm's dot product):
+a QDQ model's quantized convolutions as integer arithmetic, not fake-quantized fp32.
 
 A QDQ model (``tvm-hybrid quantize``, onnxruntime's quantizer, most exporters) writes a quantized
 convolution as ``Conv(DequantizeLinear(x_q), DequantizeLinear(w_q))``: the activation ``x_q`` is
@@ -10,9 +10,10 @@ convolution becomes one kernel (``conv2d_int8``) that reads ``x_q`` itself:
     out[n, o, y, x] = scale_x * scale_w[o] * (Σ x_q * w_q  -  zero_x * Σ w_q[o])
 
 — the same value as the dequantized convolution (both integers are exact; one fp32 rounding of
-the product of scales). The sum runs on ``vpdpbusd`` (u8 x s8 -> s32, 64 products an
-instruction, no saturation). Padding pads ``x_q`` with its zero point, which is the 0.0 the
-float convolution pads with, so the correction term holds at the borders too.
+the product of scales). The sum runs on ``vpdpbusd`` (x86: u8 x s8 -> s32, 64 products an
+instruction, no saturation) or ``sdot`` (Arm: s8 x s8 -> s32, 16 products); an activation of the
+other sign is shifted by 128 as it is packed, its zero point with it. Padding pads with the zero
+point, which is the 0.0 the float convolution pads with, so the correction holds at the borders.
 
 The kernel's stages (``schedule``):
 
@@ -22,90 +23,114 @@ The kernel's stages (``schedule``):
   plane, so 16 consecutive outputs read 64 consecutive bytes — one vector load, no im2col
   (the "wide rows" form: a row computes ``Wq - OW`` outputs past its end, dropped later).
 - ``int8_acc``: the int32 sums, a register tile of (rows output channels) x (cols vectors of 16
-  pixels) accumulators, the weights (prepacked at compile time as [o, tap, 4 channels])
+  pixels, 4 on Arm) accumulators, the weights (prepacked at compile time as [o, tap, 4 channels])
   broadcast 4 bytes at a time.
 - ``int8_out``: the int32 sums to floats (the correction and the scales), then whatever FuseOps
   put after it (bias, activation, the next layer's QuantizeLinear) inlined into one pass.
 
-Only where the target has AVX-512 VNNI (``has_vnni``). Depthwise and grouped convolutions,
-small weights and anything not of this form keep the fp32 path (``rewrites.int8_weights``).
+Only where the target has the instruction (``isa_of``: AVX-512 VNNI; aarch64 with ``+dotprod``).
+Depthwise and grouped convolutions and anything not of this form keep the fp32 path
+(``rewrites.int8_weights``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 #: The block names the CPU schedule recognizes (``backends.cpu.schedule_func``).
 PACK, ACC, OUT = "int8_pack", "int8_acc", "int8_out"
-#: Block annotation on ``int8_acc``: the register tile [rows, cols] the weights were padded for.
+#: Block annotation on ``int8_acc``: [rows, cols, lanes] of the register tile (the weights were
+#: padded to whole rows).
 TILE_ATTR = "tvm_hybrid.int8_tile"
-INTRIN = "tvm_hybrid_vnni_px16x4"
-#: Output pixels one accumulator vector holds (16 int32 lanes of a zmm register).
-LANES = 16
-#: Accumulator registers of a tile (of 32 zmm: the rest hold the data vectors and a broadcast).
+#: Accumulator registers of a tile (of 32 vector registers: the rest hold the data vectors and a
+#: broadcast weight).
 _ACCUMULATORS = 24
 _MAX_ROWS = 8
 _MAX_COLS = 4
 
 
-def has_vnni(target) -> bool:
-    """Whether an llvm target compiles in AVX-512 VNNI (its mcpu, or ``+avx512vnni``)."""
+@dataclasses.dataclass(frozen=True)
+class Isa:
+    """An int8 dot-product instruction: ``lanes`` int32 sums of 4 products each."""
+
+    name: str
+    lanes: int
+    packed: str  # the dtype it takes the activation as ("uint8": vpdpbusd, "int8": sdot)
+    intrin: str  # the tensor intrinsic's name (register_intrinsic)
+    llvm: str
+
+
+VNNI = Isa("avx512-vnni", 16, "uint8", "tvm_hybrid_vnni_16x4", "llvm.x86.avx512.vpdpbusd.512")
+SDOT = Isa("arm-sdot", 4, "int8", "tvm_hybrid_sdot_4x4", "llvm.aarch64.neon.sdot.v4i32.v16i8")
+_ISAS = {i.name: i for i in (VNNI, SDOT)}
+
+
+def isa_of(target) -> Isa | None:
+    """The int8 dot product an llvm target compiles in: AVX-512 VNNI (its mcpu, or
+    ``+avx512vnni``), or aarch64 with ``+dotprod``; else None."""
     from .. import hostcpu
 
     if target.kind.name != "llvm":
-        return False
-    attrs = {"mcpu": str(target.attrs.get("mcpu", "") or ""), "mattr": [str(a) for a in (target.attrs.get("mattr") or [])]}
-    return "avx512_vnni" in hostcpu.x86_features(attrs)
+        return None
+    mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
+    if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+        return SDOT if "+dotprod" in mattr else None
+    attrs = {"mcpu": str(target.attrs.get("mcpu", "") or ""), "mattr": mattr}
+    return VNNI if "avx512_vnni" in hostcpu.x86_features(attrs) else None
 
 
-@functools.lru_cache(maxsize=1)
-def register_intrinsic() -> str:
-    """The VNNI tensor intrinsic: 16 output pixels x 4 input channels (u8) times 4 weights (s8),
-    accumulated into 16 int32 lanes: one ``vpdpbusd`` with the weights broadcast."""
+@functools.lru_cache(maxsize=None)
+def register_intrinsic(isa: Isa) -> str:
+    """The tensor intrinsic of ``isa``: ``lanes`` output pixels x 4 input channels times 4 int8
+    weights (broadcast), accumulated into ``lanes`` int32 sums by one instruction."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
+    lanes, packed, llvm = isa.lanes, isa.packed, isa.llvm
+    acc_t, data_t, weight_t = f"int32x{lanes}", f"{packed}x{4 * lanes}", f"int8x{4 * lanes}"
+
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((16, 4), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
-             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:  # fmt: skip
+    def desc(a: T.Buffer((lanes, 4), packed, offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+             c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:  # fmt: skip
         with T.sblock("root"):
-            T.reads(c[0:16], a[0:16, 0:4], b[0:4])
-            T.writes(c[0:16])
-            for i in T.serial(0, 16):
+            T.reads(c[0:lanes], a[0:lanes, 0:4], b[0:4])
+            T.writes(c[0:lanes])
+            for i in T.serial(0, lanes):
                 for k in T.serial(0, 4):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         c[vi] = c[vi] + T.cast(a[vi, vk], "int32") * T.cast(b[vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((16, 4), "uint8", offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
-             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:  # fmt: skip
+    def impl(a: T.Buffer((lanes, 4), packed, offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+             c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:  # fmt: skip
         with T.sblock("root"):
-            T.reads(c[0:16], a[0:16, 0:4], b[0:4])
-            T.writes(c[0:16])
-            w = T.reinterpret(T.broadcast(T.reinterpret(b.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64")
-            c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                c.vload([0], "int32x16"), a.vload([0, 0], "uint8x64"), w, dtype="int32x16",
+            T.reads(c[0:lanes], a[0:lanes, 0:4], b[0:4])
+            T.writes(c[0:lanes])
+            w = T.reinterpret(T.broadcast(T.reinterpret(b.vload([0], "int8x4"), dtype="int32"), lanes), dtype=weight_t)
+            c[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm), c.vload([0], acc_t), a.vload([0, 0], data_t), w, dtype=acc_t
             )  # fmt: skip
 
     try:
-        TensorIntrin.get(INTRIN)
+        TensorIntrin.get(isa.intrin)
     except Exception:  # not registered yet in this process
-        TensorIntrin.register(INTRIN, desc, impl)
-    return INTRIN
+        TensorIntrin.register(isa.intrin, desc, impl)
+    return isa.intrin
 
 
 # -- the Relax rewrite ------------------------------------------------------------------------
 
 
-def conv2d_int8():
-    """A Relax pass (before constant folding, CPU targets with VNNI): each ``conv2d`` of a
-    dequantized uint8/int8 activation (one scale and zero point) and a dequantized int8 weight
-    constant (zero points 0) becomes a ``conv2d_int8`` kernel; see the module's docstring."""
+def conv2d_int8(isa: Isa):
+    """A Relax pass (before constant folding, CPU targets with an int8 dot product): each
+    ``conv2d`` of a dequantized uint8/int8 activation (one scale and zero point) and a
+    dequantized int8 weight constant (zero points 0) becomes a ``conv2d_int8`` kernel; see the
+    module's docstring."""
     from .rewrites import _relax_pass
 
-    return _relax_pass("Conv2dInt8", "relax.nn.conv2d", _rewrite_conv)
+    return _relax_pass("Conv2dInt8", "relax.nn.conv2d", functools.partial(_rewrite_conv, isa))
 
 
 class _Skip(Exception):
@@ -134,7 +159,7 @@ def _activation(m, expr):
     return xq, float(_scalar(m, e.args[1])), int(_scalar(m, e.args[2]))
 
 
-def _rewrite_conv(bb, call):
+def _rewrite_conv(isa: Isa, bb, call):
     import numpy as np
 
     from .rewrites import _dequant_of, _NotInt8, _out_dtype, _static_shapes
@@ -159,9 +184,10 @@ def _rewrite_conv(bb, call):
         return None  # int32 sums could overflow (over 65793 products an output)
     oc = w.shape[0]
     sw = np.broadcast_to(dq.scale, w.shape)[:, 0, 0, 0].astype(np.float64)
-    if str(xq.ty.dtype) == "int8":
-        zx += 128  # packed as uint8: x + 128
-    geo = _Geometry.of(shapes[0], w.shape, a)
+    # The activation as the instruction takes it: x + shift, its zero point with it.
+    shift = {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((str(xq.ty.dtype), isa.packed), 0)
+    zx += shift
+    geo = _Geometry.of(shapes[0], w.shape, a, isa.lanes)
     rows, cols = geo.rows, geo.cols
     ocp = -(-oc // rows) * rows
     kb = geo.cb * geo.kh * geo.kw
@@ -172,7 +198,8 @@ def _rewrite_conv(bb, call):
     zero_term[:oc] = zx * w.astype(np.int64).sum(axis=(1, 2, 3))
     scale = np.zeros(ocp, np.float32)
     scale[:oc] = (sx * sw).astype(np.float32)
-    return _emit(bb, geo, xq, np.ascontiguousarray(packed), zero_term, scale, np.array([zx], np.uint8), oc)
+    return _emit(bb, isa, geo, xq, np.ascontiguousarray(packed), zero_term, scale, np.array([zx], isa.packed), shift,
+                 oc)  # fmt: skip
 
 
 class _Mutator:
@@ -189,8 +216,9 @@ class _Geometry:
     """The shapes of one int8 convolution: input, window, stride, padding, planes, tile."""
 
     @classmethod
-    def of(cls, xshape, wshape, attrs):
+    def of(cls, xshape, wshape, attrs, lanes: int):
         g = cls()
+        g.lanes = lanes
         g.n, g.c, g.h, g.w = (int(d) for d in xshape)
         g.oc, _, g.kh, g.kw = (int(d) for d in wshape)
         g.sy, g.sx = (int(s) for s in attrs.strides)
@@ -204,9 +232,9 @@ class _Geometry:
         g.wq = -(-(g.w + pl + pr) // g.sx)
         g.cb = -(-g.c // 4)
         pixels = g.oh * g.wq
-        g.cols = max(1, min(_MAX_COLS, -(-pixels // LANES)))
+        g.cols = max(1, min(_MAX_COLS, -(-pixels // lanes)))
         g.rows = _rows(g.oc, min(_MAX_ROWS, _ACCUMULATORS // g.cols))
-        g.pp = -(-pixels // (LANES * g.cols)) * LANES * g.cols
+        g.pp = -(-pixels // (lanes * g.cols)) * lanes * g.cols
         # The last tap reads this far past a pixel's own offset.
         reach = ((g.kh - 1) * g.dy // g.sy) * g.wq + (g.kw - 1) * g.dx // g.sx
         g.length = g.pp + reach
@@ -221,18 +249,18 @@ def _rows(oc: int, most: int) -> int:
     return min(range(most, 0, -1), key=lambda r: (-(-oc // r) * r - oc, -r)) if oc > 1 else 1
 
 
-def _emit(bb, g: _Geometry, xq, packed, zero_term, scale, zero_point, oc):
+def _emit(bb, isa: Isa, g: _Geometry, xq, packed, zero_term, scale, zero_point, shift: int, oc):
     from tvm import relax
 
     from .rewrites import _OUT_ELEMWISE_FUSABLE
 
     args = [xq, relax.const(packed), relax.const(zero_term), relax.const(scale), relax.const(zero_point)]
-    key = (g.key(), str(xq.ty.dtype))
+    key = (isa.name, g.key(), str(xq.ty.dtype))
     cache = bb.__dict__.setdefault("_conv2d_int8", {})
     if key in cache:
         gv, out_ty = cache[key]
         return relax.call_tir(gv, args, out_ty)
-    out = bb.call_te(functools.partial(_compute, g, oc), *args, primfunc_name_hint="conv2d_int8")
+    out = bb.call_te(functools.partial(_compute, isa, g, shift, oc), *args, primfunc_name_hint="conv2d_int8")
     gv = out.args[0]
     func = bb.get()[gv]
     bb.update_func(gv, func.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE))
@@ -240,10 +268,9 @@ def _emit(bb, g: _Geometry, xq, packed, zero_term, scale, zero_point, oc):
     return out
 
 
-def _compute(g: _Geometry, oc, xq, wp, zero_term, scale, zero_point):
+def _compute(isa: Isa, g: _Geometry, shift: int, oc, xq, wp, zero_term, scale, zero_point):
     from tvm import te, tirx
 
-    signed = str(xq.dtype) == "int8"
     planes = g.sy * g.sx
 
     def pack(n, icb, ph, pos, i4):
@@ -253,8 +280,8 @@ def _compute(g: _Geometry, oc, xq, wp, zero_term, scale, zero_point):
         ic = icb * 4 + i4
         ok = tirx.all(ic < g.c, ih >= 0, ih < g.h, iw >= 0, iw < g.w)
         v = xq[n, te.min(ic, g.c - 1), te.max(te.min(ih, g.h - 1), 0), te.max(te.min(iw, g.w - 1), 0)]
-        if signed:
-            v = (v.astype("int32") + 128).astype("uint8")
+        if shift:
+            v = (v.astype("int32") + shift).astype(isa.packed)
         return tirx.if_then_else(ok, v, zero_point[0])
 
     xp = te.compute((g.n, g.cb, planes, g.length, 4), pack, name=PACK)
@@ -270,7 +297,7 @@ def _compute(g: _Geometry, oc, xq, wp, zero_term, scale, zero_point):
         return te.sum(src.astype("int32") * wp[o, kb, k4].astype("int32"), axis=[kb, k4])
 
     ocp = int(wp.shape[0])
-    s = te.compute((g.n, ocp, g.pp), acc, name=ACC, attrs={TILE_ATTR: [g.rows, g.cols]})
+    s = te.compute((g.n, ocp, g.pp), acc, name=ACC, attrs={TILE_ATTR: [g.rows, g.cols, isa.name]})
 
     def out(n, o, y, x):
         return (s[n, o, y * g.wq + x] - zero_term[o]).astype("float32") * scale[o]
@@ -291,7 +318,6 @@ def is_int8_kernel(sch) -> bool:
 
 def schedule(sch, parallel_min_work: int) -> None:
     """Schedule a ``conv2d_int8`` kernel (and the epilogue FuseOps put after it) in place."""
-    register_intrinsic()
     from .backends.cpu import _child_blocks
 
     blocks = _child_blocks(sch)
@@ -311,10 +337,11 @@ def schedule(sch, parallel_min_work: int) -> None:
     sch.parallel(sch.fuse(*loops[:3]))
 
     acc = sch.get_sblock(ACC)
-    rows, cols = (int(v) for v in sch.get(acc).annotations[TILE_ATTR])
+    rows, cols, isa = sch.get(acc).annotations[TILE_ATTR]
+    rows, cols, isa = int(rows), int(cols), _ISAS[str(isa)]
     n, o, p, kb, k4 = sch.get_loops(acc)
     ot, orow = sch.split(o, [None, rows])
-    pt, pc, pl = sch.split(p, [None, cols, LANES])
+    pt, pc, pl = sch.split(p, [None, cols, isa.lanes])
     sch.reorder(n, ot, pt, kb, orow, pc, pl, k4)
     outer = sch.fuse(n, ot, pt)
     st = sch.get(acc)
@@ -324,7 +351,7 @@ def schedule(sch, parallel_min_work: int) -> None:
     if work >= parallel_min_work:
         sch.parallel(outer)
     init = sch.decompose_reduction(acc, kb)
-    sch.tensorize(pl, INTRIN)
+    sch.tensorize(pl, register_intrinsic(isa))
     sch.unroll(orow)
     sch.unroll(pc)
     sch.vectorize(sch.get_loops(init)[-1])
