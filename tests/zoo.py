@@ -914,7 +914,6 @@ def qdq_convs(signed: bool = False) -> ZooModel:
     ``signed``: int8 activations (nonzero zero points) instead of uint8."""
     name = "qdq_convs_s8" if signed else "qdq_convs"
     g = _Graph(name)
-    act = TensorProto.INT8 if signed else TensorProto.UINT8
     adt = np.int8 if signed else np.uint8
     x = g.input("x", F32, [2, 12, 21, 24])
 

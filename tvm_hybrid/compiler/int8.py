@@ -188,8 +188,7 @@ def _rewrite_conv(isa: Isa, bb, call):
     shift = {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((str(xq.ty.dtype), isa.packed), 0)
     zx += shift
     geo = _Geometry.of(shapes[0], w.shape, a, isa.lanes)
-    rows, cols = geo.rows, geo.cols
-    ocp = -(-oc // rows) * rows
+    ocp = -(-oc // geo.rows) * geo.rows
     kb = geo.cb * geo.kh * geo.kw
     wpad = np.zeros((ocp, geo.cb * 4, geo.kh, geo.kw), np.int8)
     wpad[:oc, : w.shape[1]] = w
