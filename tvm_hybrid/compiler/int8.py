@@ -237,6 +237,18 @@ class _Geometry:
         # The last tap reads this far past a pixel's own offset.
         reach = ((g.kh - 1) * g.dy // g.sy) * g.wq + (g.kw - 1) * g.dx // g.sx
         g.length = g.pp + reach
+        # Output rows a tile of the epilogue-driven form covers (0: that form does not apply).
+        # Where output rows are whole rows of sums (a 1x1 stride-1 convolution: no wide rows),
+        # the epilogue drives: a tile of (rows channels) x (ty output rows) computes its sums
+        # into a small buffer, then converts them, without the sums' trip through memory.
+        g.ty = 0
+        fused_rows = _rows(g.oc, _MAX_ROWS)
+        if g.wq == g.ow and g.oc % fused_rows == 0:
+            g.ty = next((t for t in range(1, g.oh + 1) if g.oh % t == 0 and t * g.ow % lanes == 0 and t * g.ow <= 512), 0)
+        if g.ty:
+            g.rows = fused_rows
+            vectors = g.ty * g.ow // lanes
+            g.cols = max(c for c in range(1, _MAX_COLS + 1) if vectors % c == 0 and c * g.rows <= _ACCUMULATORS)
         return g
 
     def key(self):
@@ -296,7 +308,7 @@ def _compute(isa: Isa, g: _Geometry, shift: int, oc, xq, wp, zero_term, scale, z
         return te.sum(src.astype("int32") * wp[o, kb, k4].astype("int32"), axis=[kb, k4])
 
     ocp = int(wp.shape[0])
-    s = te.compute((g.n, ocp, g.pp), acc, name=ACC, attrs={TILE_ATTR: [g.rows, g.cols, isa.name]})
+    s = te.compute((g.n, ocp, g.pp), acc, name=ACC, attrs={TILE_ATTR: [g.rows, g.cols, isa.name, g.ty]})
 
     def out(n, o, y, x):
         return (s[n, o, y * g.wq + x] - zero_term[o]).astype("float32") * scale[o]
@@ -336,26 +348,53 @@ def schedule(sch, parallel_min_work: int) -> None:
     sch.parallel(sch.fuse(*loops[:3]))
 
     acc = sch.get_sblock(ACC)
-    rows, cols, isa = sch.get(acc).annotations[TILE_ATTR]
-    rows, cols, isa = int(rows), int(cols), _ISAS[str(isa)]
+    rows, cols, isa, ty = sch.get(acc).annotations[TILE_ATTR]
+    rows, cols, isa, ty = int(rows), int(cols), _ISAS[str(isa)], int(ty)
+    work = 1
+    for iv in sch.get(acc).iter_vars:
+        work *= int(iv.dom.extent)
+    parallel = work >= parallel_min_work
+    if ty and len(outputs) == 1:
+        _epilogue_driven(sch, acc, sch.get_sblock(next(iter(outputs))), rows, cols, ty, isa, parallel)
+        return
     n, o, p, kb, k4 = sch.get_loops(acc)
     ot, orow = sch.split(o, [None, rows])
     pt, pc, pl = sch.split(p, [None, cols, isa.lanes])
     sch.reorder(n, ot, pt, kb, orow, pc, pl, k4)
     outer = sch.fuse(n, ot, pt)
-    st = sch.get(acc)
-    work = 1
-    for iv in st.iter_vars:
-        work *= int(iv.dom.extent)
-    if work >= parallel_min_work:
+    if parallel:
         sch.parallel(outer)
+    _tile(sch, acc, kb, orow, pc, pl, isa)
+    for name in sorted(outputs):
+        lp = sch.get_loops(sch.get_sblock(name))
+        if len(lp) >= 2:
+            sch.parallel(sch.fuse(*lp[:2]))
+
+
+def _tile(sch, acc, kb, orow, pc, pl, isa: Isa) -> None:
+    """The register tile: zeroed, then the dot products, the (orow, pc) accumulators unrolled."""
     init = sch.decompose_reduction(acc, kb)
     sch.tensorize(pl, register_intrinsic(isa))
     sch.unroll(orow)
     sch.unroll(pc)
     sch.vectorize(sch.get_loops(init)[-1])
 
-    for name in sorted(outputs):
-        lp = sch.get_loops(sch.get_sblock(name))
-        if len(lp) >= 2:
-            sch.parallel(sch.fuse(*lp[:2]))
+
+def _epilogue_driven(sch, acc, out, rows: int, cols: int, ty: int, isa: Isa, parallel: bool) -> None:
+    """Tiles of the output (rows channels x ty rows) in parallel; in each, the sums for that tile
+    (a rows x ty*OW buffer TVM allocates in the tile), chunk by chunk of (rows x cols vectors) in
+    registers, then the epilogue over the tile while the sums are in cache."""
+    n, o, y, x = sch.get_loops(out)
+    ot, orow = sch.split(o, [None, rows])
+    yt, yi = sch.split(y, [None, ty])
+    sch.reorder(n, ot, yt, orow, yi, x)
+    outer = sch.fuse(n, ot, yt)
+    if parallel:
+        sch.parallel(outer)
+    sch.compute_at(acc, outer)
+    ao, ap, akb, ak4 = sch.get_loops(acc)[-4:]
+    chunk, pc, pl = sch.split(ap, [None, cols, isa.lanes])
+    sch.reorder(chunk, akb, ao, pc, pl, ak4)
+    _tile(sch, acc, akb, ao, pc, pl, isa)
+    if sch.get(x).extent % isa.lanes == 0:
+        sch.vectorize(sch.split(x, [None, isa.lanes])[-1])
