@@ -12,6 +12,7 @@ MiB: onnxruntime's row the ONNX file, TVM's the artifact (library and manifest).
     python scripts/bench.py --model model.onnx --input x:1x3x224x224 --target x86-64
     python scripts/bench.py --model zoo:vit-s16 --runs 20
     python scripts/bench.py --model det --model det-int8 --model cls --model cls-int8   # int8 (quantized on first use)
+    python scripts/bench.py --model det --model det-int8 --together   # int8 vs fp32 in the same blocks
     python scripts/bench.py --model minilm-l3 --input input_ids:8x128:int64 --input attention_mask:8x128:int64
 
 Everything runs on the device (no cloud split, whatever the profile's budget). --model takes a
@@ -28,6 +29,7 @@ onnxruntime SessionOptions): each engine runs with the threads it picks by itsel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -75,6 +77,9 @@ def main() -> None:
     ap.add_argument("--input", action="append", default=[], metavar="NAME:DIMS[:DTYPE]",
                     help="input shapes, as compile takes them (for a path, or to change a name's)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--together", action="store_true",
+                    help="interleave every model's engines in one loop (not model after model), so an int8 "
+                         "model's speed-up over its fp32 model (the x fp32 column) compares one machine state")
     args = ap.parse_args()
     if args.threads is not None:  # numpy's sgemm (the peak) reads it once, at import
         os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
@@ -90,23 +95,23 @@ def main() -> None:
     profile = resolve(args.target)
     peak = practical_peak_gflops(np)
     variants = available_variants()
-    rows = []
-    for spec in args.model or list(MODELS):
-        path, overrides = resolve_model(spec, args.input)
-        imp = importer.load(path, overrides)
-        label = f"{spec} " + " ".join("x".join(map(str, t.shape)) for t in imp.inputs[:1])
-        feeds = random_feeds(np, imp.inputs)
-        gflop = sum(i.flops for i in analysis.analyze(imp)) / 1e9
-        so = ort.SessionOptions()
-        if args.threads is not None:
-            so.intra_op_num_threads = args.threads
-            so.inter_op_num_threads = 1
-        ort_sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        want = ort_sess.run(None, feeds)
-        engines = {"onnxruntime": lambda: ort_sess.run(None, feeds)}
-        sizes = {"onnxruntime": path.stat().st_size}  # the model file; TVM's: the artifact's files
-        sessions = []
-        with tempfile.TemporaryDirectory() as tmp:
+    rows, models = [], []
+    with contextlib.ExitStack() as stack:
+        for spec in args.model or list(MODELS):
+            path, overrides = resolve_model(spec, args.input)
+            imp = importer.load(path, overrides)
+            label = f"{spec} " + " ".join("x".join(map(str, t.shape)) for t in imp.inputs[:1])
+            feeds = random_feeds(np, imp.inputs)
+            gflop = sum(i.flops for i in analysis.analyze(imp)) / 1e9
+            so = ort.SessionOptions()
+            if args.threads is not None:
+                so.intra_op_num_threads = args.threads
+                so.inter_op_num_threads = 1
+            ort_sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            want = ort_sess.run(None, feeds)
+            engines = {"onnxruntime": lambda ort_sess=ort_sess, feeds=feeds: ort_sess.run(None, feeds)}
+            sizes = {"onnxruntime": path.stat().st_size}  # the model file; TVM's: the artifact's files
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
             for v in variants:
                 t0 = time.perf_counter()
                 [s] = compile_model(
@@ -116,18 +121,24 @@ def main() -> None:
                 compile_s = time.perf_counter() - t0
                 sizes[v.name] = s.bytes
                 sess = Session(s.path, threads=args.threads)
+                stack.callback(sess.close)
                 tvm_threads = sess.threads
-                sessions.append(sess)
                 kernels = sess.manifest.segments[0].kernels or {}
                 got = list(sess.run(feeds).values())
                 err = max(float(np.abs(g.astype(np.float64) - w).max()) if g.size else 0.0 for g, w in zip(got, want))
-                engines[v.name] = (lambda sess=sess: sess.run(feeds))
+                engines[v.name] = (lambda sess=sess, feeds=feeds: sess.run(feeds))
                 print(f"# {label}: {v.name} compiled in {compile_s:.1f} s, kernels {kernels}, "
                       f"max |err| vs onnxruntime {err:.2e}", file=sys.stderr)  # fmt: skip
-            times = interleaved(engines, args.runs)
-            for sess in sessions:
-                sess.close()
+            models.append((spec, label, gflop, engines, sizes))
+            if not args.together:
+                models[-1] = (*models[-1][:4], sizes, interleaved(engines, args.runs))
+        if args.together:  # every model's engines in the same blocks: their ratios share a machine state
+            times = interleaved({(m[1], k): fn for m in models for k, fn in m[3].items()}, args.runs)
+            models = [(*m, {k: times[(m[1], k)] for k in m[3]}) for m in models]
+    medians = {(m[0], k): statistics.median(ts) for m in models for k, ts in m[5].items()}
+    for spec, label, gflop, _, sizes, times in models:
         ort_ms = statistics.median(times["onnxruntime"])
+        base = QUANTIZED.get(spec, (None,))[0]
         for name, ts in times.items():
             ms = statistics.median(ts)
             rows.append(
@@ -140,6 +151,8 @@ def main() -> None:
                     "pct_of_peak": round(100 * gflop / (ms / 1e3) / peak, 1),
                     "mib": round(sizes[name] / 2**20, 2),
                     "runs": len(ts),
+                    # an int8 model's speed-up over its fp32 model's build, where both ran
+                    **({"fp32_over_int8": round(medians[(base, name)] / ms, 2)} if (base, name) in medians else {}),
                 }
             )
     threads = f"{args.threads} thread(s)" if args.threads else f"default threads (TVM: {tvm_threads})"
@@ -274,11 +287,13 @@ def practical_peak_gflops(np) -> float:
 def print_table(rows, args, target, peak, ort_version, threads) -> None:
     print(f"\n{threads}, target {target}, onnxruntime {ort_version}, medians of {args.runs} "
           f"interleaved runs; practical fp32 peak (sgemm) {peak} GFLOP/s\n")  # fmt: skip
-    print("| model | engine | median ms | vs onnxruntime | GFLOP/s | % of peak | MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    speedup = any("fp32_over_int8" in r for r in rows)
+    print("| model | engine | median ms | vs onnxruntime | GFLOP/s | % of peak | MiB |" + (" fp32 / int8 |" if speedup else ""))
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---:|" if speedup else ""))
     for r in rows:
+        extra = (f" {r['fp32_over_int8']:.2f}x |" if "fp32_over_int8" in r else " |") if speedup else ""
         print(f"| {r['model']} | {r['engine']} | {r['median_ms']:.2f} | {r['vs_onnxruntime']:.2f}x | "
-              f"{r['gflops']:.1f} | {r['pct_of_peak']:.1f} | {r['mib']:.2f} |")  # fmt: skip
+              f"{r['gflops']:.1f} | {r['pct_of_peak']:.1f} | {r['mib']:.2f} |{extra}")  # fmt: skip
 
 
 if __name__ == "__main__":
