@@ -28,10 +28,11 @@ def _compile(zm, target, tmp_path):
     return path, s.path
 
 
-def _int8_kernels(artifact) -> int:
-    """The int8 convolution kernels in an artifact's library (with what FuseOps put after them)."""
+def _int8_kernels(artifact, op: str = "conv2d") -> int:
+    """The int8 x int8 kernels of ``op`` (conv2d, matmul) in an artifact's library (with what
+    FuseOps put after them)."""
     lib = next((artifact / "segments").glob("*.so")).read_bytes()
-    names = set(re.findall(rb"(?:fused_)?conv2d_int8(?!w)[a-z0-9_]*", lib))  # not int8w: int8 weights only
+    names = set(re.findall(rb"(?:fused_)?" + op.encode() + rb"_int8(?!w)[a-z0-9_]*", lib))  # not int8w: weights only
     return len({n for n in names if not n.endswith(b"_compute_")})
 
 
@@ -79,3 +80,31 @@ def test_int8_kernels_match_the_dequantized_model(signed, tmp_path):
         assert same.mean() > 0.98, (name, same.mean())
     # y2 is quantized again (scale 0.05): never more than one step from onnxruntime's.
     assert np.abs(got["y2"] - want["y2"]).max() <= 0.05 + 1e-6
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_qdq_matmuls_compile_to_int8_kernels(signed, tmp_path):
+    """A MatMul with per-column weight scales and a Gemm of a transposed weight with a per-tensor
+    scale: two matmul_int8 kernels for VNNI, none without it."""
+    zm = zoo.qdq_matmul(signed)
+    _, vnni = _compile(zm, VNNI, tmp_path)
+    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
+    assert _int8_kernels(vnni, "matmul") == 2
+    assert _int8_kernels(plain, "matmul") == 0
+
+
+@needs_vnni
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+def test_int8_matmuls_match_the_dequantized_model(signed, tmp_path):
+    from tvm_hybrid.runtime import Session
+
+    zm = zoo.qdq_matmul(signed)
+    path, vnni = _compile(zm, VNNI, tmp_path)
+    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
+    got, fp32 = Session(vnni).run(zm.feeds), Session(plain).run(zm.feeds)
+    want = reference(path, zm.feeds)
+    for name in ("y1", "y2"):
+        np.testing.assert_allclose(got[name], fp32[name], rtol=1e-5, atol=1e-5 * np.abs(fp32[name]).max())
+        same = np.isclose(got[name], want[name], rtol=1e-5, atol=1e-5 * np.abs(want[name]).max())
+        assert same.mean() > 0.98, (name, same.mean())
+    assert np.abs(got["y1"] - want["y1"]).max() <= 0.05 + 1e-6  # y1's quantization step

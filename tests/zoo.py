@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["BENCH", "CONTROL_FLOW", "NAMES", "ZooModel", "build", "qdq_convs", "vad", "vit"]
+__all__ = ["BENCH", "CONTROL_FLOW", "NAMES", "ZooModel", "build", "qdq_convs", "qdq_matmul", "vad", "vit"]
 
 OPSET = 17
 IR_VERSION = 8  # the IR version that goes with opset 17
@@ -943,6 +943,43 @@ def qdq_convs(signed: bool = False) -> ZooModel:
     rng = np.random.RandomState(_seed(name, ":feeds"))
     feeds = {"x": (rng.standard_normal((2, 12, 21, 24)) * 1.5).astype(np.float32)}
     return ZooModel(name, g.model(doc="QDQ convolutions"), feeds, {"x": (2, 12, 21, 24)})
+
+
+def qdq_matmul(signed: bool = False) -> ZooModel:
+    """Quantized matmuls as QDQ exporters write them: ``MatMul(DequantizeLinear(x_q), DequantizeLinear(w_q))``
+    of a batch of sequences with one weight scale per output column, quantized again; and a
+    Gemm of the flattened activation with a transposed (transB) int8 weight, per-tensor scale.
+    ``signed``: int8 activations (nonzero zero points) instead of uint8."""
+    name = "qdq_matmul_s8" if signed else "qdq_matmul"
+    g = _Graph(name)
+    adt = np.int8 if signed else np.uint8
+    x = g.input("x", F32, [2, 5, 24])
+
+    def qdq(v, scale, zp, scope):
+        s, z = g.init(f"{scope}.scale", np.float32(scale)), g.init(f"{scope}.zp", adt(zp))
+        q = g.op("QuantizeLinear", [v, s, z], f"{scope}/QuantizeLinear")
+        return g.op("DequantizeLinear", [q, s, z], f"{scope}/DequantizeLinear")
+
+    def weight(scope, shape, axis):
+        w = g.rng.standard_normal(shape).astype(np.float32) / np.sqrt(24)
+        scale = (np.abs(w).max(axis=1 - axis) / 127).astype(np.float32) if axis is not None else np.float32(np.abs(w).max() / 127)
+        q = np.clip(np.round(w / (np.expand_dims(scale, 1 - axis) if axis is not None else scale)), -127, 127).astype(np.int8)
+        zp = np.zeros(scale.shape, np.int8)
+        ins = [g.init(f"{scope}.weight_q", q), g.init(f"{scope}.weight_scale", scale), g.init(f"{scope}.weight_zp", zp)]
+        return g.op("DequantizeLinear", ins, f"{scope}/weight/DequantizeLinear", **({"axis": axis} if axis is not None else {}))
+
+    a = qdq(x, 0.03, -3 if signed else 125, "/in")
+    y1 = g.op("MatMul", [a, weight("/fc1", (24, 40), axis=1)], "/fc1/MatMul")
+    y1 = g.op("Add", [y1, g.bias("fc1.bias", 40)], "/fc1/Add")
+    y1 = g.op("Identity", [qdq(y1, 0.05, 7 if signed else 128, "/fc1/out")], "/y1/Identity", outputs=["y1"])
+    flat = g.op("Reshape", [a, g.const(np.array([10, 24], np.int64), scope="/flat")], "/flat/Reshape")
+    y2 = g.op("Gemm", [flat, weight("/fc2", (36, 24), axis=None), g.bias("fc2.bias", 36)], "/fc2/Gemm",
+              outputs=["y2"], transB=1)  # fmt: skip
+    g.output(y1, F32, [2, 5, 40])
+    g.output(y2, F32, [10, 36])
+    rng = np.random.RandomState(_seed(name, ":feeds"))
+    feeds = {"x": (rng.standard_normal((2, 5, 24)) * 1.5).astype(np.float32)}
+    return ZooModel(name, g.model(doc="QDQ matmuls"), feeds, {"x": (2, 5, 24)})
 
 
 #: Models with control flow and state (tests/test_controlflow.py): If on a run-time condition,

@@ -43,6 +43,8 @@ PACK, ACC, OUT = "int8_pack", "int8_acc", "int8_out"
 #: Block annotation on ``int8_acc``: [rows, cols, isa, ty, wq]: the register tile (the weights were
 #: padded to whole rows), the output rows of an epilogue-driven tile, the planes' row length.
 TILE_ATTR = "tvm_hybrid.int8_tile"
+#: Block annotation on a ``matmul_int8`` kernel's ``int8_acc``: [rows, cols, isa].
+DENSE_ATTR = "tvm_hybrid.int8_dense"
 #: Accumulator registers of a tile (of 32 vector registers: the rest hold the data vectors and a
 #: broadcast weight).
 _ACCUMULATORS = 24
@@ -57,7 +59,7 @@ class Isa:
     name: str
     lanes: int
     packed: str  # the dtype it takes the activation as ("uint8": vpdpbusd, "int8": sdot)
-    intrin: str  # the tensor intrinsic's name (register_intrinsic)
+    intrin: str  # the tensor intrinsics' name (register_intrinsic)
     llvm: str
 
 
@@ -81,14 +83,18 @@ def isa_of(target) -> Isa | None:
 
 
 @functools.lru_cache(maxsize=None)
-def register_intrinsic(isa: Isa) -> str:
-    """The tensor intrinsic of ``isa``: ``lanes`` output pixels x 4 input channels times 4 int8
-    weights (broadcast), accumulated into ``lanes`` int32 sums by one instruction."""
+def register_intrinsic(isa: Isa, dense: bool = False) -> str:
+    """A tensor intrinsic of ``isa``: ``lanes`` int32 sums of 4 products each, one instruction.
+
+    Convolutions (``dense=False``): ``lanes`` output pixels x 4 input channels (the activation,
+    a vector) times 4 int8 weights (broadcast). Matmuls (``dense=True``): 4 values of one row of
+    the activation (broadcast) times ``lanes`` output columns x 4 int8 weights (a vector)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
     lanes, packed, llvm = isa.lanes, isa.packed, isa.llvm
     acc_t, data_t, weight_t = f"int32x{lanes}", f"{packed}x{4 * lanes}", f"int8x{4 * lanes}"
+    x4 = f"{packed}x4"
 
     @T.prim_func(s_tir=True)
     def desc(a: T.Buffer((lanes, 4), packed, offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
@@ -113,24 +119,53 @@ def register_intrinsic(isa: Isa) -> str:
                 T.llvm_lookup_intrinsic_id(llvm), c.vload([0], acc_t), a.vload([0, 0], data_t), w, dtype=acc_t
             )  # fmt: skip
 
+    @T.prim_func(s_tir=True)
+    def dense_desc(a: T.Buffer((4,), packed, offset_factor=1), b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+                   c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:  # fmt: skip
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def dense_impl(a: T.Buffer((4,), packed, offset_factor=1), b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+                   c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:  # fmt: skip
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            x = T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], x4), dtype="int32"), lanes), dtype=data_t)
+            c[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm), c.vload([0], acc_t), x, b.vload([0, 0], weight_t), dtype=acc_t
+            )  # fmt: skip
+
+    name = f"{isa.intrin}_dense" if dense else isa.intrin
     try:
-        TensorIntrin.get(isa.intrin)
+        TensorIntrin.get(name)
     except Exception:  # not registered yet in this process
-        TensorIntrin.register(isa.intrin, desc, impl)
-    return isa.intrin
+        TensorIntrin.register(name, *((dense_desc, dense_impl) if dense else (desc, impl)))
+    return name
 
 
 # -- the Relax rewrite ------------------------------------------------------------------------
 
 
-def conv2d_int8(isa: Isa):
+def int8_compute(isa: Isa):
     """A Relax pass (before constant folding, CPU targets with an int8 dot product): each
-    ``conv2d`` of a dequantized uint8/int8 activation (one scale and zero point) and a
-    dequantized int8 weight constant (zero points 0) becomes a ``conv2d_int8`` kernel; see the
-    module's docstring."""
+    ``conv2d`` or ``matmul`` of a dequantized uint8/int8 activation (one scale and zero point)
+    and a dequantized int8 weight constant (zero points 0) becomes a ``conv2d_int8`` or
+    ``matmul_int8`` kernel; see the module's docstring."""
     from .rewrites import _relax_pass
 
-    return _relax_pass("Conv2dInt8", "relax.nn.conv2d", functools.partial(_rewrite_conv, isa))
+    def rewrite(bb, call):
+        if call.op.name == "relax.nn.conv2d":
+            return _rewrite_conv(isa, bb, call)
+        return _rewrite_matmul(isa, bb, call)
+
+    return _relax_pass("Int8Compute", ("relax.nn.conv2d", "relax.matmul"), rewrite)
 
 
 class _Skip(Exception):
@@ -262,20 +297,25 @@ def _rows(oc: int, most: int) -> int:
 
 
 def _emit(bb, isa: Isa, g: _Geometry, xq, packed, zero_term, scale, zero_point, shift: int, oc):
+    return _emit_kernel(bb, "conv2d_int8", functools.partial(_compute, isa, g, shift, oc),
+                        (isa.name, g.key(), str(xq.ty.dtype)), [xq, packed, zero_term, scale, zero_point])  # fmt: skip
+
+
+def _emit_kernel(bb, name: str, compute, key, args):
+    """call_te of ``compute`` on the activation and the packed constants, fused like the op it
+    replaces (epilogues in, producers not); calls with the same ``key`` share one kernel."""
     from tvm import relax
 
     from .rewrites import _OUT_ELEMWISE_FUSABLE
 
-    args = [xq, relax.const(packed), relax.const(zero_term), relax.const(scale), relax.const(zero_point)]
-    key = (isa.name, g.key(), str(xq.ty.dtype))
-    cache = bb.__dict__.setdefault("_conv2d_int8", {})
+    args = [args[0], *(relax.const(a) for a in args[1:])]
+    cache = bb.__dict__.setdefault("_int8_compute", {})
     if key in cache:
         gv, out_ty = cache[key]
         return relax.call_tir(gv, args, out_ty)
-    out = bb.call_te(functools.partial(_compute, isa, g, shift, oc), *args, primfunc_name_hint="conv2d_int8")
+    out = bb.call_te(compute, *args, primfunc_name_hint=name)
     gv = out.args[0]
-    func = bb.get()[gv]
-    bb.update_func(gv, func.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE))
+    bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE))
     cache[key] = (gv, list(out.ty_args))
     return out
 
@@ -317,6 +357,107 @@ def _compute(isa: Isa, g: _Geometry, shift: int, oc, xq, wp, zero_term, scale, z
     return te.compute((g.n, oc, g.oh, g.ow), out, name=OUT)
 
 
+def _rewrite_matmul(isa: Isa, bb, call):
+    """``matmul(DQ(x_q) [..., M, K], DQ(w_q) [K, N])`` (or of the transposed weight Gemm imports)
+    as one ``matmul_int8`` kernel: the activation's rows broadcast 4 bytes at a time against
+    vectors of ``lanes`` output columns (weights prepacked as [N/lanes, K/4, lanes, 4])."""
+    import numpy as np
+
+    from .rewrites import _dequant_of, _NotInt8, _out_dtype, _resolve, _static_shapes
+
+    x, w = call.args
+    shapes = _static_shapes(x)
+    if shapes is None or len(shapes[0]) < 2 or (_out_dtype(call.attrs) or "float32") not in ("float32", "void"):
+        return None
+    m = _Mutator(bb)
+    transposed = False
+    we = _resolve(m, w)
+    if getattr(getattr(we, "op", None), "name", "") == "relax.permute_dims":
+        axes = we.attrs.axes
+        if axes is not None and [int(i) for i in axes] != [1, 0]:
+            return None
+        transposed, w = True, we.args[0]
+    try:
+        xe = _resolve(m, x)
+        if getattr(getattr(xe, "op", None), "name", "") == "relax.reshape":  # Gemm's flattened input
+            from tvm import relax
+
+            xq, sx, zx = _activation(m, xe.args[0])
+            xq = bb.emit(relax.op.reshape(xq, shapes[0]))
+        else:
+            xq, sx, zx = _activation(m, x)
+        dq = _dequant_of(m, w, min_elements=1)
+    except (_Skip, _NotInt8):
+        return None
+    q = dq.q
+    if q.dtype != np.int8 or dq.zero_point is not None or q.ndim != 2:
+        return None
+    scale_w = np.broadcast_to(dq.scale, q.shape).astype(np.float64)
+    if transposed:
+        q, scale_w = q.T, scale_w.T
+    if not np.all(scale_w == scale_w[:1, :]):
+        return None  # a scale per row (input feature): not one per output column
+    k, n = q.shape
+    if k * 255 * 128 >= 2**31:
+        return None
+    shift = {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((str(xq.ty.dtype), isa.packed), 0)
+    zx += shift
+    lead, rows_m = shapes[0][:-1], int(np.prod(shapes[0][:-1]))
+    kp = -(-k // 4) * 4
+    cols = max(1, min(_MAX_COLS, -(-n // isa.lanes)))
+    np_ = -(-n // (isa.lanes * cols)) * isa.lanes * cols
+    rows = _rows(rows_m, min(_MAX_ROWS, _ACCUMULATORS // cols))
+    mp = -(-rows_m // rows) * rows
+    wpad = np.zeros((kp, np_), np.int8)
+    wpad[:k, :n] = q
+    packed = np.ascontiguousarray(wpad.reshape(kp // 4, 4, np_ // isa.lanes, isa.lanes).transpose(2, 0, 3, 1))
+    zero_term = np.zeros(np_, np.int32)
+    zero_term[:n] = zx * q.astype(np.int64).sum(axis=0)
+    scale = np.zeros(np_, np.float32)
+    scale[:n] = (sx * scale_w[0]).astype(np.float32)
+    geo = dict(lead=tuple(lead), m=rows_m, mp=mp, k=k, kp=kp, n=n, np=np_, rows=rows, cols=cols)
+    return _emit_kernel(bb, "matmul_int8", functools.partial(_dense_compute, isa, geo, shift),
+                        (isa.name, "dense", tuple(sorted(geo.items())), str(xq.ty.dtype)),
+                        [xq, packed, zero_term, scale, np.array([zx], isa.packed)])  # fmt: skip
+
+
+def _dense_compute(isa: Isa, g: dict, shift: int, xq, wp, zero_term, scale, zero_point):
+    from tvm import te, tirx
+
+    lead, lanes = g["lead"], isa.lanes
+
+    def unflat(r):  # a row of the flattened activation -> its index in xq's leading dims
+        idx = []
+        for d in reversed(lead):
+            idx.append(r % d)
+            r = r // d
+        return idx[::-1]
+
+    def pack(r, col):
+        v = xq[(*unflat(te.min(r, g["m"] - 1)), te.min(col, g["k"] - 1))]
+        if shift:
+            v = (v.astype("int32") + shift).astype(isa.packed)
+        return tirx.if_then_else(tirx.all(r < g["m"], col < g["k"]), v, zero_point[0])
+
+    xp = te.compute((g["mp"], g["kp"]), pack, name=PACK)
+    kb = te.reduce_axis((0, g["kp"] // 4), "kb")
+    k4 = te.reduce_axis((0, 4), "k4")
+
+    def acc(r, c):
+        return te.sum(xp[r, kb * 4 + k4].astype("int32") * wp[c // lanes, kb, c % lanes, k4].astype("int32"),
+                      axis=[kb, k4])  # fmt: skip
+
+    s = te.compute((g["mp"], g["np"]), acc, name=ACC, attrs={DENSE_ATTR: [g["rows"], g["cols"], isa.name]})
+
+    def out(*i):
+        r = 0
+        for d, v in zip(lead, i[:-1]):
+            r = r * d + v
+        return (s[r, i[-1]] - zero_term[i[-1]]).astype("float32") * scale[i[-1]]
+
+    return te.compute((*lead, g["n"]), out, name=OUT)
+
+
 # -- the schedule -----------------------------------------------------------------------------
 
 
@@ -345,6 +486,9 @@ def schedule(sch, parallel_min_work: int) -> None:
             sch.compute_inline(b)
 
     acc = sch.get_sblock(ACC)
+    if DENSE_ATTR in sch.get(acc).annotations:
+        _schedule_dense(sch, acc, outputs, parallel_min_work)
+        return
     rows, cols, isa, ty, wq = sch.get(acc).annotations[TILE_ATTR]
     rows, cols, isa, ty, wq = int(rows), int(cols), _ISAS[str(isa)], int(ty), int(wq)
 
@@ -402,3 +546,56 @@ def _epilogue_driven(sch, acc, out, rows: int, cols: int, ty: int, isa: Isa, par
     _tile(sch, acc, akb, ao, pc, pl, isa)
     if sch.get(x).extent % isa.lanes == 0:
         sch.vectorize(sch.split(x, [None, isa.lanes])[-1])
+
+
+def _schedule_dense(sch, acc, outputs: set[str], parallel_min_work: int) -> None:
+    """A ``matmul_int8``: tiles of (rows rows x cols vectors of output columns); where the output
+    is one block whose tiles are whole (no padded rows or columns), each tile's sums live in a
+    small buffer the epilogue reads in cache, else the sums are one stage and the epilogue another."""
+    rows, cols, isa = sch.get(acc).annotations[DENSE_ATTR]
+    rows, cols, isa = int(rows), int(cols), _ISAS[str(isa)]
+    mp, np_ = (int(iv.dom.extent) for iv in sch.get(acc).iter_vars[:2])
+    work = mp * np_ * int(sch.get(acc).iter_vars[2].dom.extent) * 4
+    pack = sch.get_sblock(PACK)
+    r, _ = sch.get_loops(pack)
+    sch.parallel(r)
+    intrin = register_intrinsic(isa, dense=True)
+    out = sch.get_sblock(next(iter(outputs))) if len(outputs) == 1 else None
+    loops = sch.get_loops(out) if out is not None else []
+    lead = loops[:-1]
+    fits = (out is not None and all(int(sch.get(lp).extent) == 1 for lp in lead[:-1]) and lead
+            and int(sch.get(lead[-1]).extent) % rows == 0 and int(sch.get(loops[-1]).extent) % (cols * isa.lanes) == 0)
+    if fits:
+        mt, mr = sch.split(lead[-1], [None, rows])
+        nt, nn = sch.split(loops[-1], [None, cols * isa.lanes])
+        sch.reorder(*lead[:-1], mt, nt, mr, nn)
+        outer = sch.fuse(*lead[:-1], mt, nt)
+        if work >= parallel_min_work:
+            sch.parallel(outer)
+        sch.compute_at(acc, outer)
+        ar, ac, kb, k4 = sch.get_loops(acc)[-4:]
+        cc, cl = sch.split(ac, [None, isa.lanes])
+        sch.reorder(kb, ar, cc, cl, k4)
+        _tile_dense(sch, acc, kb, ar, cc, cl, intrin)
+        sch.vectorize(sch.split(nn, [None, isa.lanes])[-1])
+        return
+    m, n, kb, k4 = sch.get_loops(acc)
+    mt, mr = sch.split(m, [None, rows])
+    nt, nc, nl = sch.split(n, [None, cols, isa.lanes])
+    sch.reorder(mt, nt, kb, mr, nc, nl, k4)
+    outer = sch.fuse(mt, nt)
+    if work >= parallel_min_work:
+        sch.parallel(outer)
+    _tile_dense(sch, acc, kb, mr, nc, nl, intrin)
+    for name in sorted(outputs):
+        lp = sch.get_loops(sch.get_sblock(name))
+        if len(lp) >= 2:
+            sch.parallel(sch.fuse(*lp[:-1]))
+
+
+def _tile_dense(sch, acc, kb, mr, nc, nl, intrin: str) -> None:
+    init = sch.decompose_reduction(acc, kb)
+    sch.tensorize(nl, intrin)
+    sch.unroll(mr)
+    sch.unroll(nc)
+    sch.vectorize(sch.get_loops(init)[-1])

@@ -881,12 +881,12 @@ class CpuBackend(Backend):
     def before_folding(self, profile: TargetProfile) -> list:
         """int8 weights stay int8 in the library, dequantized in the kernels that read them
         (``rewrites.int8_weights``); with an int8 dot product (AVX-512 VNNI, Arm's dotprod) a
-        quantized convolution of a quantized activation computes in int8 (``int8.conv2d_int8``)."""
+        quantized convolution or matmul of a quantized activation computes in int8 (``int8.int8_compute``)."""
         from .. import int8
         from ..rewrites import int8_weights
 
         isa = int8.isa_of(profile.tvm())
-        return [*([int8.conv2d_int8(isa)] if isa else []), int8_weights()]
+        return [*([int8.int8_compute(isa)] if isa else []), int8_weights()]
 
     def schedule(self, mod, profile: TargetProfile):
         return apply_default(mod, profile)
