@@ -56,6 +56,7 @@ MODELS = {
 QUANTIZED = {
     "det-int8": ("det", "det", 20),
     "cls-int8": ("cls", "cls", 40),
+    "minilm-l3-int8": ("minilm-l3", "sentences", 20),
 }
 
 
@@ -181,7 +182,12 @@ def resolve_model(spec: str, inputs: list[str]):
     elif spec in QUANTIZED:
         base, kind, samples = QUANTIZED[spec]
         _, default = MODELS[base]
-        path = quantized(MODELS[base][0], kind, samples)
+        fp32 = MODELS[base][0]
+        if isinstance(fp32, str):
+            import models as cache
+
+            fp32 = cache.path(fp32)
+        path = quantized(fp32, kind, samples, tuple(t.split(":", 1)[0] for t in default))
         given = {t.split(":", 1)[0] for t in inputs}
         texts = [t for t in default if t.split(":", 1)[0] not in given] + list(inputs)
     elif spec in MODELS:
@@ -199,7 +205,7 @@ def resolve_model(spec: str, inputs: list[str]):
     return path, [importer.InputOverride.parse(t) for t in texts]
 
 
-def quantized(fp32: Path, kind: str, samples: int) -> Path:
+def quantized(fp32: Path, kind: str, samples: int, inputs: tuple[str, ...] = ()) -> Path:
     """The int8 QDQ model `tvm-hybrid quantize` makes of ``fp32`` from ``samples`` rendered
     calibration samples, cached by the fp32 file's hash."""
     import calibration
@@ -211,7 +217,7 @@ def quantized(fp32: Path, kind: str, samples: int) -> Path:
     out = cache_dir() / "quantized" / f"{fp32.stem}-{sha256_file(fp32)[:12]}-{kind}{samples}.int8.onnx"
     if not out.is_file():
         with tempfile.TemporaryDirectory() as tmp:
-            calibration.write(kind, Path(tmp), samples)
+            calibration.write(kind, Path(tmp), samples, inputs=inputs if kind == "sentences" else None)
             r = quantize.quantize(fp32, tmp, out)
         print(f"# quantized {fp32.name} -> {out} ({r.calibration_samples} calibration samples; loss "
               f"{100 * r.loss:.2f}%)", file=sys.stderr)  # fmt: skip
