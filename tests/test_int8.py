@@ -50,26 +50,36 @@ def test_vnni_profile_and_host_resolution():
     assert "avx512_vnni" in hostcpu.missing_features(resolve(VNNI).tvm_target, frozenset(v4 | {"sse4_2"}))
 
 
-@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
-def test_qdq_convs_compile_to_int8_kernels(signed, tmp_path):
-    """Every conv of the model (asymmetric padding, stride 2, dilation, per-tensor and per-channel
-    weight scales, batch 2) becomes a conv2d_int8 kernel for VNNI, none for AVX-512 without it."""
-    zm = zoo.qdq_convs(signed)
+#: (zoo builder, the op its int8 kernels compute, how many, the output quantized again at scale 0.05)
+MODELS = {"convs": (zoo.qdq_convs, "conv2d", 3, "y2"), "matmuls": (zoo.qdq_matmul, "matmul", 2, "y1")}
+SIGNS = pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+
+
+@SIGNS
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_qdq_model_compiles_to_int8_kernels(model, signed, tmp_path):
+    """convs: every conv (asymmetric padding, stride 2, dilation, per-tensor and per-channel
+    weight scales, batch 2); matmuls: a MatMul with per-column weight scales and a Gemm of a
+    flattened activation and a transposed weight. int8 kernels for VNNI, none without it."""
+    build, op, count, _ = MODELS[model]
+    zm = build(signed)
     _, vnni = _compile(zm, VNNI, tmp_path)
     _, plain = _compile(zm, "x86-64-avx512", tmp_path)
-    assert _int8_kernels(vnni) == 3
-    assert _int8_kernels(plain) == 0
+    assert _int8_kernels(vnni, op) == count
+    assert _int8_kernels(plain, op) == 0
 
 
 @needs_vnni
-@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
-def test_int8_kernels_match_the_dequantized_model(signed, tmp_path):
+@SIGNS
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_int8_kernels_match_the_dequantized_model(model, signed, tmp_path):
     """The int8 build computes what the fp32 build of the same QDQ model computes (integer sums
     are exact; only the float conv's own rounding differs), and onnxruntime agrees up to its
-    integer requantization, which rounds a few of c1's outputs to the neighbouring step."""
+    integer requantization, which rounds a few values to the neighbouring step."""
     from tvm_hybrid.runtime import Session
 
-    zm = zoo.qdq_convs(signed)
+    build, _, _, requantized = MODELS[model]
+    zm = build(signed)
     path, vnni = _compile(zm, VNNI, tmp_path)
     _, plain = _compile(zm, "x86-64-avx512", tmp_path)
     got, fp32 = Session(vnni).run(zm.feeds), Session(plain).run(zm.feeds)
@@ -78,33 +88,5 @@ def test_int8_kernels_match_the_dequantized_model(signed, tmp_path):
         np.testing.assert_allclose(got[name], fp32[name], rtol=1e-5, atol=1e-5 * np.abs(fp32[name]).max())
         same = np.isclose(got[name], want[name], rtol=1e-5, atol=1e-5 * np.abs(want[name]).max())
         assert same.mean() > 0.98, (name, same.mean())
-    # y2 is quantized again (scale 0.05): never more than one step from onnxruntime's.
-    assert np.abs(got["y2"] - want["y2"]).max() <= 0.05 + 1e-6
-
-
-@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
-def test_qdq_matmuls_compile_to_int8_kernels(signed, tmp_path):
-    """A MatMul with per-column weight scales and a Gemm of a transposed weight with a per-tensor
-    scale: two matmul_int8 kernels for VNNI, none without it."""
-    zm = zoo.qdq_matmul(signed)
-    _, vnni = _compile(zm, VNNI, tmp_path)
-    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
-    assert _int8_kernels(vnni, "matmul") == 2
-    assert _int8_kernels(plain, "matmul") == 0
-
-
-@needs_vnni
-@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
-def test_int8_matmuls_match_the_dequantized_model(signed, tmp_path):
-    from tvm_hybrid.runtime import Session
-
-    zm = zoo.qdq_matmul(signed)
-    path, vnni = _compile(zm, VNNI, tmp_path)
-    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
-    got, fp32 = Session(vnni).run(zm.feeds), Session(plain).run(zm.feeds)
-    want = reference(path, zm.feeds)
-    for name in ("y1", "y2"):
-        np.testing.assert_allclose(got[name], fp32[name], rtol=1e-5, atol=1e-5 * np.abs(fp32[name]).max())
-        same = np.isclose(got[name], want[name], rtol=1e-5, atol=1e-5 * np.abs(want[name]).max())
-        assert same.mean() > 0.98, (name, same.mean())
-    assert np.abs(got["y1"] - want["y1"]).max() <= 0.05 + 1e-6  # y1's quantization step
+    # the output quantized again (scale 0.05): never more than one step from onnxruntime's
+    assert np.abs(got[requantized] - want[requantized]).max() <= 0.05 + 1e-6
