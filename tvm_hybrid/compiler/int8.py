@@ -69,12 +69,10 @@ _ISAS = {i.name: i for i in (VNNI, SDOT)}
 
 
 def isa_of(target) -> Isa | None:
-    """The int8 dot product an llvm target compiles in: AVX-512 VNNI (its mcpu, or
-    ``+avx512vnni``), or aarch64 with ``+dotprod``; else None."""
+    """The int8 dot product an llvm target (a CPU backend's) compiles in: AVX-512 VNNI (its mcpu,
+    or ``+avx512vnni``), or aarch64 with ``+dotprod``; else None."""
     from .. import hostcpu
 
-    if target.kind.name != "llvm":
-        return None
     mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
     if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
         return SDOT if "+dotprod" in mattr else None
@@ -471,14 +469,10 @@ def is_int8_kernel(sch) -> bool:
 
 def schedule(sch, parallel_min_work: int) -> None:
     """Schedule a ``conv2d_int8`` kernel (and the epilogue FuseOps put after it) in place."""
-    from .backends.cpu import _child_blocks
-
-    blocks = _child_blocks(sch)
-    if blocks is None:
-        raise ValueError("int8 kernel: blocks not in their own loop nests")
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    blocks = list(sch.get_child_blocks(root))
     # Everything FuseOps put around the kernel (the epilogue: bias, activation, the next
     # QuantizeLinear; a residual's dequantized operand) is elementwise: inlined into its reader.
-    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for b in blocks:
         name = sch.get(b).name_hint
