@@ -13,7 +13,8 @@ from conftest import reference
 from tvm_hybrid import hostcpu
 
 VNNI = "x86-64-avx512-vnni"
-needs_vnni = pytest.mark.skipif("avx512_vnni" not in hostcpu.cpu_flags(), reason="this CPU has no AVX-512 VNNI")
+#: int8 profile: (the CPU flag it needs, the same CPU level without the dot product)
+PROFILES = {VNNI: ("avx512_vnni", "x86-64-avx512"), "x86-64-avx2-vnni": ("avx_vnni", "x86-64-avx2")}
 
 
 def _compile(zm, target, tmp_path):
@@ -44,8 +45,11 @@ def test_vnni_profile_and_host_resolution():
     assert int8.isa_of(resolve("arm64-cortex-a76").tvm()) is int8.SDOT  # armv8.2 +dotprod
     assert int8.isa_of(resolve("x86-64-avx512").tvm()) is None and int8.isa_of(resolve("arm64").tvm()) is None
     v4 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}
-    assert host_profile_name(frozenset(v4 | {"avx512_vnni"})) == VNNI
+    assert host_profile_name(frozenset(v4 | {"avx512_vnni", "avx_vnni"})) == VNNI
     assert host_profile_name(frozenset(v4)) == "x86-64-avx512"
+    assert int8.isa_of(resolve("x86-64-avx2-vnni").tvm()) is int8.AVX_VNNI
+    assert host_profile_name(frozenset({"avx2", "fma", "avx_vnni"})) == "x86-64-avx2-vnni"  # Alder Lake
+    assert host_profile_name(frozenset({"avx2", "fma"})) == "x86-64-avx2"
     # an artifact built for it says what it needs: a CPU without VNNI is told, not crashed
     assert "avx512_vnni" in hostcpu.missing_features(resolve(VNNI).tvm_target, frozenset(v4 | {"sse4_2"}))
 
@@ -57,31 +61,34 @@ SIGNS = pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
 
 @SIGNS
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_qdq_model_compiles_to_int8_kernels(model, signed, tmp_path):
+@pytest.mark.parametrize("target", sorted(PROFILES))
+def test_qdq_model_compiles_to_int8_kernels(target, model, signed, tmp_path):
     """convs: every conv (asymmetric padding, stride 2, dilation, per-tensor and per-channel
     weight scales, batch 2); matmuls: a MatMul with per-column weight scales and a Gemm of a
     flattened activation and a transposed weight. int8 kernels for VNNI, none without it."""
     build, op, count, _ = MODELS[model]
     zm = build(signed)
-    _, vnni = _compile(zm, VNNI, tmp_path)
-    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
+    _, vnni = _compile(zm, target, tmp_path)
+    _, plain = _compile(zm, PROFILES[target][1], tmp_path)
     assert _int8_kernels(vnni, op) == count
     assert _int8_kernels(plain, op) == 0
 
 
-@needs_vnni
 @SIGNS
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_int8_kernels_match_the_dequantized_model(model, signed, tmp_path):
+@pytest.mark.parametrize("target", sorted(PROFILES))
+def test_int8_kernels_match_the_dequantized_model(target, model, signed, tmp_path):
     """The int8 build computes what the fp32 build of the same QDQ model computes (integer sums
     are exact; only the float conv's own rounding differs), and onnxruntime agrees up to its
     integer requantization, which rounds a few values to the neighbouring step."""
     from tvm_hybrid.runtime import Session
 
+    if PROFILES[target][0] not in hostcpu.cpu_flags():
+        pytest.skip(f"this CPU has no {PROFILES[target][0]}")
     build, _, _, requantized = MODELS[model]
     zm = build(signed)
-    path, vnni = _compile(zm, VNNI, tmp_path)
-    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
+    path, vnni = _compile(zm, target, tmp_path)
+    _, plain = _compile(zm, PROFILES[target][1], tmp_path)
     got, fp32 = Session(vnni).run(zm.feeds), Session(plain).run(zm.feeds)
     want = reference(path, zm.feeds)
     for name in ("y1", "y2"):

@@ -26,14 +26,15 @@ _V2 = ("sse4_1", "sse4_2", "ssse3", "popcnt")
 _V3 = (*_V2, "avx", "avx2", "fma", "f16c", "bmi1", "bmi2")
 _V4 = (*_V3, "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
 _V4_VNNI = (*_V4, "avx512_vnni")
+_V3_VNNI = (*_V3, "avx_vnni")  # AVX-VNNI without AVX-512: Intel's client cores since Alder Lake
 
 #: /proc/cpuinfo flags each known x86 ``mcpu`` compiles in unconditionally. A ``mcpu`` not
 #: listed here is not checked (nothing is known of it), rather than refused.
 X86_MCPU_FEATURES: dict[str, tuple[str, ...]] = {
     "x86-64": (), "generic": (),
     "x86-64-v2": _V2, "nehalem": _V2, "westmere": _V2, "sandybridge": (*_V2, "avx"), "ivybridge": (*_V2, "avx", "f16c"),
-    "x86-64-v3": _V3, "haswell": _V3, "broadwell": _V3, "skylake": _V3, "alderlake": _V3, "raptorlake": _V3,
-    "meteorlake": _V3, "gracemont": _V3, "znver1": _V3, "znver2": _V3, "znver3": _V3, "bdver4": _V3,
+    "x86-64-v3": _V3, "haswell": _V3, "broadwell": _V3, "skylake": _V3, "alderlake": _V3_VNNI,
+    "raptorlake": _V3_VNNI, "meteorlake": _V3_VNNI, "gracemont": _V3_VNNI, "znver1": _V3, "znver2": _V3, "znver3": _V3, "bdver4": _V3,
     "x86-64-v4": _V4, "skylake-avx512": _V4, "cannonlake": _V4, "cascadelake": _V4_VNNI, "cooperlake": _V4_VNNI,
     "icelake-client": _V4_VNNI, "icelake-server": _V4_VNNI, "tigerlake": _V4_VNNI, "rocketlake": _V4_VNNI,
     "sapphirerapids": _V4_VNNI, "emeraldrapids": _V4_VNNI, "graniterapids": _V4_VNNI, "znver4": _V4_VNNI,
@@ -47,7 +48,7 @@ X86_MCPU_FEATURES: dict[str, tuple[str, ...]] = {
 _MATTR_FLAGS = {
     "sse4.1": "sse4_1", "sse4.2": "sse4_2", "ssse3": "ssse3", "popcnt": "popcnt", "avx": "avx", "avx2": "avx2",
     "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "avx512f": "avx512f", "avx512bw": "avx512bw",
-    "avx512cd": "avx512cd", "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
+    "avx512cd": "avx512cd", "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni",
 }  # fmt: skip
 
 

@@ -117,7 +117,7 @@ def host_profile_name(cpu_flags: set[str] | frozenset[str] | None = None) -> str
     if {"avx512f", "avx512bw", "avx512vl"} <= cpu_flags:
         return "x86-64-avx512-vnni" if "avx512_vnni" in cpu_flags else "x86-64-avx512"
     if {"avx2", "fma"} <= cpu_flags:
-        return "x86-64-avx2"
+        return "x86-64-avx2-vnni" if "avx_vnni" in cpu_flags else "x86-64-avx2"
     return "x86-64"
 
 

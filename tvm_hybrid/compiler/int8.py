@@ -45,9 +45,6 @@ PACK, ACC, OUT = "int8_pack", "int8_acc", "int8_out"
 TILE_ATTR = "tvm_hybrid.int8_tile"
 #: Block annotation on a ``matmul_int8`` kernel's ``int8_acc``: [rows, cols, isa].
 DENSE_ATTR = "tvm_hybrid.int8_dense"
-#: Accumulator registers of a tile (of 32 vector registers: the rest hold the data vectors and a
-#: broadcast weight).
-_ACCUMULATORS = 24
 _MAX_ROWS = 8
 _MAX_COLS = 4
 
@@ -61,11 +58,15 @@ class Isa:
     packed: str  # the dtype it takes the activation as ("uint8": vpdpbusd, "int8": sdot)
     intrin: str  # the tensor intrinsics' name (register_intrinsic)
     llvm: str
+    accumulators: int  # vector registers a register tile may take (the rest: data, a broadcast)
 
 
-VNNI = Isa("avx512-vnni", 16, "uint8", "tvm_hybrid_vnni_16x4", "llvm.x86.avx512.vpdpbusd.512")
-SDOT = Isa("arm-sdot", 4, "int8", "tvm_hybrid_sdot_4x4", "llvm.aarch64.neon.sdot.v4i32.v16i8")
-_ISAS = {i.name: i for i in (VNNI, SDOT)}
+VNNI = Isa("avx512-vnni", 16, "uint8", "tvm_hybrid_vnni_16x4", "llvm.x86.avx512.vpdpbusd.512", 24)  # 32 zmm
+#: AVX-VNNI: the same instruction on 256-bit registers, VEX-encoded, on CPUs without AVX-512
+#: (Intel Alder Lake and later client cores; AMD Zen 4 has both).
+AVX_VNNI = Isa("avx-vnni", 8, "uint8", "tvm_hybrid_avxvnni_8x4", "llvm.x86.avx512.vpdpbusd.256", 12)  # 16 ymm
+SDOT = Isa("arm-sdot", 4, "int8", "tvm_hybrid_sdot_4x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", 24)  # 32 NEON
+_ISAS = {i.name: i for i in (VNNI, AVX_VNNI, SDOT)}
 
 
 def isa_of(target) -> Isa | None:
@@ -76,8 +77,10 @@ def isa_of(target) -> Isa | None:
     mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
     if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
         return SDOT if "+dotprod" in mattr else None
-    attrs = {"mcpu": str(target.attrs.get("mcpu", "") or ""), "mattr": mattr}
-    return VNNI if "avx512_vnni" in hostcpu.x86_features(attrs) else None
+    features = hostcpu.x86_features({"mcpu": str(target.attrs.get("mcpu", "") or ""), "mattr": mattr})
+    if "avx512_vnni" in features:
+        return VNNI
+    return AVX_VNNI if "avx_vnni" in features else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,7 +223,7 @@ def _rewrite_conv(isa: Isa, bb, call):
     # The activation as the instruction takes it: x + shift, its zero point with it.
     shift = {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((str(xq.ty.dtype), isa.packed), 0)
     zx += shift
-    geo = _Geometry.of(shapes[0], w.shape, a, isa.lanes)
+    geo = _Geometry.of(shapes[0], w.shape, a, isa)
     ocp = -(-oc // geo.rows) * geo.rows
     kb = geo.cb * geo.kh * geo.kw
     wpad = np.zeros((ocp, geo.cb * 4, geo.kh, geo.kw), np.int8)
@@ -248,9 +251,9 @@ class _Geometry:
     """The shapes of one int8 convolution: input, window, stride, padding, planes, tile."""
 
     @classmethod
-    def of(cls, xshape, wshape, attrs, lanes: int):
+    def of(cls, xshape, wshape, attrs, isa: Isa):
         g = cls()
-        g.lanes = lanes
+        g.lanes = lanes = isa.lanes
         g.n, g.c, g.h, g.w = (int(d) for d in xshape)
         g.oc, _, g.kh, g.kw = (int(d) for d in wshape)
         g.sy, g.sx = (int(s) for s in attrs.strides)
@@ -265,7 +268,7 @@ class _Geometry:
         g.cb = -(-g.c // 4)
         pixels = g.oh * g.wq
         g.cols = max(1, min(_MAX_COLS, -(-pixels // lanes)))
-        g.rows = _rows(g.oc, min(_MAX_ROWS, _ACCUMULATORS // g.cols))
+        g.rows = _rows(g.oc, min(_MAX_ROWS, isa.accumulators // g.cols))
         g.pp = -(-pixels // (lanes * g.cols)) * lanes * g.cols
         # The last tap reads this far past a pixel's own offset.
         reach = ((g.kh - 1) * g.dy // g.sy) * g.wq + (g.kw - 1) * g.dx // g.sx
@@ -276,13 +279,13 @@ class _Geometry:
         # the epilogue drives: a tile of (rows channels) x (ty output rows) computes its sums
         # into a small buffer, then converts them, without the sums' trip through memory.
         g.ty = 0
-        fused_rows = _rows(g.oc, _MAX_ROWS)
+        fused_rows = _rows(g.oc, min(_MAX_ROWS, isa.accumulators))
         if g.wq == g.ow and g.oc % fused_rows == 0:
             g.ty = next((t for t in range(1, g.oh + 1) if g.oh % t == 0 and t * g.ow % lanes == 0 and t * g.ow <= 512), 0)
         if g.ty:
             g.rows = fused_rows
             vectors = g.ty * g.ow // lanes
-            g.cols = max(c for c in range(1, _MAX_COLS + 1) if vectors % c == 0 and c * g.rows <= _ACCUMULATORS)
+            g.cols = max(c for c in range(1, _MAX_COLS + 1) if vectors % c == 0 and c * g.rows <= isa.accumulators)
         return g
 
     def key(self):
@@ -404,7 +407,7 @@ def _rewrite_matmul(isa: Isa, bb, call):
     kp = -(-k // 4) * 4
     cols = max(1, min(_MAX_COLS, -(-n // isa.lanes)))
     np_ = -(-n // (isa.lanes * cols)) * isa.lanes * cols
-    rows = _rows(rows_m, min(_MAX_ROWS, _ACCUMULATORS // cols))
+    rows = _rows(rows_m, min(_MAX_ROWS, isa.accumulators // cols))
     mp = -(-rows_m // rows) * rows
     wpad = np.zeros((kp, np_), np.int8)
     wpad[:k, :n] = q
