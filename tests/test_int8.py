@@ -29,10 +29,10 @@ def _compile(zm, target, tmp_path):
     return path, s.path
 
 
-def _int8_kernels(artifact, op: str = "conv2d") -> int:
-    """The int8 x int8 kernels of ``op`` (conv2d, matmul) in an artifact's library (with what
-    FuseOps put after them)."""
-    lib = next((artifact / "segments").glob("*.so")).read_bytes()
+def _int8_kernels(artifact, op: str = "conv2d", library: str | None = None) -> int:
+    """The int8 x int8 kernels of ``op`` (conv2d, matmul) in an artifact's library (its only
+    one, or ``library``), with what FuseOps put after them."""
+    lib = (artifact / library if library else next((artifact / "segments").glob("*.so"))).read_bytes()
     names = set(re.findall(rb"(?:fused_)?" + op.encode() + rb"_int8(?!w)[a-z0-9_]*", lib))  # not int8w: weights only
     return len({n for n in names if not n.endswith(b"_compute_")})
 
@@ -97,3 +97,26 @@ def test_int8_kernels_match_the_dequantized_model(target, model, signed, tmp_pat
         assert same.mean() > 0.98, (name, same.mean())
     # the output quantized again (scale 0.05): never more than one step from onnxruntime's
     assert np.abs(got[requantized] - want[requantized]).max() <= 0.05 + 1e-6
+
+
+def test_portable_artifact_carries_int8_builds_for_a_quantized_model(tmp_path):
+    """`-t x86-64` of a QDQ model: the VNNI builds join the AVX-512 and AVX2 ones (best first;
+    a model without int8 compute gets only those two, tests/test_dispatch.py). The runtime loads
+    the best build this CPU runs, and the outputs are the fp32 build's."""
+    import json
+
+    from tvm_hybrid.manifest import Manifest
+    from tvm_hybrid.runtime import Session
+
+    zm = zoo.qdq_convs()
+    path, art = _compile(zm, "x86-64", tmp_path)
+    [seg] = Manifest.from_dict(json.loads((art / "manifest.json").read_text())).segments
+    names = [v["profile"] for v in seg.variants]
+    assert names == ["x86-64-avx512-vnni", "x86-64-avx512", "x86-64-avx2-vnni", "x86-64-avx2"]
+    assert _int8_kernels(art, "conv2d", seg.library) == 0  # the SSE4.2 build: fake-quantized fp32
+    assert [_int8_kernels(art, "conv2d", v["library"]) for v in seg.variants] == [3, 0, 3, 0]
+    got = Session(art).run(zm.feeds)
+    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
+    want = Session(plain).run(zm.feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5 * np.abs(want[name]).max())

@@ -146,7 +146,8 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     out.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []
     summaries = []
-    variants = {p.name: dispatch_profiles(p) for p in profiles}
+    variants = {p.name: [v for v in dispatch_profiles(p) if backends.for_profile(v).builds_differently(v, imported.model)]
+                for p in profiles}  # fmt: skip
     every = {p.name: p for p in [*profiles, *([cloud] if cloud else []), *(v for vs in variants.values() for v in vs)]}
     logs = {name: tuning_log.open_database(opts.tuning_logs, p) for name, p in every.items()}
     cloud_segments: dict[str, tuple[SegmentModel, TargetProfile]] = {}

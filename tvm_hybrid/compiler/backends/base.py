@@ -110,6 +110,12 @@ class Backend:
         """Relax passes this backend runs before any constant folding (part of ``fuse``)."""
         return []
 
+    def builds_differently(self, profile: TargetProfile, model) -> bool:
+        """Whether a build of ``model`` for ``profile``, a profile another one dispatches to, can
+        differ in more than its CPU level: a profile whose only difference is int8 arithmetic
+        is left out of a portable artifact when the model has no int8 compute."""
+        return True
+
     def legalizations(self, profile: TargetProfile) -> dict:
         """Relax op name -> legalization this backend uses instead of TVM's (part of ``fuse``)."""
         return {}

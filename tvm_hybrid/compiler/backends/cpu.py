@@ -888,6 +888,14 @@ class CpuBackend(Backend):
         isa = int8.isa_of(profile.tvm())
         return [*([int8.int8_compute(isa)] if isa else []), int8_weights()]
 
+    def builds_differently(self, profile: TargetProfile, model) -> bool:
+        """An int8 profile (``int8.isa_of``) only for a model with quantized convolutions or
+        matmuls (``analysis.quantized_compute``): for others its build is the plain one's."""
+        from .. import int8
+        from ..analysis import quantized_compute
+
+        return int8.isa_of(profile.tvm()) is None or quantized_compute(model)
+
     def schedule(self, mod, profile: TargetProfile):
         return apply_default(mod, profile)
 
