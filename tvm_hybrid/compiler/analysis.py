@@ -90,24 +90,6 @@ def dequantizes_initializer(node: onnx.NodeProto, inits) -> bool:
     return node.op_type == "DequantizeLinear" and bool(node.input) and node.input[0] in inits
 
 
-def quantized_compute(model: onnx.ModelProto) -> bool:
-    """Whether a Conv, MatMul or Gemm reads a dequantized activation (a DequantizeLinear of a
-    tensor the graph computes, directly or through a Reshape) and a dequantized weight: what
-    int8 arithmetic (``compiler/int8.py``) computes."""
-    g = model.graph
-    inits = {i.name for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-
-    def dequantized(name: str, activation: bool) -> bool:
-        n = producer.get(name)
-        if n is not None and activation and n.op_type == "Reshape":
-            n = producer.get(n.input[0])
-        return n is not None and n.op_type == "DequantizeLinear" and (n.input[0] not in inits) == activation
-
-    return any(n.op_type in ("Conv", "MatMul", "Gemm") and len(n.input) > 1 and dequantized(n.input[0], True)
-               and dequantized(n.input[1], False) for n in g.node)  # fmt: skip
-
-
 def _nbytes(shape: tuple[int, ...], elem_type: int) -> int:
     try:
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize

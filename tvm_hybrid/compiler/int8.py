@@ -151,6 +151,24 @@ def register_intrinsic(isa: Isa, dense: bool = False) -> str:
     return name
 
 
+def quantized_compute(model) -> bool:
+    """Whether a Conv, MatMul or Gemm reads a dequantized activation (a DequantizeLinear of a
+    tensor the graph computes, directly or through a Reshape) and a dequantized weight (an ONNX
+    model): what the int8 kernels compute."""
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def dequantized(name: str, activation: bool) -> bool:
+        n = producer.get(name)
+        if n is not None and activation and n.op_type == "Reshape":
+            n = producer.get(n.input[0])
+        return n is not None and n.op_type == "DequantizeLinear" and (n.input[0] not in inits) == activation
+
+    return any(n.op_type in ("Conv", "MatMul", "Gemm") and len(n.input) > 1 and dequantized(n.input[0], True)
+               and dequantized(n.input[1], False) for n in g.node)  # fmt: skip
+
+
 # -- the Relax rewrite ------------------------------------------------------------------------
 
 

@@ -890,11 +890,10 @@ class CpuBackend(Backend):
 
     def builds_differently(self, profile: TargetProfile, model) -> bool:
         """An int8 profile (``int8.isa_of``) only for a model with quantized convolutions or
-        matmuls (``analysis.quantized_compute``): for others its build is the plain one's."""
+        matmuls (``int8.quantized_compute``): for others its build is the plain one's."""
         from .. import int8
-        from ..analysis import quantized_compute
 
-        return int8.isa_of(profile.tvm()) is None or quantized_compute(model)
+        return int8.isa_of(profile.tvm()) is None or int8.quantized_compute(model)
 
     def schedule(self, mod, profile: TargetProfile):
         return apply_default(mod, profile)
