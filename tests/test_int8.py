@@ -120,3 +120,21 @@ def test_portable_artifact_carries_int8_builds_for_a_quantized_model(tmp_path):
     want = Session(plain).run(zm.feeds)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5 * np.abs(want[name]).max())
+
+
+def test_int8_profiles_use_their_base_tuning_log_until_they_have_one(tmp_path):
+    """x86-64-avx512-vnni builds apply x86-64-avx512's log (same kernels, code every VNNI CPU
+    runs) while theirs does not exist; a profile that could not run the base's code does not."""
+    import dataclasses
+    import shutil
+
+    from tvm_hybrid.compiler import tuning_log
+    from tvm_hybrid.targets import resolve
+
+    logs = tuning_log.default_logs_dir()
+    assert tuning_log.open_database(logs, resolve(VNNI)).path.name == "x86-64-avx512"
+    assert tuning_log.open_database(logs, resolve("x86-64-avx2-vnni")).path.name == "x86-64-avx2"
+    older = dataclasses.replace(resolve(VNNI), tvm_target={**resolve(VNNI).tvm_target, "mcpu": "haswell"})
+    assert tuning_log.open_database(logs, older) is None  # AVX2 code cannot take AVX-512 records
+    shutil.copytree(logs / "x86-64-avx512", tmp_path / "x86-64-avx512")
+    assert tuning_log.open_database(tmp_path, resolve(VNNI)).path == tmp_path / "x86-64-avx512"

@@ -45,6 +45,9 @@ class TargetProfile:
     #: Profiles whose builds ship alongside this one's, best first; the runtime loads the first
     #: this CPU can run (``[tvm] dispatch``: a portable x86-64 artifact with AVX2 and AVX-512 builds).
     dispatch: tuple[str, ...] = ()
+    #: A profile whose tuning log builds for this one use while it has none of its own
+    #: (``[tvm] tuning_log_from``): one whose code every CPU of this profile runs.
+    tuning_log_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as recorded in a manifest (the file it came from and the compiler backend
@@ -53,6 +56,7 @@ class TargetProfile:
         d.pop("source")
         d.pop("backend")
         d.pop("dispatch")
+        d.pop("tuning_log_from")
         return d
 
     def tvm(self):
@@ -97,6 +101,7 @@ def _load_file(path: Path) -> TargetProfile:
         source=str(path),
         backend=str(data["backend"]) if "backend" in data else None,
         dispatch=tuple(str(n) for n in tvm_section.get("dispatch", ())),
+        tuning_log_from=str(tvm_section["tuning_log_from"]) if "tuning_log_from" in tvm_section else None,
     )
 
 

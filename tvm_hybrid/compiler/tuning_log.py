@@ -254,6 +254,17 @@ def open_database(logs: Path | None, profile: TargetProfile) -> TuningLog | None
     if logs is None:
         return None
     d = target_dir(logs, profile)
+    if not (d / RECORDS).is_file() and profile.tuning_log_from:
+        # A CPU-level superset (AVX-512 VNNI over AVX-512): the other profile's records are
+        # schedules for the same kernels, and its code runs on every CPU of this profile.
+        from ..hostcpu import x86_features
+        from ..targets import resolve
+
+        base = resolve(profile.tuning_log_from)
+        if base.tvm_target.get("mtriple") == profile.tvm_target.get("mtriple") and \
+                x86_features(base.tvm_target) <= x86_features(profile.tvm_target):  # fmt: skip
+            log.debug("no tuning log for %s: using %s's", profile.name, base.name)
+            profile, d = base, target_dir(logs, base)
     if not (d / RECORDS).is_file():
         log.debug("no tuning log for %s in %s", profile.name, logs)
         return None
