@@ -181,21 +181,13 @@ def resolve_model(spec: str, inputs: list[str]):
         texts = [f"{k}:{'x'.join(map(str, v))}" for k, v in z.input_shapes.items() if k not in given] + list(inputs)
     elif spec in QUANTIZED:
         base, kind, samples = QUANTIZED[spec]
-        _, default = MODELS[base]
-        fp32 = MODELS[base][0]
-        if isinstance(fp32, str):
-            import models as cache
-
-            fp32 = cache.path(fp32)
-        path = quantized(fp32, kind, samples, tuple(t.split(":", 1)[0] for t in default))
+        fp32, default = MODELS[base]
+        path = quantized(model_file(fp32), kind, samples, tuple(t.split(":", 1)[0] for t in default))
         given = {t.split(":", 1)[0] for t in inputs}
         texts = [t for t in default if t.split(":", 1)[0] not in given] + list(inputs)
     elif spec in MODELS:
         path, default = MODELS[spec]
-        if isinstance(path, str):
-            import models as cache
-
-            path = cache.path(path)
+        path = model_file(path)
         given = {t.split(":", 1)[0] for t in inputs}
         texts = [t for t in default if t.split(":", 1)[0] not in given] + list(inputs)
     else:
@@ -203,6 +195,15 @@ def resolve_model(spec: str, inputs: list[str]):
         if not path.is_file():
             raise SystemExit(f"--model {spec}: neither a name ({', '.join([*MODELS, *QUANTIZED])}) nor an ONNX file")
     return path, [importer.InputOverride.parse(t) for t in texts]
+
+
+def model_file(path: Path | str) -> Path:
+    """A MODELS entry's file: a path, or a scripts/models.py name (fetched into its cache)."""
+    if isinstance(path, str):
+        import models as cache
+
+        return cache.path(path)
+    return path
 
 
 def quantized(fp32: Path, kind: str, samples: int, inputs: tuple[str, ...] = ()) -> Path:

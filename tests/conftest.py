@@ -108,6 +108,16 @@ def zoo_files(tmp_path_factory):
     return get
 
 
+def int8_kernels(artifact: Path, op: str = "conv2d", library: str | None = None) -> int:
+    """The int8 x int8 kernels of ``op`` (conv2d, matmul: compiler/int8.py) in an artifact's
+    library (its only one, or ``library``), with what FuseOps put after them."""
+    import re
+
+    lib = (artifact / library if library else next((artifact / "segments").glob("*.so"))).read_bytes()
+    names = set(re.findall(rb"(?:fused_)?" + op.encode() + rb"_int8(?!w)[a-z0-9_]*", lib))  # not int8w: weights only
+    return len({n for n in names if not n.endswith(b"_compute_")})  # a parallel loop's lambda
+
+
 def cli(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run the real `tvm-hybrid` command line in a subprocess."""
     proc = subprocess.run(

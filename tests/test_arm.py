@@ -279,9 +279,7 @@ def test_int8_convolutions_with_dot_product_under_qemu(emulation, tmp_path):
     kernels (sdot, the uint8 activations shifted to int8), and under qemu the int8 build gives
     what the fp32 build of the same QDQ model gives, and onnxruntime's int8 output within one
     quantization step."""
-    import re
-
-    from conftest import reference
+    from conftest import int8_kernels, reference
 
     from tvm_hybrid.compiler.importer import InputOverride
     from tvm_hybrid.compiler.package import CompileOptions, compile_model
@@ -294,8 +292,7 @@ def test_int8_convolutions_with_dot_product_under_qemu(emulation, tmp_path):
         [s] = compile_model(CompileOptions(model=path, targets=(target,), output=tmp_path / target, cloud=None,
                                            inputs=(InputOverride("x", zm.input_shapes["x"]),), tuning_logs=None))  # fmt: skip
         built[target] = s.path
-    lib = next((built["arm64-cortex-a76"] / "segments").glob("*.so")).read_bytes()
-    assert len({n for n in re.findall(rb"(?:fused_)?conv2d_int8(?!w)[a-z0-9_]*", lib) if not n.endswith(b"_compute_")}) == 3
+    assert int8_kernels(built["arm64-cortex-a76"]) == 3
     got, _, _ = run_emulated(built["arm64-cortex-a76"], zm.feeds, tmp_path / "int8")
     fp32, _, _ = run_emulated(built["arm64"], zm.feeds, tmp_path / "fp32")
     want = reference(path, zm.feeds)

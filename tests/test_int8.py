@@ -3,12 +3,10 @@ conv2d_int8 kernels on AVX-512 VNNI targets and give what onnxruntime gives on t
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import zoo
-from conftest import reference
+from conftest import int8_kernels, reference
 
 from tvm_hybrid import hostcpu
 
@@ -27,14 +25,6 @@ def _compile(zm, target, tmp_path):
     [s] = compile_model(CompileOptions(model=path, targets=(target,), output=tmp_path / target, inputs=inputs,
                                        cloud=None, tuning_logs=None))  # fmt: skip
     return path, s.path
-
-
-def _int8_kernels(artifact, op: str = "conv2d", library: str | None = None) -> int:
-    """The int8 x int8 kernels of ``op`` (conv2d, matmul) in an artifact's library (its only
-    one, or ``library``), with what FuseOps put after them."""
-    lib = (artifact / library if library else next((artifact / "segments").glob("*.so"))).read_bytes()
-    names = set(re.findall(rb"(?:fused_)?" + op.encode() + rb"_int8(?!w)[a-z0-9_]*", lib))  # not int8w: weights only
-    return len({n for n in names if not n.endswith(b"_compute_")})
 
 
 def test_vnni_profile_and_host_resolution():
@@ -62,7 +52,7 @@ SIGNS = pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
 @SIGNS
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("target", sorted(PROFILES))
-def test_qdq_model_compiles_to_int8_kernels(target, model, signed, tmp_path):
+def test_qdq_model_compiles_toint8_kernels(target, model, signed, tmp_path):
     """convs: every conv (asymmetric padding, stride 2, dilation, per-tensor and per-channel
     weight scales, batch 2); matmuls: a MatMul with per-column weight scales and a Gemm of a
     flattened activation and a transposed weight. int8 kernels for VNNI, none without it."""
@@ -70,8 +60,8 @@ def test_qdq_model_compiles_to_int8_kernels(target, model, signed, tmp_path):
     zm = build(signed)
     _, vnni = _compile(zm, target, tmp_path)
     _, plain = _compile(zm, PROFILES[target][1], tmp_path)
-    assert _int8_kernels(vnni, op) == count
-    assert _int8_kernels(plain, op) == 0
+    assert int8_kernels(vnni, op) == count
+    assert int8_kernels(plain, op) == 0
 
 
 @SIGNS
@@ -113,8 +103,8 @@ def test_portable_artifact_carries_int8_builds_for_a_quantized_model(tmp_path):
     [seg] = Manifest.from_dict(json.loads((art / "manifest.json").read_text())).segments
     names = [v["profile"] for v in seg.variants]
     assert names == ["x86-64-avx512-vnni", "x86-64-avx512", "x86-64-avx2-vnni", "x86-64-avx2"]
-    assert _int8_kernels(art, "conv2d", seg.library) == 0  # the SSE4.2 build: fake-quantized fp32
-    assert [_int8_kernels(art, "conv2d", v["library"]) for v in seg.variants] == [3, 0, 3, 0]
+    assert int8_kernels(art, "conv2d", seg.library) == 0  # the SSE4.2 build: fake-quantized fp32
+    assert [int8_kernels(art, "conv2d", v["library"]) for v in seg.variants] == [3, 0, 3, 0]
     got = Session(art).run(zm.feeds)
     _, plain = _compile(zm, "x86-64-avx512", tmp_path)
     want = Session(plain).run(zm.feeds)

@@ -28,7 +28,8 @@ The kernel's stages (``schedule``):
 - ``int8_out``: the int32 sums to floats (the correction and the scales), then whatever FuseOps
   put after it (bias, activation, the next layer's QuantizeLinear) inlined into one pass.
 
-Only where the target has the instruction (``isa_of``: AVX-512 VNNI; aarch64 with ``+dotprod``).
+Only where the target has the instruction (``isa_of``: AVX-512 VNNI, AVX-VNNI; aarch64 with
+``+dotprod``).
 Depthwise and grouped convolutions and anything not of this form keep the fp32 path
 (``rewrites.int8_weights``).
 """
@@ -70,8 +71,8 @@ _ISAS = {i.name: i for i in (VNNI, AVX_VNNI, SDOT)}
 
 
 def isa_of(target) -> Isa | None:
-    """The int8 dot product an llvm target (a CPU backend's) compiles in: AVX-512 VNNI (its mcpu,
-    or ``+avx512vnni``), or aarch64 with ``+dotprod``; else None."""
+    """The int8 dot product an llvm target (a CPU backend's) compiles in: AVX-512 VNNI or AVX-VNNI
+    (by its mcpu, or ``+avx512vnni`` / ``+avxvnni``), or aarch64 with ``+dotprod``; else None."""
     from .. import hostcpu
 
     mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
@@ -238,8 +239,7 @@ def _rewrite_conv(isa: Isa, bb, call):
         return None  # int32 sums could overflow (over 65793 products an output)
     oc = w.shape[0]
     sw = np.broadcast_to(dq.scale, w.shape)[:, 0, 0, 0].astype(np.float64)
-    # The activation as the instruction takes it: x + shift, its zero point with it.
-    shift = {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((str(xq.ty.dtype), isa.packed), 0)
+    shift = _shift(xq, isa)
     zx += shift
     geo = _Geometry.of(shapes[0], w.shape, a, isa)
     ocp = -(-oc // geo.rows) * geo.rows
@@ -247,12 +247,25 @@ def _rewrite_conv(isa: Isa, bb, call):
     wpad = np.zeros((ocp, geo.cb * 4, geo.kh, geo.kw), np.int8)
     wpad[:oc, : w.shape[1]] = w
     packed = wpad.reshape(ocp, geo.cb, 4, geo.kh, geo.kw).transpose(0, 1, 3, 4, 2).reshape(ocp, kb, 4)
-    zero_term = np.zeros(ocp, np.int32)
-    zero_term[:oc] = zx * w.astype(np.int64).sum(axis=(1, 2, 3))
-    scale = np.zeros(ocp, np.float32)
-    scale[:oc] = (sx * sw).astype(np.float32)
+    zero_term = _padded(zx * w.astype(np.int64).sum(axis=(1, 2, 3)), ocp, np.int32)
+    scale = _padded(sx * sw, ocp, np.float32)
     return _emit(bb, isa, geo, xq, np.ascontiguousarray(packed), zero_term, scale, np.array([zx], isa.packed), shift,
                  oc)  # fmt: skip
+
+
+def _shift(xq, isa: Isa) -> int:
+    """The activation as the instruction takes it is ``x + shift`` (its zero point with it):
+    128 for int8 on vpdpbusd (unsigned), -128 for uint8 on sdot (signed), else 0."""
+    return {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((str(xq.ty.dtype), isa.packed), 0)
+
+
+def _padded(values, size: int, dtype):
+    """Per-output-channel epilogue constants, zero for the channels a tile pads with."""
+    import numpy as np
+
+    out = np.zeros(size, dtype)
+    out[: len(values)] = values
+    return out
 
 
 class _Mutator:
@@ -419,7 +432,7 @@ def _rewrite_matmul(isa: Isa, bb, call):
     k, n = q.shape
     if k * 255 * 128 >= 2**31:
         return None
-    shift = {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((str(xq.ty.dtype), isa.packed), 0)
+    shift = _shift(xq, isa)
     zx += shift
     lead, rows_m = shapes[0][:-1], int(np.prod(shapes[0][:-1]))
     kp = -(-k // 4) * 4
@@ -430,10 +443,8 @@ def _rewrite_matmul(isa: Isa, bb, call):
     wpad = np.zeros((kp, np_), np.int8)
     wpad[:k, :n] = q
     packed = np.ascontiguousarray(wpad.reshape(kp // 4, 4, np_ // isa.lanes, isa.lanes).transpose(2, 0, 3, 1))
-    zero_term = np.zeros(np_, np.int32)
-    zero_term[:n] = zx * q.astype(np.int64).sum(axis=0)
-    scale = np.zeros(np_, np.float32)
-    scale[:n] = (sx * scale_w[0]).astype(np.float32)
+    zero_term = _padded(zx * q.astype(np.int64).sum(axis=0), np_, np.int32)
+    scale = _padded(sx * scale_w[0], np_, np.float32)
     geo = dict(lead=tuple(lead), m=rows_m, mp=mp, k=k, kp=kp, n=n, np=np_, rows=rows, cols=cols)
     return _emit_kernel(bb, "matmul_int8", functools.partial(_dense_compute, isa, geo, shift),
                         (isa.name, "dense", tuple(sorted(geo.items())), str(xq.ty.dtype)),
@@ -489,7 +500,8 @@ def is_int8_kernel(sch) -> bool:
 
 
 def schedule(sch, parallel_min_work: int) -> None:
-    """Schedule a ``conv2d_int8`` kernel (and the epilogue FuseOps put after it) in place."""
+    """Schedule a ``conv2d_int8`` or ``matmul_int8`` kernel (and the epilogue FuseOps put after
+    it) in place."""
     root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
     blocks = list(sch.get_child_blocks(root))
     # Everything FuseOps put around the kernel (the epilogue: bias, activation, the next
@@ -527,19 +539,20 @@ def schedule(sch, parallel_min_work: int) -> None:
     outer = sch.fuse(n, ot, pt)
     if parallel:
         sch.parallel(outer)
-    _tile(sch, acc, kb, orow, pc, pl, isa)
+    _tile(sch, acc, kb, orow, pc, pl, register_intrinsic(isa))
     for name in sorted(outputs):
         lp = sch.get_loops(sch.get_sblock(name))
         if len(lp) >= 2:
             sch.parallel(sch.fuse(*lp[:2]))
 
 
-def _tile(sch, acc, kb, orow, pc, pl, isa: Isa) -> None:
-    """The register tile: zeroed, then the dot products, the (orow, pc) accumulators unrolled."""
+def _tile(sch, acc, kb, rows, cols, lanes, intrin: str) -> None:
+    """The register tile: zeroed, then the dot products (``lanes`` tensorized with ``intrin``),
+    the (rows, cols) accumulators unrolled."""
     init = sch.decompose_reduction(acc, kb)
-    sch.tensorize(pl, register_intrinsic(isa))
-    sch.unroll(orow)
-    sch.unroll(pc)
+    sch.tensorize(lanes, intrin)
+    sch.unroll(rows)
+    sch.unroll(cols)
     sch.vectorize(sch.get_loops(init)[-1])
 
 
@@ -558,7 +571,7 @@ def _epilogue_driven(sch, acc, out, rows: int, cols: int, ty: int, isa: Isa, par
     ao, ap, akb, ak4 = sch.get_loops(acc)[-4:]
     chunk, pc, pl = sch.split(ap, [None, cols, isa.lanes])
     sch.reorder(chunk, akb, ao, pc, pl, ak4)
-    _tile(sch, acc, akb, ao, pc, pl, isa)
+    _tile(sch, acc, akb, ao, pc, pl, register_intrinsic(isa))
     if sch.get(x).extent % isa.lanes == 0:
         sch.vectorize(sch.split(x, [None, isa.lanes])[-1])
 
@@ -591,7 +604,7 @@ def _schedule_dense(sch, acc, outputs: set[str], parallel_min_work: int) -> None
         ar, ac, kb, k4 = sch.get_loops(acc)[-4:]
         cc, cl = sch.split(ac, [None, isa.lanes])
         sch.reorder(kb, ar, cc, cl, k4)
-        _tile_dense(sch, acc, kb, ar, cc, cl, intrin)
+        _tile(sch, acc, kb, ar, cc, cl, intrin)
         sch.vectorize(sch.split(nn, [None, isa.lanes])[-1])
         return
     m, n, kb, k4 = sch.get_loops(acc)
@@ -601,16 +614,9 @@ def _schedule_dense(sch, acc, outputs: set[str], parallel_min_work: int) -> None
     outer = sch.fuse(mt, nt)
     if work >= parallel_min_work:
         sch.parallel(outer)
-    _tile_dense(sch, acc, kb, mr, nc, nl, intrin)
+    _tile(sch, acc, kb, mr, nc, nl, intrin)
     for name in sorted(outputs):
         lp = sch.get_loops(sch.get_sblock(name))
         if len(lp) >= 2:
             sch.parallel(sch.fuse(*lp[:-1]))
 
-
-def _tile_dense(sch, acc, kb, mr, nc, nl, intrin: str) -> None:
-    init = sch.decompose_reduction(acc, kb)
-    sch.tensorize(nl, intrin)
-    sch.unroll(mr)
-    sch.unroll(nc)
-    sch.vectorize(sch.get_loops(init)[-1])
