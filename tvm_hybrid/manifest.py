@@ -184,6 +184,10 @@ class Manifest:
     tool: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None  # the planner's link, predictions and baselines
     precision: str = "fp32"  # of the device segments' arithmetic: fp32, or fp16 (compile --precision)
+    #: compile --adaptive: candidate cuts, each {"name", "segments": [ids, run in that order],
+    #: "device_ops", "predicted": {device_ms, cloud_ms, bytes_up, bytes_down}, ...}; ``segments``
+    #: then holds every cut's segments (device pieces first, then one cloud suffix per cut).
+    cuts: tuple[dict[str, Any], ...] = ()
 
     @property
     def serves_segments(self) -> bool:
@@ -200,7 +204,19 @@ class Manifest:
             d["tool"] = self.tool
         if self.plan is not None:
             d["plan"] = self.plan
+        if self.cuts:
+            d["cuts"] = [dict(c) for c in self.cuts]
         return d
+
+    def cut(self, name: str) -> dict[str, Any]:
+        """The candidate cut of that name (UsageError naming the cuts there are)."""
+        for c in self.cuts:
+            if c["name"] == name:
+                return c
+        from .errors import UsageError
+
+        have = ", ".join(c["name"] for c in self.cuts) or "none: it was not compiled with --adaptive"
+        raise UsageError(f"no cut {name!r} in this artifact; its cuts: {have}")
 
     @classmethod
     def from_dict(cls, m: Any, where: str = "manifest.json") -> Manifest:
@@ -212,7 +228,7 @@ class Manifest:
             segments=tuple(Segment.from_dict(s) for s in m["segments"]),
             files=tuple(File.from_dict(f) for f in m["files"]), versions=m["versions"], schema=m["schema"],
             role=m.get("role", "device"), tool=m.get("tool"), plan=m.get("plan"),
-            precision=m.get("precision", "fp32"),
+            precision=m.get("precision", "fp32"), cuts=tuple(m.get("cuts") or ()),
         )  # fmt: skip
 
     def dumps(self) -> str:
@@ -384,6 +400,49 @@ def validate(m: Any, where: str = MANIFEST) -> None:
     unmade = [t["name"] for t in m["outputs"] if t["name"] not in known]
     if unmade and not serves_segments(m):
         raise ArtifactError(f"{where}: no segment produces the output(s) {', '.join(map(repr, unmade[:5]))}")
+    if "cuts" in m:
+        _cuts(m, where)
+
+
+def _cuts(m: dict[str, Any], where: str) -> None:
+    """Each cut runs listed segments in its order, device ones first and at most one in the
+    cloud, each reading only what the model inputs or its earlier segments give, and ends with
+    every model output."""
+    cuts = m["cuts"]
+    if not isinstance(cuts, list) or not cuts:
+        raise ArtifactError(f"{where}: cuts must be a non-empty list")
+    by_id = {s["id"]: s for s in m["segments"]}
+    names = set()
+    for i, cut in enumerate(cuts):
+        w = f"{where}: cut {i}"
+        if not isinstance(cut, dict) or not isinstance(cut.get("name"), str) or not isinstance(cut.get("segments"), list):
+            raise ArtifactError(f"{w} must be an object with a name and a list of segments")
+        if cut["name"] in names:
+            raise ArtifactError(f"{w}: name {cut['name'][:80]!r} is used twice")
+        names.add(cut["name"])
+        pred = cut.get("predicted")
+        if not (isinstance(pred, dict) and all(isinstance(pred.get(k), (int, float))
+                                               for k in ("device_ms", "cloud_ms", "bytes_up", "bytes_down"))):  # fmt: skip
+            raise ArtifactError(f"{w}: predicted needs device_ms, cloud_ms, bytes_up and bytes_down numbers")
+        known = {t["name"] for t in m["inputs"]}
+        clouds = 0
+        for sid in cut["segments"]:
+            seg = by_id.get(sid) if isinstance(sid, int) and not isinstance(sid, bool) else None
+            if seg is None:
+                raise ArtifactError(f"{w} names segment {str(sid)[:20]}, which the manifest does not list")
+            if clouds:
+                raise ArtifactError(f"{w}: segment {sid} comes after its cloud segment (a cut is a device prefix and a cloud suffix)")
+            clouds += seg["placement"] == "cloud"
+            unknown = [t["name"] for t in seg["inputs"] if t["name"] not in known]
+            if unknown:
+                raise ArtifactError(f"{w}: segment {sid} reads {', '.join(map(repr, unknown[:5]))} before any segment of the cut writes it")
+            known.update(t["name"] for t in seg["outputs"])
+        unmade = [t["name"] for t in m["outputs"] if t["name"] not in known]
+        if unmade:
+            raise ArtifactError(f"{w}: no segment of the cut produces the output(s) {', '.join(map(repr, unmade[:5]))}")
+    default = (m.get("plan") or {}).get("default_cut")
+    if default is not None and default not in names:
+        raise ArtifactError(f"{where}: plan.default_cut {str(default)[:80]!r} names no cut")
 
 
 def serves_segments(m: dict[str, Any]) -> bool:

@@ -11,6 +11,12 @@ from typing import Any
 import numpy as np
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# tvm-hybrid serve's extensions, read by the runtime's adaptive cut choice (other v2 servers lack
+# them; the runtime then counts their time as link time): per infer, the milliseconds the request
+# waited for a worker and computed; on /v2/health/ready, "IN_FLIGHT/WORKERS".
+QUEUE_HEADER = "Inference-Queue-Ms"
+COMPUTE_HEADER = "Inference-Compute-Ms"
+LOAD_HEADER = "Inference-Load"
 
 _TO_V2 = {
     "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",

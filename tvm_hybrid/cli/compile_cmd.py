@@ -27,9 +27,14 @@ log = logging.getLogger("tvm_hybrid.cli")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Device arithmetic: fp16 halves the weights (fp32 accumulation), on targets with fast fp16 "
                    "(CUDA, Vulkan, arm64 cores with FP16); elsewhere exit 3.")
+@click.option("--adaptive", is_flag=True,
+              help="Build several candidate cuts (the plan's over a grid of bandwidths and cloud speeds); the "
+                   "runtime picks one per call from the link and cloud it measures.")
+@click.option("--max-cuts", type=click.IntRange(min=1), default=6, show_default=True,
+              help="With --adaptive: at most this many cuts (those optimal under the most conditions).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON summary on stdout.")
 def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_logs: str | None,
-            no_tuning_logs: bool, precision: str, as_json: bool, **kw) -> None:  # fmt: skip
+            no_tuning_logs: bool, precision: str, adaptive: bool, max_cuts: int, as_json: bool, **kw) -> None:  # fmt: skip
     """Compile an ONNX model into one artifact per target: OUT/<target>/ (and OUT/<cloud>/ when
     the plan sends segments to the cloud).
 
@@ -37,6 +42,7 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_lo
     tvm-hybrid compile det.onnx --target host --input x:1x3x320x320 -o dist/
     tvm-hybrid compile det.onnx -t x86-64 -t x86-64-avx2 --input x:1x3x320x320 -o dist/ --json
     tvm-hybrid compile det.onnx -t x86-64 --input x:1x3x640x640 --memory 20MiB -o dist/   # split
+    tvm-hybrid compile det.onnx -t x86-64 --input x:1x3x640x640 --adaptive -o dist/       # cut per call
     """
     from ..compiler.package import CompileOptions, compile_model
     from ..compiler.tuning_log import default_logs_dir
@@ -49,7 +55,8 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_lo
     logs = None if no_tuning_logs else Path(tuning_logs) if tuning_logs else default_logs_dir()
     cloud, settings = plan_settings(kw)
     opts = CompileOptions(model=Path(model), targets=targets, output=Path(output), inputs=inputs,
-                          cloud=cloud, plan=settings, tuning_logs=logs, precision=precision)  # fmt: skip
+                          cloud=cloud, plan=settings, tuning_logs=logs, precision=precision,
+                          adaptive=adaptive, max_cuts=max_cuts)  # fmt: skip
     log.info(
         "compiling %s for %s%s into %s",
         model,

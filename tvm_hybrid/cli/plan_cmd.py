@@ -13,9 +13,11 @@ from .options import input_option, plan_options, plan_settings
 @click.option("--target", "-t", required=True, help="Device target profile.")
 @input_option
 @plan_options
+@click.option("--adaptive", is_flag=True,
+              help="Also list the candidate cuts `compile --adaptive` would build (and plot them with --plot).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG: per-layer cost with the split, latency vs bandwidth.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def command(model: str, target: str, inputs, plot: str | None, as_json: bool, **kw) -> None:
+def command(model: str, target: str, inputs, adaptive: bool, plot: str | None, as_json: bool, **kw) -> None:
     """Show the device/cloud split and why, per op, with predicted latencies.
 
     \b
@@ -32,6 +34,15 @@ def command(model: str, target: str, inputs, plot: str | None, as_json: bool, **
     imp = prepare(importer.load(model, inputs), device)
     graph = plan_graph(imp, device, cloud, settings)  # once: the plot re-solves it per bandwidth
     doc = describe_plan(imp, graph, device, cloud, settings)
+    if adaptive:
+        if cloud is None:
+            from ..errors import UsageError
+
+            raise UsageError("--adaptive lists cuts between device and cloud; it needs a cloud (not --cloud none)")
+        from ..compiler.package import describe_cuts
+
+        cuts = describe_cuts(graph, device, settings)
+        doc["cuts"] = [{k: v for k, v in c.items() if k != "on_device"} for c in cuts]
     if plot:
         from ..compiler.plot import plot_plan
 
@@ -63,6 +74,11 @@ def command(model: str, target: str, inputs, plot: str | None, as_json: bool, **
         click.echo(f"  cloud  {o['name']} ({o['op']}): {o['reason']}")
     if len(cloud_ops) > 20:
         click.echo(f"  … {len(cloud_ops) - 20} more cloud ops (--json lists every op)")
+    for c in doc.get("cuts", []):
+        p = c["predicted"]
+        click.echo(f"cut {c['name']:14s} {c['device_ops']:4d} ops on the device, sends {p['bytes_up'] / 1e3:.1f} kB, "
+                   f"gets {p['bytes_down'] / 1e3:.1f} kB; {p['total_ms']:.3f} ms at this link; best in "
+                   f"{len(c['optimal_for'])} of the grid's conditions")  # fmt: skip
     if plot:
         click.echo(f"plot     {plot}")
 

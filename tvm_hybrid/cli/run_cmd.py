@@ -36,11 +36,16 @@ def _parse_feed(text: str) -> tuple[str | None, str]:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout (outputs, trace, latency, threads).")
 @click.option("--device", default=None, metavar="NAME",
               help="Device to run on; for Vulkan artifacts a wgpu adapter name (or $TVM_HYBRID_WGPU_ADAPTER).")
+@click.option("--objective", type=click.Choice(["latency", "energy", "cloud"]), default="latency", show_default=True,
+              help="Artifacts compiled with --adaptive: pick each call's cut by least latency, least device "
+                   "energy (compute + radio time) or least cloud compute.")
+@click.option("--cut", default=None, metavar="NAME", help="Artifacts compiled with --adaptive: always run this cut.")
 @click.option("--emulate", is_flag=True,
               help="Run an artifact built for another CPU (aarch64) here, under qemu-user: real outputs, meaningless timings.")
 def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_file: str | None, fallback: str,
             timeout: float, output_dir: str | None, repeat: int, as_json: bool, device: str | None,
-            emulate: bool, verify_key: str | None, threads: int | None) -> None:  # fmt: skip
+            emulate: bool, verify_key: str | None, threads: int | None, objective: str,
+            cut: str | None) -> None:  # fmt: skip
     """Run an artifact (directory or .tar) on inputs from .npy files.
 
     \b
@@ -69,7 +74,7 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
         threads = resolve_threads(threads, "--threads")
     token = read_token(token_file)
     with Session(artifact, cloud_url=cloud_url, token=token, fallback=fallback, timeout=timeout, device=device,
-                 verify_key=verify_key, threads=threads) as sess:
+                 verify_key=verify_key, threads=threads, objective=objective, cut=cut) as sess:
         arrays = {}
         for text in feeds:
             name, path = _parse_feed(text)
@@ -81,12 +86,15 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
                     )
                 name = sess.inputs[0].name
             arrays[name] = _load_npy(path)
-        times = []
+        times, cuts = [], []
         for _ in range(repeat):
             t0 = time.perf_counter()
             outs = sess.run(arrays)
             times.append((time.perf_counter() - t0) * 1e3)
+            if sess.decision is not None:
+                cuts.append(sess.decision.cut)
         trace = sess.trace
+        decision = sess.decision.to_dict() if sess.decision else None
         threads = sess.threads
     written = {}
     if output_dir:
@@ -109,6 +117,7 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
                 "trace": trace,
                 "latency_ms": {"median": median, "runs": repeat, "all": times},
                 "threads": threads,
+                **({"cut": decision, "cuts_run": cuts} if decision else {}),
             }
         )
         return
@@ -117,6 +126,10 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
         flat = np.array2string(a.reshape(-1)[:6], precision=4, separator=", ")
         click.echo(f"{n}  {'x'.join(map(str, a.shape))} {a.dtype}  {flat}{'…' if a.size > 6 else ''}{where}")
     click.echo(f"latency  {median:.3f} ms (median of {repeat}, {threads} thread{'s' if threads > 1 else ''})")
+    if decision:
+        counts = {c: cuts.count(c) for c in dict.fromkeys(cuts)}
+        click.echo(f"cut      {decision['cut']} ({decision['why']}, objective {decision['objective']}); "
+                   + ", ".join(f"{c} x{n}" for c, n in counts.items()))  # fmt: skip
 
 
 def _forwarded_options(ctx: click.Context) -> list[str]:

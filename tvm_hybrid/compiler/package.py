@@ -20,7 +20,7 @@ from ..targets import TargetProfile, all_profiles, precisions, resolve
 from . import backends, importer, tuning_log
 from .build import lift_weights
 from . import plan as planner
-from .split import SegmentModel, endpoint_name, split
+from .split import SegmentModel, endpoint_name, segment_models, split
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ class CompileOptions:
     #: Arithmetic of the device segments: "fp32", or "fp16" (mixed precision, fp32 accumulation)
     #: on targets with fast fp16; cloud segments stay fp32.
     precision: str = "fp32"
+    #: Build several candidate cuts (the plan's over a grid of links and cloud speeds) for the
+    #: runtime to choose from per call; only with a cloud.
+    adaptive: bool = False
+    max_cuts: int = 6
 
 
 @dataclasses.dataclass
@@ -138,6 +142,8 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
     if cloud is not None and cloud.placement != "cloud":
         clouds = sorted(name for name, p in all_profiles().items() if p.placement == "cloud")
         raise UsageError(f"--cloud {cloud.name} is a device profile; cloud profiles: {', '.join(clouds)}")
+    if opts.adaptive and cloud is None:
+        raise UsageError("--adaptive chooses between device and cloud per call; it needs a cloud (not --cloud none)")
     imported = importer.load(opts.model, list(opts.inputs))
     out = Path(opts.output)
     if out.exists() and not out.is_dir():
@@ -157,11 +163,16 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
             stage = _stage(out, prof.name, staged)
             prepared = prepare(imported, prof)  # once a target
             graph, plan = plan_for(prepared, prof, cloud, opts.plan)
-            segs = split(prepared, graph, plan)
-            m = build_artifact(prepared, prof, cloud, segs, graph, plan, stage, opts.plan, logs[prof.name],
-                               opts.precision, [(v, logs[v.name]) for v in variants[prof.name]])  # fmt: skip
-            for seg in segs:
-                if seg.placement == "cloud" or _cloud_copy(seg, opts.plan):
+            vlogs = [(v, logs[v.name]) for v in variants[prof.name]]
+            if opts.adaptive and cloud is not None:
+                m, segs = build_adaptive_artifact(prepared, prof, cloud, graph, plan, stage, opts.plan,
+                                                  logs[prof.name], opts.precision, vlogs, opts.max_cuts)  # fmt: skip
+            else:
+                segs = split(prepared, graph, plan)
+                m = build_artifact(prepared, prof, cloud, segs, graph, plan, stage, opts.plan, logs[prof.name],
+                                   opts.precision, vlogs)  # fmt: skip
+            for seg in segs:  # an adaptive artifact's device pieces need no cloud copy: its cuts are the fallback
+                if seg.placement == "cloud" or (_cloud_copy(seg, opts.plan) and not opts.adaptive):
                     cloud_segments[endpoint_name(imported.name, seg.id) + seg.version] = (seg, graph)
             summaries.append(_summary(prof.name, out, m, t0))
         if cloud_segments:
@@ -326,21 +337,9 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
     for seg in segs:
         e = _segment_entry(seg, graph)
         if seg.placement == "device":
-            store = WeightStore() if variants else None  # one copy of the weights for every build
-            c = compile_segment(seg.imported, profile, root, str(seg.id), tuning, precision, store)
-            e = dataclasses.replace(e, **_built(c), endpoint=_endpoint(imported, seg) if _cloud_copy(seg, settings) else None)
-            files += c.files
-            built = []
-            for vprof, vlog in variants:
-                cv = compile_segment(seg.imported, vprof, root, f"{seg.id}.{vprof.name}", vlog, precision, store)
-                built.append({"profile": vprof.name, "library": cv.library, "tvm_target": dict(vprof.tvm_target),
-                              "weights": cv.weight_keys})  # fmt: skip
-                files += cv.files
-            if store is not None:
-                rel = f"segments/{seg.id}.weights.npz"
-                store.save(root / rel)
-                files.append(rel)
-                e = dataclasses.replace(e, variants=tuple(built), weights={"file": rel, "keys": c.weight_keys})
+            e = _build_device_segment(seg, e, profile, root, tuning, precision, variants, files)
+            if _cloud_copy(seg, settings):
+                e = dataclasses.replace(e, endpoint=_endpoint(imported, seg))
         else:
             e = dataclasses.replace(e, reason=seg.reason, endpoint=_endpoint(imported, seg))
             if seg.reason != "unsupported-op":
@@ -348,17 +347,125 @@ def build_artifact(imported, profile: TargetProfile, cloud: TargetProfile | None
                 e = dataclasses.replace(e, format=c.format, fallback_library=c.library)
                 files += c.files
         entries.append(e)
+    plan_doc = _plan_doc(plan, cloud, any(s.placement == "cloud" for s in segs))
+    m = _manifest(imported, profile, entries, root, files, plan=plan_doc, precision=precision)
+    (root / mf.MANIFEST).write_text(m.dumps())
+    return m
+
+
+def _build_device_segment(seg: SegmentModel, e: mf.Segment, profile: TargetProfile, root: Path,
+                          tuning: tuning_log.TuningLog | None, precision: str,
+                          variants: list[tuple[TargetProfile, tuning_log.TuningLog | None]],
+                          files: list[str]) -> mf.Segment:  # fmt: skip
+    """Compile a device segment for the profile and its dispatch variants (one copy of the weights
+    for every build); its files are appended to ``files``, its manifest entry returned."""
+    store = WeightStore() if variants else None
+    c = compile_segment(seg.imported, profile, root, str(seg.id), tuning, precision, store)
+    e = dataclasses.replace(e, **_built(c))
+    files += c.files
+    built = []
+    for vprof, vlog in variants:
+        cv = compile_segment(seg.imported, vprof, root, f"{seg.id}.{vprof.name}", vlog, precision, store)
+        built.append({"profile": vprof.name, "library": cv.library, "tvm_target": dict(vprof.tvm_target),
+                      "weights": cv.weight_keys})  # fmt: skip
+        files += cv.files
+    if store is not None:
+        rel = f"segments/{seg.id}.weights.npz"
+        store.save(root / rel)
+        files.append(rel)
+        e = dataclasses.replace(e, variants=tuple(built), weights={"file": rel, "keys": c.weight_keys})
+    return e
+
+
+def _plan_doc(plan: planner.Plan, cloud: TargetProfile | None, uses_cloud: bool) -> dict[str, Any]:
     link = plan.options.link
-    plan_doc = {
+    return {
         "link": {"bandwidth_bps": link.bandwidth_bps, "rtt_ms": link.rtt_ms},
         "predicted": plan.cost.to_dict(),
         "baselines": {k: (v.to_dict() if v else None) for k, v in plan.baselines.items()},
         "device_memory": plan.device_memory,
-        "cloud": cloud.name if cloud and any(s.placement == "cloud" for s in segs) else None,
+        "cloud": cloud.name if cloud and uses_cloud else None,
     }
-    m = _manifest(imported, profile, entries, root, files, plan=plan_doc, precision=precision)
+
+
+def cut_name(on_device: list[bool], taken: set[str]) -> str:
+    """all-device, all-cloud, or device-N (N: ops on the device), unique among ``taken``."""
+    k = sum(on_device)
+    name = "all-device" if k == len(on_device) else "all-cloud" if k == 0 else f"device-{k}"
+    base, i = name, 1
+    while name in taken:
+        i += 1
+        name = f"{base}.{i}"
+    taken.add(name)
+    return name
+
+
+def describe_cuts(graph: planner.PlanGraph, device: TargetProfile, settings: PlanSettings,
+                  max_cuts: int = 6) -> list[dict[str, Any]]:  # fmt: skip
+    """The candidate cuts ``compile --adaptive`` builds (``plan --adaptive``): per cut its name,
+    ops on the device, bytes each way, device memory, predicted cost at the settings' link, and
+    the grid conditions under which the planner finds it optimal. ``on_device`` is per node."""
+    opts = settings.options(device)
+    out, taken = [], set()
+    for c in planner.candidate_cuts(graph, opts, max_cuts):
+        cost = planner.evaluate(graph, c.on_device, opts.link)
+        out.append({"name": cut_name(c.on_device, taken), "device_ops": sum(c.on_device), "on_device": c.on_device,
+                     "predicted": cost.to_dict(), "device_memory": planner.memory_use(graph, c.on_device)["total"],
+                     "optimal_for": c.conditions})  # fmt: skip
+    return out
+
+
+def build_adaptive_artifact(imported, profile: TargetProfile, cloud: TargetProfile, graph: planner.PlanGraph,
+                            plan: planner.Plan, root: Path, settings: PlanSettings,
+                            tuning: tuning_log.TuningLog | None = None, precision: str = "fp32",
+                            variants: list[tuple[TargetProfile, tuning_log.TuningLog | None]] = (),
+                            max_cuts: int = 6) -> tuple[mf.Manifest, list[SegmentModel]]:  # fmt: skip
+    """A device artifact with several candidate cuts (``compile --adaptive``): the planner's
+    optimal cuts over a grid of bandwidths and cloud speeds (plan.candidate_cuts), plus the
+    plan's own. The device nodes are built once, as pieces shared by the cuts
+    (plan.pieces_of); each cut that uses the cloud has its suffix as one cloud segment. The
+    manifest's ``cuts`` lists each cut's segments (run in that order) and its predicted cost;
+    ``plan.default_cut`` is the plan for the profile's link. Returns the manifest and the
+    segments (the cloud ones go into the cloud artifact)."""
+    cands = planner.candidate_cuts(graph, plan.options, max_cuts)
+    if not any(c.on_device == plan.on_device for c in cands):
+        cands.append(planner.Candidate(list(plan.on_device), []))
+    pieces, per_cut = planner.pieces_of(cands)
+    n = len(graph.nodes)
+    groups: list[tuple[str, list[int]]] = [("device", idx) for idx in pieces]
+    suffix_of: dict[int, int] = {}
+    for k, c in enumerate(cands):
+        rest = [i for i in range(n) if not c.on_device[i]]
+        if rest:
+            suffix_of[k] = len(groups)
+            groups.append(("cloud", rest))
+    reasons = ["unsupported-op" if node.device_ms == planner.INF else "latency" for node in graph.nodes]
+    segs = segment_models(imported, graph, groups, reasons)
+    files: list[str] = []
+    entries = []
+    for seg in segs:
+        e = _segment_entry(seg, graph)
+        if seg.placement == "device":
+            entries.append(_build_device_segment(seg, e, profile, root, tuning, precision, variants, files))
+        else:
+            entries.append(dataclasses.replace(e, reason=seg.reason, endpoint=_endpoint(imported, seg)))
+    cuts, taken, default = [], set(), None
+    for k, c in enumerate(cands):
+        ids = list(per_cut[k]) + ([suffix_of[k]] if k in suffix_of else [])
+        cost = planner.evaluate(graph, c.on_device, plan.options.link)
+        name = cut_name(c.on_device, taken)
+        cuts.append({"name": name, "segments": ids, "device_ops": sum(c.on_device),
+                     "predicted": {"device_ms": round(cost.device_ms, 4), "cloud_ms": round(cost.cloud_ms, 4),
+                                   "bytes_up": cost.bytes_up, "bytes_down": cost.bytes_down},
+                     "device_memory": planner.memory_use(graph, c.on_device)["total"],
+                     "optimal_for": c.conditions})  # fmt: skip
+        if c.on_device == plan.on_device:
+            default = name
+    doc = _plan_doc(plan, cloud, True)
+    doc["default_cut"] = default
+    m = _manifest(imported, profile, entries, root, files, plan=doc, precision=precision, cuts=cuts)
     (root / mf.MANIFEST).write_text(m.dumps())
-    return m
+    return m, segs
 
 
 def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[SegmentModel, planner.PlanGraph]],
@@ -381,7 +488,8 @@ def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[Segmen
 
 
 def _manifest(imported, profile: TargetProfile, segments: list[mf.Segment], root: Path, files: list[str],
-              role: str = "device", plan: dict[str, Any] | None = None, precision: str = "fp32") -> mf.Manifest:  # fmt: skip
+              role: str = "device", plan: dict[str, Any] | None = None, precision: str = "fp32",
+              cuts: list[dict[str, Any]] | None = None) -> mf.Manifest:  # fmt: skip
     import tvm
     import tvm_ffi
 
@@ -402,6 +510,7 @@ def _manifest(imported, profile: TargetProfile, segments: list[mf.Segment], root
         files=tuple(mf.file_entry(root, rel) for rel in files),
         plan=plan,
         precision=precision,
+        cuts=tuple(cuts or ()),
     )
     return mf.Manifest.from_dict(m.to_dict())  # the same checks a runtime makes when it loads it
 

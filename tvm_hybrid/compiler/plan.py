@@ -360,8 +360,9 @@ def _min_cut(g: PlanGraph, opts: PlanOptions, lam: float) -> list[bool]:
     return side[:n]
 
 
-def solve(g: PlanGraph, opts: PlanOptions) -> Plan:
-    """Minimum predicted latency placement under the options' constraints."""
+def solve(g: PlanGraph, opts: PlanOptions, fit_iters: int = 40) -> Plan:
+    """Minimum predicted latency placement under the options' constraints (``fit_iters``: steps
+    of the search for the memory budget's multiplier, where it binds)."""
     if opts.max_crossings != 1:
         raise UsageError(
             f"--max-crossings {opts.max_crossings} is not supported yet; plans have one crossing "
@@ -381,7 +382,7 @@ def solve(g: PlanGraph, opts: PlanOptions) -> Plan:
         raise UnsupportedError(_infeasible_reason(g, opts)) from None
     unconstrained = list(best)
     if memory_use(g, best)["total"] > opts.memory_bytes:
-        best = _fit_memory(g, opts)
+        best = _fit_memory(g, opts, fit_iters)
     candidates = [best]
     if baselines["all-device"] is not None:
         candidates.append(all_dev)
@@ -405,7 +406,7 @@ def solve(g: PlanGraph, opts: PlanOptions) -> Plan:
     return Plan(best, reasons, evaluate(g, best, opts.link), memory_use(g, best), baselines, opts)
 
 
-def _fit_memory(g: PlanGraph, opts: PlanOptions) -> list[bool]:
+def _fit_memory(g: PlanGraph, opts: PlanOptions, iters: int = 40) -> list[bool]:
     """Smallest λ (ms per byte kept on the device) whose min-cut fits the memory budget."""
     lo, hi = 0.0, 1e-9
     while True:
@@ -419,7 +420,7 @@ def _fit_memory(g: PlanGraph, opts: PlanOptions) -> list[bool]:
                 "--no-keep-input-local lifts that, or raise --memory)"
             )
         lo, hi = hi, hi * 4
-    for _ in range(40):
+    for _ in range(iters):
         mid = (lo + hi) / 2
         c = _min_cut(g, opts, mid)
         if memory_use(g, c)["total"] <= opts.memory_bytes:
@@ -507,3 +508,81 @@ def _fused_tensors(model, inits: set[str]) -> frozenset[str]:
                 if len(consumers.get(x, [])) == 1 and x not in outputs and x not in inits:
                     fused.add(x)
     return frozenset(fused)
+
+
+# --------------------------------------------------------------------------------------------
+# Candidate cuts for the runtime to choose from (compile --adaptive)
+# --------------------------------------------------------------------------------------------
+#: The conditions the planner solves for: link bandwidth (bits/s), and the speed of each side (a
+#: factor on the profile's roofline compute: devices run below their roofline, clouds are loaded
+#: or faster than profiled). The round trip is paid once by every cut that uses the cloud, so it
+#: decides cloud or not, never which cut: the grid solves with none (the best cut that uses the
+#: cloud), and all-device is a candidate of its own. Where the memory budget binds, each solve
+#: searches a Lagrange multiplier, and the grid is coarser (GRID_*_FIT).
+GRID_BANDWIDTHS = tuple(r * 1e6 for r in (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+GRID_DEVICE_SPEEDS = (0.1, 0.3, 1.0)
+GRID_CLOUD_SPEEDS = (0.1, 0.3, 1.0, 3.0)
+GRID_BANDWIDTHS_FIT = tuple(r * 1e6 for r in (0.5, 2, 10, 50, 200, 1000))
+GRID_SPEEDS_FIT = (0.3, 1.0)
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A cut: which nodes run on the device, and the grid conditions under which it is optimal."""
+
+    on_device: list[bool]
+    conditions: list[dict[str, float]]
+
+
+def candidate_cuts(g: PlanGraph, opts: PlanOptions, max_cuts: int = 6) -> list[Candidate]:
+    """The planner's optimal placements over a grid of bandwidths and device and cloud speeds,
+    deduplicated, plus the plan for the options' own link, and all-device and all-cloud where
+    they are feasible (all-cloud: where the input may leave the device); each keeps the options'
+    constraints (the input stays local unless allowed, the memory budget, one crossing). At most
+    ``max_cuts`` (3 or more): those optimal under the most conditions, the plan's own and the two
+    ends always among them. Sorted from most on the device to least. UnsupportedError where no
+    placement is feasible."""
+    own = solve(g, opts).on_device  # the plan for the options' own link (UnsupportedError: none is feasible)
+    found: dict[tuple[bool, ...], Candidate] = {tuple(own): Candidate(own, [])}
+    binds = memory_use(g, [True] * len(g.nodes))["total"] > opts.memory_bytes
+    speeds = (GRID_SPEEDS_FIT, GRID_SPEEDS_FIT) if binds else (GRID_DEVICE_SPEEDS, GRID_CLOUD_SPEEDS)
+    for dev_speed in speeds[0]:
+        for speed in speeds[1]:
+            nodes = [dataclasses.replace(n, device_ms=n.device_ms / dev_speed, cloud_ms=n.cloud_ms / speed) for n in g.nodes]
+            scaled = dataclasses.replace(g, nodes=nodes)
+            for bw in GRID_BANDWIDTHS_FIT if binds else GRID_BANDWIDTHS:
+                try:
+                    plan = solve(scaled, dataclasses.replace(opts, link=Link(bw, 0.0)), fit_iters=12)
+                except UnsupportedError:
+                    continue
+                c = found.setdefault(tuple(plan.on_device), Candidate(list(plan.on_device), []))
+                c.conditions.append({"bandwidth_bps": bw, "device_speed": dev_speed, "cloud_speed": speed})
+    ends = [[True] * len(g.nodes), [False] * len(g.nodes)]
+    for cut in ends:
+        if feasible(g, cut, opts):
+            found.setdefault(tuple(cut), Candidate(cut, []))
+    first = (*ends, own)
+    keep = sorted(found.values(), key=lambda c: (c.on_device not in first, -len(c.conditions)))[:max(max_cuts, 3)]
+    return sorted(keep, key=lambda c: -sum(c.on_device))
+
+
+def pieces_of(candidates: list[Candidate]) -> tuple[list[list[int]], list[list[int]]]:
+    """Device pieces shared by the cuts: the nodes grouped by which cuts run them on the device.
+
+    Returns (pieces, per cut the indices of its pieces). A cut's device nodes are the union of its
+    pieces, and running every piece in the order given is topological: if u feeds v, every cut that
+    runs v on the device runs u there too (one crossing), so v's set of cuts is a subset of u's,
+    and pieces are ordered by how many cuts run them, most first. Nodes no cut runs on the device
+    are in no piece."""
+    if not candidates:
+        return [], []
+    n = len(candidates[0].on_device)
+    groups: dict[frozenset[int], list[int]] = {}
+    for i in range(n):
+        member = frozenset(k for k, c in enumerate(candidates) if c.on_device[i])
+        if member:
+            groups.setdefault(member, []).append(i)
+    order = sorted(groups, key=lambda s: (-len(s), groups[s][0]))
+    pieces = [groups[s] for s in order]
+    per_cut = [[p for p, s in enumerate(order) if k in s] for k in range(len(candidates))]
+    return pieces, per_cut

@@ -22,7 +22,9 @@ def plot_plan(graph, imported, device, cloud, settings, doc: dict, path: str) ->
     from .plan import parse_bandwidth
 
     ops = doc["ops"]
-    fig, (ax1, ax3) = plt.subplots(2, 1, figsize=(11, 8), constrained_layout=True)
+    cuts = doc.get("cuts") and cloud is not None
+    fig, axes = plt.subplots(3 if cuts else 2, 1, figsize=(11, 12 if cuts else 8), constrained_layout=True)
+    ax1, ax3 = axes[0], axes[1]
     xs = range(len(ops))
     dev = [o["device_ms"] or 0.0 for o in ops]
     colors = ["tab:blue" if o["placement"] == "device" else "tab:orange" for o in ops]
@@ -59,6 +61,34 @@ def plot_plan(graph, imported, device, cloud, settings, doc: dict, path: str) ->
         ax3.grid(True, which="both", alpha=0.3)
     else:
         ax3.set_axis_off()
+    if cuts:
+        _plot_cuts(axes[2], graph, device, settings, doc)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_cuts(ax, graph, device, settings, doc: dict) -> None:
+    """Each candidate cut's predicted latency against bandwidth, and the cut the runtime would pick
+    at each (the lowest; markers on it), at the plan's RTT."""
+    from .package import describe_cuts
+    from .plan import Link, evaluate
+
+    rtt = doc["link"]["rtt_ms"]
+    rates = [r * 1e6 for r in (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)]
+    cuts = describe_cuts(graph, device, settings)
+    series = {c["name"]: [evaluate(graph, c["on_device"], Link(r, rtt)).total_ms for r in rates] for c in cuts}
+    for name, v in series.items():
+        ax.plot([r / 1e6 for r in rates], v, lw=1.2, label=name)
+    chosen = [min(series, key=lambda n: series[n][i]) for i in range(len(rates))]
+    ax.plot([r / 1e6 for r in rates], [series[c][i] for i, c in enumerate(chosen)], "ko", ms=4, label="chosen")
+    for i, c in enumerate(chosen):
+        if i == 0 or c != chosen[i - 1]:
+            ax.annotate(c, (rates[i] / 1e6, series[c][i]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("bandwidth, Mbps")
+    ax.set_ylabel("predicted latency, ms")
+    ax.set_title(f"candidate cuts (compile --adaptive) at RTT {rtt:g} ms: the runtime picks the lowest")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)

@@ -37,29 +37,32 @@ class SegmentModel:
 
 def split(imported: ImportedModel, graph: PlanGraph, plan: Plan) -> list[SegmentModel]:
     """Sub-models in execution order; each reads model inputs or earlier segments' outputs."""
+    return segment_models(imported, graph, segments_in_order(graph, plan.on_device), plan.reasons)
+
+
+def segment_models(imported: ImportedModel, graph: PlanGraph, groups: list[tuple[str, list[int]]],
+                   reasons: list[str | None] | None = None) -> list[SegmentModel]:  # fmt: skip
+    """One sub-model per group of node indices (placement, indices), ids in order. A group's
+    inputs are what its nodes read from outside it; its outputs, what it writes that a node
+    outside it reads or the model returns. Groups may overlap (an adaptive artifact's device
+    pieces and cloud suffixes cover the same nodes)."""
     model = imported.model
     g = model.graph
     vinfo = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)}
     inits = {t.name: t for t in g.initializer}
-    order = segments_in_order(graph, plan.on_device)
-    produced_in = {}
-    for sid, (_, idx) in enumerate(order):
-        for i in idx:
-            for t in graph.nodes[i].outputs:
-                produced_in[t] = sid
-    needed_later: dict[str, set[int]] = {}
-    for sid, (_, idx) in enumerate(order):
-        for i in idx:
-            for t in graph.nodes[i].inputs:
-                needed_later.setdefault(t, set()).add(sid)
+    readers: dict[str, set[int]] = {}
+    for i, node in enumerate(graph.nodes):
+        for t in node.inputs:
+            readers.setdefault(t, set()).add(i)
     model_outputs = set(graph.model_outputs)
     segs = []
-    for sid, (placement, idx) in enumerate(order):
+    for sid, (placement, idx) in enumerate(groups):
+        members = set(idx)
         nodes = [g.node[i] for i in idx]
         mine = {t for i in idx for t in graph.nodes[i].outputs}
         ins = list(dict.fromkeys(t for i in idx for t in graph.nodes[i].inputs if t not in mine))
         outs = [t for t in dict.fromkeys(o for i in idx for o in graph.nodes[i].outputs)
-                if t in model_outputs or any(s != sid for s in needed_later.get(t, ()))]  # fmt: skip
+                if t in model_outputs or readers.get(t, set()) - members]  # fmt: skip
         used_inits = [inits[n] for n in dict.fromkeys(x for nd in nodes for x in [*nd.input, *subgraph_reads(nd)]
                                                       if x in inits)]  # fmt: skip
         sub = helper.make_graph(
@@ -80,7 +83,7 @@ def split(imported: ImportedModel, graph: PlanGraph, plan: Plan) -> list[Segment
                 id=sid,
                 placement=placement,
                 node_names=[graph.nodes[i].name for i in idx],
-                reasons=[plan.reasons[i] for i in idx if plan.reasons[i]],
+                reasons=[reasons[i] for i in idx if reasons and reasons[i]],
                 imported=sub_imported,
                 onnx_bytes=data,
             )

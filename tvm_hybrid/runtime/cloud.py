@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RuntimeFailure, UsageError, one_line
-from ..protocol import HEADER_LENGTH, ProtocolError, decode, encode
+from ..protocol import COMPUTE_HEADER, HEADER_LENGTH, LOAD_HEADER, QUEUE_HEADER, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,18 @@ class CircuitBreaker:
                 self._opened_at, self._trial = time.monotonic(), False
 
 
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+    """One infer as the client saw it: wall time, bytes each way, and (where the server reports
+    them: tvm-hybrid serve) the milliseconds it waited for a worker and computed."""
+
+    ms: float
+    bytes_up: int
+    bytes_down: int
+    compute_ms: float | None = None
+    queue_ms: float | None = None
+
+
 class CloudClient:
     """Calls ``POST /v2/models/{name}/versions/{v}/infer`` with binary tensors in and out.
 
@@ -163,6 +175,7 @@ class CloudClient:
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         path = f"{self._prefix}/v2/models/{model}/versions/{wire_version(version)}/infer"
+        t0 = time.perf_counter()
         try:
             status, resp_headers, data = self._request("POST", path, body, headers, deadline)
         except CloudUnavailable:
@@ -184,7 +197,50 @@ class CloudClient:
         self.breaker.success()
         if self.shaper:
             self.shaper.delay(len(body) + len(data))
+        self._local.last = Exchange((time.perf_counter() - t0) * 1e3, len(body), len(data),
+                                    _seconds(resp_headers.get(COMPUTE_HEADER.lower())),
+                                    _seconds(resp_headers.get(QUEUE_HEADER.lower())))  # fmt: skip
         return outs, len(body)
+
+    @property
+    def last_exchange(self) -> Exchange | None:
+        """The calling thread's last successful infer."""
+        return getattr(self._local, "last", None)
+
+    def ping(self, timeout: float = 2.0) -> tuple[float, dict[str, Any]]:
+        """``GET /v2/health/ready`` on a connection of its own: (round trip ms, the server's load,
+        {"in_flight", "workers"}, empty where the server does not report it). Raises
+        CloudUnavailable when it does not answer ready within ``timeout`` seconds."""
+        cls = _HTTPSConnection if self._scheme == "https" else _HTTPConnection
+        conn = getattr(self._local, "ping_conn", None)
+        if conn is None:
+            conn = self._local.ping_conn = cls(self._host, self._port, timeout=timeout)
+            conn.read_timeout = timeout
+        conn.deadline = time.monotonic() + timeout
+        t0 = time.perf_counter()
+        try:
+            if conn.sock is None:
+                conn.connect()
+                t0 = time.perf_counter()  # the handshake is not the round trip a request pays
+            conn.request("GET", f"{self._prefix}/v2/health/ready",
+                         headers={"Authorization": f"Bearer {self.token}"} if self.token else {})  # fmt: skip
+            resp = conn.getresponse()
+            data = resp.read()
+            load = resp.getheader(LOAD_HEADER)
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            self._local.ping_conn = None
+            raise CloudUnavailable(f"cloud at {self.url} did not answer a ping: {one_line(e, 200)}") from e
+        if resp.status != 200:
+            raise CloudUnavailable(f"cloud at {self.url} is not ready ({resp.status}): {_error_text(data)}")
+        try:
+            in_flight, workers = (int(x) for x in load.split("/")) if load else ((), ())
+            report = {"in_flight": in_flight, "workers": workers} if load else {}
+        except ValueError:
+            report = {}
+        if self.shaper:
+            self.shaper.delay(0)
+        return (time.perf_counter() - t0) * 1e3, report
 
     def _request(self, method: str, path: str, body: bytes, headers: dict[str, str], deadline: float):
         """One HTTP exchange, retried on connection errors and 503/502 while the budget lasts."""
@@ -259,8 +315,16 @@ class CloudClient:
             conn.close()
             self._local.conn = None
 
+    def close_ping(self) -> None:
+        """Close the calling thread's ping connection."""
+        conn = getattr(self._local, "ping_conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.ping_conn = None
+
     def close(self) -> None:
         self._drop()
+        self.close_ping()
 
 
 class _BudgetSpent(socket.timeout):

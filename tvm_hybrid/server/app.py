@@ -25,7 +25,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ArtifactError, UsageError
 from ..manifest import TensorSpec
-from ..protocol import HEADER_LENGTH, ProtocolError, decode, encode, v2_datatype
+from ..protocol import COMPUTE_HEADER, HEADER_LENGTH, LOAD_HEADER, QUEUE_HEADER, ProtocolError, decode, encode, v2_datatype
 from ..runtime.artifact import Artifact, open_artifact
 from ..runtime.cloud import wire_version
 from ..runtime.executors import create_executor
@@ -238,7 +238,10 @@ def create_app(registry: Registry, token: str | None = None, *, max_request_byte
         return JSONResponse({"live": True})
 
     async def ready(request: Request):
-        return JSONResponse({"ready": True})
+        # The load, so devices choosing a cut per call see a busy cloud: inferences computing or
+        # waiting (``in_flight``) against the workers that compute them.
+        return JSONResponse({"ready": True, "load": {"in_flight": state["in_flight"], "workers": registry.workers}},
+                            headers={LOAD_HEADER: f"{state['in_flight']}/{registry.workers}"})
 
     async def server_meta(request: Request):
         return JSONResponse({"name": "tvm-hybrid", "version": __version__, "extensions": ["binary_tensor_data"]})
@@ -301,7 +304,7 @@ def create_app(registry: Registry, token: str | None = None, *, max_request_byte
         metrics.in_flight.inc()
         try:
             t0 = time.perf_counter()
-            outs = await asyncio.get_running_loop().run_in_executor(pool, model.infer, feeds)
+            outs, started, ended = await asyncio.get_running_loop().run_in_executor(pool, _timed, model.infer, feeds)
             metrics.infer_seconds.labels(model.name, model.version).observe(time.perf_counter() - t0)
         finally:
             state["in_flight"] -= 1
@@ -310,6 +313,9 @@ def create_app(registry: Registry, token: str | None = None, *, max_request_byte
         payload, headers = encode(outs, binary=_wants_binary(doc), key="outputs",
                                   extra={"model_name": model.name, "model_version": model.version,
                                          **({"id": doc["id"]} if "id" in doc else {})})  # fmt: skip
+        # Where the request's time went here: waiting for a worker, computing (milliseconds).
+        headers[QUEUE_HEADER] = f"{(started - t0) * 1e3:.3f}"
+        headers[COMPUTE_HEADER] = f"{(ended - started) * 1e3:.3f}"
         return Response(payload, headers=headers)
 
     routes = [
@@ -332,6 +338,13 @@ def create_app(registry: Registry, token: str | None = None, *, max_request_byte
 
     app = Starlette(routes=routes, lifespan=lifespan)
     return _Observe(app, registry, metrics)
+
+
+def _timed(fn, *args):
+    """fn(*args) in a worker thread, with when it started and ended (perf_counter seconds)."""
+    started = time.perf_counter()
+    out = fn(*args)
+    return out, started, time.perf_counter()
 
 
 def _check(model: ServedModel, feeds: dict[str, np.ndarray]) -> None:
