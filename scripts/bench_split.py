@@ -83,13 +83,7 @@ def main() -> None:
     for label, (src, shapes, budget) in models().items():
         if args.model and label not in args.model:
             continue
-        if not isinstance(src, Path):  # a zoo model
-            path = work / f"{label}.onnx"
-            path.write_bytes(src.model.SerializeToString())
-            shapes = src.input_shapes
-        else:
-            path = src
-        inputs = tuple(importer.InputOverride(k, tuple(v)) for k, v in shapes.items())
+        path, inputs = model_file(src, shapes, work, label)
         imp = importer.load(path, list(inputs))
         rng = np.random.default_rng(0)
         feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in imp.inputs}
@@ -151,6 +145,19 @@ def main() -> None:
     print_table(rows, args.runs)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def model_file(src, shapes, work: Path, label: str):
+    """(ONNX path, input overrides) of a shared model's path and shapes, or of a zoo model (or a
+    function making one), written into ``work``."""
+    from tvm_hybrid.compiler import importer
+
+    if not isinstance(src, Path):  # a zoo model
+        z = src() if callable(src) else src
+        path = work / f"{label}.onnx"
+        path.write_bytes(z.model.SerializeToString())
+        src, shapes = path, z.input_shapes
+    return src, tuple(importer.InputOverride(k, tuple(v)) for k, v in shapes.items())
 
 
 def _bps(text: str) -> float:
@@ -379,7 +386,6 @@ def adaptive_main(args) -> None:
     (work / "targets").mkdir()
     (work / "targets" / "edge-x86.toml").write_text(EDGE_PROFILE)
     os.environ["TVM_HYBRID_TARGETS_PATH"] = str(work / "targets")  # this process and the server's
-    from tvm_hybrid.compiler import importer
     from tvm_hybrid.compiler.package import CompileOptions, PlanSettings, compile_model
     from tvm_hybrid.runtime import Session
 
@@ -387,14 +393,7 @@ def adaptive_main(args) -> None:
     for label, (src, shapes) in adaptive_models().items():
         if args.model and label not in args.model:
             continue
-        if not isinstance(src, Path):
-            z = src()
-            path = work / f"{label}.onnx"
-            path.write_bytes(z.model.SerializeToString())
-            shapes = z.input_shapes
-        else:
-            path = src
-        inputs = tuple(importer.InputOverride(k, tuple(v)) for k, v in shapes.items())
+        path, inputs = model_file(src, shapes, work, label)
         out = work / label
         t0 = time.perf_counter()
         compile_model(CompileOptions(model=path, targets=("edge-x86",), output=out, inputs=inputs, adaptive=True,

@@ -304,6 +304,11 @@ def test_a_failed_cloud_half_finishes_on_the_device(adaptive_vit):
         with Session(out / "x86-64-avx2", cloud_url=srv.url, timeout=2, cut=split, fallback="off", probe_interval=0) as s:
             with pytest.raises(RuntimeFailure):
                 s.run(feeds)
+        # Choosing freely with the cloud gone: once the circuit breaker opens, only all-device runs.
+        with Session(out / "x86-64-avx2", cloud_url=srv.url, timeout=2, objective="energy", probe_interval=0) as s:
+            for _ in range(6):
+                assert_close(s.run(feeds), want, rtol=1e-4, atol=1e-4)
+            assert s.decision.cut == "all-device" and all(e["placement"] == "device" for e in s.trace)
     finally:
         srv.stop()
     with Session(out / "x86-64-avx2") as s:  # no cloud configured: the cuts without one
