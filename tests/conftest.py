@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tvm  # noqa: F401  (the full TVM, compiler included, before any test runs a Session in-process:
+# runtime/_tvm.py imports TVM runtime-only when it is the first, and tvm.relax cannot follow it)
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE / "models"
