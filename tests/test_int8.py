@@ -52,7 +52,7 @@ SIGNS = pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
 @SIGNS
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("target", sorted(PROFILES))
-def test_qdq_model_compiles_toint8_kernels(target, model, signed, tmp_path):
+def test_qdq_model_compiles_to_int8_kernels(target, model, signed, tmp_path):
     """convs: every conv (asymmetric padding, stride 2, dilation, per-tensor and per-channel
     weight scales, batch 2); matmuls: a MatMul with per-column weight scales and a Gemm of a
     flattened activation and a transposed weight. int8 kernels for VNNI, none without it."""
