@@ -413,8 +413,8 @@ def adaptive_main(args) -> None:
             statics = {c: Session(dev, cloud_url=link.url, cut=c, fallback="off", threads=1, probe_interval=0) for c in cuts}
             adaptive = Session(dev, cloud_url=link.url, fallback="off", threads=1)
             try:
-                for c, sess in statics.items():  # first calls pay one-time costs
-                    link.set(1e9, 0)
+                link.set(1e9, 0)
+                for sess in statics.values():  # first calls pay one-time costs
                     sess.run(feeds)
                 for bw, rtt, n_load in CONDITIONS[: args.conditions]:
                     link.set(bw * 1e6, rtt)

@@ -47,7 +47,7 @@ def test_candidates_keep_the_constraints_and_pieces_rebuild_every_cut(seed):
         assert tuple([True] * len(g.nodes)) in ends, "all-device is a candidate where feasible"
     if not keep and feasible(g, [False] * len(g.nodes), opts):
         assert tuple([False] * len(g.nodes)) in ends, "all-cloud is a candidate where the input may leave"
-    pieces, per_cut = pieces_of(cands)
+    pieces, per_cut = pieces_of([c.on_device for c in cands])
     where = {i: p for p, idx in enumerate(pieces) for i in idx}
     for c, ps in zip(cands, per_cut):
         assert sorted(i for p in ps for i in pieces[p]) == [i for i, d in enumerate(c.on_device) if d]

@@ -34,6 +34,7 @@ def command(model: str, target: str, inputs, adaptive: bool, plot: str | None, a
     imp = prepare(importer.load(model, inputs), device)
     graph = plan_graph(imp, device, cloud, settings)  # once: the plot re-solves it per bandwidth
     doc = describe_plan(imp, graph, device, cloud, settings)
+    cuts = None
     if adaptive:
         if cloud is None:
             from ..errors import UsageError
@@ -41,12 +42,12 @@ def command(model: str, target: str, inputs, adaptive: bool, plot: str | None, a
             raise UsageError("--adaptive lists cuts between device and cloud; it needs a cloud (not --cloud none)")
         from ..compiler.package import describe_cuts
 
-        cuts = describe_cuts(graph, device, settings)
+        cuts = describe_cuts(graph, settings.options(device))
         doc["cuts"] = [{k: v for k, v in c.items() if k != "on_device"} for c in cuts]
     if plot:
         from ..compiler.plot import plot_plan
 
-        plot_plan(graph, imp, device, cloud, settings, doc, plot)
+        plot_plan(graph, imp, device, cloud, settings, doc, plot, cuts)
         doc["plot"] = plot
     if as_json:
         emit_json(doc)

@@ -164,7 +164,7 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
             prepared = prepare(imported, prof)  # once a target
             graph, plan = plan_for(prepared, prof, cloud, opts.plan)
             vlogs = [(v, logs[v.name]) for v in variants[prof.name]]
-            if opts.adaptive and cloud is not None:
+            if opts.adaptive:
                 m, segs = build_adaptive_artifact(prepared, prof, cloud, graph, plan, stage, opts.plan,
                                                   logs[prof.name], opts.precision, vlogs, opts.max_cuts)  # fmt: skip
             else:
@@ -400,12 +400,10 @@ def cut_name(on_device: list[bool], taken: set[str]) -> str:
     return name
 
 
-def describe_cuts(graph: planner.PlanGraph, device: TargetProfile, settings: PlanSettings,
-                  max_cuts: int = 6) -> list[dict[str, Any]]:  # fmt: skip
+def describe_cuts(graph: planner.PlanGraph, opts: planner.PlanOptions, max_cuts: int = 6) -> list[dict[str, Any]]:
     """The candidate cuts ``compile --adaptive`` builds (``plan --adaptive``): per cut its name,
-    ops on the device, bytes each way, device memory, predicted cost at the settings' link, and
-    the grid conditions under which the planner finds it optimal. ``on_device`` is per node."""
-    opts = settings.options(device)
+    ``on_device`` (per node), ops on the device, predicted cost at the options' link, device
+    memory, and the grid conditions under which the planner finds it optimal."""
     out, taken = [], set()
     for c in planner.candidate_cuts(graph, opts, max_cuts):
         cost = planner.evaluate(graph, c.on_device, opts.link)
@@ -427,15 +425,13 @@ def build_adaptive_artifact(imported, profile: TargetProfile, cloud: TargetProfi
     manifest's ``cuts`` lists each cut's segments (run in that order) and its predicted cost;
     ``plan.default_cut`` is the plan for the profile's link. Returns the manifest and the
     segments (the cloud ones go into the cloud artifact)."""
-    cands = planner.candidate_cuts(graph, plan.options, max_cuts)
-    if not any(c.on_device == plan.on_device for c in cands):
-        cands.append(planner.Candidate(list(plan.on_device), []))
-    pieces, per_cut = planner.pieces_of(cands)
+    cands = describe_cuts(graph, plan.options, max_cuts)  # the plan's own among them
+    pieces, per_cut = planner.pieces_of([c["on_device"] for c in cands])
     n = len(graph.nodes)
     groups: list[tuple[str, list[int]]] = [("device", idx) for idx in pieces]
     suffix_of: dict[int, int] = {}
     for k, c in enumerate(cands):
-        rest = [i for i in range(n) if not c.on_device[i]]
+        rest = [i for i in range(n) if not c["on_device"][i]]
         if rest:
             suffix_of[k] = len(groups)
             groups.append(("cloud", rest))
@@ -449,20 +445,14 @@ def build_adaptive_artifact(imported, profile: TargetProfile, cloud: TargetProfi
             entries.append(_build_device_segment(seg, e, profile, root, tuning, precision, variants, files))
         else:
             entries.append(dataclasses.replace(e, reason=seg.reason, endpoint=_endpoint(imported, seg)))
-    cuts, taken, default = [], set(), None
+    cuts = []
     for k, c in enumerate(cands):
         ids = list(per_cut[k]) + ([suffix_of[k]] if k in suffix_of else [])
-        cost = planner.evaluate(graph, c.on_device, plan.options.link)
-        name = cut_name(c.on_device, taken)
-        cuts.append({"name": name, "segments": ids, "device_ops": sum(c.on_device),
-                     "predicted": {"device_ms": round(cost.device_ms, 4), "cloud_ms": round(cost.cloud_ms, 4),
-                                   "bytes_up": cost.bytes_up, "bytes_down": cost.bytes_down},
-                     "device_memory": planner.memory_use(graph, c.on_device)["total"],
-                     "optimal_for": c.conditions})  # fmt: skip
-        if c.on_device == plan.on_device:
-            default = name
+        pred = {key: c["predicted"][key] for key in ("device_ms", "cloud_ms", "bytes_up", "bytes_down")}
+        cuts.append({"name": c["name"], "segments": ids, "device_ops": c["device_ops"], "predicted": pred,
+                     "device_memory": c["device_memory"], "optimal_for": c["optimal_for"]})  # fmt: skip
     doc = _plan_doc(plan, cloud, True)
-    doc["default_cut"] = default
+    doc["default_cut"] = next(c["name"] for c in cands if c["on_device"] == plan.on_device)
     m = _manifest(imported, profile, entries, root, files, plan=doc, precision=precision, cuts=cuts)
     (root / mf.MANIFEST).write_text(m.dumps())
     return m, segs

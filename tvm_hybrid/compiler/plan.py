@@ -566,23 +566,23 @@ def candidate_cuts(g: PlanGraph, opts: PlanOptions, max_cuts: int = 6) -> list[C
     return sorted(keep, key=lambda c: -sum(c.on_device))
 
 
-def pieces_of(candidates: list[Candidate]) -> tuple[list[list[int]], list[list[int]]]:
-    """Device pieces shared by the cuts: the nodes grouped by which cuts run them on the device.
+def pieces_of(cuts: list[list[bool]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Device pieces shared by the cuts (each ``on_device`` per node): the nodes grouped by which
+    cuts run them on the device.
 
     Returns (pieces, per cut the indices of its pieces). A cut's device nodes are the union of its
     pieces, and running every piece in the order given is topological: if u feeds v, every cut that
     runs v on the device runs u there too (one crossing), so v's set of cuts is a subset of u's,
     and pieces are ordered by how many cuts run them, most first. Nodes no cut runs on the device
     are in no piece."""
-    if not candidates:
+    if not cuts:
         return [], []
-    n = len(candidates[0].on_device)
     groups: dict[frozenset[int], list[int]] = {}
-    for i in range(n):
-        member = frozenset(k for k, c in enumerate(candidates) if c.on_device[i])
+    for i in range(len(cuts[0])):
+        member = frozenset(k for k, on_device in enumerate(cuts) if on_device[i])
         if member:
             groups.setdefault(member, []).append(i)
     order = sorted(groups, key=lambda s: (-len(s), groups[s][0]))
     pieces = [groups[s] for s in order]
-    per_cut = [[p for p, s in enumerate(order) if k in s] for k in range(len(candidates))]
+    per_cut = [[p for p, s in enumerate(order) if k in s] for k in range(len(cuts))]
     return pieces, per_cut

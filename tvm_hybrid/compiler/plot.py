@@ -8,9 +8,10 @@ from pathlib import Path
 from ..errors import UsageError
 
 
-def plot_plan(graph, imported, device, cloud, settings, doc: dict, path: str) -> None:
+def plot_plan(graph, imported, device, cloud, settings, doc: dict, path: str, cuts: list | None = None) -> None:
     """Draw the plan (``doc``, from describe_plan) and, re-solving ``graph`` per bandwidth, the
-    predicted latency of all-device, all-cloud and the plan against the link's speed."""
+    predicted latency of all-device, all-cloud and the plan against the link's speed; with
+    ``cuts`` (package.describe_cuts), each candidate cut's too."""
     try:
         import matplotlib
 
@@ -22,7 +23,6 @@ def plot_plan(graph, imported, device, cloud, settings, doc: dict, path: str) ->
     from .plan import parse_bandwidth
 
     ops = doc["ops"]
-    cuts = doc.get("cuts") and cloud is not None
     fig, axes = plt.subplots(3 if cuts else 2, 1, figsize=(11, 12 if cuts else 8), constrained_layout=True)
     ax1, ax3 = axes[0], axes[1]
     xs = range(len(ops))
@@ -62,21 +62,18 @@ def plot_plan(graph, imported, device, cloud, settings, doc: dict, path: str) ->
     else:
         ax3.set_axis_off()
     if cuts:
-        _plot_cuts(axes[2], graph, device, settings, doc)
+        _plot_cuts(axes[2], graph, cuts, doc["link"]["rtt_ms"])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_cuts(ax, graph, device, settings, doc: dict) -> None:
+def _plot_cuts(ax, graph, cuts: list, rtt: float) -> None:
     """Each candidate cut's predicted latency against bandwidth, and the cut the runtime would pick
     at each (the lowest; markers on it), at the plan's RTT."""
-    from .package import describe_cuts
-    from .plan import Link, evaluate
+    from .plan import GRID_BANDWIDTHS, Link, evaluate
 
-    rtt = doc["link"]["rtt_ms"]
-    rates = [r * 1e6 for r in (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)]
-    cuts = describe_cuts(graph, device, settings)
+    rates = GRID_BANDWIDTHS
     series = {c["name"]: [evaluate(graph, c["on_device"], Link(r, rtt)).total_ms for r in rates] for c in cuts}
     for name, v in series.items():
         ax.plot([r / 1e6 for r in rates], v, lw=1.2, label=name)

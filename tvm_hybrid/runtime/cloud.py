@@ -211,11 +211,9 @@ class CloudClient:
         """``GET /v2/health/ready`` on a connection of its own: (round trip ms, the server's load,
         {"in_flight", "workers"}, empty where the server does not report it). Raises
         CloudUnavailable when it does not answer ready within ``timeout`` seconds."""
-        cls = _HTTPSConnection if self._scheme == "https" else _HTTPConnection
         conn = getattr(self._local, "ping_conn", None)
         if conn is None:
-            conn = self._local.ping_conn = cls(self._host, self._port, timeout=timeout)
-            conn.read_timeout = timeout
+            conn = self._local.ping_conn = self._new_conn(timeout, timeout)
         conn.deadline = time.monotonic() + timeout
         t0 = time.perf_counter()
         try:
@@ -303,11 +301,14 @@ class CloudClient:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn, conn.sock is not None
-        cls = _HTTPSConnection if self._scheme == "https" else _HTTPConnection
-        conn = cls(self._host, self._port, timeout=self.policy.connect_timeout)
-        conn.read_timeout = self.policy.read_timeout
-        self._local.conn = conn
+        conn = self._local.conn = self._new_conn(self.policy.connect_timeout, self.policy.read_timeout)
         return conn, False
+
+    def _new_conn(self, connect_timeout: float, read_timeout: float):
+        cls = _HTTPSConnection if self._scheme == "https" else _HTTPConnection
+        conn = cls(self._host, self._port, timeout=connect_timeout)
+        conn.read_timeout = read_timeout
+        return conn
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)

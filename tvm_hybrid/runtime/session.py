@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import ArtifactError, RuntimeFailure, UsageError, one_line
 from ..manifest import Segment, TensorSpec
-from .adaptive import OBJECTIVES, Chooser, Decision, Estimates, Prober, cuts_of
+from .adaptive import Chooser, Decision, Estimates, Prober, cuts_of
 from .artifact import Artifact, open_artifact
 from .cloud import CloudClient, CloudPolicy, LinkShaper
 from .executors import create_executor
@@ -87,7 +87,7 @@ class Session:
                 self._setup_cuts(device, objective, cut, probe_interval)
             else:
                 if cut is not None:
-                    self.manifest.cut(cut)  # ArtifactError: the artifact has no cuts
+                    self.manifest.cut(cut)  # UsageError: the artifact has no cuts
                 for seg in self.manifest.segments:
                     self._steps.append(self._plan_step(seg, device))
         except BaseException:
@@ -98,10 +98,17 @@ class Session:
         """Every segment of every cut: device pieces built here, cloud suffixes as endpoints."""
         self._cuts = {c.name: c for c in cuts_of(self.manifest)}
         if cut is not None:
-            self.manifest.cut(cut)  # ArtifactError naming the cuts
+            self.manifest.cut(cut)  # UsageError naming the cuts
         self._forced = cut
-        if objective not in OBJECTIVES:
-            raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+        self._estimates = Estimates(self.manifest)
+        self._chooser = Chooser(list(self._cuts.values()), self._estimates, objective)  # checks the objective
+        # The cuts this session can run: those with a cloud half only when a cloud is configured.
+        self._usable = [c for c in self._cuts.values() if c.cloud is None or self._cloud is not None]
+        if not self._usable:
+            raise RuntimeFailure("every cut of this artifact runs part of the model in the cloud and no cloud is "
+                                 "configured; pass --cloud-url (Session(cloud_url=...))")  # fmt: skip
+        if cut is not None and cut not in {c.name for c in self._usable}:
+            raise RuntimeFailure(f"cut {cut} runs part of the model in the cloud and no cloud is configured")
         for seg in self.manifest.segments:
             if seg.placement == "device":
                 ex = create_executor(self._art.root, seg, self.manifest.target, device, self.threads, library=seg.library)
@@ -109,14 +116,7 @@ class Session:
             else:
                 remote = (seg.endpoint.model, seg.endpoint.version) if self._cloud is not None else None
                 self._steps.append(_Step(seg, None, remote, ["cloud"] if remote else []))
-        usable = [c for c in self._cuts.values() if c.cloud is None or self._cloud is not None]
-        if not usable:
-            raise RuntimeFailure("every cut of this artifact runs part of the model in the cloud and no cloud is "
-                                 "configured; pass --cloud-url (Session(cloud_url=...))")  # fmt: skip
-        if cut is not None and cut not in {c.name for c in usable}:
-            raise RuntimeFailure(f"cut {cut} runs part of the model in the cloud and no cloud is configured")
-        self._estimates = Estimates(self.manifest)
-        self._chooser = Chooser(list(self._cuts.values()), self._estimates, objective)
+        self._step_of = {st.segment.id: st for st in self._steps}
         if self._cloud is not None and probe_interval > 0:
             self._prober = Prober(self._cloud, self._estimates, probe_interval, lambda: self._in_flight)
 
@@ -165,7 +165,7 @@ class Session:
         return {o.name: env[o.name] for o in self.outputs}
 
     def _run_cut(self, env: dict[str, np.ndarray], forced: str | None) -> dict[str, np.ndarray]:
-        usable = [c for c in self._cuts.values() if c.cloud is None or self._cloud is not None]
+        usable = self._usable
         if self._cloud is not None and self._cloud.breaker.state == "open" and self.fallback == "auto":
             usable = [c for c in usable if c.cloud is None] or usable  # the cloud is down: the device alone
         if self.fallback == "cloud":  # as much in the cloud as the cuts allow
@@ -181,7 +181,7 @@ class Session:
         self.decision = d
         cut = self._cuts[d.cut]
         call = self._chooser.calls
-        steps = {st.segment.id: st for st in self._steps}
+        steps = self._step_of
         trace: list[dict[str, Any]] = []
         for sid in cut.device:
             entry = self._run_step(steps[sid], env, trace)
@@ -307,7 +307,7 @@ class Session:
 
     def close(self) -> None:
         """Release the executors, the cloud connection and any unpacked files."""
-        self._steps = []
+        self._steps, self._step_of = [], {}
         if getattr(self, "_prober", None) is not None:
             self._prober.close()
             self._prober = None
