@@ -188,6 +188,11 @@ class Manifest:
     #: "device_ops", "predicted": {device_ms, cloud_ms, bytes_up, bytes_down}, ...}; ``segments``
     #: then holds every cut's segments (device pieces first, then one cloud suffix per cut).
     cuts: tuple[dict[str, Any], ...] = ()
+    #: compile --decoder: a language model's decode and prefill segments over one KV cache, run by
+    #: ``runtime.Generator``: {"decode": id, "prefill": [{"segment": id, "tokens": n}, …],
+    #: "max_context", "cache": [[input, output], …], "weights", "tokenizer": file or null,
+    #: "config": {stop, bos, chat_template, …}}.
+    decoder: dict[str, Any] | None = None
 
     @property
     def serves_segments(self) -> bool:
@@ -206,6 +211,8 @@ class Manifest:
             d["plan"] = self.plan
         if self.cuts:
             d["cuts"] = [dict(c) for c in self.cuts]
+        if self.decoder is not None:
+            d["decoder"] = self.decoder
         return d
 
     def cut(self, name: str) -> dict[str, Any]:
@@ -228,7 +235,7 @@ class Manifest:
             segments=tuple(Segment.from_dict(s) for s in m["segments"]),
             files=tuple(File.from_dict(f) for f in m["files"]), versions=m["versions"], schema=m["schema"],
             role=m.get("role", "device"), tool=m.get("tool"), plan=m.get("plan"),
-            precision=m.get("precision", "fp32"), cuts=tuple(m.get("cuts") or ()),
+            precision=m.get("precision", "fp32"), cuts=tuple(m.get("cuts") or ()), decoder=m.get("decoder"),
         )  # fmt: skip
 
     def dumps(self) -> str:
@@ -402,6 +409,44 @@ def validate(m: Any, where: str = MANIFEST) -> None:
         raise ArtifactError(f"{where}: no segment produces the output(s) {', '.join(map(repr, unmade[:5]))}")
     if "cuts" in m:
         _cuts(m, where)
+    if "decoder" in m:
+        _decoder(m, where)
+
+
+def _decoder(m: dict[str, Any], where: str) -> None:
+    """A decoder names its decode and prefill segments (device, both reading the whole cache) and
+    the cache's input/output pairs, which every segment reads and writes."""
+    d = m["decoder"]
+    w = f"{where}: decoder"
+    if not isinstance(d, dict):
+        raise ArtifactError(f"{w} must be an object")
+    by_id = {s["id"]: s for s in m["segments"]}
+    prefill = d.get("prefill")
+    if not isinstance(prefill, list) or not prefill or not all(
+            isinstance(p, dict) and isinstance(p.get("tokens"), int) and not isinstance(p["tokens"], bool)
+            and p["tokens"] > 1 for p in prefill):  # fmt: skip
+        raise ArtifactError(f"{w}: prefill must list {{segment, tokens}} chunks of 2 tokens or more")
+    ids = [d.get("decode")] + [p.get("segment") for p in prefill]
+    for sid in ids:
+        if isinstance(sid, bool) or not isinstance(sid, int) or sid not in by_id or by_id[sid]["placement"] != "device":
+            raise ArtifactError(f"{w}: decode and prefill must name device segments")
+    if isinstance(d.get("max_context"), bool) or not isinstance(d.get("max_context"), int) or d["max_context"] < 1:
+        raise ArtifactError(f"{w}: max_context must be a positive integer")
+    cache = d.get("cache")
+    if not isinstance(cache, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                                              for p in cache):  # fmt: skip
+        raise ArtifactError(f"{w}: cache must be a list of [input, output] name pairs")
+    for sid in ids:
+        seg = by_id[sid]
+        ins, outs = {t["name"] for t in seg["inputs"]}, {t["name"] for t in seg["outputs"]}
+        missing = [n for p in cache for n, have in ((p[0], ins), (p[1], outs)) if n not in have]
+        if missing or "logits" not in outs:
+            raise ArtifactError(f"{w}: segment {sid} lacks {', '.join((missing or ['logits'])[:3])}")
+    if not isinstance(d.get("config", {}), dict):
+        raise ArtifactError(f"{w}: config must be an object")
+    tok = d.get("tokenizer")
+    if tok is not None and tok not in {f.get("path") for f in m["files"] if isinstance(f, dict)}:
+        raise ArtifactError(f"{w}: tokenizer {str(tok)[:100]!r} is not among the listed files")
 
 
 def _cuts(m: dict[str, Any], where: str) -> None:

@@ -49,11 +49,11 @@ def cli(verbose: bool, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from . import (compile_cmd, demo_cmd, emulate_cmd, export_cmd, inspect_cmd, plan_cmd, prune_cmd, quantize_cmd,
-                   run_cmd, serve_cmd, sign_cmd, targets_cmd, tune_cmd)  # fmt: skip
+    from . import (compile_cmd, demo_cmd, emulate_cmd, export_cmd, generate_cmd, inspect_cmd, plan_cmd, prune_cmd,
+                   quantize_cmd, run_cmd, serve_cmd, sign_cmd, targets_cmd, tune_cmd)  # fmt: skip
 
     for mod in (targets_cmd, inspect_cmd, plan_cmd, quantize_cmd, prune_cmd, tune_cmd, compile_cmd, run_cmd, serve_cmd,
-                export_cmd, demo_cmd, emulate_cmd):
+                generate_cmd, export_cmd, demo_cmd, emulate_cmd):
         cli.add_command(mod.command)
     for cmd in sign_cmd.commands:
         cli.add_command(cmd)

@@ -32,9 +32,18 @@ log = logging.getLogger("tvm_hybrid.cli")
                    "runtime picks one per call from the link and cloud it measures.")
 @click.option("--max-cuts", type=click.IntRange(min=1), default=6, show_default=True,
               help="With --adaptive: at most this many cuts (those optimal under the most conditions).")
+@click.option("--decoder", is_flag=True,
+              help="A language model's decoder (input_ids, start, past_*/present_* KV cache; scripts/gguf_decoder.py "
+                   "writes one): decode and prefill segments over one weights file, for `tvm-hybrid generate`.")
+@click.option("--weights", "weight_mode", type=click.Choice(["q4", "q8", "fp32"]), default=None,
+              help="With --decoder: matmul and embedding weights quantized per group of 32 and kept packed "
+                   "(q4: 4-bit, embeddings 8-bit; default q4), or fp32.")
+@click.option("--chunk", default="16,128", show_default=True,
+              help="With --decoder: prefill chunk sizes in tokens (comma-separated).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON summary on stdout.")
 def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_logs: str | None,
-            no_tuning_logs: bool, precision: str, adaptive: bool, max_cuts: int, as_json: bool, **kw) -> None:  # fmt: skip
+            no_tuning_logs: bool, precision: str, adaptive: bool, max_cuts: int, decoder: bool,
+            weight_mode: str | None, chunk: str, as_json: bool, **kw) -> None:  # fmt: skip
     """Compile an ONNX model into one artifact per target: OUT/<target>/ (and OUT/<cloud>/ when
     the plan sends segments to the cloud).
 
@@ -43,8 +52,8 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_lo
     tvm-hybrid compile det.onnx -t x86-64 -t x86-64-avx2 --input x:1x3x320x320 -o dist/ --json
     tvm-hybrid compile det.onnx -t x86-64 --input x:1x3x640x640 --memory 20MiB -o dist/   # split
     tvm-hybrid compile det.onnx -t x86-64 --input x:1x3x640x640 --adaptive -o dist/       # cut per call
+    tvm-hybrid compile decoder.onnx -t host --decoder --weights q4 -o dist/llm/            # for generate
     """
-    from ..compiler.package import CompileOptions, compile_model
     from ..compiler.tuning_log import default_logs_dir
     from ..errors import UsageError
 
@@ -53,6 +62,42 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_lo
     if tuning_logs and not Path(tuning_logs).is_dir():
         raise UsageError(f"--tuning-logs {tuning_logs} is not a directory (tune into it with `tvm-hybrid tune --logs`)")
     logs = None if no_tuning_logs else Path(tuning_logs) if tuning_logs else default_logs_dir()
+    if decoder:
+        summaries = _compile_decoder(model, targets, inputs, output, logs, precision, adaptive, weight_mode, chunk, kw)
+    else:
+        if weight_mode is not None:
+            raise UsageError("--weights applies to --decoder builds; to shrink other models, "
+                             "`tvm-hybrid quantize` them to int8")  # fmt: skip
+        summaries = _compile(model, targets, inputs, output, logs, precision, adaptive, max_cuts, kw)
+    if as_json:
+        emit_json({"model": model, "artifacts": [s.to_dict() for s in summaries]})
+        return
+    for s in summaries:
+        click.echo(f"{s.path}  {' + '.join(s.placement)} segment(s), {s.files} files, "
+                   f"{s.bytes / 2**20:.2f} MiB, {s.seconds:.1f} s, "
+                   f"{s.kernels['tuned']} kernels tuned, {s.kernels['default']} default")  # fmt: skip
+
+
+def _compile_decoder(model, targets, inputs, output, logs, precision, adaptive, weight_mode, chunk, kw):
+    from ..compiler.decoder import compile_decoder
+    from ..errors import UsageError
+
+    used = [flag for flag, on in (("--input", inputs), ("--precision fp16", precision != "fp32"), ("--adaptive", adaptive),
+                                  ("--memory", kw.get("memory")), ("--bandwidth", kw.get("bandwidth"))) if on]  # fmt: skip
+    if used:
+        raise UsageError(f"{', '.join(used)} do not apply to --decoder builds (the decoder runs on the device; "
+                         "the sequence length is the chunk's)")  # fmt: skip
+    try:
+        chunks = tuple(int(c) for c in chunk.split(",") if c.strip())
+    except ValueError:
+        raise UsageError(f"--chunk {chunk!r}: comma-separated token counts, like 16,128") from None
+    mode = None if weight_mode == "fp32" else (weight_mode or "q4")
+    return [compile_decoder(Path(model), t, Path(output), chunks, mode, logs) for t in targets]
+
+
+def _compile(model, targets, inputs, output, logs, precision, adaptive, max_cuts, kw):
+    from ..compiler.package import CompileOptions, compile_model
+
     cloud, settings = plan_settings(kw)
     opts = CompileOptions(model=Path(model), targets=targets, output=Path(output), inputs=inputs,
                           cloud=cloud, plan=settings, tuning_logs=logs, precision=precision,
@@ -64,11 +109,4 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_lo
         "".join(f" --input {i.name}:{'x'.join(map(str, i.shape))}" for i in inputs),
         output,
     )
-    summaries = compile_model(opts)
-    if as_json:
-        emit_json({"model": model, "artifacts": [s.to_dict() for s in summaries]})
-        return
-    for s in summaries:
-        click.echo(f"{s.path}  {' + '.join(s.placement)} segment(s), {s.files} files, "
-                   f"{s.bytes / 2**20:.2f} MiB, {s.seconds:.1f} s, "
-                   f"{s.kernels['tuned']} kernels tuned, {s.kernels['default']} default")  # fmt: skip
+    return compile_model(opts)

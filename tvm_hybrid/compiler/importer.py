@@ -123,15 +123,18 @@ def load(path: str | Path, overrides: list[InputOverride] | tuple = ()) -> Impor
         data = path.read_bytes()
     except OSError as e:
         raise UsageError(f"cannot read model {path}: {e.strerror or e}") from e
-    model = parse(data, str(path))
+    digest = hashlib.sha256(data)
+    model = parse(data, str(path), base_dir=path.parent, digest=digest)
     imported = prepare(model, overrides)
     imported.name = path.stem
-    imported.sha256 = hashlib.sha256(data).hexdigest()
+    imported.sha256 = digest.hexdigest()
     return imported
 
 
-def parse(data: bytes, where: str = "model") -> onnx.ModelProto:
-    """Decode and check ONNX bytes; anything malformed becomes one UsageError line."""
+def parse(data: bytes, where: str = "model", base_dir: Path | None = None, digest=None) -> onnx.ModelProto:
+    """Decode and check ONNX bytes; anything malformed becomes one UsageError line. Tensors kept
+    in external data files (models over protobuf's 2 GB, or saved that way) are read from
+    ``base_dir``, and only from inside it; ``digest`` (a hashlib object) takes their bytes too."""
     if not data:
         raise UsageError(f"{where} is empty, not an ONNX model")
     try:
@@ -142,11 +145,42 @@ def parse(data: bytes, where: str = "model") -> onnx.ModelProto:
         raise UsageError(f"{where} is not an ONNX model (it has no graph)")
     if not model.graph.output:
         raise UsageError(f"{where} has no graph outputs; nothing to compile")
+    _load_external(model, where, base_dir, digest)
     try:
         onnx.checker.check_model(model)
     except Exception as e:
         raise UsageError(f"{where} is not a valid ONNX model: {one_line(e)}") from e
     return model
+
+
+def _load_external(model: onnx.ModelProto, where: str, base_dir: Path | None, digest=None) -> None:
+    from onnx import external_data_helper as ext
+
+    tensors = [t for t in ext._get_all_tensors(model) if ext.uses_external_data(t)]
+    if not tensors:
+        return
+    if base_dir is None:
+        raise UsageError(f"{where} keeps tensors in external data files; give the model as a file path")
+    base = base_dir.resolve()
+    files = []
+    for t in tensors:
+        loc = {e.key: e.value for e in t.external_data}.get("location", "")
+        f = (base / loc).resolve()
+        if base not in f.parents:
+            raise UsageError(f"{where}: tensor {t.name!r} names external data {loc[:100]!r} outside the model's folder")
+        if not f.is_file():
+            raise UsageError(f"{where}: tensor {t.name!r} needs {loc[:100]!r} beside the model, which is missing")
+        if f not in files:
+            files.append(f)
+    if digest is not None:
+        for f in files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(block)
+    try:
+        ext.load_external_data_for_model(model, str(base))
+    except Exception as e:
+        raise UsageError(f"{where}: cannot read its external data: {one_line(e)}") from e
 
 
 def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ()) -> ImportedModel:

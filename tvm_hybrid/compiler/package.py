@@ -281,18 +281,32 @@ def _replace_dir(stage: Path, final: Path) -> None:
 
 def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, root: Path, stem: str,
                     tuning: tuning_log.TuningLog | None = None, precision: str = "fp32",
-                    weights: WeightStore | None = None) -> backends.CompiledSegment:  # fmt: skip
+                    weights: WeightStore | None = None, weight_mode: str | None = None) -> backends.CompiledSegment:  # fmt: skip
     """ONNX (sub-)model, prepared for the profile's backend → Relax → optimized (with the target's
     tuning log) → ``root/segments/<stem>.*`` in the backend's segment format. With ``weights``,
-    the large constants go there instead of into the library (``c.weight_keys``, in order)."""
+    the large constants go there instead of into the library (``c.weight_keys``, in order).
+    ``weight_mode`` ("q4", "q8"; needs ``weights``): matmul and embedding weights quantized per
+    group and kept packed (``weightquant``)."""
     log.info("building %s for %s", imported.name, profile.name)
     backend = backends.for_profile(profile)
     backend.check_segment(imported, profile)
-    mod = backend.optimize(importer.to_relax(imported), profile, database=tuning, precision=precision)
+    mod = importer.to_relax(imported)
+    packed: list = []
+    if weight_mode is not None:
+        from . import weightquant
+
+        if not backend.cpu:
+            raise UnsupportedError(f"--weights {weight_mode}: quantized-weight kernels exist for CPU targets only, "
+                                   f"not {profile.name}")  # fmt: skip
+        mod, packed, report = weightquant.apply(mod, weight_mode)
+        log.info("%s: %d matmuls and %d embeddings quantized (%s): %.1f MB of float32 weights in %.1f MB",
+                 imported.name, report.matmuls, report.embeddings, weight_mode, report.float_bytes / 1e6,
+                 report.packed_bytes / 1e6)  # fmt: skip
+    mod = backend.optimize(mod, profile, database=tuning, precision=precision)
     keys = None
     if weights is not None:
         mod, arrays = lift_weights(mod)
-        keys = [weights.add(a) for a in arrays]
+        keys = [weights.add(a) for a in [*packed, *arrays]]
     c = backend.build_segment(mod, profile, root, stem)
     c.weight_keys = keys
     log.info("%s: %d kernels tuned, %d default%s", imported.name, c.result.tuned_kernels, c.result.default_kernels,
@@ -479,7 +493,7 @@ def build_cloud_artifact(imported, cloud: TargetProfile, segs: list[tuple[Segmen
 
 def _manifest(imported, profile: TargetProfile, segments: list[mf.Segment], root: Path, files: list[str],
               role: str = "device", plan: dict[str, Any] | None = None, precision: str = "fp32",
-              cuts: list[dict[str, Any]] | None = None) -> mf.Manifest:  # fmt: skip
+              cuts: list[dict[str, Any]] | None = None, decoder: dict[str, Any] | None = None) -> mf.Manifest:  # fmt: skip
     import tvm
     import tvm_ffi
 
@@ -501,6 +515,7 @@ def _manifest(imported, profile: TargetProfile, segments: list[mf.Segment], root
         plan=plan,
         precision=precision,
         cuts=tuple(cuts or ()),
+        decoder=decoder,
     )
     return mf.Manifest.from_dict(m.to_dict())  # the same checks a runtime makes when it loads it
 

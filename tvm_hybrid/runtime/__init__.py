@@ -5,6 +5,7 @@ Importing this package loads neither TVM's compiler library, nor onnx, nor
 """
 
 from ..errors import ArtifactError, HybridError, RuntimeFailure, UsageError
+from .generate import Generator
 from .session import Session
 
-__all__ = ["Session", "HybridError", "ArtifactError", "RuntimeFailure", "UsageError"]
+__all__ = ["Session", "Generator", "HybridError", "ArtifactError", "RuntimeFailure", "UsageError"]

@@ -1,0 +1,309 @@
+"""Weight-only group quantization: matmul and embedding weights kept packed, dequantized in the kernel.
+
+``compile --weights q4`` (or ``q8``) is what makes a language model fit a phone (MLC-LLM's
+q4f32_1, llama.cpp's Q4_1): every constant weight of a matmul (``x @ W``, W of at least
+``MIN_ELEMENTS``) and every embedding table (``take(table, ids)``) is quantized per group of
+``GROUP`` values along its reduction axis, asymmetric (``w = scale * q + min``, q unsigned), and
+stays that way in the artifact: 4-bit values two to a byte — byte j of a group holds values j
+and j+16, so one 16-byte load unpacks into two 16-lane vectors — or 8-bit, one a byte, with a
+float32 scale and min per group. Activations stay float32.
+
+Kernels (CPU): few rows (decode: one token) run a fused dequantize-GEMV — rows of W in parallel,
+each group unpacked, scaled and multiplied into 16 vector lanes of partial sums, never written
+out as float32; more rows (prefill) dequantize each weight once per call into float32 and run
+the backend's matmul on it, whose schedule is tiled for reuse. Embedding tables (and an output
+layer that is their transpose: tied weights) are kept at 8 bits even with q4, as llama.cpp does.
+
+The quantized weights become parameters of ``main`` after its inputs (``apply`` returns them in
+order), so no later pass folds them back into float32 constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from ..errors import UsageError
+
+GROUP = 32
+MODES = {"q4": 4, "q8": 8}
+#: Weights smaller than this stay float32 (norm scales, biases, small projections).
+MIN_ELEMENTS = 1 << 14
+#: Matmuls with at most this many rows use the fused GEMV kernel; more dequantize once per call.
+GEMV_ROWS = 8
+
+
+def check_mode(mode: str | None) -> None:
+    if mode is not None and mode not in MODES:
+        raise UsageError(f"bad --weights {mode!r}: one of {', '.join(MODES)} (or leave it out for float32)")
+
+
+@dataclasses.dataclass
+class Quantized:
+    bits: int
+    packed: np.ndarray  # uint8 [N, K/2] (4 bits) or [N, K] (8 bits)
+    scale: np.ndarray  # float32 [N, K/GROUP]
+    zero: np.ndarray  # float32 [N, K/GROUP]: the group's minimum
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scale.nbytes + self.zero.nbytes
+
+
+def quantize(w: np.ndarray, bits: int) -> Quantized:
+    """``w`` [N, K] (K a multiple of GROUP) quantized per group of GROUP along K."""
+    n, k = w.shape
+    groups = w.reshape(n, k // GROUP, GROUP).astype(np.float32)
+    lo, hi = groups.min(-1), groups.max(-1)
+    levels = (1 << bits) - 1
+    scale = (hi - lo) / levels
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint((groups - lo[..., None]) / scale[..., None]), 0, levels).astype(np.uint8)
+    if bits == 4:
+        packed = (q[..., : GROUP // 2] | (q[..., GROUP // 2 :] << 4)).reshape(n, k // 2)
+    else:
+        packed = q.reshape(n, k)
+    return Quantized(bits, np.ascontiguousarray(packed), scale.astype(np.float32), lo.astype(np.float32))
+
+
+def dequantize(q: Quantized) -> np.ndarray:
+    """The float32 [N, K] weights ``q`` stands for (what the kernels compute with)."""
+    n, g = q.scale.shape
+    if q.bits == 4:
+        b = q.packed.reshape(n, g, GROUP // 2)
+        vals = np.concatenate([b & 15, b >> 4], axis=-1)
+    else:
+        vals = q.packed.reshape(n, g, GROUP)
+    return (q.scale[..., None] * vals.astype(np.float32) + q.zero[..., None]).reshape(n, g * GROUP)
+
+
+def _weight_value(te, tirx, W, S, Z, bits, n, g, h, j):
+    """The dequantized weight at row n, group g, half h (0, 1), lane j (0..15)."""
+    if bits == 4:
+        q = (W[n, g * 16 + j] >> (h * 4).astype("uint8")) & tirx.const(15, "uint8")
+    else:
+        q = W[n, g * GROUP + h * 16 + j]
+    return S[n, g] * q.astype("float32") + Z[n, g]
+
+
+def _placeholders(te, n: int, k: int, bits: int):
+    g = k // GROUP
+    W = te.placeholder((n, k // 2 if bits == 4 else k), "uint8", "w")
+    S = te.placeholder((n, g), "float32", "scale")
+    Z = te.placeholder((n, g), "float32", "zero")
+    return W, S, Z
+
+
+def gemv_kernel(m: int, n: int, k: int, bits: int):
+    """y[m, n] = x[m, :] . dequant(W)[n, :], scheduled: rows of W in parallel (blocks of 4), each
+    reduced into 16 vector lanes (rfactor) over its groups, the lanes summed at the end."""
+    from tvm import s_tir, te, tirx
+
+    X = te.placeholder((m, k), "float32", "x")
+    W, S, Z = _placeholders(te, n, k, bits)
+    g = te.reduce_axis((0, k // GROUP), "g")
+    h = te.reduce_axis((0, 2), "h")
+    j = te.reduce_axis((0, 16), "j")
+    Y = te.compute(
+        (m, n),
+        lambda i, r: te.sum(X[i, g * GROUP + h * 16 + j] * _weight_value(te, tirx, W, S, Z, bits, r, g, h, j),
+                            axis=[g, h, j]),
+        "qgemv",
+    )  # fmt: skip
+    sch = s_tir.Schedule(te.create_prim_func([X, W, S, Z, Y]))
+    blk = sch.get_sblock("qgemv")
+    mi, ni, gl, hl, jl = sch.get_loops(blk)
+    rf = sch.rfactor(jl, factor_axis=2)
+    no, nb = sch.split(ni, [None, 4 if n % 4 == 0 else 1])
+    sch.reorder(no, mi, nb)
+    sch.parallel(no)
+    sch.compute_at(rf, nb)
+    jr, gr, hr = sch.get_loops(rf)[-3:]
+    sch.reorder(gr, hr, jr)
+    sch.vectorize(jr)
+    sch.decompose_reduction(rf, gr)
+    return sch.mod["main"]
+
+
+def dequant_kernel(n: int, k: int, bits: int):
+    """The float32 [K, N] matrix (transposed: what ``matmul(x, W)`` reads) of packed [N, K]."""
+    from tvm import s_tir, te, tirx
+
+    W, S, Z = _placeholders(te, n, k, bits)
+    Y = te.compute(
+        (k, n),
+        lambda c, r: _weight_value(te, tirx, W, S, Z, bits, r, c // GROUP, (c % GROUP) // 16, c % 16),
+        "qdequant",
+    )
+    sch = s_tir.Schedule(te.create_prim_func([W, S, Z, Y]))
+    blk = sch.get_sblock("qdequant")
+    c, r = sch.get_loops(blk)
+    co, ci = sch.split(c, [None, GROUP])
+    ro, ri = sch.split(r, [None, 16 if n % 16 == 0 else 1])
+    sch.reorder(co, ro, ci, ri)
+    sch.parallel(co)
+    sch.vectorize(ri)
+    return sch.mod["main"]
+
+
+def take_kernel(rows: int, n: int, k: int, bits: int):
+    """out[i, :] = dequant(W)[ids[i], :]: an embedding lookup from a packed table."""
+    from tvm import s_tir, te, tirx
+
+    ids = te.placeholder((rows,), "int64", "ids")
+    W, S, Z = _placeholders(te, n, k, bits)
+
+    def value(i, c):
+        r = tirx.max(tirx.min(ids[i], tirx.const(n - 1, "int64")), tirx.const(0, "int64"))
+        return _weight_value(te, tirx, W, S, Z, bits, r, c // GROUP, (c % GROUP) // 16, c % 16)
+
+    Y = te.compute((rows, k), value, "qtake")
+    sch = s_tir.Schedule(te.create_prim_func([ids, W, S, Z, Y]))
+    i, c = sch.get_loops(sch.get_sblock("qtake"))
+    _, ci = sch.split(c, [None, 16])
+    sch.vectorize(ci)
+    return sch.mod["main"]
+
+
+@dataclasses.dataclass
+class Report:
+    matmuls: int = 0
+    embeddings: int = 0
+    float_bytes: int = 0  # what the quantized weights were, as float32
+    packed_bytes: int = 0
+
+
+def apply(mod, mode: str):
+    """(module, arrays, report): ``main``'s eligible weights quantized per ``mode`` ("q4", "q8"),
+    each a (packed, scale, zero) triple of parameters appended after the inputs, in the order of
+    ``arrays``. Raises UsageError when nothing in the model is eligible."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    check_mode(mode)
+    bits = MODES[mode]
+    report = Report()
+    func = mod["main"]
+
+    import tvm
+
+    def const_2d(e):
+        return isinstance(e, tvm.ir.expr.Constant) and len(e.value.shape) == 2 and str(e.value.dtype) == "float32"
+
+    # Embedding tables first: an output matmul whose weight is a table's transpose shares it.
+    tables = {}
+    def find_tables(e):  # noqa: E306
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.take" and const_2d(e.args[0]):
+            arr = e.args[0].value.numpy()
+            tables[_digest(arr)] = arr
+
+    relax.analysis.post_order_visit(func.body, find_tables)
+
+    @mutator
+    class Quantize(PyExprMutator):
+        def __init__(self, m):
+            super().__init__(m)
+            self.params, self.arrays, self.by_digest = [], [], {}
+
+        def weight(self, w: np.ndarray, wbits: int):
+            key = (_digest(w), wbits)
+            if key not in self.by_digest:
+                q = quantize(w, wbits)
+                i = len(self.by_digest)
+                vs = []
+                for name, arr in (("packed", q.packed), ("scale", q.scale), ("zero", q.zero)):
+                    v = relax.Var(f"q{i}_{name}", relax.TensorType(arr.shape, str(arr.dtype)))
+                    self.params.append(v)
+                    self.arrays.append(arr)
+                    vs.append(v)
+                self.by_digest[key] = vs
+                report.float_bytes += w.nbytes
+                report.packed_bytes += q.nbytes
+            return self.by_digest[key]
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            op = getattr(call.op, "name", "")
+            if op == "relax.matmul":
+                return self.matmul(call)
+            if op == "relax.take":
+                return self.take(call)
+            return call
+
+        def matmul(self, call):
+            x, w = call.args
+            if isinstance(w, relax.Call) and getattr(w.op, "name", "") == "relax.permute_dims" and const_2d(w.args[0]):
+                axes = w.attrs.axes
+                if axes is not None and [int(a) for a in axes] != [1, 0]:
+                    return call
+                wt = w.args[0].value.numpy()  # [N, K] already
+            elif const_2d(w):
+                wt = np.ascontiguousarray(w.value.numpy().T)
+            else:
+                return call
+            n, k = wt.shape
+            xs = _static_shape(x)
+            if xs is None or xs[-1] != k or k % GROUP or n * k < MIN_ELEMENTS or str(x.ty.dtype) != "float32":
+                return call
+            rows = int(np.prod(xs[:-1])) if len(xs) > 1 else 1
+            wbits = 8 if _digest(wt) in tables else bits
+            packed, scale, zero = self.weight(wt, wbits)
+            bb = self.builder_
+            flat = bb.normalize(relax.op.reshape(x, (rows, k)))
+            if rows <= GEMV_ROWS:
+                gv = bb.add_func(_scheduled(gemv_kernel(rows, n, k, wbits)), f"q{wbits}_gemv")
+                y = bb.emit(relax.call_tir(gv, [flat, packed, scale, zero], relax.TensorType((rows, n), "float32")))
+            else:
+                gv = bb.add_func(_scheduled(dequant_kernel(n, k, wbits)), f"q{wbits}_dequantize")
+                deq = bb.emit(relax.call_tir(gv, [packed, scale, zero], relax.TensorType((k, n), "float32")))
+                y = bb.emit(relax.op.matmul(flat, deq))
+            report.matmuls += 1
+            return relax.op.reshape(y, (*xs[:-1], n)) if len(xs) != 2 else y
+
+        def take(self, call):
+            table, ids = call.args
+            if not const_2d(table) or int(call.attrs.axis if call.attrs.axis is not None else 0) != 0:
+                return call
+            arr = table.value.numpy()
+            n, k = arr.shape
+            ishape = _static_shape(ids)
+            if ishape is None or k % GROUP or n * k < MIN_ELEMENTS or "int" not in str(ids.ty.dtype):
+                return call
+            rows = int(np.prod(ishape)) if ishape else 1
+            packed, scale, zero = self.weight(arr, 8)
+            bb = self.builder_
+            flat = bb.normalize(relax.op.reshape(relax.op.astype(ids, "int64"), (rows,)))
+            gv = bb.add_func(_scheduled(take_kernel(rows, n, k, 8)), "q8_take")
+            y = bb.emit(relax.call_tir(gv, [flat, packed, scale, zero], relax.TensorType((rows, k), "float32")))
+            report.embeddings += 1
+            return relax.op.reshape(y, (*ishape, k))
+
+    q = Quantize(mod)
+    body = q.visit_expr(func.body)
+    if not q.params:
+        raise UsageError(f"--weights {mode}: no matmul or embedding weight of {MIN_ELEMENTS} values or more "
+                         f"(with an inner size a multiple of {GROUP}) in the model; nothing to quantize")
+    out = q.builder_.get()
+    out["main"] = relax.Function(list(func.params) + q.params, body, func.ret_ty, func.is_pure, func.attrs)
+    return out, q.arrays, report
+
+
+def _scheduled(func):
+    # Opaque: FuseOps must not merge the kernel with its neighbours (that would drop the schedule).
+    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8).without_attr("global_symbol")
+
+
+def _static_shape(e) -> tuple[int, ...] | None:
+    shape = getattr(e.ty, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(str(arr.shape).encode() + np.ascontiguousarray(arr).tobytes()).hexdigest()
