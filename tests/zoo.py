@@ -1057,3 +1057,56 @@ if __name__ == "__main__":
     if failed:
         raise SystemExit(f"{len(failed)} model(s) failed: {failed}")
     print(f"all {len(NAMES)} models ok")
+
+
+def tiny_decoder(folder, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, ffn: int = 128,
+                 max_context: int = 48, seed: int = 0, tokenizer: bool = True):  # fmt: skip
+    """A small llama decoder as scripts/gguf_decoder.py writes SmolLM2's (same graph, static KV
+    cache, start/last inputs), random weights on the q4/q8 grids (`compile --weights q4` then
+    computes what onnxruntime does, up to rounding), 256 byte tokens + <|endoftext|> (id 256,
+    the stop token), and a byte-level tokenizer.json. Writes decoder.onnx, llm.json (and
+    tokenizer.json) into ``folder``; returns the model's path."""
+    import json
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here.parent / "scripts"))
+    import gguf_decoder
+
+    from tvm_hybrid.compiler import weightquant as wq
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    vocab = 257
+    hd = hidden // heads
+
+    def grid(shape, bits, std):
+        w = (rng.randn(*shape) * std).astype(np.float32)
+        return wq.dequantize(wq.quantize(w, bits))
+
+    w = {"token_embd.weight": grid((vocab, hidden), 8, 0.15), "output_norm.weight": 1 + 0.1 * rng.randn(hidden).astype(np.float32)}
+    for i in range(layers):
+        p = f"blk.{i}."
+        w[p + "attn_norm.weight"] = (1 + 0.1 * rng.randn(hidden)).astype(np.float32)
+        w[p + "ffn_norm.weight"] = (1 + 0.1 * rng.randn(hidden)).astype(np.float32)
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv_heads * hd, hidden)),
+                            ("attn_v", (kv_heads * hd, hidden)), ("attn_output", (hidden, hidden)),
+                            ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))):  # fmt: skip
+            w[p + name + ".weight"] = grid(shape, 4, 1.0 / np.sqrt(shape[1]))
+    cfg = {"layers": layers, "hidden": hidden, "ffn": ffn, "heads": heads, "kv_heads": kv_heads, "rope_base": 10000.0,
+           "eps": 1e-5, "vocab": vocab, "context_length": max_context, "name": "tiny-decoder"}  # fmt: skip
+    model = gguf_decoder.build_onnx(cfg, w, max_context)
+    onnx.save(model, str(folder / "decoder.onnx"))
+    llm = {"name": "tiny-decoder", "max_context": max_context, "layers": layers, "kv_heads": kv_heads, "head_dim": hd,
+           "vocab": vocab, "bos": None, "stop": [256], "chat_template": None}  # fmt: skip
+    (folder / "llm.json").write_text(json.dumps(llm))
+    if tokenizer:
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        tokens = sorted(ByteLevel.alphabet()) + ["<|endoftext|>"]
+        tok = {"tokens": tokens, "merges": [], "types": [1] * 256 + [3], "bos": None, "eos": 256, "model": "gpt2",
+               "chat_template": None}  # fmt: skip
+        (folder / "tokenizer.json").write_text(json.dumps(gguf_decoder.tokenizer_json(tok), ensure_ascii=False))
+    return folder / "decoder.onnx"

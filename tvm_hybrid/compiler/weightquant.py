@@ -30,7 +30,7 @@ from ..errors import UsageError
 GROUP = 32
 MODES = {"q4": 4, "q8": 8}
 #: Weights smaller than this stay float32 (norm scales, biases, small projections).
-MIN_ELEMENTS = 1 << 14
+MIN_ELEMENTS = 1 << 12
 #: Matmuls with at most this many rows use the fused GEMV kernel; more dequantize once per call.
 GEMV_ROWS = 8
 
@@ -120,10 +120,10 @@ def gemv_kernel(m: int, n: int, k: int, bits: int):
     sch.reorder(no, mi, nb)
     sch.parallel(no)
     sch.compute_at(rf, nb)
-    jr, gr, hr = sch.get_loops(rf)[-3:]
-    sch.reorder(gr, hr, jr)
+    jr, *red = sch.get_loops(rf)[3:]  # under (no, mi, nb): the lane, then groups and halves (unit loops dropped)
+    sch.reorder(*red, jr)
     sch.vectorize(jr)
-    sch.decompose_reduction(rf, gr)
+    sch.decompose_reduction(rf, red[0])
     return sch.mod["main"]
 
 

@@ -72,6 +72,10 @@ class Session:
         self.threads = resolve_threads(threads)  # before the artifact: a bad value costs nothing
         self._art: Artifact = open_artifact(artifact, verify_key)
         self.manifest = self._art.manifest
+        if self.manifest.decoder is not None:
+            self._art.close()
+            raise UsageError(f"{artifact} is a decoder artifact (compile --decoder): generate text with it "
+                             "(`tvm-hybrid generate`, runtime.Generator), not Session/run")  # fmt: skip
         self.inputs: list[TensorSpec] = self._art.inputs
         self.outputs: list[TensorSpec] = self._art.outputs
         self.trace: list[dict[str, Any]] = []
