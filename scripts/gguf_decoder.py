@@ -160,8 +160,13 @@ def build_onnx(cfg: dict, w: dict, max_context: int):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, [1, nkv, T, hd]))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, [1, nkv, T, hd]))
 
-    x = node("Gather", [embd, "input_ids"], axis=0)  # [1, S, H]
-    seq = node("Gather", [node("Shape", ["input_ids"]), const(np.int64(1))], axis=0)  # S (scalar)
+    # The residual stream entering layer i is named hidden.i (hidden.0: the embeddings; hidden.L:
+    # after the last layer): `compile --decoder` splits the model there (device layers | cloud
+    # layers). Everything positional derives from `start` and the stream's shape, so either half
+    # recomputes it from what crosses: one hidden row per token.
+    nodes.append(helper.make_node("Gather", [embd, "input_ids"], ["hidden.0"], name="hidden.0", axis=0))
+    x = "hidden.0"  # [1, S, H]
+    seq = node("Gather", [node("Shape", [x]), const(np.int64(1))], axis=0)  # S (scalar)
     ar_s = node("Range", [const(np.int64(0)), seq, const(np.int64(1))])  # [S]
     pos = node("Add", [ar_s, "start"])  # absolute positions [S]
     inv_freq = (1.0 / cfg["rope_base"] ** (np.arange(0, hd, 2, dtype=np.float64) / hd)).astype(np.float32)
@@ -215,11 +220,14 @@ def build_onnx(cfg: dict, w: dict, max_context: int):
         ctx = node("Reshape", [ctx, const(np.int64([1, nh, -1, hd]))])
         ctx = node("Reshape", [node("Transpose", [ctx], perm=[0, 2, 1, 3]), const(np.int64([1, -1, H]))])
         x = node("Add", [x, linear(ctx, weight(w[p + "attn_output.weight"].T, f"layers.{i}.o_proj"))])
+        h_in = x
         h = rmsnorm(x, weight(w[p + "ffn_norm.weight"], f"layers.{i}.ffn_norm"))
         gate = linear(h, weight(w[p + "ffn_gate.weight"].T, f"layers.{i}.gate_proj"))
         up = linear(h, weight(w[p + "ffn_up.weight"].T, f"layers.{i}.up_proj"))
         act = node("Mul", [node("Mul", [gate, node("Sigmoid", [gate])]), up])
-        x = node("Add", [x, linear(act, weight(w[p + "ffn_down.weight"].T, f"layers.{i}.down_proj"))])
+        down = linear(act, weight(w[p + "ffn_down.weight"].T, f"layers.{i}.down_proj"))
+        x = f"hidden.{i + 1}"
+        nodes.append(helper.make_node("Add", [h_in, down], [x], name=x))
 
     x = node("Gather", [x, "last"], axis=1)  # [1, 1, H]: only the token asked for
     x = rmsnorm(x, weight(w["output_norm.weight"], "norm.weight"))

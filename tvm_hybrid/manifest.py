@@ -375,7 +375,7 @@ def validate(m: Any, where: str = MANIFEST) -> None:
         _tensors(seg["inputs"], w)
         _tensors(seg["outputs"], w)
         unknown = [t["name"] for t in seg["inputs"] if t["name"] not in known]
-        if unknown and not serves_segments(m):
+        if unknown and not serves_segments(m) and "decoder" not in m:  # a decoder's segments are alternatives
             raise ArtifactError(
                 f"{w} reads {', '.join(map(repr, unknown[:5]))}, which neither the model inputs nor an earlier segment provide"
             )
@@ -414,12 +414,40 @@ def validate(m: Any, where: str = MANIFEST) -> None:
 
 
 def _decoder(m: dict[str, Any], where: str) -> None:
-    """A decoder names its decode and prefill segments (device, both reading the whole cache) and
-    the cache's input/output pairs, which every segment reads and writes."""
+    """A decoder names its decode and prefill segments (device, each reading and writing every
+    cache pair, and giving its result: logits, or the hidden row a split device half sends); a
+    split one its layer count, the cloud's endpoint and its fallback (the same, for the cloud
+    half built for the device); a cloud half its endpoint."""
     d = m["decoder"]
     w = f"{where}: decoder"
     if not isinstance(d, dict):
         raise ArtifactError(f"{w} must be an object")
+    _decoder_half(m, d, w)
+    if isinstance(d.get("max_context"), bool) or not isinstance(d.get("max_context"), int) or d["max_context"] < 1:
+        raise ArtifactError(f"{w}: max_context must be a positive integer")
+    if not isinstance(d.get("config", {}), dict):
+        raise ArtifactError(f"{w}: config must be an object")
+    tok = d.get("tokenizer")
+    if tok is not None and tok not in {f.get("path") for f in m["files"] if isinstance(f, dict)}:
+        raise ArtifactError(f"{w}: tokenizer {str(tok)[:100]!r} is not among the listed files")
+    split = d.get("split")
+    if split is not None:
+        if not isinstance(split, dict) or not isinstance(split.get("layers"), int) or not isinstance(split.get("hidden"), str):
+            raise ArtifactError(f"{w}: split must give layers and hidden")
+        _endpoint_doc(split.get("endpoint"), f"{w}: split")
+        if not isinstance(split.get("fallback"), dict):
+            raise ArtifactError(f"{w}: split.fallback must describe the cloud half's device build")
+        _decoder_half(m, split["fallback"], f"{w}: split.fallback")
+    if m.get("role") == "cloud":
+        _endpoint_doc(d.get("endpoint"), w)
+
+
+def _endpoint_doc(ep: Any, w: str) -> None:
+    if not (isinstance(ep, dict) and isinstance(ep.get("model"), str) and isinstance(ep.get("version"), str)):
+        raise ArtifactError(f"{w}: endpoint needs model and version")
+
+
+def _decoder_half(m: dict[str, Any], d: dict[str, Any], w: str) -> None:
     by_id = {s["id"]: s for s in m["segments"]}
     prefill = d.get("prefill")
     if not isinstance(prefill, list) or not prefill or not all(
@@ -430,23 +458,17 @@ def _decoder(m: dict[str, Any], where: str) -> None:
     for sid in ids:
         if isinstance(sid, bool) or not isinstance(sid, int) or sid not in by_id or by_id[sid]["placement"] != "device":
             raise ArtifactError(f"{w}: decode and prefill must name device segments")
-    if isinstance(d.get("max_context"), bool) or not isinstance(d.get("max_context"), int) or d["max_context"] < 1:
-        raise ArtifactError(f"{w}: max_context must be a positive integer")
     cache = d.get("cache")
     if not isinstance(cache, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
                                               for p in cache):  # fmt: skip
         raise ArtifactError(f"{w}: cache must be a list of [input, output] name pairs")
+    result = d.get("result", "logits")
     for sid in ids:
         seg = by_id[sid]
         ins, outs = {t["name"] for t in seg["inputs"]}, {t["name"] for t in seg["outputs"]}
         missing = [n for p in cache for n, have in ((p[0], ins), (p[1], outs)) if n not in have]
-        if missing or "logits" not in outs:
-            raise ArtifactError(f"{w}: segment {sid} lacks {', '.join((missing or ['logits'])[:3])}")
-    if not isinstance(d.get("config", {}), dict):
-        raise ArtifactError(f"{w}: config must be an object")
-    tok = d.get("tokenizer")
-    if tok is not None and tok not in {f.get("path") for f in m["files"] if isinstance(f, dict)}:
-        raise ArtifactError(f"{w}: tokenizer {str(tok)[:100]!r} is not among the listed files")
+        if missing or result not in outs:
+            raise ArtifactError(f"{w}: segment {sid} lacks {', '.join((missing or [str(result)])[:3])}")
 
 
 def _cuts(m: dict[str, Any], where: str) -> None:

@@ -40,10 +40,13 @@ log = logging.getLogger("tvm_hybrid.cli")
                    "(q4: 4-bit, embeddings 8-bit; default q4), or fp32.")
 @click.option("--chunk", default="16,128", show_default=True,
               help="With --decoder: prefill chunk sizes in tokens (comma-separated).")
+@click.option("--split-layers", type=click.IntRange(min=1), default=None, metavar="K",
+              help="With --decoder: the device runs the embeddings and layers 0..K-1, the cloud the rest "
+                   "(default: as many layers as --memory holds; all when the model fits).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON summary on stdout.")
 def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_logs: str | None,
             no_tuning_logs: bool, precision: str, adaptive: bool, max_cuts: int, decoder: bool,
-            weight_mode: str | None, chunk: str, as_json: bool, **kw) -> None:  # fmt: skip
+            weight_mode: str | None, chunk: str, split_layers: int | None, as_json: bool, **kw) -> None:  # fmt: skip
     """Compile an ONNX model into one artifact per target: OUT/<target>/ (and OUT/<cloud>/ when
     the plan sends segments to the cloud).
 
@@ -63,11 +66,12 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_lo
         raise UsageError(f"--tuning-logs {tuning_logs} is not a directory (tune into it with `tvm-hybrid tune --logs`)")
     logs = None if no_tuning_logs else Path(tuning_logs) if tuning_logs else default_logs_dir()
     if decoder:
-        summaries = _compile_decoder(model, targets, inputs, output, logs, precision, adaptive, weight_mode, chunk, kw)
+        summaries = _compile_decoder(model, targets, inputs, output, logs, precision, adaptive, weight_mode, chunk,
+                                     split_layers, kw)  # fmt: skip
     else:
-        if weight_mode is not None:
-            raise UsageError("--weights applies to --decoder builds; to shrink other models, "
-                             "`tvm-hybrid quantize` them to int8")  # fmt: skip
+        if weight_mode is not None or split_layers is not None:
+            raise UsageError(f"{'--weights' if weight_mode else '--split-layers'} applies to --decoder builds"
+                             + ("; to shrink other models, `tvm-hybrid quantize` them to int8" if weight_mode else ""))  # fmt: skip
         summaries = _compile(model, targets, inputs, output, logs, precision, adaptive, max_cuts, kw)
     if as_json:
         emit_json({"model": model, "artifacts": [s.to_dict() for s in summaries]})
@@ -78,21 +82,27 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_lo
                    f"{s.kernels['tuned']} kernels tuned, {s.kernels['default']} default")  # fmt: skip
 
 
-def _compile_decoder(model, targets, inputs, output, logs, precision, adaptive, weight_mode, chunk, kw):
+def _compile_decoder(model, targets, inputs, output, logs, precision, adaptive, weight_mode, chunk, split_layers, kw):
+    from ..compiler import plan as planner
     from ..compiler.decoder import compile_decoder
     from ..errors import UsageError
 
     used = [flag for flag, on in (("--input", inputs), ("--precision fp16", precision != "fp32"), ("--adaptive", adaptive),
-                                  ("--memory", kw.get("memory")), ("--bandwidth", kw.get("bandwidth"))) if on]  # fmt: skip
+                                  ("--bandwidth", kw.get("bandwidth")), ("--rtt", kw.get("rtt"))) if on]  # fmt: skip
     if used:
-        raise UsageError(f"{', '.join(used)} do not apply to --decoder builds (the decoder runs on the device; "
-                         "the sequence length is the chunk's)")  # fmt: skip
+        raise UsageError(f"{', '.join(used)} do not apply to --decoder builds (the sequence length is the chunk's; "
+                         "a decoder splits by --memory or --split-layers)")  # fmt: skip
+    if len(targets) > 1 and (kw.get("memory") or split_layers):
+        raise UsageError("a split decoder is compiled for one --target at a time")
     try:
         chunks = tuple(int(c) for c in chunk.split(",") if c.strip())
     except ValueError:
         raise UsageError(f"--chunk {chunk!r}: comma-separated token counts, like 16,128") from None
     mode = None if weight_mode == "fp32" else (weight_mode or "q4")
-    return [compile_decoder(Path(model), t, Path(output), chunks, mode, logs) for t in targets]
+    memory = planner.parse_size(kw["memory"]) if kw.get("memory") else None
+    cloud = None if (kw.get("cloud") or "").lower() == "none" else kw.get("cloud")
+    return [s for t in targets
+            for s in compile_decoder(Path(model), t, Path(output), chunks, mode, logs, memory, split_layers, cloud)]
 
 
 def _compile(model, targets, inputs, output, logs, precision, adaptive, max_cuts, kw):

@@ -50,10 +50,15 @@ def _size(ctx, param, value: str) -> int:
               help="Inferences queued or running beyond which requests get 503  [default: 32 per worker].")
 @click.option("--access-log", default="-", show_default=True, metavar="PATH",
               help="One JSON line per request: '-' for stderr, a file path, or 'off'.")
+@click.option("--max-sequences", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Split decoders: sequences whose KV cache is kept at once (a new one beyond is refused, 429).")
+@click.option("--sequence-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              help="Split decoders: seconds a sequence may stay idle before its cache is dropped.")
 @click.option("--graceful-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM/SIGINT, seconds that in-flight requests get to finish.")
 def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | None, workers: int | None,
-            threads: int | None, max_request_size: int, max_queue: int | None, access_log: str, graceful_timeout: float) -> None:  # fmt: skip
+            threads: int | None, max_request_size: int, max_queue: int | None, access_log: str, max_sequences: int,
+            sequence_timeout: float, graceful_timeout: float) -> None:  # fmt: skip
     """Serve cloud artifacts' segments over the KServe v2 protocol (any v2 client works).
 
     \b
@@ -79,7 +84,8 @@ def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | 
 
     token = read_token(token_file)
     _setup_access_log(access_log)
-    registry = Registry(list(artifacts), workers=workers, threads=threads)
+    registry = Registry(list(artifacts), workers=workers, threads=threads, max_sequences=max_sequences,
+                        sequence_timeout=sequence_timeout)  # fmt: skip
     app = create_app(registry, token, max_request_bytes=max_request_size, max_queue=max_queue)
     names = ", ".join(f"{n}/{v}" for n, vs in sorted(registry.models.items()) for v in sorted(vs))
     click.echo(f"tvm-hybrid: serving {names} on http://{host}:{port} ({workers} workers x {threads} thread{'s' if threads > 1 else ''})", err=True)

@@ -281,12 +281,13 @@ def _replace_dir(stage: Path, final: Path) -> None:
 
 def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, root: Path, stem: str,
                     tuning: tuning_log.TuningLog | None = None, precision: str = "fp32",
-                    weights: WeightStore | None = None, weight_mode: str | None = None) -> backends.CompiledSegment:  # fmt: skip
+                    weights: WeightStore | None = None, weight_mode: str | None = None,
+                    tied: frozenset = frozenset()) -> backends.CompiledSegment:  # fmt: skip
     """ONNX (sub-)model, prepared for the profile's backend → Relax → optimized (with the target's
     tuning log) → ``root/segments/<stem>.*`` in the backend's segment format. With ``weights``,
     the large constants go there instead of into the library (``c.weight_keys``, in order).
     ``weight_mode`` ("q4", "q8"; needs ``weights``): matmul and embedding weights quantized per
-    group and kept packed (``weightquant``)."""
+    group and kept packed (``weightquant``; ``tied``: its ``embedding_digests``)."""
     log.info("building %s for %s", imported.name, profile.name)
     backend = backends.for_profile(profile)
     backend.check_segment(imported, profile)
@@ -298,7 +299,7 @@ def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, ro
         if not backend.cpu:
             raise UnsupportedError(f"--weights {weight_mode}: quantized-weight kernels exist for CPU targets only, "
                                    f"not {profile.name}")  # fmt: skip
-        mod, packed, report = weightquant.apply(mod, weight_mode)
+        mod, packed, report = weightquant.apply(mod, weight_mode, tied)
         log.info("%s: %d matmuls and %d embeddings quantized (%s): %.1f MB of float32 weights in %.1f MB",
                  imported.name, report.matmuls, report.embeddings, weight_mode, report.float_bytes / 1e6,
                  report.packed_bytes / 1e6)  # fmt: skip

@@ -175,10 +175,12 @@ class Report:
     packed_bytes: int = 0
 
 
-def apply(mod, mode: str):
+def apply(mod, mode: str, tied: frozenset[str] = frozenset()):
     """(module, arrays, report): ``main``'s eligible weights quantized per ``mode`` ("q4", "q8"),
     each a (packed, scale, zero) triple of parameters appended after the inputs, in the order of
-    ``arrays``. Raises UsageError when nothing in the model is eligible."""
+    ``arrays``. ``tied``: digests (``digest``) of embedding tables of the whole model, so an
+    output layer tied to one is kept at 8 bits even when the table is in another part of a
+    split model. Raises UsageError when nothing in the model is eligible."""
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -248,7 +250,7 @@ def apply(mod, mode: str):
             if xs is None or xs[-1] != k or k % GROUP or n * k < MIN_ELEMENTS or str(x.ty.dtype) != "float32":
                 return call
             rows = int(np.prod(xs[:-1])) if len(xs) > 1 else 1
-            wbits = 8 if _digest(wt) in tables else bits
+            wbits = 8 if (d := _digest(wt)) in tables or d in tied else bits
             packed, scale, zero = self.weight(wt, wbits)
             bb = self.builder_
             flat = bb.normalize(relax.op.reshape(x, (rows, k)))
@@ -303,6 +305,24 @@ def _static_shape(e) -> tuple[int, ...] | None:
         return tuple(int(d) for d in shape)
     except (TypeError, ValueError):
         return None
+
+
+def embedding_digests(model) -> frozenset[str]:
+    """The digests of an ONNX model's embedding tables (2-D float initializers a Gather reads)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    out = set()
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input and node.input[0] in inits:
+            t = inits[node.input[0]]
+            if len(t.dims) == 2 and t.data_type == 1:
+                out.add(_digest(numpy_helper.to_array(t).astype(np.float32)))
+    return frozenset(out)
+
+
+def digest(arr: np.ndarray) -> str:
+    return _digest(arr)
 
 
 def _digest(arr: np.ndarray) -> str:

@@ -161,8 +161,10 @@ class CloudClient:
     def timeout(self) -> float:
         return self.policy.budget
 
-    def infer(self, model: str, version: str, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        """Run a served segment; returns its outputs and the bytes sent.
+    def infer(self, model: str, version: str, feeds: dict[str, np.ndarray],
+              parameters: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], int]:  # fmt: skip
+        """Run a served segment; returns its outputs and the bytes sent. ``parameters``: request
+        parameters beside the binary-output one (a decoder's sequence_id, sequence_start …).
 
         Raises CloudUnavailable when the cloud cannot answer within the budget (or the breaker is
         open), RuntimeFailure when it answers with an error."""
@@ -171,7 +173,7 @@ class CloudClient:
         if wait is not None:
             raise CloudUnavailable(f"cloud at {self.url} is skipped after repeated failures (circuit breaker open, "
                                    f"next try in {wait:.1f} s)")  # fmt: skip
-        body, headers = encode(feeds, binary=True, parameters={"binary_data_output": True})
+        body, headers = encode(feeds, binary=True, parameters={"binary_data_output": True, **(parameters or {})})
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         path = f"{self._prefix}/v2/models/{model}/versions/{wire_version(version)}/infer"

@@ -1,4 +1,5 @@
-"""Text generation with a decoder artifact (``compile --decoder``): KV cache, sampling, streaming.
+"""Text generation with a decoder artifact (``compile --decoder``): KV cache, sampling, streaming,
+and split decoding with the cloud.
 
     from tvm_hybrid.runtime import Generator
     gen = Generator("dist/smollm2/x86-64-avx512-vnni")
@@ -9,11 +10,21 @@
 
 The KV cache lives in TVM tensors on the device between calls: each call's present_* outputs
 are the next call's past_* inputs as they are (never copied to numpy). The prompt runs through
-the prefill segment a chunk at a time (the last chunk padded; its padded rows are overwritten
-by the next tokens before any query can see them), then one token a call through the decode
+a prefill segment a chunk at a time (the last chunk padded; its padded rows are overwritten by
+the next tokens before any query can see them), then one token a call through the decode
 segment. Greedy by default; ``temperature`` > 0 samples, after ``top_k`` and ``top_p``
-(nucleus) filtering, from a seeded generator. Generation stops at a stop token (the model's
-EOS and chat end tokens, or ``stop``), at ``max_tokens``, or when the cache is full.
+(nucleus) filtering, from a seeded generator. Generation stops at a stop token (the model's EOS
+and chat end tokens, or ``stop``), at ``max_tokens``, or when the cache is full.
+
+A split artifact (``compile --decoder --memory …``) runs the embeddings and its first layers
+here and sends each call's hidden rows (one per token) to ``serve`` at ``cloud_url``, which runs
+the other layers with a KV cache of its own kept per sequence (KServe v2 request parameters
+``sequence_id``, ``sequence_start``, ``sequence_end``, as Triton's sequence batching names
+them) and answers with the logits — only the ``top_logits`` best when sampling needs no more
+(greedy: 1; top-k: k). The prompt's tokens never leave the device. If the cloud fails
+(``fallback="auto"``), the device loads its own build of the cloud's layers, rebuilds their
+cache from the hidden rows it sent, and goes on: same tokens, no restart.
+
 Only the TVM runtime and numpy are needed; text in and out needs the ``tokenizers`` package.
 """
 
@@ -21,8 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -32,10 +44,13 @@ from .artifact import open_artifact
 from .threads import resolve as resolve_threads
 from .threads import use as use_threads
 
+#: Request parameters of a sequence (Triton's sequence-batching names), and the top-logits ask.
+SEQUENCE_ID, SEQUENCE_START, SEQUENCE_END, TOP_LOGITS = "sequence_id", "sequence_start", "sequence_end", "top_logits"
+
 
 @dataclasses.dataclass
 class Generation:
-    """One generate() call: the continuation and how long each phase took."""
+    """One generate() call: the continuation, how long each phase took and, split, what crossed."""
 
     text: str
     tokens: list[int]
@@ -43,6 +58,9 @@ class Generation:
     stop_reason: str  # "stop" (a stop token), "length" (max_tokens), "context" (cache full)
     prefill_ms: float
     decode_ms: float  # all decode steps together
+    #: Split decoding: {"calls", "bytes_up", "bytes_down", "ms", "bytes_up_per_token", …,
+    #: "fallback": None or why the device took over}; None when the artifact is not split.
+    cloud: dict[str, Any] | None = None
 
     @property
     def decode_ms_per_token(self) -> float | None:
@@ -61,66 +79,141 @@ class Generation:
         return d
 
 
-class Generator:
-    """A decoder artifact loaded once: its two segments share one copy of the weights."""
+class DecoderHalf:
+    """The segments of one decoder (or one half of a split one) loaded as VM functions: ``run``
+    takes the stream (token ids, or hidden rows) and a cache, returns the result and the new
+    cache. Holds no sequence state, so one instance serves many sequences (``serve``)."""
 
-    def __init__(self, artifact: str | Path, threads: int | None = None, verify_key=None):
-        self._artifact = open_artifact(artifact, verify_key)
-        m = self._artifact.manifest
-        if m.decoder is None:
-            raise UsageError(f"{artifact} is not a decoder artifact (compile one with `tvm-hybrid compile MODEL "
-                             "--decoder`); run other models with `tvm-hybrid run` or Session")  # fmt: skip
-        from ..hostcpu import check_native
-
-        check_native(m.target, f"decoder artifact {artifact}")
-        self.config = dict(m.decoder.get("config") or {})
-        self.chunks = sorted(int(p["tokens"]) for p in m.decoder["prefill"])
-        self.max_context = int(m.decoder["max_context"])
-        self.cache_pairs = [tuple(p) for p in m.decoder["cache"]]
-        self.threads = threads if threads is not None else resolve_threads(None)
-        tvm = tvm_runtime()
+    def __init__(self, tvm, device, root: Path, doc: dict[str, Any], segments: dict, weights: dict):
         from tvm.runtime.vm import VirtualMachine
 
         from .executors import _loadable
 
-        self._tvm = tvm
-        self.device = tvm.cpu(0)
-        root = self._artifact.root
-        by_id = {s.id: s for s in m.segments}
-        weights: dict[str, object] = {}
-        self._segs = {}
-        roles = [("decode", m.decoder["decode"])] + [(p["tokens"], p["segment"]) for p in m.decoder["prefill"]]
-        for role, sid in roles:
-            seg = by_id[sid]
+        self.tvm, self.device = tvm, device
+        self.cache_pairs = [tuple(p) for p in doc["cache"]]
+        self.stream = doc.get("stream", "input_ids")
+        self.result = doc.get("result", "logits")
+        self.chunks = sorted(int(p["tokens"]) for p in doc["prefill"])
+        self._segs: dict[Any, tuple] = {}
+        roles = [(1, doc["decode"])] + [(int(p["tokens"]), p["segment"]) for p in doc["prefill"]]
+        for n, sid in roles:
+            seg = segments[sid]
             try:
-                vm = VirtualMachine(tvm.runtime.load_module(str(_loadable(root / seg.library))), self.device)
+                vm = VirtualMachine(tvm.runtime.load_module(str(_loadable(root / seg.library))), device)
             except Exception as e:
                 raise RuntimeFailure(f"cannot load {seg.library}: {one_line(e, last=True)}") from e
             keys = (seg.weights or {}).get("keys") or []
-            if keys and not weights:
+            if keys and seg.weights["file"] not in weights:
                 with np.load(root / seg.weights["file"], allow_pickle=False) as z:
-                    for k in z.files:
-                        weights[k] = tvm.runtime.tensor(z[k], self.device)
-            self._segs[role] = (vm["main"], [t.name for t in seg.inputs], [t.name for t in seg.outputs],
-                                [weights[k] for k in keys])  # fmt: skip
-        spec = {t.name: t for t in by_id[m.decoder["decode"]].inputs}
-        self._cache_shape = tuple(spec[self.cache_pairs[0][0]].shape)
-        self._zeros = np.zeros(self._cache_shape, np.float32)
+                    weights[seg.weights["file"]] = {k: tvm.runtime.tensor(z[k], device) for k in z.files}
+            w = weights.get((seg.weights or {}).get("file"), {})
+            self._segs[n] = (vm["main"], [t.name for t in seg.inputs], [t.name for t in seg.outputs], [w[k] for k in keys])
+        spec = {t.name: t for t in segments[doc["decode"]].inputs}
+        self.cache_shape = tuple(spec[self.cache_pairs[0][0]].shape)
+        self.row_shape = tuple(spec[self.stream].shape[2:])  # () for token ids, (hidden,) for rows
+
+    def empty_cache(self) -> dict[str, Any]:
+        zeros = np.zeros(self.cache_shape, np.float32)
+        return {past: self.tvm.runtime.tensor(zeros, self.device) for past, _ in self.cache_pairs}
+
+    def run(self, n: int, stream: np.ndarray, start: int, last: int, cache: dict[str, Any]):
+        """Segment ``n`` (1: decode, else a prefill chunk) on ``stream`` (its first dims [1, ≤n],
+        padded here) from position ``start``: (result as numpy, the new cache)."""
+        tvm = self.tvm
+        fn, in_names, out_names, weights = self._segs[n]
+        padded = np.zeros((1, n, *self.row_shape), stream.dtype)
+        padded[:, : stream.shape[1]] = stream
+        small = {self.stream: padded, "start": np.array([start], np.int64), "last": np.array([last], np.int64)}
+        args = [cache[name] if name in cache else tvm.runtime.tensor(small[name], self.device) for name in in_names]
+        outs = fn(*args, *weights)
+        outs = [outs] if len(out_names) == 1 else list(outs)
+        by_name = dict(zip(out_names, outs))
+        new = {past: by_name[present] for past, present in self.cache_pairs}
+        return by_name[self.result].numpy(), new
+
+
+class Generator:
+    """A decoder artifact loaded once: its segments share one copy of the weights."""
+
+    def __init__(self, artifact: str | Path, threads: int | None = None, verify_key=None, cloud_url: str | None = None,
+                 token: str | None = None, timeout: float = 30.0, fallback: str = "auto"):  # fmt: skip
+        if fallback not in ("auto", "off"):
+            raise UsageError(f"fallback must be auto or off for a decoder, not {fallback!r}")
+        self._artifact = open_artifact(artifact, verify_key)
+        m = self._artifact.manifest
+        if m.decoder is None:
+            self._artifact.close()
+            raise UsageError(f"{artifact} is not a decoder artifact (compile one with `tvm-hybrid compile MODEL "
+                             "--decoder`); run other models with `tvm-hybrid run` or Session")  # fmt: skip
+        if m.role == "cloud":
+            self._artifact.close()
+            raise UsageError(f"{artifact} is the cloud half of a split decoder: serve it (`tvm-hybrid serve`)")
+        from ..hostcpu import check_native
+
+        check_native(m.target, f"decoder artifact {artifact}")
+        self.config = dict(m.decoder.get("config") or {})
+        self.max_context = int(m.decoder["max_context"])
+        self.threads = threads if threads is not None else resolve_threads(None)
+        self.fallback = fallback
+        self._tvm = tvm_runtime()
+        self.device = self._tvm.cpu(0)
+        self._by_id = {s.id: s for s in m.segments}
+        self._weights: dict = {}
+        self.local = DecoderHalf(self._tvm, self.device, self._artifact.root, m.decoder, self._by_id, self._weights)
+        self.chunks = self.local.chunks
+        self.cache_pairs = self.local.cache_pairs
+        self.split = m.decoder.get("split")
+        self._cloud = None
+        self._rest: DecoderHalf | None = None  # the cloud half on the device (fallback), loaded when needed
+        if self.split is not None:
+            if cloud_url is None and fallback == "off":
+                raise UsageError(f"{artifact} runs layers {self.split['layers']}..{self.split['of'] - 1} in the cloud: "
+                                 "give --cloud-url (or let the device run them: fallback auto)")  # fmt: skip
+            if cloud_url is not None:
+                from .cloud import CloudClient
+
+                self._cloud = CloudClient(cloud_url, token, timeout)
         self._tokenizer = None
-        if m.decoder.get("tokenizer"):
-            self._tokenizer_path = root / m.decoder["tokenizer"]
-        else:
-            self._tokenizer_path = None
+        tok = m.decoder.get("tokenizer")
+        self._tokenizer_path = self._artifact.root / tok if tok else None
+        self.trace: list[dict[str, Any]] = []
         self.reset()
 
     # -- state ------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the sequence: an empty cache, position 0."""
-        self._cache = {past: self._tvm.runtime.tensor(self._zeros, self.device) for past, _ in self.cache_pairs}
+        """Forget the sequence: empty caches, position 0 (a split one starts a new cloud sequence)."""
+        self._end_sequence()
+        self._cache = self.local.empty_cache()
         self.position = 0
+        self._sequence = uuid.uuid4().hex
+        self._started = False
+        self._rows: list[np.ndarray] = []  # split: the hidden rows sent, one per position
+        self._rest_cache = None
+        self._fell_back: str | None = None
+        self._stats = {"calls": 0, "bytes_up": 0, "bytes_down": 0, "ms": 0.0}
 
     def close(self) -> None:
+        self._end_sequence()
+        if self._cloud is not None:
+            self._cloud.close()
         self._artifact.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _end_sequence(self) -> None:
+        """Tell the cloud the sequence is over (it frees that cache now rather than at expiry)."""
+        if self._cloud is None or not getattr(self, "_started", False) or self._fell_back:
+            return
+        ep = self.split["endpoint"]
+        try:
+            self._cloud.infer(ep["model"], ep["version"], {}, {SEQUENCE_ID: self._sequence, SEQUENCE_END: True})
+        except RuntimeFailure:
+            pass  # it expires there anyway
+        self._started = False
 
     # -- tokens -----------------------------------------------------------------------------
     @property
@@ -153,25 +246,71 @@ class Generator:
                 "<|im_start|>assistant\n")
 
     # -- model calls ------------------------------------------------------------------------
-    def _call(self, role, ids: list[int], last: int) -> np.ndarray:
-        """Run ``ids`` through segment ``role`` ("decode", or a prefill chunk's size) at the position."""
-        tvm = self._tvm
-        fn, in_names, out_names, weights = self._segs[role]
-        n = 1 if role == "decode" else role
-        padded = np.zeros((1, n), np.int64)
-        padded[0, : len(ids)] = ids
-        small = {"input_ids": padded, "start": np.array([self.position], np.int64), "last": np.array([last], np.int64)}
-        args = [self._cache[name] if name in self._cache else tvm.runtime.tensor(small[name], self.device)
-                for name in in_names]  # fmt: skip
+    def _call(self, n: int, ids: list[int], top: int | None = None) -> np.ndarray:
+        """Run ``ids`` (at most ``n``) through segment ``n`` at the position; the last one's logits."""
         use_threads(self.threads)
-        outs = fn(*args, *weights)
-        outs = [outs] if len(out_names) == 1 else list(outs)
-        by_name = dict(zip(out_names, outs))
-        for past, present in self.cache_pairs:
-            self._cache[past] = by_name[present]
-        return by_name["logits"].numpy()[0]
+        t0 = time.perf_counter()
+        out, self._cache = self.local.run(n, np.array([ids], np.int64), self.position, len(ids) - 1, self._cache)
+        entry = {"tokens": len(ids), "device_ms": (time.perf_counter() - t0) * 1e3}
+        if self.split is not None:
+            rows = out[:, : len(ids)]
+            out = self._rest_call(n, rows, top, entry)
+            self._rows.append(rows[0])
+        self.trace.append(entry)
+        del self.trace[:-256]
+        return out[0]
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
+    def _rest_call(self, n: int, rows: np.ndarray, top: int | None, entry: dict) -> np.ndarray:
+        """The layers after the split on ``rows``: in the cloud, or (fallen back) here."""
+        if self._fell_back is None and self._cloud is not None:
+            ep = self.split["endpoint"]
+            params = {SEQUENCE_ID: self._sequence, **({SEQUENCE_START: True} if not self._started else {}),
+                      **({TOP_LOGITS: top} if top else {})}  # fmt: skip
+            padded = np.zeros((1, n, rows.shape[2]), np.float32)
+            padded[:, : rows.shape[1]] = rows
+            feeds = {self.split["hidden"]: padded, "start": np.array([self.position], np.int64),
+                     "last": np.array([rows.shape[1] - 1], np.int64)}  # fmt: skip
+            try:
+                outs, sent = self._cloud.infer(ep["model"], ep["version"], feeds, params)
+            except RuntimeFailure as e:
+                if self.fallback == "off":
+                    raise
+                self._fell_back = one_line(e, 300)
+            else:
+                self._started = True
+                ex = self._cloud.last_exchange
+                self._stats["calls"] += 1
+                self._stats["bytes_up"] += sent
+                self._stats["bytes_down"] += ex.bytes_down if ex else 0
+                self._stats["ms"] += ex.ms if ex else 0.0
+                entry.update(where="cloud", bytes_up=sent, bytes_down=ex.bytes_down if ex else None,
+                             cloud_ms=ex.ms if ex else None)  # fmt: skip
+                return _logits(outs, self.config.get("vocab"))
+        elif self._fell_back is None:
+            self._fell_back = "no cloud URL given"
+        return self._local_rest(n, rows, entry)
+
+    def _local_rest(self, n: int, rows: np.ndarray, entry: dict) -> np.ndarray:
+        if self._rest is None:
+            self._rest = DecoderHalf(self._tvm, self.device, self._artifact.root, self.split["fallback"], self._by_id,
+                                     self._weights)  # fmt: skip
+        if self._rest_cache is None:  # rebuild the cloud half's cache from the rows it was sent
+            self._rest_cache = self._rest.empty_cache()
+            history = np.concatenate(self._rows)[None] if self._rows else None
+            pos = 0
+            while history is not None and pos < history.shape[1]:
+                part = history[:, pos : pos + self._rest.chunks[-1]]
+                m = next((c for c in self._rest.chunks if c >= part.shape[1]), self._rest.chunks[-1])
+                m = 1 if part.shape[1] == 1 else m
+                _, self._rest_cache = self._rest.run(m, part, pos, part.shape[1] - 1, self._rest_cache)
+                pos += part.shape[1]
+            entry["fallback"] = self._fell_back
+        t0 = time.perf_counter()
+        out, self._rest_cache = self._rest.run(n, rows, self.position, rows.shape[1] - 1, self._rest_cache)
+        entry.update(where="device-fallback", fallback_ms=(time.perf_counter() - t0) * 1e3)
+        return out
+
+    def prefill(self, ids: list[int], top: int | None = None) -> np.ndarray:
         """Run ``ids`` from the current position; returns the last token's logits."""
         if not ids:
             raise UsageError("nothing to prefill: the prompt has no tokens")
@@ -188,17 +327,17 @@ class Generator:
             i += len(part)
             if len(part) == 1 or self.position + chunk > self.max_context:
                 for t in part:  # one token, or the padded chunk would not fit the cache: token by token
-                    logits = self.step(t)
+                    logits = self.step(t, top)
                 continue
-            logits = self._call(chunk, part, len(part) - 1)
+            logits = self._call(chunk, part, top)
             self.position += len(part)
         return logits
 
-    def step(self, token: int) -> np.ndarray:
+    def step(self, token: int, top: int | None = None) -> np.ndarray:
         """Feed one token; returns the next token's logits."""
         if self.position >= self.max_context:
             raise UsageError(f"the cache is full ({self.max_context} tokens)")
-        logits = self._call("decode", [int(token)], 0)
+        logits = self._call(1, [int(token)], top)
         self.position += 1
         return logits
 
@@ -228,10 +367,12 @@ class Generator:
         text_mode = isinstance(prompt, str)
         ids = self.encode(prompt) if text_mode else [int(t) for t in prompt]
         stops = set(stop if stop is not None else self.config.get("stop") or [])
+        # What the cloud returns of the logits (split): all of them only when sampling needs all.
+        top = 1 if temperature == 0 else (top_k if top_k else None)
         rng = np.random.default_rng(seed)
         self.reset()
         t0 = time.perf_counter()
-        logits = self.prefill(ids)
+        logits = self.prefill(ids, top)
         prefill_ms = (time.perf_counter() - t0) * 1e3
         out: list[int] = []
         emitted = ""
@@ -256,12 +397,33 @@ class Generator:
                 reason = "context"
                 break
             t1 = time.perf_counter()
-            logits = self.step(token)
+            logits = self.step(token, top)
             decode_ms += (time.perf_counter() - t1) * 1e3
         text = self.decode(out) if text_mode else ""
         if text_mode and len(text) > len(emitted):
             yield text[len(emitted):]
-        result["generation"] = Generation(text, out, len(ids), reason, round(prefill_ms, 3), round(decode_ms, 3))
+        cloud = None
+        if self.split is not None:
+            st = self._stats
+            per = max(self.position, 1)
+            cloud = {**st, "ms": round(st["ms"], 3), "layers_on_device": self.split["layers"], "layers": self.split["of"],
+                     "bytes_up_per_token": round(st["bytes_up"] / per, 1), "bytes_down_per_token": round(st["bytes_down"] / per, 1),
+                     "fallback": self._fell_back}  # fmt: skip
+        self._end_sequence()
+        result["generation"] = Generation(text, out, len(ids), reason, round(prefill_ms, 3), round(decode_ms, 3), cloud)
+
+
+def _logits(outs: dict[str, np.ndarray], vocab: int | None) -> np.ndarray:
+    """[1, vocab] logits from a cloud reply: whole, or its top ones (ids and values) spread over
+    a vector of -inf (what sampling among the top k sees)."""
+    if "logits" in outs:
+        return outs["logits"]
+    ids, vals = outs.get("top_ids"), outs.get("top_logits")
+    if ids is None or vals is None or vocab is None:
+        raise RuntimeFailure("the cloud's decoder reply has neither logits nor top_ids/top_logits")
+    full = np.full((1, int(vocab)), -np.inf, np.float32)
+    full[0, ids[0].astype(np.int64)] = vals[0]
+    return full
 
 
 def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -275,6 +437,7 @@ def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: 
     order = np.argsort(-logits)
     if top_k:
         order = order[:top_k]
+    order = order[np.isfinite(logits[order])]
     z = logits[order] / temperature
     p = np.exp(z - z.max())
     p /= p.sum()

@@ -72,7 +72,8 @@ class ServedModel:
 class Registry:
     """Every servable segment of the given cloud artifacts, by name and version."""
 
-    def __init__(self, artifacts: list[str | Path], workers: int = 1, threads: int | None = None):
+    def __init__(self, artifacts: list[str | Path], workers: int = 1, threads: int | None = None,
+                 max_sequences: int = 16, sequence_timeout: float = 300.0):  # fmt: skip
         if workers < 1:
             raise UsageError(f"--workers must be at least 1, got {workers}")
         self.workers = workers
@@ -83,6 +84,18 @@ class Registry:
         for path in artifacts:
             art = open_artifact(path)
             self._arts.append(art)
+            if art.manifest.decoder is not None:
+                if art.manifest.role != "cloud":
+                    raise ArtifactError(f"{path} is a device decoder artifact; serve its cloud half (OUT/cloud-x86)")
+                from .decoder import ServedDecoder
+
+                sd = ServedDecoder(art, workers, self.threads, max_sequences, sequence_timeout)
+                self.models.setdefault(sd.name, {})[sd.version] = sd
+                for v in sd.versions:
+                    self._aliases[(sd.name, v)] = sd.version
+                log.info("serving decoder %s version %s from %s (%d sequences at most)", sd.name, sd.version, path,
+                         max_sequences)  # fmt: skip
+                continue
             for seg in art.manifest.segments:
                 ep = seg.endpoint
                 if ep is None or seg.library is None:
@@ -291,11 +304,24 @@ def create_app(registry: Registry, token: str | None = None, *, max_request_byte
             return error(400, "client went away before sending the whole body")
         if isinstance(body, Response):
             return body
+        stateful = getattr(model, "stateful", False)
         try:
             n_max = max(int(np.prod(s.shape, dtype=np.int64)) for s in model.inputs)
+            if stateful:  # a prefill chunk's rows are the largest input
+                n_max = max(n_max, max(model.chunks) * int(np.prod(model.inputs[0].shape[2:], dtype=np.int64)))
             doc, feeds = decode(body, request.headers.get(HEADER_LENGTH.lower()), max_elements=max(n_max, 1))
-            _check(model, feeds)
-            wanted = _requested_outputs(doc, model)
+            params = doc.get("parameters") or {}
+            if stateful:
+                from .decoder import SequenceError
+
+                try:
+                    model.check(feeds, params if isinstance(params, dict) else {})
+                except SequenceError as e:
+                    return error(e.status, str(e))
+                wanted = None
+            else:
+                _check(model, feeds)
+                wanted = _requested_outputs(doc, model)
         except ProtocolError as e:
             return error(400, str(e))
         if state["in_flight"] >= max_queue:
@@ -304,12 +330,22 @@ def create_app(registry: Registry, token: str | None = None, *, max_request_byte
         metrics.in_flight.inc()
         try:
             t0 = time.perf_counter()
-            outs, started, ended = await asyncio.get_running_loop().run_in_executor(pool, _timed, model.infer, feeds)
+            if stateful:
+                from .decoder import SequenceError
+
+                try:
+                    outs, started, ended = await asyncio.get_running_loop().run_in_executor(
+                        pool, _timed, model.infer_sequence, feeds, params)
+                except SequenceError as e:
+                    return error(e.status, str(e))
+            else:
+                outs, started, ended = await asyncio.get_running_loop().run_in_executor(pool, _timed, model.infer, feeds)
             metrics.infer_seconds.labels(model.name, model.version).observe(time.perf_counter() - t0)
         finally:
             state["in_flight"] -= 1
             metrics.in_flight.dec()
-        outs = {k: outs[k] for k in wanted}
+        if wanted is not None:
+            outs = {k: outs[k] for k in wanted}
         payload, headers = encode(outs, binary=_wants_binary(doc), key="outputs",
                                   extra={"model_name": model.name, "model_version": model.version,
                                          **({"id": doc["id"]} if "id" in doc else {})})  # fmt: skip
