@@ -258,3 +258,138 @@ def test_smollm2_says_paris(tmp_path):
     assert "Paris" in doc["text"], doc
     text, ids = gguf_decoder.greedy_onnxruntime(onnx_dir, "The capital of France is", max_tokens=4)
     assert doc["tokens"] == ids, (doc["tokens"], ids)
+
+
+# -- split decoding -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split(tiny, tmp_path_factory):
+    """The tiny decoder split after layer 1: (device artifact, cloud artifact)."""
+    dist = tmp_path_factory.mktemp("split")
+    r = cli("compile", tiny, "-t", "x86-64-avx2", "--decoder", "--chunk", CHUNKS, "--split-layers", "1", "-o", dist, "--json")
+    paths = {a["target"]: Path(a["path"]) for a in json.loads(r.stdout)["artifacts"]}
+    return paths["x86-64-avx2"], paths["cloud-x86"]
+
+
+@pytest.fixture()
+def split_server(split):
+    from conftest import Server
+
+    s = Server([split[1]], None, "--workers", "2", "--max-sequences", "2", "--sequence-timeout", "2")
+    yield s
+    s.stop()
+
+
+def test_split_decoding_gives_the_device_alone_tokens(split, split_server, artifacts):
+    """Layers 0 here, 1 in `serve` (its own KV cache per sequence): greedy and seeded sampling
+    give the tokens the whole decoder gives on the device, for prompts taking every chunk path;
+    per generated token one hidden row goes up, the best logit comes down."""
+    from tvm_hybrid.runtime import Generator
+
+    whole = Generator(artifacts["q4"])
+    with Generator(split[0], cloud_url=split_server.url, fallback="off") as gen:
+        assert gen.split["layers"] == 1 and gen.split["of"] == 2
+        rng = np.random.default_rng(3)
+        for n in (1, 5, 21):
+            ids = [int(t) for t in rng.integers(0, 256, n)]
+            out = gen.generate(ids, max_tokens=10, stop=[])
+            assert out.tokens == whole.generate(ids, max_tokens=10, stop=[]).tokens
+            c = out.cloud
+            assert c["fallback"] is None and c["calls"] >= 10 and c["decode_calls"] == 9 + (n == 1)
+            # A decode call: 64 floats up (hidden 64) plus the v2 header; top-1 id and logit down.
+            assert 256 < c["bytes_per_decode_token"] < 1200, c
+        sampled = gen.generate([1, 2, 3], max_tokens=8, temperature=0.9, seed=5, stop=[]).tokens
+        assert sampled == whole.generate([1, 2, 3], max_tokens=8, temperature=0.9, seed=5, stop=[]).tokens
+    log = split_server.stderr()
+    assert '"status":200' in log and '"status":4' not in log and '"status":5' not in log
+
+
+def test_split_falls_back_to_the_device_mid_sequence(split, split_server, artifacts):
+    """The cloud killed after three tokens: the device loads its own build of layer 1, rebuilds
+    that cache from the rows it sent, and finishes with the same tokens; fallback off fails
+    with exit 5's error instead; no cloud URL at all runs everything here."""
+    from tvm_hybrid.errors import RuntimeFailure
+    from tvm_hybrid.runtime import Generator
+
+    ids = [5, 6, 7, 8, 9, 10]
+    want = Generator(artifacts["q4"]).generate(ids, max_tokens=12, stop=[]).tokens
+    gen = Generator(split[0], cloud_url=split_server.url, timeout=3)
+    seen = []
+
+    def on_token(t):
+        seen.append(t)
+        if len(seen) == 3:
+            split_server.kill()
+
+    got = list(gen.stream(ids, max_tokens=12, stop=[], on_token=on_token))
+    assert got == [] and seen == want  # token ids in, no text out
+    assert gen.trace[-1]["where"] == "device-fallback" and any("fallback" in e for e in gen.trace)
+    gen.close()
+    with pytest.raises(RuntimeFailure):
+        Generator(split[0], cloud_url=split_server.url, timeout=1, fallback="off").generate(ids, max_tokens=2)
+    alone = Generator(split[0]).generate(ids, max_tokens=12, stop=[])
+    assert alone.tokens == want and alone.cloud["fallback"] == "no cloud URL given"
+    r = cli("generate", split[0], "--prompt", "Hi", "--cloud-url", split_server.url, "--fallback", "off", "--timeout", "1",
+            check=False)  # fmt: skip
+    assert r.returncode == 5 and "Traceback" not in r.stderr
+
+
+def test_server_sequence_rules(split, split_server):
+    """sequence_id required; unknown or expired sequences 404; no gaps; at most --max-sequences
+    live (429); sequence_end frees one; a retried request (same start) is idempotent."""
+    from tvm_hybrid.errors import RuntimeFailure
+    from tvm_hybrid.manifest import read
+    from tvm_hybrid.runtime.cloud import CloudClient
+
+    ep = read(split[1]).decoder["endpoint"]
+    c = CloudClient(split_server.url, timeout=5)
+    row = np.random.default_rng(0).standard_normal((1, 1, 64)).astype(np.float32)
+
+    def call(seq, start, **params):
+        feeds = {"hidden.1": row, "start": np.array([start], np.int64), "last": np.array([0], np.int64)}
+        return c.infer(ep["model"], ep["version"], feeds, {"sequence_id": seq, **params})[0]
+
+    with pytest.raises(RuntimeFailure, match="sequence_id"):
+        c.infer(ep["model"], ep["version"], {"hidden.1": row, "start": np.array([0]), "last": np.array([0])})
+    with pytest.raises(RuntimeFailure, match="unknown or expired"):
+        call("nope", 0)
+    a = call("a", 0, sequence_start=True)["logits"]
+    assert a.shape == (1, 257)
+    top = call("a", 1, top_logits=3)
+    again = call("a", 1, top_logits=3)  # the same request again: rewinds, same answer
+    np.testing.assert_array_equal(top["top_ids"], again["top_ids"])
+    assert top["top_ids"].shape == (1, 3) and np.all(np.diff(top["top_logits"][0]) <= 0)
+    with pytest.raises(RuntimeFailure, match="position 2"):
+        call("a", 5)
+    call("b", 0, sequence_start=True)
+    with pytest.raises(RuntimeFailure, match="2 sequences are live"):
+        call("c", 0, sequence_start=True)
+    c.infer(ep["model"], ep["version"], {}, {"sequence_id": "b", "sequence_end": True})
+    call("c", 0, sequence_start=True)
+    import time
+
+    time.sleep(2.5)  # --sequence-timeout 2
+    with pytest.raises(RuntimeFailure, match="unknown or expired"):
+        call("a", 2)
+    meta = json.loads(__import__("urllib.request").request.urlopen(f"{split_server.url}/v2/models/{ep['model']}").read())
+    assert meta["parameters"]["sequence_batching"] is True and meta["parameters"]["max_sequences"] == 2
+
+
+def test_split_chosen_by_the_memory_budget(tiny, tmp_path):
+    """--memory decides how many layers stay on the device; too small for one layer is exit 3."""
+    import onnx
+
+    from tvm_hybrid.compiler.decoder import choose_split, layer_bytes
+
+    m = onnx.load(str(tiny))
+    shared, per, kv = layer_bytes(m, "q4")
+    assert len(per) == 2 and abs(per[0] - per[1]) < 0.05 * per[1] and kv == 2 * 2 * 48 * 16 * 4
+    assert choose_split(m, "q4", shared + per[0] + kv + 1) == 1
+    assert choose_split(m, "q4", 1e9) is None
+    r = cli("compile", tiny, "-t", "x86-64-avx2", "--decoder", "--chunk", CHUNKS, "--memory", "1KiB", "-o", tmp_path / "x",
+            check=False)  # fmt: skip
+    assert r.returncode == 3 and "not even the embeddings and one layer" in r.stderr
+    r = cli("compile", tiny, "-t", "x86-64-avx2", "--decoder", "--chunk", CHUNKS, "--split-layers", "1", "--cloud", "none",
+            "-o", tmp_path / "y", check=False)  # fmt: skip
+    assert r.returncode == 2 and "--cloud none" in r.stderr

@@ -43,8 +43,8 @@ HIDDEN_NAME = re.compile(r"^hidden\.(\d+)$")
 #: Prefill chunk sizes: a short prompt pads to the small one, a long one runs in big ones (each
 #: prefill call dequantizes the weights once, so fewer, larger calls win on long prompts).
 CHUNKS = (16, 128)
-#: Elements of a group of 32 a quantized matmul weight costs in bytes (4 bits + fp32 scale, min).
-_Q_BYTES = {"q4": 16 + 8, "q8": 32 + 8, None: 128}
+#: Bytes a group of 32 matmul weights takes (q4: 16, and 8 of scale and min; fp32: 128).
+_Q_BYTES = {"q4": 16 + 8, "q8": 32 + 8, None: 4 * 32}
 
 
 def _dims(vi) -> list:
@@ -114,6 +114,7 @@ def layer_bytes(model, weights: str | None) -> tuple[int, list[int], int]:
         for o in node.output:
             m = HIDDEN_NAME.match(o)
             level[o] = int(m.group(1)) if m else lv
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits}
     per = [0] * max(n_layers, 1)
     shared = 0
     for name, uses in first_use.items():
@@ -121,9 +122,9 @@ def layer_bytes(model, weights: str | None) -> tuple[int, list[int], int]:
         n = 1
         for d in t.dims:
             n *= int(d)
-        size = (n * _Q_BYTES[weights] // 128 if len(t.dims) == 2 and n >= 4096 else 4 * n)
-        if len(uses) > 1 or min(uses) >= n_layers:
-            shared += n * _Q_BYTES["q8" if weights else None] // 128 if len(t.dims) == 2 else 4 * n
+        size = (n * _Q_BYTES[weights] // 32 if len(t.dims) == 2 and n >= 4096 else 4 * n)
+        if name in tables or len(uses) > 1 or min(uses) >= n_layers:  # embeddings (and a tied output layer)
+            shared += n * _Q_BYTES["q8" if weights else None] // 32 if len(t.dims) == 2 else 4 * n
         else:
             per[min(uses)] += size
     contract = decoder_contract(model)

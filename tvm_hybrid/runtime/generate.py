@@ -190,7 +190,7 @@ class Generator:
         self._rows: list[np.ndarray] = []  # split: the hidden rows sent, one per position
         self._rest_cache = None
         self._fell_back: str | None = None
-        self._stats = {"calls": 0, "bytes_up": 0, "bytes_down": 0, "ms": 0.0}
+        self._stats = {"calls": 0, "bytes_up": 0, "bytes_down": 0, "ms": 0.0, "decode_calls": 0, "decode_bytes": 0}
 
     def close(self) -> None:
         self._end_sequence()
@@ -266,9 +266,8 @@ class Generator:
             ep = self.split["endpoint"]
             params = {SEQUENCE_ID: self._sequence, **({SEQUENCE_START: True} if not self._started else {}),
                       **({TOP_LOGITS: top} if top else {})}  # fmt: skip
-            padded = np.zeros((1, n, rows.shape[2]), np.float32)
-            padded[:, : rows.shape[1]] = rows
-            feeds = {self.split["hidden"]: padded, "start": np.array([self.position], np.int64),
+            # The real rows only: the server pads them to its chunk (the device's own chunking).
+            feeds = {self.split["hidden"]: np.ascontiguousarray(rows, np.float32), "start": np.array([self.position], np.int64),
                      "last": np.array([rows.shape[1] - 1], np.int64)}  # fmt: skip
             try:
                 outs, sent = self._cloud.infer(ep["model"], ep["version"], feeds, params)
@@ -283,6 +282,9 @@ class Generator:
                 self._stats["bytes_up"] += sent
                 self._stats["bytes_down"] += ex.bytes_down if ex else 0
                 self._stats["ms"] += ex.ms if ex else 0.0
+                if n == 1:  # what one generated token costs the link
+                    self._stats["decode_calls"] += 1
+                    self._stats["decode_bytes"] += sent + (ex.bytes_down if ex else 0)
                 entry.update(where="cloud", bytes_up=sent, bytes_down=ex.bytes_down if ex else None,
                              cloud_ms=ex.ms if ex else None)  # fmt: skip
                 return _logits(outs, self.config.get("vocab"))
@@ -408,6 +410,7 @@ class Generator:
             per = max(self.position, 1)
             cloud = {**st, "ms": round(st["ms"], 3), "layers_on_device": self.split["layers"], "layers": self.split["of"],
                      "bytes_up_per_token": round(st["bytes_up"] / per, 1), "bytes_down_per_token": round(st["bytes_down"] / per, 1),
+                     "bytes_per_decode_token": round(st["decode_bytes"] / st["decode_calls"], 1) if st["decode_calls"] else None,
                      "fallback": self._fell_back}  # fmt: skip
         self._end_sequence()
         result["generation"] = Generation(text, out, len(ids), reason, round(prefill_ms, 3), round(decode_ms, 3), cloud)

@@ -1,8 +1,9 @@
 """The cloud half of a split decoder, served with a KV cache per sequence.
 
 A device runs the embeddings and the first layers and sends each call's hidden rows; this runs
-the other layers. Requests name their sequence with KServe v2 request parameters as Triton's
-sequence batching does: ``sequence_id`` (a string or number), ``sequence_start`` (true: a new
+the other layers (its rows come unpadded, 1 to the largest chunk; they are padded here).
+Requests name their sequence with KServe v2 request parameters as Triton's sequence batching
+does: ``sequence_id`` (a string or number), ``sequence_start`` (true: a new
 sequence, its cache emptied) and ``sequence_end`` (true: free it after this request; a request
 with no inputs only ends it). ``top_logits`` N returns the N best logits (``top_ids``,
 ``top_logits``) instead of the whole row. At most ``max_sequences`` live at once (a new one
@@ -116,10 +117,10 @@ class ServedDecoder:
         if missing:
             raise SequenceError(400, f"missing input(s) {', '.join(missing)}")
         x = feeds[self.stream]
-        if x.dtype != np.float32 or x.ndim != 3 or x.shape[0] != 1 or x.shape[1] not in (1, *self.chunks) \
+        if x.dtype != np.float32 or x.ndim != 3 or x.shape[0] != 1 or not 1 <= x.shape[1] <= self.chunks[-1] \
                 or tuple(x.shape[2:]) != tuple(self.inputs[0].shape[2:]):  # fmt: skip
-            raise SequenceError(400, f"{self.stream} must be float32 [1, S, {self.inputs[0].shape[2]}] with S one of "
-                                     f"{[1, *self.chunks]}; got {x.dtype} {list(x.shape)}")  # fmt: skip
+            raise SequenceError(400, f"{self.stream} must be float32 [1, S, {self.inputs[0].shape[2]}] with S from 1 to "
+                                     f"{self.chunks[-1]}; got {x.dtype} {list(x.shape)}")  # fmt: skip
         top = params.get("top_logits")
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
             raise SequenceError(400, f"top_logits must be a positive integer, not {top!r}")
@@ -147,13 +148,14 @@ class ServedDecoder:
             return {}
         with seq.lock:
             x = feeds[self.stream]
-            n = x.shape[1]
+            rows = x.shape[1]
+            n = 1 if rows == 1 else next(c for c in self.chunks if c >= rows)  # the segment, padded to it
             start = int(np.asarray(feeds["start"]).reshape(-1)[0])
-            last = int(np.asarray(feeds.get("last", np.array([n - 1]))).reshape(-1)[0])
+            last = int(np.asarray(feeds.get("last", np.array([rows - 1]))).reshape(-1)[0])
             if start > seq.position:
                 raise SequenceError(400, f"sequence {sid[:64]!r} is at position {seq.position}; a request cannot "
                                          f"start at {start} (positions must follow on)")  # fmt: skip
-            if not 0 <= last < n or start + last + 1 > self.max_context:
+            if not 0 <= last < rows or start + last + 1 > self.max_context:
                 raise SequenceError(400, f"last {last} / start {start} fall outside the chunk or the "
                                          f"{self.max_context}-token cache")  # fmt: skip
             half = self._halves.get()
