@@ -7,10 +7,13 @@ the same threads, in one process, interleaved in blocks (one engine's block, the
 medians reported:
 
 - prefill: a 128-token prompt from an empty cache (onnxruntime: one call of 128 tokens;
-  tvm-hybrid: Generator.prefill, its chunks);
+  tvm-hybrid: Generator.prefill, its chunks), blocks of one untimed and 3 timed runs;
 - decode: ms per token, one token a call with the cache growing (onnxruntime fed its own
   present_* OrtValues back, no copies to numpy; tvm-hybrid's cache stays in TVM tensors);
-- greedy text: both continue "The capital of France is" (tokens compared).
+- greedy text: both continue "The capital of France is" (tokens compared);
+- split decoding (--split-memory, default 60MB): the decoder compiled for that device budget
+  (embeddings and the first layers here, the rest in `serve` on loopback with its own KV cache),
+  greedy on the same prompt: same text as the device alone?, ms per token, bytes per token.
 
     python scripts/bench_llm.py                                # host, q4, 2 threads
     python scripts/bench_llm.py --target host --target x86-64 --json llm.json
@@ -36,36 +39,71 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 PROMPT = "The capital of France is"
+REBUILD = False
+BLOCK = 3  # timed prefills per engine and block
 
 
 def onnx_model(out: Path, max_context: int) -> Path:
     """The converted decoder (made once from the cached GGUF)."""
     import gguf_decoder
 
-    if not (out / "decoder.onnx").exists() or json.loads((out / "llm.json").read_text())["max_context"] != max_context:
+    have = json.loads((out / "llm.json").read_text()) if (out / "llm.json").exists() else {}
+    if have.get("max_context") != max_context or have.get("converter") != gguf_decoder.CONVERTER:
         import models
 
         gguf_decoder.convert(models.path("smollm2"), out, max_context)
     return out / "decoder.onnx"
 
 
-def artifact(model: Path, target: str, weights: str, dist: Path) -> Path:
+def artifact(model: Path, target: str, weights: str, dist: Path, memory: float | None = None) -> Path:
+    from tvm_hybrid import __version__
     from tvm_hybrid.compiler.decoder import compile_decoder
     from tvm_hybrid.manifest import read
     from tvm_hybrid.targets import resolve
 
     name = resolve(target).name
-    out = dist / f"{name}-{weights}"
+    out = dist / (f"{name}-{weights}" + (f"-split{int(memory)}" if memory else ""))
     path = out / name
     try:
-        if read(path).model["sha256"] == _model_sha(model):
+        m = read(path)
+        if not REBUILD and m.model["sha256"] == _model_sha(model) and m.versions.get("tvm_hybrid") == __version__:
             return path
     except Exception:
         pass
     t0 = time.perf_counter()
-    compile_decoder(model, target, out, weights=None if weights == "fp32" else weights)
+    compile_decoder(model, target, out, weights=None if weights == "fp32" else weights, memory=memory)
     print(f"compiled {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return path
+
+
+def bench_split(target: str, args, model: Path, whole_text: str) -> dict:
+    """The decoder compiled for a small device, its cloud half served on loopback."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import Server
+
+    from tvm_hybrid.compiler.plan import parse_size
+    from tvm_hybrid.runtime import Generator
+
+    memory = parse_size(args.split_memory)
+    path = artifact(model, target, args.weights, ROOT / "dist/bench-llm", memory)
+    server = Server([path.parent / "cloud-x86"], None, "--workers", "1", "--threads", str(args.threads))
+    try:
+        gen = Generator(path, threads=args.threads, cloud_url=server.url, fallback="off")
+        runs = [gen.generate(PROMPT, max_tokens=args.split_tokens, stop=[]) for _ in range(3)]
+        out = runs[-1]
+        row = {"memory": args.split_memory, "layers_on_device": out.cloud["layers_on_device"],
+               "layers": out.cloud["layers"], "text": out.text, "same_text_as_device_alone":
+               out.text.startswith(whole_text) or whole_text.startswith(out.text),
+               "decode_ms_per_token": round(statistics.median(r.decode_ms_per_token for r in runs), 2),
+               "prefill_ms": round(statistics.median(r.prefill_ms for r in runs), 2),
+               "bytes_per_decode_token": out.cloud["bytes_per_decode_token"],
+               "bytes_up_per_token": out.cloud["bytes_up_per_token"], "bytes_down_per_token": out.cloud["bytes_down_per_token"],
+               "cloud_ms_per_call": round(out.cloud["ms"] / max(out.cloud["calls"], 1), 3),
+               "device_artifact_mb": round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 1)}  # fmt: skip
+        gen.close()
+    finally:
+        server.stop()
+    return row
 
 
 def _model_sha(model: Path) -> str:
@@ -159,12 +197,15 @@ def bench_target(target: str, args, model: Path, ids128: list[int]) -> dict:
 
     prefill = {"tvm": [], "onnxruntime": []}
     decode = {"tvm": [], "onnxruntime": []}
-    tvm_prefill(), ort_prefill()  # warm
+    # Blocks: one engine's untimed run then BLOCK timed ones, then the other's (an engine's
+    # thread pool still spinning right after its run would slow the other's next call).
     for _ in range(args.runs):
         for name, fn in (("onnxruntime", ort_prefill), ("tvm", tvm_prefill)):
-            t0 = time.perf_counter()
             fn()
-            prefill[name].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(BLOCK):
+                t0 = time.perf_counter()
+                fn()
+                prefill[name].append((time.perf_counter() - t0) * 1e3)
         for name, fn in (("onnxruntime", ort_decode), ("tvm", tvm_decode)):
             decode[name].append(fn())
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -183,7 +224,10 @@ def bench_target(target: str, args, model: Path, ids128: list[int]) -> dict:
                    "same_tokens": tvm_tokens == ort_tokens},
         "runs": args.runs, "decode_tokens_per_run": args.tokens,
     }  # fmt: skip
+    whole = gen.generate(PROMPT, max_tokens=args.split_tokens, stop=[]).text
     gen.close()
+    if args.split_memory and args.split_memory != "0":
+        row["split"] = bench_split(target, args, model, whole)
     return row
 
 
@@ -196,8 +240,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per block (default 32)")
     ap.add_argument("--check-tokens", type=int, default=8, help="greedy tokens compared between the engines")
     ap.add_argument("--max-context", type=int, default=512)
+    ap.add_argument("--split-memory", default="60MB", help="device budget of the split run (0: no split run)")
+    ap.add_argument("--split-tokens", type=int, default=24, help="tokens the split run generates")
+    ap.add_argument("--rebuild", action="store_true", help="compile the artifacts again even if cached")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
+    global REBUILD
+    REBUILD = args.rebuild
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     import numpy as np
 
@@ -210,6 +259,11 @@ def main(argv=None) -> int:
               f"{r['decode_ms_per_token']['tvm']} vs {r['decode_ms_per_token']['onnxruntime']} ms/token "
               f"({r['decode_ratio']}x); artifact {r['artifact_mb']} MB = {r['artifact_over_gguf']}x the GGUF; "
               f"greedy: {r['greedy']['tvm']!r} (same tokens as onnxruntime: {r['greedy']['same_tokens']})")  # fmt: skip
+        if "split" in r:
+            sp = r["split"]
+            print(f"  split at {sp['memory']}: layers 0..{sp['layers_on_device'] - 1} of {sp['layers']} here, the rest in "
+                  f"serve on loopback: {sp['decode_ms_per_token']} ms/token, {sp['bytes_per_decode_token']} bytes per "
+                  f"generated token (up and down), same text as the device alone: {sp['same_text_as_device_alone']}")  # fmt: skip
     if args.json:
         doc = {**rows[0], "targets": rows}
         Path(args.json).write_text(json.dumps(doc, indent=1))

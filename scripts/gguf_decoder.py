@@ -32,6 +32,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+#: The graph's revision (2: hidden.<i> layer boundaries, for split decoding); kept in llm.json.
+CONVERTER = 2
+
+
 def read_gguf(path: Path):
     """(config dict, {name: fp32 array}, tokenizer fields) of a llama GGUF."""
     import gguf
@@ -252,7 +256,7 @@ def convert(gguf_path: Path, out: Path, max_context: int) -> Path:
     (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(tok), ensure_ascii=False))
     stop = [tok["eos"]] + [i for i, t in enumerate(tok["tokens"]) if t in ("<|im_end|>", "<|endoftext|>")]
     llm = {
-        "name": cfg["name"], "source": gguf_path.name, "max_context": max_context, "layers": cfg["layers"],
+        "converter": CONVERTER, "name": cfg["name"], "source": gguf_path.name, "max_context": max_context, "layers": cfg["layers"],
         "kv_heads": cfg["kv_heads"], "head_dim": cfg["hidden"] // cfg["heads"], "vocab": cfg["vocab"],
         "bos": tok["bos"], "stop": sorted(set(int(s) for s in stop if s is not None)),
         "chat_template": tok["chat_template"],

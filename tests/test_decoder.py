@@ -213,7 +213,7 @@ def test_weight_quantization_kernels_match_numpy():
     rng = np.random.default_rng(1)
     dev = tvm.cpu()
     target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v3"})
-    for bits, (m, n, k) in ((4, (1, 64, 96)), (4, (3, 257, 64)), (8, (2, 130, 32))):
+    for bits, (m, n, k) in ((4, (1, 64, 96)), (4, (3, 257, 64)), (8, (2, 130, 32)), (4, (2, 96, 64))):
         w = rng.standard_normal((n, k)).astype(np.float32)
         q = wq.quantize(w, bits)
         deq = wq.dequantize(q)
@@ -229,6 +229,17 @@ def test_weight_quantization_kernels_match_numpy():
         d = tvm.runtime.tensor(np.zeros((k, n), np.float32), dev)
         lib["main"](*args, d)
         np.testing.assert_allclose(d.numpy(), deq.T, rtol=1e-6, atol=1e-6)
+        if bits == 4 and n % wq.PANEL == 0:  # the panel layout 4-bit matmul weights use
+            pq = wq.to_panels(q)
+            np.testing.assert_array_equal(wq.dequantize(pq), deq)
+            pargs = [tvm.runtime.tensor(a, dev) for a in (pq.packed, pq.scale, pq.zero)]
+            for rows, kern in ((m, wq.panel_gemv_kernel(m, n, k)), (16, wq.panel_gemm_kernel(16, n, k, lanes=8))):
+                xs = rng.standard_normal((rows, k)).astype(np.float32)
+                lib = tvm.compile(tvm.IRModule({"main": kern}), target=target)
+                shape = (rows, n // wq.PANEL, wq.PANEL) if rows == m else (rows, n)
+                out = tvm.runtime.tensor(np.zeros(shape, np.float32), dev)
+                lib["main"](tvm.runtime.tensor(xs, dev), *pargs, out)
+                np.testing.assert_allclose(out.numpy().reshape(rows, n), xs @ deq.T, rtol=1e-4, atol=1e-4)
         ids = np.array([0, n - 1, 5, 5], np.int64)
         lib = tvm.compile(tvm.IRModule({"main": wq.take_kernel(4, n, k, bits)}), target=target)
         t = tvm.runtime.tensor(np.zeros((4, k), np.float32), dev)

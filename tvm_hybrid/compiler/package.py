@@ -299,7 +299,9 @@ def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, ro
         if not backend.cpu:
             raise UnsupportedError(f"--weights {weight_mode}: quantized-weight kernels exist for CPU targets only, "
                                    f"not {profile.name}")  # fmt: skip
-        mod, packed, report = weightquant.apply(mod, weight_mode, tied)
+        from .backends.cpu import cpu_config
+
+        mod, packed, report = weightquant.apply(mod, weight_mode, tied, cpu_config(profile.tvm()).lanes)
         log.info("%s: %d matmuls and %d embeddings quantized (%s): %.1f MB of float32 weights in %.1f MB",
                  imported.name, report.matmuls, report.embeddings, weight_mode, report.float_bytes / 1e6,
                  report.packed_bytes / 1e6)  # fmt: skip

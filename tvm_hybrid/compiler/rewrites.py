@@ -455,6 +455,24 @@ def legalize_overrides() -> dict:
             "relax.cumprod": _scan("cumprod")}  # fmt: skip
 
 
+def fast_sigmoid(bb, call):
+    """sigmoid(x) = 1 / (1 + exp(-x)) with TVM's vectorizable polynomial exp (``topi.fast_exp``,
+    the one FastMathTransform puts in place of exp; it clamps its argument, so large |x| give 0
+    and 1): a SiLU'd FFN's [128, 1536] activation 0.25 -> 0.05 ms on 2 Zen 4 cores. float32 only."""
+    from tvm import te, tirx, topi
+
+    x = call.args[0]
+    if str(x.ty.dtype) != "float32":
+        return bb.call_te(topi.sigmoid, x, primfunc_name_hint="sigmoid")
+
+    def compute(t):
+        e = topi.fast_exp(te.compute(t.shape, lambda *i: -t(*i), name="neg"))
+        one = tirx.const(1.0, "float32")
+        return te.compute(t.shape, lambda *i: one / (one + e(*i)), name="sigmoid")
+
+    return bb.call_te(compute, x, primfunc_name_hint="sigmoid")
+
+
 def _scan(kind: str):
     """cumsum and cumprod (no legalization registered in TVM 0.27): topi's scan kernels."""
 
@@ -605,18 +623,56 @@ def _softmax_rows(bb, call, lanes: int):
     rows = 1
     for d in shape[:-1]:
         rows *= d
+    # softmax(scores + mask), the mask broadcast over the leading axes (attention's causal or
+    # padding mask): the add is done in the kernel's passes instead of as a kernel of its own.
+    masked = _broadcast_add(bb, x, shape)
     X = te.placeholder((rows, c), "float32", "x")
+    if masked is not None:
+        x, mask, mrows = masked
+        Mk = te.placeholder((mrows, c), "float32", "mask")
+        Xm = te.compute((rows, c), lambda r, j: X[r, j] + Mk[r % mrows, j], "sm_masked")
+    else:
+        Xm = X
     k1 = te.reduce_axis((0, c), "k1")
-    M = te.compute((rows,), lambda r: te.max(X[r, k1], axis=k1), "sm_max")
-    E = topi.fast_exp(te.compute((rows, c), lambda r, j: X[r, j] - M[r], "sm_shift"))
+    M = te.compute((rows,), lambda r: te.max(Xm[r, k1], axis=k1), "sm_max")
+    E = topi.fast_exp(te.compute((rows, c), lambda r, j: Xm[r, j] - M[r], "sm_shift"))
     k2 = te.reduce_axis((0, c), "k2")
     S = te.compute((rows,), lambda r: te.sum(E[r, k2], axis=k2), "sm_sum")
     Y = te.compute((rows, c), lambda r, j: E[r, j] / S[r], "sm_out")
-    sch = s_tir.Schedule(te.create_prim_func([X, Y]))
-    for name in ("sm_shift", E.op.name):  # recomputed where read: two cheap vector passes
-        sch.compute_inline(sch.get_sblock(name))
-    y = _row_kernel(bb, sch, "sm_out", ("sm_max", "sm_sum"), lanes, "softmax_rows", [x], rows, c)
+    sch = s_tir.Schedule(te.create_prim_func([X, Mk, Y] if masked is not None else [X, Y]))
+    for name in ("sm_shift", E.op.name) + (("sm_masked",) if masked is not None else ()):
+        sch.compute_inline(sch.get_sblock(name))  # recomputed where read: cheap vector passes
+    args = [x] + ([bb.normalize(relax.op.reshape(mask, (mrows, c)))] if masked is not None else [])
+    y = _row_kernel(bb, sch, "sm_out", ("sm_max", "sm_sum"), lanes, "softmax_rows", args, rows, c)
     return relax.op.reshape(y, shape)
+
+
+def _broadcast_add(bb, x, shape):
+    """(a, mask, mask rows) when ``x`` is ``a + mask``, ``a`` of ``shape`` and ``mask`` float32
+    matching its trailing axes (broadcast over the leading ones); else None."""
+    from tvm import relax
+
+    if not isinstance(x, relax.Var):
+        return None
+    try:
+        bound = bb.lookup_binding(x)
+    except Exception:
+        return None
+    if not (isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.add"):
+        return None
+    for a, m in (bound.args, bound.args[::-1]):
+        sa, sm = _static_shapes(a), _static_shapes(m)
+        if not sa or not sm or list(sa[0]) != shape or str(m.ty.dtype) != "float32":
+            continue
+        ms = list(sm[0])
+        while ms and ms[0] == 1 and len(ms) > 1:
+            ms = ms[1:]
+        if len(ms) >= 1 and ms == shape[-len(ms):]:
+            mrows = 1
+            for d in ms[:-1]:
+                mrows *= d
+            return a, m, mrows
+    return None
 
 
 def _row_kernel(bb, sch, out: str, reductions: tuple[str, ...], lanes: int, name: str, args, rows: int, c: int):

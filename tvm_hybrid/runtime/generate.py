@@ -181,9 +181,13 @@ class Generator:
 
     # -- state ------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the sequence: empty caches, position 0 (a split one starts a new cloud sequence)."""
+        """Forget the sequence: position 0 (a split one starts a new cloud sequence). The cache
+        tensors are kept as they are: a query at position q reads rows 0..q only, and the new
+        sequence has written each of them by then (zeros are needed once, against garbage that
+        could be NaN)."""
         self._end_sequence()
-        self._cache = self.local.empty_cache()
+        if getattr(self, "_cache", None) is None:
+            self._cache = self.local.empty_cache()
         self.position = 0
         self._sequence = uuid.uuid4().hex
         self._started = False
