@@ -404,3 +404,22 @@ def test_split_chosen_by_the_memory_budget(tiny, tmp_path):
     r = cli("compile", tiny, "-t", "x86-64-avx2", "--decoder", "--chunk", CHUNKS, "--split-layers", "1", "--cloud", "none",
             "-o", tmp_path / "y", check=False)  # fmt: skip
     assert r.returncode == 2 and "--cloud none" in r.stderr
+
+
+def test_portable_decoder_dispatches_to_this_cpu(tiny, artifacts, tmp_path, monkeypatch):
+    """compile --decoder -t x86-64 also builds the profile's dispatch levels (one weights file):
+    the runtime runs the best this CPU has, the SSE4.2 build when told not to; same tokens."""
+    from tvm_hybrid.hostcpu import cpu_flags
+    from tvm_hybrid.runtime import Generator
+
+    r = cli("compile", tiny, "-t", "x86-64", "--decoder", "--chunk", CHUNKS, "-o", tmp_path, "--json")
+    art = Path(json.loads(r.stdout)["artifacts"][0]["path"])
+    want = Generator(artifacts["q4"]).generate([3, 1, 4, 1, 5], max_tokens=8, stop=[]).tokens
+    gen = Generator(art)
+    if "avx2" in cpu_flags():
+        assert gen.local.build is not None and gen.local.build.startswith("x86-64-avx")
+    assert gen.generate([3, 1, 4, 1, 5], max_tokens=8, stop=[]).tokens == want
+    monkeypatch.setenv("TVM_HYBRID_DISPATCH", "0")
+    sse = Generator(art)
+    assert sse.local.build is None
+    assert sse.generate([3, 1, 4, 1, 5], max_tokens=8, stop=[]).tokens == want

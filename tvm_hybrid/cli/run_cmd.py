@@ -133,11 +133,17 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
 
 
 def _forwarded_options(ctx: click.Context) -> list[str]:
-    """This command's options as given (--emulate left out), to run the same command under emulation."""
+    """This command's options as given (--emulate left out), to run the same command under emulation.
+    Only what the command line or the environment set: click 8.3+ keeps an unset ``default`` as a
+    sentinel, so comparing with ``p.default`` would forward every flag (``--json`` included)."""
+    from click.core import ParameterSource
+
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     args = []
     for p in ctx.command.params:
         value = ctx.params.get(p.name)
-        if not isinstance(p, click.Option) or p.name == "emulate" or value in (None, (), p.default):
+        if not isinstance(p, click.Option) or p.name == "emulate" or value in (None, ()) \
+                or ctx.get_parameter_source(p.name) not in given:  # fmt: skip
             continue
         flag = max(p.opts, key=len)
         if p.is_flag:

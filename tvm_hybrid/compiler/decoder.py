@@ -35,7 +35,7 @@ from .. import manifest as mf
 from ..errors import UnsupportedError, UsageError
 from ..targets import TargetProfile, resolve
 from . import backends, importer, tuning_log
-from .package import WeightStore, _built, _manifest, _replace_dir, _stage, _summary, compile_segment
+from .package import WeightStore, _built, _manifest, _replace_dir, _stage, _summary, compile_segment, dispatch_profiles
 
 CACHE_NAME = re.compile(r"^past_(\w+)\.(\d+)$")
 HIDDEN_NAME = re.compile(r"^hidden\.(\d+)$")
@@ -201,17 +201,30 @@ class _Half:
 
 
 def _build_half(proto, name: str, sha: str, profile: TargetProfile, stage: Path, store: WeightStore, chunks,
-                weights: str | None, tuning, first_id: int, prefix: str = "", tied: frozenset = frozenset()) -> _Half:  # fmt: skip
+                weights: str | None, tuning_dir: Path | None, first_id: int, prefix: str = "",
+                tied: frozenset = frozenset()) -> _Half:  # fmt: skip
+    tuning = tuning_log.open_database(tuning_dir, profile) if tuning_dir else None
     contract = decoder_contract(proto)
     stream, sshape = contract["stream"], contract["stream_shape"]
     entries, files, top = [], [], None
+    # A portable profile's dispatch builds (AVX2, AVX-512 …), one weights copy for all: the
+    # runtime loads the best this CPU runs, as it does for any segment.
+    variants = [v for v in dispatch_profiles(profile) if backends.for_profile(v).builds_differently(v, proto)]
     for sid, (role, seq) in enumerate([("decode", 1)] + [(f"prefill{c}", c) for c in chunks], start=first_id):
         dims = (1, seq) if len(sshape) == 2 else (1, seq, int(sshape[2]))
         imp = importer.prepare(proto, [importer.InputOverride(stream, dims)])
         imp.name, imp.sha256 = name, sha
         c = compile_segment(imp, profile, stage, prefix + role, tuning, "fp32", store, weights, tied)
+        built = []
+        for v in variants:
+            vlog = tuning_log.open_database(tuning_dir, v) if tuning_dir else None
+            cv = compile_segment(imp, v, stage, f"{prefix}{role}.{v.name}", vlog, "fp32", store, weights, tied)
+            built.append({"profile": v.name, "library": cv.library, "tvm_target": dict(v.tvm_target),
+                          "weights": cv.weight_keys})  # fmt: skip
+            files += cv.files
         entries.append(mf.Segment(id=sid, placement="device", nodes=(), inputs=tuple(imp.inputs),
                                   outputs=tuple(imp.outputs), predicted={"tokens": seq}, **_built(c),
+                                  variants=tuple(built),
                                   weights={"file": "segments/weights.npz", "keys": c.weight_keys}))  # fmt: skip
         files += c.files
         top = top or imp
@@ -273,7 +286,7 @@ def compile_decoder(model: Path, target: str, output: Path, chunks: tuple[int, .
     t0 = time.perf_counter()
     try:
         stage = _stage(out, profile.name, staged)
-        tuning = tuning_log.open_database(tuning_logs, profile) if tuning_logs else None
+        tuning = tuning_logs
         store = WeightStore()
         config, tokenizer, extra = {}, None, []
         if (model.parent / "llm.json").is_file():
@@ -310,7 +323,7 @@ def compile_decoder(model: Path, target: str, output: Path, chunks: tuple[int, .
             t1 = time.perf_counter()
             cstage = _stage(out, cloud_prof.name, staged)
             cstore = WeightStore()
-            ctuning = tuning_log.open_database(tuning_logs, cloud_prof) if tuning_logs else None
+            ctuning = tuning_logs
             cweights = weights if backends.for_profile(cloud_prof).cpu else None
             chalf = _build_half(cloud_proto, model.stem, sha, cloud_prof, cstage, cstore, chunks, cweights, ctuning, 0,
                                 tied=tied)  # fmt: skip

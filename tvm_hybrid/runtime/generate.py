@@ -87,6 +87,7 @@ class DecoderHalf:
     def __init__(self, tvm, device, root: Path, doc: dict[str, Any], segments: dict, weights: dict):
         from tvm.runtime.vm import VirtualMachine
 
+        from ..hostcpu import pick_variant
         from .executors import _loadable
 
         self.tvm, self.device = tvm, device
@@ -95,14 +96,18 @@ class DecoderHalf:
         self.result = doc.get("result", "logits")
         self.chunks = sorted(int(p["tokens"]) for p in doc["prefill"])
         self._segs: dict[Any, tuple] = {}
+        self.build: str | None = None  # the dispatch build loaded (a portable artifact's), else None
         roles = [(1, doc["decode"])] + [(int(p["tokens"]), p["segment"]) for p in doc["prefill"]]
         for n, sid in roles:
             seg = segments[sid]
+            variant = pick_variant(seg.variants)  # this CPU's best build of a portable artifact
+            library = variant["library"] if variant else seg.library
             try:
-                vm = VirtualMachine(tvm.runtime.load_module(str(_loadable(root / seg.library))), device)
+                vm = VirtualMachine(tvm.runtime.load_module(str(_loadable(root / library))), device)
             except Exception as e:
-                raise RuntimeFailure(f"cannot load {seg.library}: {one_line(e, last=True)}") from e
-            keys = (seg.weights or {}).get("keys") or []
+                raise RuntimeFailure(f"cannot load {library}: {one_line(e, last=True)}") from e
+            self.build = variant["profile"] if variant else None
+            keys = (variant["weights"] if variant else (seg.weights or {}).get("keys")) or []
             if keys and seg.weights["file"] not in weights:
                 with np.load(root / seg.weights["file"], allow_pickle=False) as z:
                     weights[seg.weights["file"]] = {k: tvm.runtime.tensor(z[k], device) for k in z.files}
