@@ -35,7 +35,7 @@ from .. import manifest as mf
 from ..errors import UnsupportedError, UsageError
 from ..targets import TargetProfile, resolve
 from . import backends, importer, tuning_log
-from .package import WeightStore, _built, _manifest, _replace_dir, _stage, _summary, compile_segment, dispatch_profiles
+from .package import WeightStore, _built, _manifest, _stage, _summary, compile_segment, dispatch_profiles, staging
 
 CACHE_NAME = re.compile(r"^past_(\w+)\.(\d+)$")
 HIDDEN_NAME = re.compile(r"^hidden\.(\d+)$")
@@ -277,14 +277,9 @@ def compile_decoder(model: Path, target: str, output: Path, chunks: tuple[int, .
             raise UsageError(f"--cloud {cloud_prof.name} is a device profile")
         backends.for_profile(cloud_prof).check_toolchain(cloud_prof)
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a directory")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[Path, Path]] = []
     summaries = []
     t0 = time.perf_counter()
-    try:
+    with staging(out) as staged:
         stage = _stage(out, profile.name, staged)
         tuning = tuning_logs
         store = WeightStore()
@@ -333,14 +328,6 @@ def compile_decoder(model: Path, target: str, output: Path, chunks: tuple[int, .
                            role="cloud", decoder=cdoc)  # fmt: skip
             (cstage / mf.MANIFEST).write_text(cm.dumps())
             summaries.append(_summary(cloud_prof.name, out, cm, t1))
-        for st, final in staged:
-            _replace_dir(st, final)
-    except BaseException:
-        for st, _ in staged:
-            shutil.rmtree(st, ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     return summaries
 
 

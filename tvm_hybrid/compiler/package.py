@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -146,18 +147,13 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
         raise UsageError("--adaptive chooses between device and cloud per call; it needs a cloud (not --cloud none)")
     imported = importer.load(opts.model, list(opts.inputs))
     out = Path(opts.output)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a directory")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[Path, Path]] = []
     summaries = []
     variants = {p.name: [v for v in dispatch_profiles(p) if backends.for_profile(v).builds_differently(v, imported.model)]
                 for p in profiles}  # fmt: skip
     every = {p.name: p for p in [*profiles, *([cloud] if cloud else []), *(v for vs in variants.values() for v in vs)]}
     logs = {name: tuning_log.open_database(opts.tuning_logs, p) for name, p in every.items()}
     cloud_segments: dict[str, tuple[SegmentModel, TargetProfile]] = {}
-    try:
+    with staging(out) as staged:
         for prof in profiles:
             t0 = time.perf_counter()
             stage = _stage(out, prof.name, staged)
@@ -180,15 +176,29 @@ def compile_model(opts: CompileOptions) -> list[ArtifactSummary]:
             stage = _stage(out, cloud.name, staged)
             m = build_cloud_artifact(imported, cloud, list(cloud_segments.values()), stage, logs[cloud.name])
             summaries.append(_summary(cloud.name, out, m, t0))
+    return summaries
+
+
+@contextlib.contextmanager
+def staging(out: Path):
+    """Artifacts built in staging directories under ``out`` (``_stage`` appends to the list this
+    yields), swapped in when the block ends, all removed when it raises: a failed compile leaves
+    no trace, not even an empty output directory."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a directory")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        yield staged
         for stage, final in staged:
             _replace_dir(stage, final)
     except BaseException:
         for stage, _ in staged:
             shutil.rmtree(stage, ignore_errors=True)
-        if created:  # a failed compile leaves no trace, not even an empty output directory
+        if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    return summaries
 
 
 class WeightStore:
