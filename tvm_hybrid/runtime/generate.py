@@ -174,6 +174,9 @@ class Generator:
             if cloud_url is None and fallback == "off":
                 raise UsageError(f"{artifact} runs layers {self.split['layers']}..{self.split['of'] - 1} in the cloud: "
                                  "give --cloud-url (or let the device run them: fallback auto)")  # fmt: skip
+            fb = self._by_id[self.split["fallback"]["decode"]]
+            logits = next((t for t in fb.outputs if t.name == "logits"), None)
+            self._vocab = int(logits.shape[-1]) if logits is not None else self.config.get("vocab")
             if cloud_url is not None:
                 from .cloud import CloudClient
 
@@ -296,7 +299,7 @@ class Generator:
                     self._stats["decode_bytes"] += sent + (ex.bytes_down if ex else 0)
                 entry.update(where="cloud", bytes_up=sent, bytes_down=ex.bytes_down if ex else None,
                              cloud_ms=ex.ms if ex else None)  # fmt: skip
-                return _logits(outs, self.config.get("vocab"))
+                return _logits(outs, self._vocab)
         elif self._fell_back is None:
             self._fell_back = "no cloud URL given"
         return self._local_rest(n, rows, entry)
