@@ -8,12 +8,15 @@ stays that way in the artifact: 4-bit values two to a byte — byte j of a group
 and j+16, so one 16-byte load unpacks into two 16-lane vectors — or 8-bit, one a byte, with a
 float32 scale and min per group. Activations stay float32.
 
-Kernels (CPU): few rows (decode: one token) run a fused dequantize-GEMV — rows of W in parallel,
-each group unpacked, scaled and multiplied into 16 vector lanes of partial sums, never written
-out as float32; more rows (prefill) a fused dequantize-GEMM — a panel of W's columns
-dequantized into an L2-sized buffer, then register tiles of rows down the activations (the
-weights whole are dequantized before the backend's matmul only where no vector divides N). Embedding tables (and an output
-layer that is their transpose: tied weights) are kept at 8 bits even with q4, as llama.cpp does.
+Kernels (CPU). 4-bit matmul weights whose N is a multiple of PANEL are stored in panels of 32
+columns side by side (``to_panels``), so a vector of columns loads from contiguous bytes: few
+rows (decode: one token) run a fused dequantize-GEMV over column vectors; more rows (prefill) a
+fused dequantize-GEMM — each panel dequantized once into an L2-sized float32 buffer, then 8x2
+register tiles down the activations (484 GFLOP/s at 128x1536x576 on 2 Zen 4 cores). Other
+weights keep the row layout: a GEMV reducing into 16 lanes per row, a row-layout GEMM, or (no
+vector divides N) the whole weight dequantized before the backend's matmul. Embedding tables
+(and an output layer that is their transpose: tied weights) are kept at 8 bits even with q4, as
+llama.cpp does; lookups read the packed table.
 
 The quantized weights become parameters of ``main`` after its inputs (``apply`` returns them in
 order), so no later pass folds them back into float32 constants.
@@ -32,7 +35,7 @@ GROUP = 32
 MODES = {"q4": 4, "q8": 8}
 #: Weights smaller than this stay float32 (norm scales, biases, small projections).
 MIN_ELEMENTS = 1 << 12
-#: Matmuls with at most this many rows use the fused GEMV kernel; more dequantize once per call.
+#: Matmuls with at most this many rows use a GEMV kernel; more, a GEMM.
 GEMV_ROWS = 8
 #: Columns of a weight panel (two 16-lane vectors).
 PANEL = 32
