@@ -35,7 +35,7 @@ from .. import manifest as mf
 from ..errors import UnsupportedError, UsageError
 from ..targets import TargetProfile, resolve
 from . import backends, importer, tuning_log
-from .package import WeightStore, _built, _manifest, _stage, _summary, compile_segment, dispatch_profiles, staging
+from .package import WeightStore, _built, _manifest, _stage, _summary, compile_builds, dispatch_profiles, staging
 
 CACHE_NAME = re.compile(r"^past_(\w+)\.(\d+)$")
 HIDDEN_NAME = re.compile(r"^hidden\.(\d+)$")
@@ -43,9 +43,6 @@ HIDDEN_NAME = re.compile(r"^hidden\.(\d+)$")
 #: Prefill chunk sizes: a short prompt pads to the small one, a long one runs in big ones (each
 #: prefill call dequantizes the weights once, so fewer, larger calls win on long prompts).
 CHUNKS = (16, 128)
-#: Bytes a group of 32 matmul weights takes (q4: 16, and 8 of scale and min; fp32: 128).
-_Q_BYTES = {"q4": 16 + 8, "q8": 32 + 8, None: 4 * 32}
-
 
 def _dims(vi) -> list:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim]
@@ -100,7 +97,7 @@ def layer_bytes(model, weights: str | None) -> tuple[int, list[int], int]:
     """(shared bytes, bytes per layer, KV-cache bytes per layer) of the weights as compiled with
     ``weights``: initializers of one layer (between hidden.i and hidden.i+1) go to that layer,
     the ones several layers use (a tied embedding) are shared; 2-D weights at their packed size."""
-    from onnx import numpy_helper  # noqa: F401  (sizes from dims alone)
+    from . import weightquant
 
     n_layers = layers_of(model)
     level: dict[str, int] = {}
@@ -122,11 +119,11 @@ def layer_bytes(model, weights: str | None) -> tuple[int, list[int], int]:
         n = 1
         for d in t.dims:
             n *= int(d)
-        size = (n * _Q_BYTES[weights] // 32 if len(t.dims) == 2 and n >= 4096 else 4 * n)
+        bits = weightquant.MODES.get(weights) if len(t.dims) == 2 else None
         if name in tables or len(uses) > 1 or min(uses) >= n_layers:  # embeddings (and a tied output layer)
-            shared += n * _Q_BYTES["q8" if weights else None] // 32 if len(t.dims) == 2 else 4 * n
+            shared += weightquant.packed_bytes(n, 8 if bits else None)
         else:
-            per[min(uses)] += size
+            per[min(uses)] += weightquant.packed_bytes(n, bits)
     contract = decoder_contract(model)
     c = contract["cache_shape"]
     kv = 2 * c[0] * c[1] * c[2] * c[3] * 4  # a key and a value cache per layer
@@ -209,24 +206,17 @@ def _build_half(proto, name: str, sha: str, profile: TargetProfile, stage: Path,
     entries, files, top = [], [], None
     # A portable profile's dispatch builds (AVX2, AVX-512 …), one weights copy for all: the
     # runtime loads the best this CPU runs, as it does for any segment.
-    variants = [v for v in dispatch_profiles(profile) if backends.for_profile(v).builds_differently(v, proto)]
+    variants = [(v, tuning_log.open_database(tuning_dir, v) if tuning_dir else None)
+                for v in dispatch_profiles(profile) if backends.for_profile(v).builds_differently(v, proto)]  # fmt: skip
     for sid, (role, seq) in enumerate([("decode", 1)] + [(f"prefill{c}", c) for c in chunks], start=first_id):
         dims = (1, seq) if len(sshape) == 2 else (1, seq, int(sshape[2]))
         imp = importer.prepare(proto, [importer.InputOverride(stream, dims)])
         imp.name, imp.sha256 = name, sha
-        c = compile_segment(imp, profile, stage, prefix + role, tuning, "fp32", store, weights, tied)
-        built = []
-        for v in variants:
-            vlog = tuning_log.open_database(tuning_dir, v) if tuning_dir else None
-            cv = compile_segment(imp, v, stage, f"{prefix}{role}.{v.name}", vlog, "fp32", store, weights, tied)
-            built.append({"profile": v.name, "library": cv.library, "tvm_target": dict(v.tvm_target),
-                          "weights": cv.weight_keys})  # fmt: skip
-            files += cv.files
+        c, built = compile_builds(imp, profile, stage, prefix + role, tuning, "fp32", variants, files, store, weights, tied)
         entries.append(mf.Segment(id=sid, placement="device", nodes=(), inputs=tuple(imp.inputs),
                                   outputs=tuple(imp.outputs), predicted={"tokens": seq}, **_built(c),
                                   variants=tuple(built),
                                   weights={"file": "segments/weights.npz", "keys": c.weight_keys}))  # fmt: skip
-        files += c.files
         top = top or imp
     doc = {"decode": first_id, "prefill": [{"segment": first_id + 1 + i, "tokens": c} for i, c in enumerate(chunks)],
            "cache": contract["cache"], "stream": stream, "result": contract["result"]}  # fmt: skip
@@ -240,23 +230,17 @@ def compile_decoder(model: Path, target: str, output: Path, chunks: tuple[int, .
     segments, weights, tokenizer; atomically. Returns the artifact summaries."""
     from . import weightquant
 
-    weightquant.check_mode(weights)
     profile = resolve(target)
-    backend = backends.for_profile(profile)
-    backend.check_toolchain(profile)
+    backends.for_profile(profile).check_toolchain(profile)
     if profile.placement != "device":
         raise UsageError(f"--decoder builds a device artifact; {profile.name} is a cloud profile")
-    if weights is not None and not backend.cpu:
-        raise UnsupportedError(f"--weights {weights}: quantized-weight kernels exist for CPU targets only, not {profile.name}")
+    weightquant.check_mode(weights, profile)  # before the model is read: a GPU target fails at once
     chunks = tuple(sorted(set(int(c) for c in chunks)))
     if not chunks or chunks[0] < 2:
         raise UsageError(f"--chunk {','.join(map(str, chunks))}: a prefill chunk holds 2 tokens or more "
                          "(decode runs one at a time)")  # fmt: skip
     model = Path(model)
-    data = _read(model)
-    digest = hashlib.sha256(data)
-    proto = importer.parse(data, str(model), base_dir=model.parent, digest=digest)
-    sha = digest.hexdigest()
+    proto, sha = importer.read(model)
     contract = decoder_contract(proto)
     tied = weightquant.embedding_digests(proto) if weights else frozenset()
     if contract["stream"] != "input_ids" or contract["result"] != "logits":
@@ -281,7 +265,6 @@ def compile_decoder(model: Path, target: str, output: Path, chunks: tuple[int, .
     t0 = time.perf_counter()
     with staging(out) as staged:
         stage = _stage(out, profile.name, staged)
-        tuning = tuning_logs
         store = WeightStore()
         config, tokenizer, extra = {}, None, []
         if (model.parent / "llm.json").is_file():
@@ -293,15 +276,15 @@ def compile_decoder(model: Path, target: str, output: Path, chunks: tuple[int, .
         common = {"max_context": contract["max_context"], "weights": weights or "fp32", "tokenizer": tokenizer,
                   "config": {k2: config[k2] for k2 in ("name", "bos", "stop", "chat_template", "vocab") if k2 in config}}  # fmt: skip
         if k is None:
-            half = _build_half(proto, model.stem, sha, profile, stage, store, chunks, weights, tuning, 0, tied=tied)
+            half = _build_half(proto, model.stem, sha, profile, stage, store, chunks, weights, tuning_logs, 0, tied=tied)
             doc = {**half.doc, **common}
             halves = [half]
         else:
             dev_proto, cloud_proto = split_decoder(proto, k)
-            half = _build_half(dev_proto, model.stem, sha, profile, stage, store, chunks, weights, tuning, 0, tied=tied)
+            half = _build_half(dev_proto, model.stem, sha, profile, stage, store, chunks, weights, tuning_logs, 0, tied=tied)
             n_seg = len(half.entries)
             # The cloud half built for the device too: the runtime's fallback when the cloud fails.
-            back = _build_half(cloud_proto, model.stem, sha, profile, stage, store, chunks, weights, tuning, n_seg,
+            back = _build_half(cloud_proto, model.stem, sha, profile, stage, store, chunks, weights, tuning_logs, n_seg,
                                "fallback-", tied)  # fmt: skip
             endpoint = {"model": re.sub(r"[^A-Za-z0-9_.-]", "_", f"{model.stem}-decoder-{k}"),
                         "version": hashlib.sha256(f"{sha}:{k}:{weights}:{chunks}".encode()).hexdigest()[:12]}  # fmt: skip
@@ -318,9 +301,8 @@ def compile_decoder(model: Path, target: str, output: Path, chunks: tuple[int, .
             t1 = time.perf_counter()
             cstage = _stage(out, cloud_prof.name, staged)
             cstore = WeightStore()
-            ctuning = tuning_logs
             cweights = weights if backends.for_profile(cloud_prof).cpu else None
-            chalf = _build_half(cloud_proto, model.stem, sha, cloud_prof, cstage, cstore, chunks, cweights, ctuning, 0,
+            chalf = _build_half(cloud_proto, model.stem, sha, cloud_prof, cstage, cstore, chunks, cweights, tuning_logs, 0,
                                 tied=tied)  # fmt: skip
             cstore.save(cstage / "segments/weights.npz")
             cdoc = {**chalf.doc, **common, "tokenizer": None, "weights": cweights or "fp32", "endpoint": endpoint}
@@ -329,10 +311,3 @@ def compile_decoder(model: Path, target: str, output: Path, chunks: tuple[int, .
             (cstage / mf.MANIFEST).write_text(cm.dumps())
             summaries.append(_summary(cloud_prof.name, out, cm, t1))
     return summaries
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read model {path}: {e.strerror or e}") from e

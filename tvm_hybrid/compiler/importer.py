@@ -119,16 +119,22 @@ class ImportedModel:
 def load(path: str | Path, overrides: list[InputOverride] | tuple = ()) -> ImportedModel:
     """Read, check, fix shapes and fold an ONNX file; raises UsageError on bad input."""
     path = Path(path)
+    model, sha256 = read(path)
+    imported = prepare(model, overrides)
+    imported.name = path.stem
+    imported.sha256 = sha256
+    return imported
+
+
+def read(path: Path) -> tuple[onnx.ModelProto, str]:
+    """(checked model, sha256 of the file and its external data) of an ONNX file; UsageError."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise UsageError(f"cannot read model {path}: {e.strerror or e}") from e
     digest = hashlib.sha256(data)
     model = parse(data, str(path), base_dir=path.parent, digest=digest)
-    imported = prepare(model, overrides)
-    imported.name = path.stem
-    imported.sha256 = digest.hexdigest()
-    return imported
+    return model, digest.hexdigest()
 
 
 def parse(data: bytes, where: str = "model", base_dir: Path | None = None, digest=None) -> onnx.ModelProto:

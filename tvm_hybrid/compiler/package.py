@@ -305,11 +305,9 @@ def compile_segment(imported: importer.ImportedModel, profile: TargetProfile, ro
     packed: list = []
     if weight_mode is not None:
         from . import weightquant
-
-        if not backend.cpu:
-            raise UnsupportedError(f"--weights {weight_mode}: quantized-weight kernels exist for CPU targets only, "
-                                   f"not {profile.name}")  # fmt: skip
         from .backends.cpu import cpu_config
+
+        weightquant.check_mode(weight_mode, profile)
 
         mod, packed, report = weightquant.apply(mod, weight_mode, tied, cpu_config(profile.tvm()).lanes)
         log.info("%s: %d matmuls and %d embeddings quantized (%s): %.1f MB of float32 weights in %.1f MB",
@@ -387,21 +385,33 @@ def _build_device_segment(seg: SegmentModel, e: mf.Segment, profile: TargetProfi
     """Compile a device segment for the profile and its dispatch variants (one copy of the weights
     for every build); its files are appended to ``files``, its manifest entry returned."""
     store = WeightStore() if variants else None
-    c = compile_segment(seg.imported, profile, root, str(seg.id), tuning, precision, store)
+    c, built = compile_builds(seg.imported, profile, root, str(seg.id), tuning, precision, variants, files, store)
     e = dataclasses.replace(e, **_built(c))
-    files += c.files
-    built = []
-    for vprof, vlog in variants:
-        cv = compile_segment(seg.imported, vprof, root, f"{seg.id}.{vprof.name}", vlog, precision, store)
-        built.append({"profile": vprof.name, "library": cv.library, "tvm_target": dict(vprof.tvm_target),
-                      "weights": cv.weight_keys})  # fmt: skip
-        files += cv.files
     if store is not None:
         rel = f"segments/{seg.id}.weights.npz"
         store.save(root / rel)
         files.append(rel)
         e = dataclasses.replace(e, variants=tuple(built), weights={"file": rel, "keys": c.weight_keys})
     return e
+
+
+def compile_builds(imported: importer.ImportedModel, profile: TargetProfile, root: Path, stem: str,
+                   tuning: tuning_log.TuningLog | None, precision: str,
+                   variants: list[tuple[TargetProfile, tuning_log.TuningLog | None]], files: list[str],
+                   store: WeightStore | None, weight_mode: str | None = None,
+                   tied: frozenset = frozenset()) -> tuple[backends.CompiledSegment, list[dict[str, Any]]]:  # fmt: skip
+    """A segment compiled for the profile (``stem``) and each dispatch variant (``stem.<name>``),
+    weights into ``store``: (the profile's build, the variants' manifest entries); every file
+    they wrote is appended to ``files``."""
+    c = compile_segment(imported, profile, root, stem, tuning, precision, store, weight_mode, tied)
+    files += c.files
+    built = []
+    for vprof, vlog in variants:
+        cv = compile_segment(imported, vprof, root, f"{stem}.{vprof.name}", vlog, precision, store, weight_mode, tied)
+        built.append({"profile": vprof.name, "library": cv.library, "tvm_target": dict(vprof.tvm_target),
+                      "weights": cv.weight_keys})  # fmt: skip
+        files += cv.files
+    return c, built
 
 
 def _plan_doc(plan: planner.Plan, cloud: TargetProfile | None, uses_cloud: bool) -> dict[str, Any]:

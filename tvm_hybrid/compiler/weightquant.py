@@ -29,7 +29,7 @@ import hashlib
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import UnsupportedError, UsageError
 
 GROUP = 32
 MODES = {"q4": 4, "q8": 8}
@@ -41,9 +41,24 @@ GEMV_ROWS = 8
 PANEL = 32
 
 
-def check_mode(mode: str | None) -> None:
+def check_mode(mode: str | None, profile=None) -> None:
+    """A known mode (UsageError), and one the profile's backend has kernels for (UnsupportedError)."""
     if mode is not None and mode not in MODES:
         raise UsageError(f"bad --weights {mode!r}: one of {', '.join(MODES)} (or leave it out for float32)")
+    if mode is not None and profile is not None:
+        from . import backends
+
+        if not backends.for_profile(profile).cpu:
+            raise UnsupportedError(f"--weights {mode}: quantized-weight kernels exist for CPU targets only, "
+                                   f"not {profile.name}")  # fmt: skip
+
+
+def packed_bytes(elements: int, bits: int | None) -> int:
+    """What a 2-D weight of ``elements`` values takes in the artifact at ``bits`` (None: float32):
+    the packed values and a float32 scale and min per group."""
+    if bits is None or elements < MIN_ELEMENTS:
+        return 4 * elements
+    return elements * bits // 8 + (elements // GROUP) * 8
 
 
 @dataclasses.dataclass
@@ -348,8 +363,8 @@ def apply(mod, mode: str, tied: frozenset[str] = frozenset(), lanes: int = 16):
             super().__init__(m)
             self.params, self.arrays, self.by_digest = [], [], {}
 
-        def weight(self, w: np.ndarray, wbits: int, panels: bool = False):
-            key = (_digest(w), wbits, panels)
+        def weight(self, w: np.ndarray, wbits: int, panels: bool = False, digest: str | None = None):
+            key = (digest or _digest(w), wbits, panels)
             if key not in self.by_digest:
                 q = quantize(w, wbits)
                 if panels:
@@ -391,29 +406,30 @@ def apply(mod, mode: str, tied: frozenset[str] = frozenset(), lanes: int = 16):
             if xs is None or xs[-1] != k or k % GROUP or n * k < MIN_ELEMENTS or str(x.ty.dtype) != "float32":
                 return call
             rows = int(np.prod(xs[:-1])) if len(xs) > 1 else 1
-            wbits = 8 if (d := _digest(wt)) in tables or d in tied else bits
+            d = _digest(wt)
+            wbits = 8 if d in tables or d in tied else bits
             panels = wbits == 4 and n % PANEL == 0
-            packed, scale, zero = self.weight(wt, wbits, panels)
+            packed, scale, zero = self.weight(wt, wbits, panels, d)
             bb = self.builder_
             flat = bb.normalize(relax.op.reshape(x, (rows, k)))
-            if panels:
-                kern = panel_gemv_kernel(rows, n, k) if rows <= GEMV_ROWS else panel_gemm_kernel(rows, n, k, lanes)
-                name = "q4_gemv" if rows <= GEMV_ROWS else "q4_gemm"
-                gv = bb.add_func(_scheduled(kern), name)
-                shape = (rows, n // PANEL, PANEL) if rows <= GEMV_ROWS else (rows, n)
-                y = bb.emit(relax.call_tir(gv, [flat, packed, scale, zero], relax.TensorType(shape, "float32")))
-                if rows <= GEMV_ROWS:
-                    y = bb.emit(relax.op.reshape(y, (rows, n)))
+            if panels and rows <= GEMV_ROWS:
+                kern, name, shape = panel_gemv_kernel(rows, n, k), "q4_gemv", (rows, n // PANEL, PANEL)
+            elif panels:
+                kern, name, shape = panel_gemm_kernel(rows, n, k, lanes), "q4_gemm", (rows, n)
             elif rows <= GEMV_ROWS:
-                gv = bb.add_func(_scheduled(gemv_kernel(rows, n, k, wbits)), f"q{wbits}_gemv")
-                y = bb.emit(relax.call_tir(gv, [flat, packed, scale, zero], relax.TensorType((rows, n), "float32")))
+                kern, name, shape = gemv_kernel(rows, n, k, wbits), f"q{wbits}_gemv", (rows, n)
             elif gemm_tile(rows, n, lanes) is not None:
-                gv = bb.add_func(_scheduled(gemm_kernel(rows, n, k, wbits, lanes)), f"q{wbits}_gemm")
-                y = bb.emit(relax.call_tir(gv, [flat, packed, scale, zero], relax.TensorType((rows, n), "float32")))
-            else:
+                kern, name, shape = gemm_kernel(rows, n, k, wbits, lanes), f"q{wbits}_gemm", (rows, n)
+            else:  # no vector divides N: the weight dequantized whole, then the backend's matmul
                 gv = bb.add_func(_scheduled(dequant_kernel(n, k, wbits)), f"q{wbits}_dequantize")
                 deq = bb.emit(relax.call_tir(gv, [packed, scale, zero], relax.TensorType((k, n), "float32")))
+                kern = None
                 y = bb.emit(relax.op.matmul(flat, deq))
+            if kern is not None:
+                gv = bb.add_func(_scheduled(kern), name)
+                y = bb.emit(relax.call_tir(gv, [flat, packed, scale, zero], relax.TensorType(shape, "float32")))
+                if shape != (rows, n):  # the panel GEMV's [rows, panels, PANEL] is [rows, n] in memory
+                    y = bb.emit(relax.op.reshape(y, (rows, n)))
             report.matmuls += 1
             return relax.op.reshape(y, (*xs[:-1], n)) if len(xs) != 2 else y
 
@@ -472,10 +488,6 @@ def embedding_digests(model) -> frozenset[str]:
             if len(t.dims) == 2 and t.data_type == 1:
                 out.add(_digest(numpy_helper.to_array(t).astype(np.float32)))
     return frozenset(out)
-
-
-def digest(arr: np.ndarray) -> str:
-    return _digest(arr)
 
 
 def _digest(arr: np.ndarray) -> str:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..errors import ArtifactError, RuntimeFailure, UsageError, one_line
+from ..errors import RuntimeFailure, UsageError, one_line
 from ._tvm import tvm_runtime
 from .artifact import open_artifact
 from .threads import resolve as resolve_threads
@@ -117,6 +117,11 @@ class DecoderHalf:
         self.cache_shape = tuple(spec[self.cache_pairs[0][0]].shape)
         self.row_shape = tuple(spec[self.stream].shape[2:])  # () for token ids, (hidden,) for rows
 
+    def segment_for(self, rows: int) -> int:
+        """The segment that runs ``rows`` stream rows (at most the largest chunk does, the caller
+        slicing longer ones): decode for one, else the smallest chunk they fit (padded)."""
+        return 1 if rows == 1 else next((c for c in self.chunks if c >= rows), self.chunks[-1])
+
     def empty_cache(self) -> dict[str, Any]:
         zeros = np.zeros(self.cache_shape, np.float32)
         return {past: self.tvm.runtime.tensor(zeros, self.device) for past, _ in self.cache_pairs}
@@ -166,7 +171,6 @@ class Generator:
         self._weights: dict = {}
         self.local = DecoderHalf(self._tvm, self.device, self._artifact.root, m.decoder, self._by_id, self._weights)
         self.chunks = self.local.chunks
-        self.cache_pairs = self.local.cache_pairs
         self.split = m.decoder.get("split")
         self._cloud = None
         self._rest: DecoderHalf | None = None  # the cloud half on the device (fallback), loaded when needed
@@ -314,8 +318,7 @@ class Generator:
             pos = 0
             while history is not None and pos < history.shape[1]:
                 part = history[:, pos : pos + self._rest.chunks[-1]]
-                m = next((c for c in self._rest.chunks if c >= part.shape[1]), self._rest.chunks[-1])
-                m = 1 if part.shape[1] == 1 else m
+                m = self._rest.segment_for(part.shape[1])
                 _, self._rest_cache = self._rest.run(m, part, pos, part.shape[1] - 1, self._rest_cache)
                 pos += part.shape[1]
             entry["fallback"] = self._fell_back
@@ -334,9 +337,7 @@ class Generator:
         logits = None
         i = 0
         while i < len(ids):
-            left = len(ids) - i
-            # The smallest chunk the rest fits in (padded), else the largest, full.
-            chunk = next((c for c in self.chunks if c >= left), self.chunks[-1])
+            chunk = self.local.segment_for(len(ids) - i)
             part = ids[i : i + chunk]
             i += len(part)
             if len(part) == 1 or self.position + chunk > self.max_context:
@@ -460,13 +461,3 @@ def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: 
         keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
         order, p = order[:keep], p[:keep] / p[:keep].sum()
     return int(order[rng.choice(len(order), p=p)])
-
-
-def is_decoder(artifact: str | Path) -> bool:
-    """Whether an artifact directory holds a decoder (without loading it)."""
-    from .. import manifest as mf
-
-    try:
-        return mf.read(Path(artifact)).decoder is not None
-    except (ArtifactError, OSError):
-        return False

@@ -30,6 +30,7 @@ from ..runtime.artifact import Artifact, open_artifact
 from ..runtime.cloud import wire_version
 from ..runtime.executors import create_executor
 from ..runtime.threads import per_worker
+from .decoder import SequenceError, ServedDecoder
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tvm_hybrid.access")
@@ -87,8 +88,6 @@ class Registry:
             if art.manifest.decoder is not None:
                 if art.manifest.role != "cloud":
                     raise ArtifactError(f"{path} is a device decoder artifact; serve its cloud half (OUT/cloud-x86)")
-                from .decoder import ServedDecoder
-
                 sd = ServedDecoder(art, workers, self.threads, max_sequences, sequence_timeout)
                 self.models.setdefault(sd.name, {})[sd.version] = sd
                 for v in sd.versions:
@@ -312,8 +311,6 @@ def create_app(registry: Registry, token: str | None = None, *, max_request_byte
             doc, feeds = decode(body, request.headers.get(HEADER_LENGTH.lower()), max_elements=max(n_max, 1))
             params = doc.get("parameters") or {}
             if stateful:
-                from .decoder import SequenceError
-
                 try:
                     model.check(feeds, params if isinstance(params, dict) else {})
                 except SequenceError as e:
@@ -331,8 +328,6 @@ def create_app(registry: Registry, token: str | None = None, *, max_request_byte
         try:
             t0 = time.perf_counter()
             if stateful:
-                from .decoder import SequenceError
-
                 try:
                     outs, started, ended = await asyncio.get_running_loop().run_in_executor(
                         pool, _timed, model.infer_sequence, feeds, params)

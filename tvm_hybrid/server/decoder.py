@@ -149,7 +149,6 @@ class ServedDecoder:
         with seq.lock:
             x = feeds[self.stream]
             rows = x.shape[1]
-            n = 1 if rows == 1 else next(c for c in self.chunks if c >= rows)  # the segment, padded to it
             start = int(np.asarray(feeds["start"]).reshape(-1)[0])
             last = int(np.asarray(feeds.get("last", np.array([rows - 1]))).reshape(-1)[0])
             if start > seq.position:
@@ -163,7 +162,7 @@ class ServedDecoder:
                 from ..runtime.threads import use
 
                 use(self.threads)
-                logits, seq.cache = half.run(n, x, start, last, seq.cache)
+                logits, seq.cache = half.run(half.segment_for(rows), x, start, last, seq.cache)  # padded to it
             finally:
                 self._halves.put(half)
             seq.position = start + last + 1  # a retried request rewinds: rows past it are masked out
