@@ -458,7 +458,7 @@ def legalize_overrides() -> dict:
 def fast_sigmoid(bb, call):
     """sigmoid(x) = 1 / (1 + exp(-x)) with TVM's vectorizable polynomial exp (``topi.fast_exp``,
     the one FastMathTransform puts in place of exp; it clamps its argument, so large |x| give 0
-    and 1): a SiLU'd FFN's [128, 1536] activation 0.25 -> 0.05 ms on 2 Zen 4 cores. float32 only."""
+    and 1): YOLOv8n-320 2.00x -> 1.45x onnxruntime (README, Benchmark). float32 only."""
     from tvm import te, tirx, topi
 
     x = call.args[0]

@@ -12,7 +12,7 @@ Kernels (CPU). 4-bit matmul weights whose N is a multiple of PANEL are stored in
 columns side by side (``to_panels``), so a vector of columns loads from contiguous bytes: few
 rows (decode: one token) run a fused dequantize-GEMV over column vectors; more rows (prefill) a
 fused dequantize-GEMM — each panel dequantized once into an L2-sized float32 buffer, then 8x2
-register tiles down the activations (484 GFLOP/s at 128x1536x576 on 2 Zen 4 cores). Other
+register tiles down the activations (prefill of 128 tokens: ``scripts/bench_llm.py``). Other
 weights keep the row layout: a GEMV reducing into 16 lanes per row, a row-layout GEMM, or (no
 vector divides N) the whole weight dequantized before the backend's matmul. Embedding tables
 (and an output layer that is their transpose: tied weights) are kept at 8 bits even with q4, as
@@ -252,8 +252,8 @@ def gemm_kernel(m: int, n: int, k: int, bits: int, lanes: int = 16):
     """y[m, n] = x[m, :] . dequant(W)[n, :] for many rows (prefill): the n axis in parallel
     panels of ``cols x lanes`` columns, each panel's weights dequantized once into a float32
     [K, panel] buffer (L2-sized) and reused by every register tile of ``rows`` rows down m.
-    Measured on 2 Zen 4 cores (128 x 1536 x 576, q4): 0.62 ms, 360 GFLOP/s with the
-    dequantization, against 1.0 ms for dequantizing whole then the float32 matmul."""
+    For row-layout weights (q8, or N not a multiple of PANEL); 4-bit panels use
+    ``panel_gemm_kernel``."""
     from tvm import s_tir, te, tirx
 
     rows, cols, width = gemm_tile(m, n, lanes)
