@@ -87,20 +87,20 @@ def _compile_decoder(model, targets, inputs, output, logs, precision, adaptive, 
     from ..compiler.decoder import compile_decoder
     from ..errors import UsageError
 
+    cloud, settings = plan_settings(kw)
     used = [flag for flag, on in (("--input", inputs), ("--precision fp16", precision != "fp32"), ("--adaptive", adaptive),
-                                  ("--bandwidth", kw.get("bandwidth")), ("--rtt", kw.get("rtt"))) if on]  # fmt: skip
+                                  ("--bandwidth", settings.bandwidth), ("--rtt", settings.rtt)) if on]  # fmt: skip
     if used:
         raise UsageError(f"{', '.join(used)} do not apply to --decoder builds (the sequence length is the chunk's; "
                          "a decoder splits by --memory or --split-layers)")  # fmt: skip
-    if len(targets) > 1 and (kw.get("memory") or split_layers):
+    if len(targets) > 1 and (settings.memory or split_layers):
         raise UsageError("a split decoder is compiled for one --target at a time")
     try:
         chunks = tuple(int(c) for c in chunk.split(",") if c.strip())
     except ValueError:
         raise UsageError(f"--chunk {chunk!r}: comma-separated token counts, like 16,128") from None
     mode = None if weight_mode == "fp32" else (weight_mode or "q4")
-    memory = planner.parse_size(kw["memory"]) if kw.get("memory") else None
-    cloud = None if (kw.get("cloud") or "").lower() == "none" else kw.get("cloud")
+    memory = planner.parse_size(settings.memory) if settings.memory else None
     return [s for t in targets
             for s in compile_decoder(Path(model), t, Path(output), chunks, mode, logs, memory, split_layers, cloud)]
 
