@@ -95,11 +95,6 @@ class ServedDecoder:
                                "sequence_timeout_s": self.timeout, "chunks": [1, *self.chunks],
                                "max_context": self.max_context}}  # fmt: skip
 
-    def live(self) -> int:
-        with self._lock:
-            self._expire(time.monotonic())
-            return len(self._seqs)
-
     def _expire(self, now: float) -> None:
         for sid in [k for k, s in self._seqs.items() if now - s.used > self.timeout and not s.lock.locked()]:
             del self._seqs[sid]
