@@ -28,7 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["BENCH", "CONTROL_FLOW", "NAMES", "ZooModel", "build", "qdq_convs", "qdq_matmul", "vad", "vit"]
+__all__ = ["BENCH", "CONTROL_FLOW", "NAMES", "ZooModel", "build", "narrow_casts", "qdq_convs", "qdq_matmul", "vad",
+           "vit"]
 
 OPSET = 17
 IR_VERSION = 8  # the IR version that goes with opset 17
@@ -1110,3 +1111,104 @@ def tiny_decoder(folder, layers: int = 2, hidden: int = 64, heads: int = 4, kv_h
                "chat_template": None}  # fmt: skip
         (folder / "tokenizer.json").write_text(json.dumps(gguf_decoder.tokenizer_json(tok), ensure_ascii=False))
     return folder / "decoder.onnx"
+
+
+#: The narrow types ``narrow_casts`` converts to and from (ONNX element type, numpy name).
+NARROW_FLOATS = {"float8_e4m3fn": TensorProto.FLOAT8E4M3FN, "float8_e4m3fnuz": TensorProto.FLOAT8E4M3FNUZ,
+                 "float8_e5m2": TensorProto.FLOAT8E5M2, "float8_e5m2fnuz": TensorProto.FLOAT8E5M2FNUZ,
+                 "float4_e2m1fn": TensorProto.FLOAT4E2M1}  # fmt: skip
+NARROW_INTS = {"int4": TensorProto.INT4, "uint4": TensorProto.UINT4, "int2": TensorProto.INT2, "uint2": TensorProto.UINT2}
+
+
+def narrow_sweep(n_random: int = 4096) -> np.ndarray:
+    """float32 values that exercise every rounding case of the narrow formats: every float16
+    value (all their grids' midpoints and ties), random bit patterns, and the specials."""
+    rng = np.random.RandomState(_seed("narrow_sweep"))
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    bits = rng.randint(0, 1 << 32, n_random, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 2.0**-126, 2.0**-127, 3e38, -3e38],
+                       np.float32)  # fmt: skip
+    return np.concatenate([halves, bits, special])
+
+
+def narrow_casts() -> ZooModel:
+    """Casts into every narrow type from float32 ``x`` [n] (both ``saturate`` values for the float8
+    formats; E8M0 in its three rounding modes) and out of every narrow float from inputs holding
+    each of its codes: what ``compiler.narrow`` rewrites, checked against ONNX's reference."""
+    x = narrow_sweep()
+    n = len(x)
+    nodes, outputs = [], []
+    for name, t in NARROW_FLOATS.items():
+        for sat in (1, 0) if name.startswith("float8") else (1,):
+            out = f"{name}_sat{sat}"
+            nodes.append(helper.make_node("Cast", ["x"], [out], to=t, saturate=sat))
+            outputs.append(helper.make_tensor_value_info(out, t, [n]))
+    for mode in ("up", "down", "nearest"):
+        out = f"e8m0_{mode}"
+        nodes.append(helper.make_node("Cast", ["x"], [out], to=TensorProto.FLOAT8E8M0, round_mode=mode))
+        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT8E8M0, [n]))
+    nodes.append(helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.INT32))  # integers in range of int32
+    for name, t in NARROW_INTS.items():
+        nodes.append(helper.make_node("Cast", ["xi"], [name], to=t))
+        outputs.append(helper.make_tensor_value_info(name, t, [n]))
+    inputs = [helper.make_tensor_value_info("x", F32, [n])]
+    feeds: dict[str, np.ndarray] = {}
+    for name, t in [*NARROW_FLOATS.items(), ("float8_e8m0fnu", TensorProto.FLOAT8E8M0)]:
+        k = 16 if name == "float4_e2m1fn" else 256
+        inputs.append(helper.make_tensor_value_info(f"codes_{name}", t, [k]))
+        import ml_dtypes  # noqa: F401  (numpy's names for the narrow types)
+
+        feeds[f"codes_{name}"] = np.arange(k, dtype=np.uint8).view(np.dtype(name))
+        for to, suffix in ((F32, "f32"), (TensorProto.FLOAT16, "f16")):
+            out = f"from_{name}_{suffix}"
+            nodes.append(helper.make_node("Cast", [f"codes_{name}"], [out], to=to))
+            outputs.append(helper.make_tensor_value_info(out, to, [k]))
+    graph = helper.make_graph(nodes, "narrow_casts", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)], ir_version=11)
+    feeds = {"x": x, **feeds}
+    return ZooModel("narrow_casts", model, feeds, {k: v.shape for k, v in feeds.items()}, 0.0, 0.0)
+
+
+def narrow_qdq() -> ZooModel:
+    """Narrow types at a model's boundary and in quantization: an int4 input moved (Transpose) and
+    dequantized per axis with an int4 zero point; float32 quantized to uint4 in blocks of 4 along
+    the last axis (a blocked QuantizeLinear, which TVM's frontend refuses) and to float8 E4M3 per
+    tensor, then dequantized back; a float8 E5M2 input passed through and doubled."""
+    rng = np.random.RandomState(_seed("narrow_qdq"))
+    import ml_dtypes  # noqa: F401
+
+    q = rng.randint(-8, 8, (4, 6)).astype(np.dtype("int4"))
+    x = rng.standard_normal((6, 10)).astype(np.float32) * 3
+    f8 = rng.standard_normal((3, 5)).astype(np.dtype("float8_e5m2"))
+    inits = [
+        helper.make_tensor("s4", F32, [6], rng.uniform(0.05, 0.2, 6).astype(np.float32)),
+        helper.make_tensor("z4", TensorProto.INT4, [6], rng.randint(-3, 4, 6).tolist()),
+        helper.make_tensor("sb", F32, [6, 3], rng.uniform(0.1, 0.5, (6, 3)).astype(np.float32).ravel()),
+        helper.make_tensor("zb", TensorProto.UINT4, [6, 3], rng.randint(4, 12, 18).tolist()),
+        helper.make_tensor("s8", F32, [], [0.05]),
+        helper.make_tensor("two", F32, [], [2.0]),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["q"], ["qt"], perm=[1, 0]),
+        helper.make_node("DequantizeLinear", ["qt", "s4", "z4"], ["deq4"], axis=0),
+        helper.make_node("QuantizeLinear", ["x", "sb", "zb"], ["qb"], axis=1, block_size=4),
+        helper.make_node("DequantizeLinear", ["qb", "sb", "zb"], ["deqb"], axis=1, block_size=4),
+        helper.make_node("QuantizeLinear", ["x", "s8"], ["q8"], output_dtype=TensorProto.FLOAT8E4M3FN),
+        helper.make_node("DequantizeLinear", ["q8", "s8"], ["deq8"]),
+        helper.make_node("Identity", ["f8"], ["f8_out"]),
+        helper.make_node("Cast", ["f8"], ["f8_f32"], to=F32),
+        helper.make_node("Mul", ["f8_f32", "two"], ["f8_twice"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "narrow_qdq",
+        [helper.make_tensor_value_info("q", TensorProto.INT4, [4, 6]), helper.make_tensor_value_info("x", F32, [6, 10]),
+         helper.make_tensor_value_info("f8", TensorProto.FLOAT8E5M2, [3, 5])],
+        [helper.make_tensor_value_info("deq4", F32, [6, 4]), helper.make_tensor_value_info("qb", TensorProto.UINT4, [6, 10]),
+         helper.make_tensor_value_info("deqb", F32, [6, 10]), helper.make_tensor_value_info("deq8", F32, [6, 10]),
+         helper.make_tensor_value_info("f8_out", TensorProto.FLOAT8E5M2, [3, 5]),
+         helper.make_tensor_value_info("f8_twice", F32, [3, 5])],
+        inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)], ir_version=11)
+    feeds = {"q": q, "x": x, "f8": f8}
+    return ZooModel("narrow_qdq", model, feeds, {k: v.shape for k, v in feeds.items()}, 1e-6, 1e-6)

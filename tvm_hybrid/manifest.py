@@ -18,6 +18,7 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .dtypes import NARROW, np_dtype
 from .errors import ArtifactError
 
 SCHEMA = "tvm-hybrid/artifact@1"
@@ -41,7 +42,7 @@ MAX_MANIFEST_BYTES = 32 << 20
 DTYPES = frozenset({
     "float32", "float16", "float64", "bfloat16", "int8", "uint8", "int16", "uint16",
     "int32", "uint32", "int64", "uint64", "bool",
-})  # fmt: skip
+}) | frozenset(NARROW)  # fmt: skip
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -581,7 +582,7 @@ def _tensor(t: Any, where: str) -> None:
         import numpy as np
 
         try:
-            ok = shape is not None and np.asarray(t["value"], dtype=t["dtype"]).shape == tuple(shape)
+            ok = shape is not None and np.asarray(t["value"], dtype=np_dtype(t["dtype"])).shape == tuple(shape)
         except (TypeError, ValueError, OverflowError):
             ok = False
         if not ok:

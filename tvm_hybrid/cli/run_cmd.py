@@ -8,6 +8,9 @@ from pathlib import Path
 
 import click
 
+import numpy as np
+
+from ..dtypes import NARROW, carrier, from_carrier, np_dtype, to_carrier
 from .output import emit_json
 
 
@@ -55,7 +58,6 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
     tvm-hybrid run dist/vulkan-adreno --input x=image.npy --device llvmpipe
     tvm-hybrid run dist/arm64-cortex-a76 --input x=image.npy --output-dir out/ --emulate
     """
-    import numpy as np
 
     if emulate:
         from ..emulate import artifact_target
@@ -85,7 +87,8 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
                         + ", ".join(s.name for s in sess.inputs)
                     )
                 name = sess.inputs[0].name
-            arrays[name] = _load_npy(path)
+            dtype = {s.name: s.dtype for s in sess.inputs}.get(name)
+            arrays[name] = _narrow_input(_load_npy(path, dtype), dtype, path)
         times, cuts = [], []
         for _ in range(repeat):
             t0 = time.perf_counter()
@@ -102,7 +105,7 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
         out.mkdir(parents=True, exist_ok=True)
         for name, arr in outs.items():
             p = out / f"{safe_filename(name)}.npy"
-            np.save(p, arr)
+            np.save(p, to_carrier(arr, arr.dtype.name))  # narrow types as their bytes: .npy cannot hold them
             written[name] = str(p)
     median = statistics.median(times)
     if as_json:
@@ -111,6 +114,7 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
                 "artifact": artifact,
                 "outputs": {
                     n: {"shape": list(a.shape), "dtype": str(a.dtype), "file": written.get(n),
+                        **({"stored_as": carrier(a.dtype.name)} if a.dtype.name in NARROW else {}),
                         "min": _num(a.min()) if a.size else None, "max": _num(a.max()) if a.size else None}
                     for n, a in outs.items()
                 },
@@ -183,17 +187,56 @@ def _run_emulated(artifact: str, args: list[str], repeat: int, as_json: bool) ->
 
 
 def _num(x):
-    return x.item()
+    return float(x) if x.dtype.name in NARROW else x.item()
 
 
-def _load_npy(path: str):
-    import numpy as np
+def _narrow_input(arr, dtype: str | None, path: str):
+    """A .npy for an input of a narrow type (float8, int4…), which .npy cannot hold: as ``run
+    --output-dir`` writes them (the carrier: a float format's bit patterns as uint8, an integer's
+    values as int8/uint8), or as numpy saves an ml_dtypes array (its bytes, as void or an
+    unreadable descr)."""
+    from ..errors import UsageError
 
+    if dtype not in NARROW or arr.dtype.name == dtype:
+        return arr
+    if arr.dtype.kind == "V" and arr.dtype.itemsize == 1:
+        return arr.view(np_dtype(dtype))
+    if arr.dtype.name == carrier(dtype):
+        back = from_carrier(arr, dtype)
+        if not np.array_equal(to_carrier(back, dtype), arr):
+            raise UsageError(f"input file {path}: values out of range for {dtype}")
+        return back
+    return arr  # (the session names the dtype it wants)
+
+
+def _load_npy(path: str, dtype: str | None = None):
     from ..errors import UsageError
 
     try:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise UsageError(f"input file {path} does not exist") from None
-    except (OSError, ValueError, EOFError) as e:
+    except ValueError as e:
+        if dtype in NARROW and "descr" in str(e):  # np.save of some ml_dtypes arrays: '<f1'
+            return _npy_bytes(path)
         raise UsageError(f"input file {path} is not a readable .npy array: {e}") from e
+    except (OSError, EOFError) as e:
+        raise UsageError(f"input file {path} is not a readable .npy array: {e}") from e
+
+
+def _npy_bytes(path: str):
+    """A .npy of one-byte elements whose descr numpy cannot parse, as void bytes in its shape."""
+    import ast
+
+    from ..errors import UsageError
+
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            size = int.from_bytes(f.read(2 if major == 1 else 4), "little")
+            header = ast.literal_eval(f.read(size).decode("latin1"))
+            shape = tuple(header["shape"])
+            data = np.frombuffer(f.read(), np.uint8, count=int(np.prod(shape, dtype=np.int64)))
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError) as e:
+        raise UsageError(f"input file {path} is not a readable .npy array: {e}") from e
+    return data.reshape(shape, order="F" if header.get("fortran_order") else "C").view("V1")

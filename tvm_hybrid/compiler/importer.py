@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import UnsupportedError, UsageError, one_line
 from ..manifest import DTYPES, TensorSpec
+from . import narrow
 from .controlflow import static_control_flow
 from .expand import expand_functions
 from .legalize import legalize
@@ -253,6 +254,9 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
     model = _infer(model)
+    narrow_io = narrow.lower(model)  # float8, float4, int4… tensors as bytes; blocked Q/DQ
+    if narrow_io is not None:
+        model = _infer(model)
     model = expand_functions(model, supported_op_types(), _infer)
     model = fold_constants(model)
     for _ in range(16):  # what one pass writes may need the other (an unrolled body holds more control flow)
@@ -263,7 +267,7 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
         model = fold_constants(_infer(model))
     _cast_mul_as_dequantize(model)
     check_sizes(model)
-    inputs = [_spec(vi) for vi in model.graph.input if vi.name not in {t.name for t in model.graph.initializer}]
+    inputs = [_spec(vi, narrow_io) for vi in model.graph.input if vi.name not in {t.name for t in model.graph.initializer}]
     inputs = [dataclasses.replace(s, value=values[s.name]) if s.name in values else s for s in inputs]
     consts = {t.name for t in model.graph.initializer}
     runtime_axes = sorted({(n.op_type, n.input[k]) for n in model.graph.node for k in _CONST_OPERANDS.get(n.op_type, ())
@@ -280,7 +284,7 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
                 f"output {vi.name!r} is a constant (an initializer, or folded to one), not computed from the inputs; "
                 "tvm-hybrid compiles outputs that depend on the inputs"
             )
-        spec = _spec(vi)
+        spec = _spec(vi, narrow_io)
         if spec.shape is None or any(d < 0 for d in spec.shape):
             needed = shape_inputs(model)
             if needed:
@@ -445,9 +449,11 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     return lenient
 
 
-def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+def _spec(vi: onnx.ValueInfoProto, narrow_io: dict[str, str] | None = None) -> TensorSpec:
+    """The tensor as callers see it: a narrow type (carried in bytes inside) under its own name."""
     tt = vi.type.tensor_type
     dtype = str(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else "float32"
+    dtype = (narrow_io or {}).get(vi.name, dtype)
     shape = None
     if tt.HasField("shape"):
         shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]

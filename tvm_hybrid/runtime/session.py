@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..dtypes import from_carrier, np_dtype, to_carrier
 from ..errors import ArtifactError, RuntimeFailure, UsageError, one_line
 from ..manifest import Segment, TensorSpec
 from .adaptive import Chooser, Decision, Estimates, Prober, cuts_of
@@ -166,7 +167,7 @@ class Session:
         for step in self._steps:
             self._run_step(step, env, trace)
         self.trace = trace
-        return {o.name: env[o.name] for o in self.outputs}
+        return {o.name: from_carrier(env[o.name], o.dtype) for o in self.outputs}
 
     def _run_cut(self, env: dict[str, np.ndarray], forced: str | None) -> dict[str, np.ndarray]:
         usable = self._usable
@@ -210,7 +211,7 @@ class Session:
         for entry in trace:
             entry["cut"] = cut.name
         self.trace = trace
-        return {o.name: env[o.name] for o in self.outputs}
+        return {o.name: from_carrier(env[o.name], o.dtype) for o in self.outputs}
 
     def _finish_locally(self, cut) -> list[int] | None:
         """The device pieces that finish ``cut`` without the cloud, where some cut runs every node here."""
@@ -293,7 +294,7 @@ class Session:
         for name, spec in want.items():
             arr = feeds[name]
             if not isinstance(arr, np.ndarray):
-                arr = np.asarray(arr, dtype=spec.dtype)
+                arr = np.asarray(arr, dtype=np_dtype(spec.dtype))
             if str(arr.dtype) != spec.dtype:
                 raise UsageError(f"input {name} must be {spec.dtype}, got {arr.dtype}; cast it with .astype({spec.dtype!r})")
             if tuple(arr.shape) != tuple(spec.shape):
@@ -301,12 +302,12 @@ class Session:
                     f"input {name} must have shape {_fmt_shape(spec.shape)}, got {_fmt_shape(arr.shape)}; "
                     "the artifact was compiled for that shape (recompile with --input to change it)"
                 )
-            if spec.value is not None and not np.array_equal(arr, np.asarray(spec.value, dtype=spec.dtype)):
+            if spec.value is not None and not np.array_equal(arr, np.asarray(spec.value, dtype=np_dtype(spec.dtype))):
                 raise UsageError(
                     f"input {name} was fixed to {_fmt_value(spec.value)} at compile time (--input {name}=VALUE), "
                     f"got {_fmt_value(arr.tolist())}; recompile with that value to run it"
                 )
-            env[name] = np.asarray(arr, order="C")  # not ascontiguousarray: it makes a scalar 1-d
+            env[name] = to_carrier(np.asarray(arr, order="C"), spec.dtype)  # (ascontiguousarray makes a scalar 1-d)
         return env
 
     def close(self) -> None:
