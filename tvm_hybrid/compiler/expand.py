@@ -189,9 +189,11 @@ def _rename_subgraph(g: onnx.GraphProto, outer: Callable[[str], str], attrs: dic
         vi.name = rename(vi.name)
 
 
-def expand_functions(model: onnx.ModelProto, supported: set[str], infer: Callable) -> onnx.ModelProto:
+def expand_functions(model: onnx.ModelProto, supported: set[str], infer: Callable,
+                     also: Callable[[NodeProto, dict], bool] | None = None) -> onnx.ModelProto:  # fmt: skip
     """Replace every node the frontend cannot take by its ONNX function body, re-inferring shapes
-    between rounds (``infer``). Nodes with no body are left for the caller to report."""
+    between rounds (``infer``); ``also(node, types)``: other nodes to expand. Nodes with no body
+    are left for the caller to report."""
     version = opset(model)
     for round_ in range(_MAX_ROUNDS):
         g = model.graph
@@ -202,7 +204,7 @@ def expand_functions(model: onnx.ModelProto, supported: set[str], infer: Callabl
         new_nodes: list[NodeProto] = []
         changed = False
         for i, node in enumerate(g.node):
-            if needs_expansion(node, supported, used, types):
+            if needs_expansion(node, supported, used, types) or (also is not None and also(node, types)):
                 body = function_body(node, version, [types.get(x) if x else onnx.TypeProto() for x in node.input])
                 nodes = None
                 if body is not None:

@@ -839,6 +839,13 @@ def _has_half(model) -> bool:
         vi.type.tensor_type.elem_type in half for vi in [*g.input, *g.value_info, *g.output])  # fmt: skip
 
 
+def _half_softmax(node, types) -> bool:
+    """A Softmax or Attention on float16 / bfloat16 data."""
+    t = types.get(node.input[0]) if node.input else None
+    return node.op_type in ("Softmax", "Attention") and node.domain in ("", "ai.onnx") and t is not None \
+        and t.HasField("tensor_type") and t.tensor_type.elem_type in (10, 16)  # fmt: skip
+
+
 class CpuBackend(Backend):
     """CPUs through LLVM: heuristic default schedules (``apply_default``), MetaSchedule tuning
     measured on this machine (or on the device over RPC), the library linked for the profile."""
@@ -867,13 +874,21 @@ class CpuBackend(Backend):
         fp16 not in the profile's precisions): ``legalize.fp16_in_fp32``."""
         import dataclasses
 
-        from ..importer import _copy, _infer
-        from ..legalize import fp16_in_fp32
+        from ..expand import expand_functions
+        from ..importer import _copy, _infer, fold_constants, supported_op_types
+        from ..legalize import fp16_in_fp32, legalize
         from ...targets import precisions
 
         if "fp16" in precisions(profile) or not _has_half(imported.model):
             return imported
-        model = _copy(imported.model)
+        # An fp16 Softmax or Attention rounds each step to fp16 (its function body's ops: the
+        # exponentials, their sum, the scaled Q and K, the scores), as ONNX's reference and a
+        # device with fp16 arithmetic do; computed whole in fp32 it differs by an fp16 ulp.
+        model = expand_functions(_copy(imported.model), supported_op_types(), _infer, also=_half_softmax)
+        if model.graph.node != imported.model.graph.node:  # (its shape arithmetic folded, as at import)
+            model = fold_constants(model)
+            if legalize(model):
+                model = fold_constants(_infer(model))
         if not fp16_in_fp32(model):
             return imported
         return dataclasses.replace(imported, model=_infer(model))
