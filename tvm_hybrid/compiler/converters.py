@@ -63,7 +63,25 @@ def _converters() -> dict:
                                            method=method, coordinate_transformation_mode="asymmetric",
                                            rounding_method="floor" if method == "nearest_neighbor" else "")  # fmt: skip
 
-    return {"CumProd": CumProd, "Upsample": Upsample}
+    class BitCast(fe.OnnxOpConverter):
+        """BitCast (opset 26) between types of one width: each element's bits read as the other
+        type (``tir.reinterpret``); a bool is a byte of 0 or 1."""
+
+        @classmethod
+        def _impl_v26(cls, bb, inputs, attr, params):
+            from tvm import te
+
+            x = inputs[0]
+            src, dst = str(x.ty.dtype), fe.get_type(attr["to"])
+            if src == "bool" or dst == "bool":
+                if {src, dst} - {"bool", "uint8", "int8"}:
+                    raise ValueError(f"BitCast from {src} to {dst}: the widths differ")
+                return relax.op.astype(x, dst) if src == "bool" else relax.op.not_equal(x, relax.const(0, src))
+            if tvm.DataType(src).bits != tvm.DataType(dst).bits:
+                raise ValueError(f"BitCast from {src} to {dst}: the widths differ (the shape would change)")
+            return bb.emit_te(lambda t: te.compute(t.shape, lambda *i: tvm.tirx.reinterpret(dst, t(*i)), "bitcast"), x)
+
+    return {"CumProd": CumProd, "Upsample": Upsample, "BitCast": BitCast}
 
 
 def install() -> None:

@@ -195,11 +195,84 @@ def _dropout(node, ctx: Ctx):
     return nodes
 
 
+def _reduce_mean(ctx: Ctx, x: str, axes: list[int], out: str) -> onnx.NodeProto:
+    """ReduceMean keeping dims, its axes as the model's opset takes them (an input from 18)."""
+    if opset(ctx.model) >= 18:
+        return helper.make_node("ReduceMean", [x, ctx.add_const(np.array(axes, np.int64), out)], [out], keepdims=1)
+    return helper.make_node("ReduceMean", [x], [out], axes=axes, keepdims=1)
+
+
 def _batch_norm(node, ctx: Ctx):
-    if _attr(node, "training_mode", 0):
-        _refuse(node, "training_mode=1 (batch statistics, updated running mean and variance) is not compiled; "
-                      "tvm-hybrid compiles inference (training_mode 0)")  # fmt: skip
-    return None
+    """Training mode: normalized by the batch's own mean and (population) variance, with the
+    running mean and variance updated by ``momentum`` as further outputs, as ONNX defines it."""
+    if not _attr(node, "training_mode", 0):
+        return None
+    x, scale, bias, mean, var = node.input[:5]
+    if x not in ctx.shapes:
+        _refuse(node, "training_mode=1 needs a static input shape")
+    rank = len(ctx.shapes[x])
+    axes = [0, *range(2, rank)]
+    eps, momentum = _attr(node, "epsilon", 1e-5), _attr(node, "momentum", 0.9)
+    per_channel = ctx.add_const(np.array([-1, *[1] * (rank - 2)], np.int64), x)  # [C] -> [C, 1, ...]
+    t = {k: ctx.tmp(f"{node.output[0]}_{k}") for k in ("m", "d", "sq", "v", "ve", "sd", "n", "s", "b", "ys", "m1",
+                                                        "v1", "mf", "vf", "r", "rv", "mt", "vt")}  # fmt: skip
+    c = {k: ctx.add_const(np.array(v, np.float32), x) for k, v in (("eps", eps), ("mom", momentum),
+                                                                    ("rest", 1 - momentum))}  # fmt: skip
+    y = node.output[0]
+    nodes = [
+        _reduce_mean(ctx, x, axes, t["m"]),
+        helper.make_node("Sub", [x, t["m"]], [t["d"]]),
+        helper.make_node("Mul", [t["d"], t["d"]], [t["sq"]]),
+        _reduce_mean(ctx, t["sq"], axes, t["v"]),
+        helper.make_node("Add", [t["v"], c["eps"]], [t["ve"]]),
+        helper.make_node("Sqrt", [t["ve"]], [t["sd"]]),
+        helper.make_node("Div", [t["d"], t["sd"]], [t["n"]]),
+        helper.make_node("Reshape", [scale, per_channel], [t["s"]]),
+        helper.make_node("Reshape", [bias, per_channel], [t["b"]]),
+        helper.make_node("Mul", [t["n"], t["s"]], [t["ys"]]),
+        helper.make_node("Add", [t["ys"], t["b"]], [y]),
+    ]
+    flat = ctx.add_const(np.array([-1], np.int64), x)
+    for k, (run, batch, out) in enumerate([(mean, t["m"], "mt"), (var, t["v"], "vt")], start=1):
+        if len(node.output) > k and node.output[k]:
+            nodes += [helper.make_node("Reshape", [batch, flat], [t["mf" if k == 1 else "vf"]]),
+                      helper.make_node("Mul", [run, c["mom"]], [t["r" if k == 1 else "rv"]]),
+                      helper.make_node("Mul", [t["mf" if k == 1 else "vf"], c["rest"]], [t[out]]),
+                      helper.make_node("Add", [t["r" if k == 1 else "rv"], t[out]], [node.output[k]])]  # fmt: skip
+    return nodes
+
+
+def _col2im(node, ctx: Ctx):
+    """Col2Im as a grouped ConvTranspose: each of a channel's block positions is an input channel
+    whose one-hot kernel puts it at that position; overlapping positions add up, as Col2Im sums."""
+    x = node.input[0]
+    image, block = ctx.const(node.input[1]), ctx.const(node.input[2])
+    if image is None or block is None or x not in ctx.shapes:
+        return None  # (the importer asks for their values: --input NAME=VALUE)
+    image, block = [int(v) for v in image], [int(v) for v in block]
+    n, ck, length = ctx.shapes[x]
+    d = len(block)
+    k = int(np.prod(block))
+    dil = list(_attr(node, "dilations", [1] * d))
+    pads = list(_attr(node, "pads", [0] * (2 * d)))
+    strides = list(_attr(node, "strides", [1] * d))
+    blocks = [(image[i] + pads[i] + pads[i + d] - (dil[i] * (block[i] - 1) + 1)) // strides[i] + 1 for i in range(d)]
+    if ck % k or int(np.prod(blocks)) != length:
+        _refuse(node, f"input of shape {list(ctx.shapes[x])} does not hold {k}-position blocks over {blocks}")
+    channels = ck // k
+    weight = np.zeros((ck, 1, *block), np.float32 if ctx.types.get(x) == TensorProto.FLOAT else
+                      helper.tensor_dtype_to_np_dtype(ctx.types.get(x, TensorProto.FLOAT)))  # fmt: skip
+    for c in range(channels):
+        for j, pos in enumerate(np.ndindex(*block)):
+            weight[(c * k + j, 0, *pos)] = 1
+    opad = [image[i] + pads[i] + pads[i + d] - (strides[i] * (blocks[i] - 1) + dil[i] * (block[i] - 1) + 1)
+            for i in range(d)]  # fmt: skip
+    cols = ctx.tmp(node.output[0])
+    return [
+        helper.make_node("Reshape", [x, ctx.add_const(np.array([n, ck, *blocks], np.int64), x)], [cols]),
+        helper.make_node("ConvTranspose", [cols, ctx.add_const(weight, x)], [node.output[0]], group=channels,
+                         strides=strides, dilations=dil, pads=pads, output_padding=opad),
+    ]  # fmt: skip
 
 
 def _reduce(node, ctx: Ctx):
@@ -569,6 +642,7 @@ RULES: dict[str, Callable] = {
     "ConvTranspose": _conv_transpose,
     "Dropout": _dropout,
     "BatchNormalization": _batch_norm,
+    "Col2Im": _col2im,
     "Resize": _resize_all,
     "RoiAlign": _roi_align,
 }
