@@ -97,3 +97,47 @@ def test_input_value_fixes_a_shape_at_compile_time(tmp_path):
         assert sess.inputs[1].value == [2] and sess.run({"x": x, "axes": np.array([2])})["y"].shape == (3, 4, 1)
     r = subprocess.run([*cli, "--input", "axes=[0.5]"], capture_output=True, text=True)
     assert r.returncode == 2 and "not a value of the input's dtype int64" in r.stderr, r.stderr
+
+
+def test_constant_outputs_are_carried_as_values(tmp_path):
+    """Outputs folded to constants at compile time (a Shape of static dims) are values in the manifest, in the model's output order, beside computed ones; a
+    model whose every output is constant compiles to an artifact with no segments, which runs."""
+    anchors = np.arange(6, dtype=np.float32).reshape(3, 2)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Shape", ["x"], ["shape"]),
+         helper.make_node("Identity", ["anchors"], ["anchors_out"])],
+        "consts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5]),
+         helper.make_tensor_value_info("anchors_out", TensorProto.FLOAT, [3, 2])],
+        [onnx.numpy_helper.from_array(anchors, "anchors")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "consts.onnx"
+    onnx.save(model, path)
+    x = np.linspace(-1, 1, 10, dtype=np.float32).reshape(2, 5)
+    r = subprocess.run([sys.executable, "-m", "tvm_hybrid", "compile", str(path), "-t", "host", "-o",
+                        str(tmp_path / "out"), "--json"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    art = json.loads(r.stdout)["artifacts"][0]["path"]
+    manifest = json.loads((tmp_path / "out" / json.loads(r.stdout)["artifacts"][0]["target"] / "manifest.json").read_text())
+    assert [(o["name"], o.get("value")) for o in manifest["outputs"][:2]] == [("shape", [2, 5]), ("y", None)]
+    assert manifest["outputs"][2]["name"] == "anchors_out"  # (an Identity of a weight: a copy kernel)
+    assert len(manifest["segments"]) == 1
+    with Session(art) as sess:
+        got = sess.run({"x": x})
+        assert list(got) == ["shape", "y", "anchors_out"]
+        assert_close(got, reference(model, {"x": x}), 0, 0)
+    # Every output constant: no segment at all.
+    only = helper.make_model(helper.make_graph([helper.make_node("Shape", ["x"], ["shape"])], "shape",
+                                               graph.input, [graph.output[0]]), opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    onnx.save(only, tmp_path / "shape.onnx")
+    r = subprocess.run([sys.executable, "-m", "tvm_hybrid", "compile", str(tmp_path / "shape.onnx"), "-t", "host",
+                        "-o", str(tmp_path / "out2"), "--json"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    art = json.loads(r.stdout)["artifacts"][0]["path"]
+    np.save(tmp_path / "x.npy", x)
+    r = subprocess.run([sys.executable, "-m", "tvm_hybrid", "run", art, "--input", f"x={tmp_path / 'x.npy'}", "--json"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["outputs"]["shape"]["min"] == 2 and doc["outputs"]["shape"]["max"] == 5 and doc["trace"] == []

@@ -49,8 +49,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """A named tensor with a static shape and a numpy dtype name; ``value`` (model inputs only):
-    the value it was fixed to at compile time (``--input NAME=VALUE``), as nested lists."""
+    """A named tensor with a static shape and a numpy dtype name; ``value``, as nested lists: a
+    model input's, the value it was fixed to at compile time (``--input NAME=VALUE``); a model
+    output's, its value when it is a constant (no segment computes it)."""
 
     name: str
     shape: tuple[int, ...] | None
@@ -354,7 +355,7 @@ def validate(m: Any, where: str = MANIFEST) -> None:
     if not m["outputs"]:
         raise ArtifactError(f"{where}: the model has no outputs")
     paths = _files(m["files"], where)
-    if not m["segments"]:
+    if not m["segments"] and not all(t.get("value") is not None for t in m["outputs"]):
         raise ArtifactError(f"{where}: no segments")
     # Data flow: each segment reads only model inputs or what an earlier segment wrote.
     known = {t["name"] for t in m["inputs"]}
@@ -405,7 +406,7 @@ def validate(m: Any, where: str = MANIFEST) -> None:
             raise ArtifactError(f"{w}: endpoint needs model and version")
         if seg["placement"] == "cloud" and ep is None:
             raise ArtifactError(f"{w}: a cloud segment names no endpoint")
-    unmade = [t["name"] for t in m["outputs"] if t["name"] not in known]
+    unmade = [t["name"] for t in m["outputs"] if t["name"] not in known and t.get("value") is None]
     if unmade and not serves_segments(m):
         raise ArtifactError(f"{where}: no segment produces the output(s) {', '.join(map(repr, unmade[:5]))}")
     if "cuts" in m:
@@ -505,7 +506,7 @@ def _cuts(m: dict[str, Any], where: str) -> None:
             if unknown:
                 raise ArtifactError(f"{w}: segment {sid} reads {', '.join(map(repr, unknown[:5]))} before any segment of the cut writes it")
             known.update(t["name"] for t in seg["outputs"])
-        unmade = [t["name"] for t in m["outputs"] if t["name"] not in known]
+        unmade = [t["name"] for t in m["outputs"] if t["name"] not in known and t.get("value") is None]
         if unmade:
             raise ArtifactError(f"{w}: no segment of the cut produces the output(s) {', '.join(map(repr, unmade[:5]))}")
     default = (m.get("plan") or {}).get("default_cut")

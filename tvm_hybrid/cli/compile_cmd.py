@@ -77,7 +77,8 @@ def command(model: str, targets: tuple[str, ...], inputs, output: str, tuning_lo
         emit_json({"model": model, "artifacts": [s.to_dict() for s in summaries]})
         return
     for s in summaries:
-        click.echo(f"{s.path}  {' + '.join(s.placement)} segment(s), {s.files} files, "
+        where = " + ".join(s.placement) or "no"  # (every output a constant: nothing to run)
+        click.echo(f"{s.path}  {where} segment(s), {s.files} files, "
                    f"{s.bytes / 2**20:.2f} MiB, {s.seconds:.1f} s, "
                    f"{s.kernels['tuned']} kernels tuned, {s.kernels['default']} default")  # fmt: skip
 

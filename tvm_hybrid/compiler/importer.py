@@ -111,6 +111,18 @@ class ImportedModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     opset: int
+    #: Outputs that are constants (folded at compile time), with their values: no kernel makes
+    #: them; the manifest lists them among the outputs, in the model's order (``all_outputs``).
+    constant_outputs: tuple[TensorSpec, ...] = ()
+    output_order: tuple[str, ...] = ()
+
+    @property
+    def all_outputs(self) -> list[TensorSpec]:
+        """Every output of the model in its order, the constant ones (with a value) included."""
+        if not self.constant_outputs:
+            return list(self.outputs)
+        by_name = {s.name: s for s in [*self.outputs, *self.constant_outputs]}
+        return [by_name[n] for n in self.output_order]
 
     @property
     def op_types(self) -> list[str]:
@@ -277,13 +289,12 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
         op, name = runtime_axes[0]
         raise _needs_values(f"{op} reads {name!r} as a constant (TVM's kernel fixes it at compile time), but it is "
                             f"computed at run time", needed)  # fmt: skip
-    outputs = []
+    outputs, constant_outputs = [], []
+    order = tuple(vi.name for vi in model.graph.output)
     for vi in model.graph.output:
         if vi.name in consts:
-            raise UnsupportedError(
-                f"output {vi.name!r} is a constant (an initializer, or folded to one), not computed from the inputs; "
-                "tvm-hybrid compiles outputs that depend on the inputs"
-            )
+            constant_outputs.append(_constant_output(model, vi, narrow_io))
+            continue
         spec = _spec(vi, narrow_io)
         if spec.shape is None or any(d < 0 for d in spec.shape):
             needed = shape_inputs(model)
@@ -295,6 +306,11 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
                 "(ops like NonZero or NonMaxSuppression); tvm-hybrid compiles static shapes only"
             )
         outputs.append(spec)
+    if constant_outputs:  # the graph keeps what kernels compute
+        kept = [vi for vi in model.graph.output if vi.name not in consts]
+        del model.graph.output[:]
+        model.graph.output.extend(kept)
+        _prune(model)
     return ImportedModel(
         name=model.graph.name or "model",
         sha256=hashlib.sha256(model.SerializeToString()).hexdigest(),
@@ -302,7 +318,27 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
         inputs=inputs,
         outputs=outputs,
         opset=_opset(model),
+        constant_outputs=tuple(constant_outputs),
+        output_order=order if constant_outputs else (),
     )
+
+
+def _constant_output(model: onnx.ModelProto, vi: onnx.ValueInfoProto, narrow_io) -> TensorSpec:
+    """An output folded to a constant (a Shape of static dims, an EyeLike): its spec and value."""
+    t = next(t for t in model.graph.initializer if t.name == vi.name)
+    value = numpy_helper.to_array(t)
+    name = str(value.dtype)
+    if name not in _DTYPES or (narrow_io or {}).get(vi.name) or value.size > _CONSTANT_OUTPUT_MAX:
+        raise UnsupportedError(
+            f"output {vi.name!r} is a constant (folded at compile time) that the artifact cannot carry as a value "
+            f"({name}, {value.size} elements); tvm-hybrid carries constant outputs of up to "
+            f"{_CONSTANT_OUTPUT_MAX} numeric elements"
+        )
+    return TensorSpec(vi.name, tuple(value.shape), name, value.tolist())
+
+
+#: The largest constant output an artifact carries in its manifest (elements).
+_CONSTANT_OUTPUT_MAX = 1 << 16
 
 
 def _needs_values(what: str, needed: list[str]) -> UnsupportedError:

@@ -621,7 +621,35 @@ def _split_empty(node, ctx: Ctx):
     return nodes
 
 
+def _concat_empty(node, ctx: Ctx):
+    """A Concat drops its zero-size operands (a zero-length pad): TVM would otherwise store a
+    zero-size constant in the library, which its loader then cannot read."""
+    empty = [x for x in node.input if x and x in ctx.shapes and 0 in ctx.shapes[x]]
+    keep = [x for x in node.input if x and x not in empty]
+    if not empty or not keep:
+        return None
+    if len(keep) == 1:
+        return [helper.make_node("Identity", keep, list(node.output))]
+    new = onnx.NodeProto()
+    new.CopyFrom(node)
+    del new.input[:]
+    new.input.extend(keep)
+    return [new]
+
+
+def _eye_like(node, ctx: Ctx):
+    """EyeLike of a static shape is a constant (TVM's converter refuses a dtype unlike the input's)."""
+    x = node.input[0]
+    if x not in ctx.shapes or len(ctx.shapes[x]) != 2:
+        return None
+    dtype = _attr(node, "dtype") or ctx.types.get(x, TensorProto.FLOAT)
+    eye = np.eye(*ctx.shapes[x], k=_attr(node, "k", 0), dtype=helper.tensor_dtype_to_np_dtype(dtype))
+    return [helper.make_node("Constant", [], list(node.output), value=numpy_helper.from_array(eye))]
+
+
 RULES: dict[str, Callable] = {
+    "EyeLike": _eye_like,
+    "Concat": _concat_empty,
     "Split": _split_empty,
     "Unsqueeze": _axes_1d,
     "Squeeze": _axes_1d,

@@ -531,7 +531,7 @@ def _manifest(imported, profile: TargetProfile, segments: list[mf.Segment], root
         },
         model={"name": imported.name, "sha256": imported.sha256, "opset": imported.opset},
         inputs=tuple(imported.inputs),
-        outputs=tuple(imported.outputs),
+        outputs=tuple(imported.all_outputs) if role == "device" else tuple(imported.outputs),
         target=profile.to_dict(),
         segments=tuple(segments),
         files=tuple(mf.file_entry(root, rel) for rel in files),

@@ -167,7 +167,7 @@ class Session:
         for step in self._steps:
             self._run_step(step, env, trace)
         self.trace = trace
-        return {o.name: from_carrier(env[o.name], o.dtype) for o in self.outputs}
+        return self._outputs(env)
 
     def _run_cut(self, env: dict[str, np.ndarray], forced: str | None) -> dict[str, np.ndarray]:
         usable = self._usable
@@ -211,7 +211,7 @@ class Session:
         for entry in trace:
             entry["cut"] = cut.name
         self.trace = trace
-        return {o.name: from_carrier(env[o.name], o.dtype) for o in self.outputs}
+        return self._outputs(env)
 
     def _finish_locally(self, cut) -> list[int] | None:
         """The device pieces that finish ``cut`` without the cloud, where some cut runs every node here."""
@@ -273,6 +273,16 @@ class Session:
             + (f": {'; '.join(errors)}" if errors else "")
             + ("" if self.fallback == "auto" else f" (fallback is {self.fallback!r})")
         )
+
+    def _outputs(self, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's outputs by name, as the caller's types (a constant output: its value)."""
+        out = {}
+        for o in self.outputs:
+            if o.value is not None:
+                out[o.name] = np.array(o.value, dtype=np_dtype(o.dtype)).reshape(o.shape)
+            else:
+                out[o.name] = from_carrier(env[o.name], o.dtype)
+        return out
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if not isinstance(feeds, Mapping):
