@@ -27,14 +27,18 @@ def test_conformance_subset_passes(tmp_path):
         assert report["cases"][name]["status"] == "passed", name
 
 
-def test_conformance_classifies_failures(tmp_path):
-    """Failures are classified by the stage they stop at, and onnxruntime runs the same cases."""
+def _filtered(tmp_path, regex: str) -> dict:
+    """The script's --json report on the cases ``regex`` picks."""
     out = tmp_path / "c.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "conformance.py"), "--filter",
-                        "^test_(nonzero_example|cast_FLOAT_to_FLOAT8E4M3FN|abs|identity_sequence|adagrad)$", "--json", str(out)],
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "conformance.py"), "--filter", regex, "--json", str(out)],
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    rep = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_conformance_classifies_failures(tmp_path):
+    """Failures are classified by the stage they stop at, and onnxruntime runs the same cases."""
+    rep = _filtered(tmp_path, "^test_(nonzero_example|cast_FLOAT_to_FLOAT8E4M3FN|abs|identity_sequence|adagrad)$")
     assert rep["total"] == 5 and rep["passed"] == 2 and rep["cases"]["test_abs"]["status"] == "passed"
     assert rep["cases"]["test_cast_FLOAT_to_FLOAT8E4M3FN"]["status"] == "passed"  # (onnxruntime: fails)
     assert rep["cases"]["test_adagrad"]["status"] == "unsupported_op"
@@ -49,10 +53,5 @@ def test_fp16_attention_rounds_each_step_as_onnx_does(tmp_path):
     """An fp16 Attention (and Softmax) on a CPU without fp16 arithmetic rounds each step of its
     function body to fp16, as ONNX's reference does: computed whole in fp32 and rounded once,
     2 of 192 values came out an fp16 ulp off (onnxruntime fails the plain case the same way)."""
-    out = tmp_path / "c.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "conformance.py"), "--filter",
-                        "^test_attention_4d_causal_fp16(_expanded)?$", "--json", str(out)],
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    rep = json.loads(out.read_text())
+    rep = _filtered(tmp_path, "^test_attention_4d_causal_fp16(_expanded)?$")
     assert rep["total"] == 2 and rep["passed"] == 2, rep["cases"]
