@@ -383,3 +383,33 @@ def test_softmax_rows_kernel_matches_onnxruntime(shape, tmp_path):
     assert any(n.startswith("softmax_rows") for n in names) == (shape[-1] >= 2 * lanes), names
     x = (np.random.RandomState(1).standard_normal(shape) * 4).astype(np.float32)
     assert_close(run({"x": x}), reference(model, {"x": x}), 1e-4, 1e-6)
+
+
+@pytest.mark.parametrize(
+    "c, o, hw, k, pads, batch, flat",
+    [
+        (32, 48, (20, 20), 3, [1, 1, 1, 1], 1, True),  # YOLO's 20x20 maps: rows of 1.25 vectors
+        (64, 16, (10, 10), 3, [1, 1, 1, 1], 2, True),
+        (32, 24, (13, 11), 5, [2, 1, 1, 3], 1, True),  # uneven padding, a 5x5 kernel
+        (32, 32, (12, 12), 3, [0, 0, 0, 0], 1, True),  # no padding: a smaller output
+        (16, 32, (20, 20), 3, [1, 1, 1, 1], 1, False),  # few input channels: TVM's kernel
+        (32, 32, (16, 32), 3, [1, 1, 1, 1], 1, False),  # whole vectors a row: TVM's kernel
+    ],
+)
+def test_convs_over_rows_of_partial_vectors_run_flattened(c, o, hw, k, pads, batch, flat, tmp_path):
+    """A stride-1 conv whose rows are no whole number of vectors runs over the padded input
+    flattened row after row (``rewrites.conv2d_flat_rows``), and matches onnxruntime."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.RandomState(c + o + k)
+    w = numpy_helper.from_array(rng.uniform(-1, 1, (o, c, k, k)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.uniform(-1, 1, (o,)).astype(np.float32), "b")
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[k, k], pads=pads)
+    shape = (batch, c, *hw)
+    model = _one_node_model(node, shape, [w, b])
+    feeds = {"x": rng.uniform(-1, 1, shape).astype(np.float32)}
+    mod, _, run = _compile(model, {"x": shape}, "x86-64-avx512", tmp_path)
+    names = " ".join(gv.name_hint for gv in mod.functions)
+    assert ("conv2d_flat" in names) == flat, names
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)

@@ -897,9 +897,11 @@ class CpuBackend(Backend):
         """LayerNorm over the last axis as a row-parallel, vectorized kernel
         (``rewrites.layer_norm_rows``); sigmoid from TVM's polynomial exp (``rewrites.fast_sigmoid``:
         LLVM calls libm's expf once a lane otherwise)."""
-        from ..rewrites import fast_sigmoid, layer_norm_rows
+        from ..rewrites import conv2d_flat_rows, fast_sigmoid, layer_norm_rows
 
-        return {"relax.nn.layer_norm": layer_norm_rows(cpu_config(profile.tvm()).lanes), "relax.sigmoid": fast_sigmoid}
+        lanes = cpu_config(profile.tvm()).lanes
+        return {"relax.nn.layer_norm": layer_norm_rows(lanes), "relax.sigmoid": fast_sigmoid,
+                "relax.nn.conv2d": conv2d_flat_rows(lanes)}  # fmt: skip
 
     keeps_int8_weights = True
 
