@@ -1151,13 +1151,13 @@ def narrow_casts() -> ZooModel:
     for name, t in NARROW_INTS.items():
         nodes.append(helper.make_node("Cast", ["xi"], [name], to=t))
         outputs.append(helper.make_tensor_value_info(name, t, [n]))
+    import ml_dtypes  # noqa: F401  (numpy's names for the narrow types)
+
     inputs = [helper.make_tensor_value_info("x", F32, [n])]
     feeds: dict[str, np.ndarray] = {}
     for name, t in [*NARROW_FLOATS.items(), ("float8_e8m0fnu", TensorProto.FLOAT8E8M0)]:
         k = 16 if name == "float4_e2m1fn" else 256
         inputs.append(helper.make_tensor_value_info(f"codes_{name}", t, [k]))
-        import ml_dtypes  # noqa: F401  (numpy's names for the narrow types)
-
         feeds[f"codes_{name}"] = np.arange(k, dtype=np.uint8).view(np.dtype(name))
         for to, suffix in ((F32, "f32"), (TensorProto.FLOAT16, "f16")):
             out = f"from_{name}_{suffix}"

@@ -78,6 +78,7 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
     with Session(artifact, cloud_url=cloud_url, token=token, fallback=fallback, timeout=timeout, device=device,
                  verify_key=verify_key, threads=threads, objective=objective, cut=cut) as sess:
         arrays = {}
+        dtypes = {s.name: s.dtype for s in sess.inputs}
         for text in feeds:
             name, path = _parse_feed(text)
             if name is None:
@@ -87,8 +88,7 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
                         + ", ".join(s.name for s in sess.inputs)
                     )
                 name = sess.inputs[0].name
-            dtype = {s.name: s.dtype for s in sess.inputs}.get(name)
-            arrays[name] = _narrow_input(_load_npy(path, dtype), dtype, path)
+            arrays[name] = _narrow_input(_load_npy(path, dtypes.get(name)), dtypes.get(name), path)
         times, cuts = [], []
         for _ in range(repeat):
             t0 = time.perf_counter()

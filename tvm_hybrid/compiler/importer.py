@@ -269,14 +269,7 @@ def prepare(model: onnx.ModelProto, overrides: list[InputOverride] | tuple = ())
     narrow_io = narrow.lower(model)  # float8, float4, int4… tensors as bytes; blocked Q/DQ
     if narrow_io is not None:
         model = _infer(model)
-    model = expand_functions(model, supported_op_types(), _infer)
-    model = fold_constants(model)
-    for _ in range(16):  # what one pass writes may need the other (an unrolled body holds more control flow)
-        if legalize(model):
-            model = fold_constants(_infer(model))
-        if not static_control_flow(model):
-            break
-        model = fold_constants(_infer(model))
+    model = settle(expand_functions(model, supported_op_types(), _infer))
     _cast_mul_as_dequantize(model)
     check_sizes(model)
     inputs = [_spec(vi, narrow_io) for vi in model.graph.input if vi.name not in {t.name for t in model.graph.initializer}]
@@ -339,6 +332,19 @@ def _constant_output(model: onnx.ModelProto, vi: onnx.ValueInfoProto, narrow_io)
 
 #: The largest constant output an artifact carries in its manifest (elements).
 _CONSTANT_OUTPUT_MAX = 1 << 16
+
+
+def settle(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constants folded, ``legalize``'s rules and static control flow applied, until nothing
+    changes: what import does after expanding functions (and a backend after expanding more)."""
+    model = fold_constants(model)
+    for _ in range(16):  # what one pass writes may need the other (an unrolled body holds more control flow)
+        if legalize(model):
+            model = fold_constants(_infer(model))
+        if not static_control_flow(model):
+            break
+        model = fold_constants(_infer(model))
+    return model
 
 
 def _needs_values(what: str, needed: list[str]) -> UnsupportedError:

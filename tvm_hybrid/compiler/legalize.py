@@ -214,8 +214,7 @@ def _batch_norm(node, ctx: Ctx):
     axes = [0, *range(2, rank)]
     eps, momentum = _attr(node, "epsilon", 1e-5), _attr(node, "momentum", 0.9)
     per_channel = ctx.add_const(np.array([-1, *[1] * (rank - 2)], np.int64), x)  # [C] -> [C, 1, ...]
-    t = {k: ctx.tmp(f"{node.output[0]}_{k}") for k in ("m", "d", "sq", "v", "ve", "sd", "n", "s", "b", "ys", "m1",
-                                                        "v1", "mf", "vf", "r", "rv", "mt", "vt")}  # fmt: skip
+    t = {k: ctx.tmp(f"{node.output[0]}_{k}") for k in ("m", "d", "sq", "v", "ve", "sd", "n", "s", "b", "ys")}
     c = {k: ctx.add_const(np.array(v, np.float32), x) for k, v in (("eps", eps), ("mom", momentum),
                                                                     ("rest", 1 - momentum))}  # fmt: skip
     y = node.output[0]
@@ -233,12 +232,14 @@ def _batch_norm(node, ctx: Ctx):
         helper.make_node("Add", [t["ys"], t["b"]], [y]),
     ]
     flat = ctx.add_const(np.array([-1], np.int64), x)
-    for k, (run, batch, out) in enumerate([(mean, t["m"], "mt"), (var, t["v"], "vt")], start=1):
-        if len(node.output) > k and node.output[k]:
-            nodes += [helper.make_node("Reshape", [batch, flat], [t["mf" if k == 1 else "vf"]]),
-                      helper.make_node("Mul", [run, c["mom"]], [t["r" if k == 1 else "rv"]]),
-                      helper.make_node("Mul", [t["mf" if k == 1 else "vf"], c["rest"]], [t[out]]),
-                      helper.make_node("Add", [t["r" if k == 1 else "rv"], t[out]], [node.output[k]])]  # fmt: skip
+    for k, (running, batch) in enumerate([(mean, t["m"]), (var, t["v"])], start=1):
+        if len(node.output) > k and node.output[k]:  # running * momentum + batch * (1 - momentum)
+            out = node.output[k]
+            b_flat, kept, added = ctx.tmp(f"{out}_b"), ctx.tmp(f"{out}_k"), ctx.tmp(f"{out}_a")
+            nodes += [helper.make_node("Reshape", [batch, flat], [b_flat]),
+                      helper.make_node("Mul", [running, c["mom"]], [kept]),
+                      helper.make_node("Mul", [b_flat, c["rest"]], [added]),
+                      helper.make_node("Add", [kept, added], [out])]  # fmt: skip
     return nodes
 
 
@@ -260,8 +261,7 @@ def _col2im(node, ctx: Ctx):
     if ck % k or int(np.prod(blocks)) != length:
         _refuse(node, f"input of shape {list(ctx.shapes[x])} does not hold {k}-position blocks over {blocks}")
     channels = ck // k
-    weight = np.zeros((ck, 1, *block), np.float32 if ctx.types.get(x) == TensorProto.FLOAT else
-                      helper.tensor_dtype_to_np_dtype(ctx.types.get(x, TensorProto.FLOAT)))  # fmt: skip
+    weight = np.zeros((ck, 1, *block), helper.tensor_dtype_to_np_dtype(ctx.types.get(x, TensorProto.FLOAT)))
     for c in range(channels):
         for j, pos in enumerate(np.ndindex(*block)):
             weight[(c * k + j, 0, *pos)] = 1

@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..dtypes import NARROW, np_dtype, to_carrier
 from ..errors import UnsupportedError
+from .legalize import Ctx
 from .onnx_graph import attr as _attr
 from .onnx_graph import replace_nodes
 
@@ -81,44 +82,18 @@ def _carrier_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
 
 
 class _Builder:
-    """New nodes for one rewritten node, with fresh tensor names and constants."""
+    """New nodes for one rewritten node, with fresh tensor names and constants (``legalize.Ctx``'s)."""
 
-    def __init__(self, graph: _Graph, hint: str):
-        self.g, self.hint, self.nodes = graph, hint, []
+    def __init__(self, ctx: Ctx, hint: str):
+        self.ctx, self.hint, self.nodes = ctx, hint, []
 
     def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
-        out = out or self.g.fresh(self.hint)
+        out = out or self.ctx.tmp(self.hint)
         self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
         return out
 
     def const(self, value, dtype=np.float32) -> str:
-        return self.g.const(np.asarray(value, dtype=dtype), self.hint)
-
-
-class _Graph:
-    def __init__(self, model: onnx.ModelProto):
-        g = model.graph
-        self.types = {vi.name: vi.type.tensor_type.elem_type
-                      for vi in [*g.input, *g.value_info, *g.output] if vi.type.HasField("tensor_type")}  # fmt: skip
-        self.shapes = {}
-        for vi in [*g.input, *g.value_info, *g.output]:
-            tt = vi.type.tensor_type
-            if vi.type.HasField("tensor_type") and tt.HasField("shape"):
-                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-                self.shapes[vi.name] = tuple(dims)
-        for t in g.initializer:
-            self.types[t.name], self.shapes[t.name] = t.data_type, tuple(t.dims)
-        self.inits: list[onnx.TensorProto] = []
-        self._n = 0
-
-    def fresh(self, hint: str) -> str:
-        self._n += 1
-        return f"{hint}__narrow{self._n}"
-
-    def const(self, value: np.ndarray, hint: str) -> str:
-        name = self.fresh(hint)
-        self.inits.append(numpy_helper.from_array(value, name))
-        return name
+        return self.ctx.add_const(np.asarray(value, dtype=dtype), self.hint)
 
 
 def _mentions_narrow(model: onnx.ModelProto) -> bool:
@@ -147,7 +122,7 @@ def lower(model: onnx.ModelProto) -> dict[str, str] | None:
     if not _mentions_narrow(model):
         return None
     g = model.graph
-    graph = _Graph(model)
+    ctx = Ctx(model)  # (the types as inferred, before any is rewritten)
     for i, t in enumerate(g.initializer):
         if narrow_name(t.data_type):
             g.initializer[i].CopyFrom(_carrier_tensor(t))
@@ -162,14 +137,14 @@ def lower(model: onnx.ModelProto) -> dict[str, str] | None:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR and narrow_name(a.t.data_type):
                 a.t.CopyFrom(_carrier_tensor(a.t))
-        new = _rewrite(node, graph)
-        out.extend(node for node in ([node] if new is None else new))
-    replace_nodes(g, out, graph.inits)
+        new = _rewrite(node, ctx)
+        out.extend([node] if new is None else new)
+    replace_nodes(g, out, ctx.new_inits)
     del g.value_info[:]
     return io
 
 
-def _rewrite(node: onnx.NodeProto, g: _Graph) -> list[onnx.NodeProto] | None:
+def _rewrite(node: onnx.NodeProto, g: Ctx) -> list[onnx.NodeProto] | None:
     if node.domain not in ("", "ai.onnx"):
         return None
     b = _Builder(g, node.output[0] if node.output else node.op_type)
@@ -274,7 +249,7 @@ def _encode_e8m0(b: _Builder, x: str, saturate: bool, round_mode: str, out: str)
     b.op("Cast", [b.op("Where", [special, b.const(255.0), code])], out, to=TensorProto.UINT8)
 
 
-def _encode_int(b: _Builder, v: str, v_type: int, name: str, out: str) -> None:
+def _encode_int(b: _Builder, v: str, name: str, out: str) -> None:
     """A narrow integer's carrier from ``v``: truncated toward zero, then wrapped into range."""
     lo, hi = INTS[name]
     vi = b.op("Cast", [v], to=TensorProto.INT32)
@@ -302,10 +277,10 @@ def _cast(b: _Builder, x: str, src: int, dst: int, saturate: bool, round_mode: s
     elif d == E8M0:
         _encode_e8m0(b, _to_float(b, v, vt), saturate, round_mode, out)
     else:
-        _encode_int(b, v, vt, d, out)
+        _encode_int(b, v, d, out)
 
 
-def _param(b: _Builder, p: str, g: _Graph, x_shape: tuple, axis: int, block: int) -> str:
+def _param(b: _Builder, p: str, g: Ctx, x_shape: tuple, axis: int, block: int) -> str:
     """A scale or zero point made to broadcast against x: as is (per tensor), along ``axis``
     (per axis), or each value repeated ``block`` times along ``axis`` (blocked)."""
     ps = g.shapes.get(p)
@@ -331,7 +306,7 @@ def _param(b: _Builder, p: str, g: _Graph, x_shape: tuple, axis: int, block: int
     return rep
 
 
-def _qparams(node: onnx.NodeProto, g: _Graph) -> tuple[tuple, int, int]:
+def _qparams(node: onnx.NodeProto, g: Ctx) -> tuple[tuple, int, int]:
     x_shape = g.shapes.get(node.input[0])
     if x_shape is None or any(d < 0 for d in x_shape):
         raise UnsupportedError(f"{node.op_type} node {node.name[:80]!r}: its input has no static shape")
@@ -340,7 +315,7 @@ def _qparams(node: onnx.NodeProto, g: _Graph) -> tuple[tuple, int, int]:
     return x_shape, axis, _attr(node, "block_size", 0) or 0
 
 
-def _quantize(b: _Builder, node: onnx.NodeProto, g: _Graph, out_t: int) -> None:
+def _quantize(b: _Builder, node: onnx.NodeProto, g: Ctx, out_t: int) -> None:
     x, s = node.input[0], node.input[1]
     zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
     x_shape, axis, block = _qparams(node, g)
@@ -365,7 +340,7 @@ def _quantize(b: _Builder, node: onnx.NodeProto, g: _Graph, out_t: int) -> None:
     b.op("Cast", [v], node.output[0], to=_carrier_type(name) if name else out_t)
 
 
-def _dequantize(b: _Builder, node: onnx.NodeProto, g: _Graph) -> None:
+def _dequantize(b: _Builder, node: onnx.NodeProto, g: Ctx) -> None:
     x, s = node.input[0], node.input[1]
     zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
     x_shape, axis, block = _qparams(node, g)

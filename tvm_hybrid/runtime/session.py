@@ -79,6 +79,9 @@ class Session:
                              "(`tvm-hybrid generate`, runtime.Generator), not Session/run")  # fmt: skip
         self.inputs: list[TensorSpec] = self._art.inputs
         self.outputs: list[TensorSpec] = self._art.outputs
+        # Constant outputs (no segment makes them): their values, built once.
+        self._constants = {o.name: np.array(o.value, dtype=np_dtype(o.dtype)).reshape(o.shape)
+                           for o in self.outputs if o.value is not None}  # fmt: skip
         self.trace: list[dict[str, Any]] = []
         # ``timeout`` bounds each cloud call (retries included); ``cloud_policy`` sets every knob.
         self._cloud = CloudClient(cloud_url, token, timeout, link, cloud_policy) if cloud_url else None
@@ -276,13 +279,8 @@ class Session:
 
     def _outputs(self, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model's outputs by name, as the caller's types (a constant output: its value)."""
-        out = {}
-        for o in self.outputs:
-            if o.value is not None:
-                out[o.name] = np.array(o.value, dtype=np_dtype(o.dtype)).reshape(o.shape)
-            else:
-                out[o.name] = from_carrier(env[o.name], o.dtype)
-        return out
+        return {o.name: self._constants[o.name].copy() if o.name in self._constants else from_carrier(env[o.name], o.dtype)
+                for o in self.outputs}  # fmt: skip
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if not isinstance(feeds, Mapping):

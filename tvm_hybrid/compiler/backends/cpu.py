@@ -875,8 +875,8 @@ class CpuBackend(Backend):
         import dataclasses
 
         from ..expand import expand_functions
-        from ..importer import _copy, _infer, fold_constants, supported_op_types
-        from ..legalize import fp16_in_fp32, legalize
+        from ..importer import _copy, _infer, settle, supported_op_types
+        from ..legalize import fp16_in_fp32
         from ...targets import precisions
 
         if "fp16" in precisions(profile) or not _has_half(imported.model):
@@ -886,9 +886,7 @@ class CpuBackend(Backend):
         # device with fp16 arithmetic do; computed whole in fp32 it differs by an fp16 ulp.
         model = expand_functions(_copy(imported.model), supported_op_types(), _infer, also=_half_softmax)
         if model.graph.node != imported.model.graph.node:  # (its shape arithmetic folded, as at import)
-            model = fold_constants(model)
-            if legalize(model):
-                model = fold_constants(_infer(model))
+            model = settle(model)
         if not fp16_in_fp32(model):
             return imported
         return dataclasses.replace(imported, model=_infer(model))
