@@ -386,26 +386,31 @@ def test_softmax_rows_kernel_matches_onnxruntime(shape, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "c, o, hw, k, pads, batch, flat",
+    "c, o, hw, k, s, pads, batch, flat",
     [
-        (32, 48, (20, 20), 3, [1, 1, 1, 1], 1, True),  # YOLO's 20x20 maps: rows of 1.25 vectors
-        (64, 16, (10, 10), 3, [1, 1, 1, 1], 2, True),
-        (32, 24, (13, 11), 5, [2, 1, 1, 3], 1, True),  # uneven padding, a 5x5 kernel
-        (32, 32, (12, 12), 3, [0, 0, 0, 0], 1, True),  # no padding: a smaller output
-        (16, 32, (20, 20), 3, [1, 1, 1, 1], 1, False),  # few input channels: TVM's kernel
-        (32, 32, (16, 32), 3, [1, 1, 1, 1], 1, False),  # whole vectors a row: TVM's kernel
+        (32, 48, (20, 20), 3, 1, [1, 1, 1, 1], 1, True),  # YOLO's 20x20 maps: rows of 1.25 vectors
+        (64, 16, (10, 10), 3, 1, [1, 1, 1, 1], 2, True),
+        (32, 24, (13, 11), 5, 1, [2, 1, 1, 3], 1, True),  # uneven padding, a 5x5 kernel
+        (32, 32, (12, 12), 3, 1, [0, 0, 0, 0], 1, True),  # no padding: a smaller output
+        (32, 40, (40, 40), 3, 2, [1, 1, 1, 1], 1, True),  # stride 2: YOLO's downsampling, 20-wide rows
+        (32, 24, (21, 19), 3, 2, [1, 0, 1, 2], 2, True),  # stride 2, odd sides, uneven padding
+        (48, 32, (10, 10), 1, 1, [0, 0, 0, 0], 1, True),  # pointwise over 100 pixels
+        (16, 32, (20, 20), 3, 1, [1, 1, 1, 1], 1, False),  # few input channels: TVM's kernel
+        (32, 32, (16, 32), 3, 1, [1, 1, 1, 1], 1, False),  # whole vectors a row: TVM's kernel
+        (32, 32, (16, 16), 1, 1, [0, 0, 0, 0], 1, False),  # pointwise over whole vectors of pixels
     ],
 )
-def test_convs_over_rows_of_partial_vectors_run_flattened(c, o, hw, k, pads, batch, flat, tmp_path):
-    """A stride-1 conv whose rows are no whole number of vectors runs over the padded input
-    flattened row after row (``rewrites.conv2d_flat_rows``), and matches onnxruntime."""
+def test_convs_over_rows_of_partial_vectors_run_flattened(c, o, hw, k, s, pads, batch, flat, tmp_path):
+    """A conv (stride 1 or 2, or pointwise) whose output rows are no whole number of vectors
+    runs over the padded input flattened row after row, at stride 2 each of its phases
+    (``rewrites.conv2d_flat_rows``), and matches onnxruntime."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     rng = np.random.RandomState(c + o + k)
     w = numpy_helper.from_array(rng.uniform(-1, 1, (o, c, k, k)).astype(np.float32), "w")
     b = numpy_helper.from_array(rng.uniform(-1, 1, (o,)).astype(np.float32), "b")
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[k, k], pads=pads)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[k, k], pads=pads, strides=[s, s])
     shape = (batch, c, *hw)
     model = _one_node_model(node, shape, [w, b])
     feeds = {"x": rng.uniform(-1, 1, shape).astype(np.float32)}

@@ -706,17 +706,20 @@ def _row_kernel(bb, sch, out: str, reductions: tuple[str, ...], lanes: int, name
 
 
 def conv2d_flat_rows(lanes: int, min_channels: int = 32):
-    """A stride-1 convolution (kernel larger than 1x1, no groups or dilation) over maps whose
-    rows are no whole number of vectors (YOLO's 40x40, 20x20 and 10x10: rows of 2.5, 1.25 and
-    0.6 vectors) as a convolution over the zero-padded input flattened row after row: output
-    pixel ``y * Wp + x`` reads input ``(y + ry) * Wp + x + rx`` (``Wp`` the padded row), so the
-    pixels make one contiguous axis, padded to whole vectors, whose vectors cross rows; the few
-    columns computed past a row's end are cropped off afterwards. The products are added in the
-    same order as in TVM's own kernel. `scripts/profile_kernels.py zoo:yolov8n-320` on 2 Zen 4
-    cores: its 3x3 stride-1 convs (with their bias and SiLU) went from 200-240 to 300-415
-    GFLOP/s, the model's kernel sum from 12.2 to 9.6 ms. Stride-2 convs done the same way (on
-    the input's stride phases) were no faster; inputs of fewer than ``min_channels`` channels
-    (16) gained nothing: both keep TVM's kernel."""
+    """A convolution (kernel larger than 1x1, stride 1 or 2, no groups or dilation) over maps
+    whose output rows are no whole number of vectors (YOLO's 40x40, 20x20 and 10x10: rows of
+    2.5, 1.25 and 0.6 vectors) as a convolution over the zero-padded input flattened row after
+    row: at stride 1, output pixel ``y * Wp + x`` reads input ``(y + ry) * Wp + x + rx`` (``Wp``
+    the padded row), so the pixels make one contiguous axis, padded to whole vectors, whose
+    vectors cross rows; the few columns computed past a row's end are cropped off afterwards.
+    At stride s the padded input is first split into its s x s phases (rows and columns modulo
+    s), each flattened the same way: pixel ``y * Wq + x`` reads phase ``(ry % s, rx % s)`` at
+    ``(y + ry // s) * Wq + x + rx // s`` (``Wq = Wp / s``), again one contiguous vector axis.
+    The products are added in the same order as in TVM's own kernel. `scripts/profile_kernels.py
+    zoo:yolov8n-320` on 2 Zen 4 cores: its 3x3 stride-1 convs (with their bias and SiLU) went
+    from 200-240 to 300-415 GFLOP/s, the model's kernel sum from 12.2 to 9.6 ms. Inputs of fewer
+    than ``min_channels`` channels (16) gained nothing and keep TVM's kernel, as do maps whose
+    output rows are whole vectors."""
 
     def legalize(bb, call):
         import tvm
@@ -728,36 +731,48 @@ def conv2d_flat_rows(lanes: int, min_channels: int = 32):
             return default(bb, call)
         attrs, x, w, (n, c, h, wd), (o, ci, kh, kw) = ops
         pad = [int(p) for p in attrs.padding]  # top, left, bottom, right
+        strides = [int(v) for v in attrs.strides]
+        s = strides[0]
         if (
             str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32" or _out_dtype(attrs) not in (None, "float32")
-            or int(attrs.groups) != 1 or ci != c or c < min_channels or (kh, kw) == (1, 1)
-            or any(int(s) != 1 for s in attrs.strides) or any(int(d) != 1 for d in attrs.dilation)
-            or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout or "NCHW") != "NCHW" or wd % lanes == 0
+            or int(attrs.groups) != 1 or ci != c or c < min_channels
+            or strides != [s, s] or s not in (1, 2) or any(int(d) != 1 for d in attrs.dilation)
+            or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout or "NCHW") != "NCHW"
         ):  # fmt: skip
             return default(bb, call)
-        ho, wo = h + pad[0] + pad[2] - kh + 1, wd + pad[1] + pad[3] - kw + 1
-        if ho <= 0 or wo <= 0:
+        ho, wo = (h + pad[0] + pad[2] - kh) // s + 1, (wd + pad[1] + pad[3] - kw) // s + 1
+        pointwise = (kh, kw, s) == (1, 1, 1) and not any(pad)
+        # Rows of whole vectors need no flattening; nor do a pointwise conv's pixels when they
+        # make whole vectors (the CPU schedule fuses its rows by itself: cpu._fuse_pixels).
+        if ho <= 0 or wo <= 0 or (ho * wo if pointwise else wo) % lanes == 0:
             return default(bb, call)
-        wp, rows = wd + pad[1] + pad[3], h + pad[0] + pad[2]  # the padded input's rows
-        pixels = -(-ho * wp // lanes) * lanes
-        length = pixels + (kh - 1) * wp + kw - 1
+        # The padded input, its sides rounded up to whole phases; each phase flattened.
+        hp, wp = -(-(h + pad[0] + pad[2]) // s) * s, -(-(wd + pad[1] + pad[3]) // s) * s
+        wq = wp // s  # a phase's row
+        pixels = -(-ho * wq // lanes) * lanes
+        # Whole phase rows, so the padding stage iterates rows x columns (no division per element).
+        length = -(-(pixels + ((kh - 1) // s) * wq + (kw - 1) // s) // wq) * wq
         top, left = pad[0], pad[1]
         zero = tirx.const(0.0, "float32")
 
         def compute(data, weight):
-            def padded(b, i, q):
-                yy, xx = q // wp - top, q % wp - left
-                inside = tirx.all(q < rows * wp, yy >= 0, yy < h, xx >= 0, xx < wd)
+            def padded(b, i, a, e, q):
+                yy, xx = (q // wq) * s + a - top, (q % wq) * s + e - left
+                inside = tirx.all(q < (hp // s) * wq, yy >= 0, yy < h, xx >= 0, xx < wd)
                 return tirx.if_then_else(inside, data[b, i, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, wd - 1), 0)],
                                          zero)  # fmt: skip
 
-            flat = te.compute((n, c, length), padded, name="pad_flat")
+            flat = te.compute((n, c, s, s, length), padded, name="pad_flat")
             i = te.reduce_axis((0, c), "i")
             ry = te.reduce_axis((0, kh), "ry")
             rx = te.reduce_axis((0, kw), "rx")
-            acc = te.compute((n, o, pixels), lambda b, f, p: te.sum(flat[b, i, p + ry * wp + rx] * weight[f, i, ry, rx],
-                                                                    axis=[i, ry, rx]), name="conv_flat")  # fmt: skip
-            return te.compute((n, o, ho, wo), lambda b, f, yy, xx: acc[b, f, yy * wp + xx], name="conv_crop")
+            acc = te.compute(
+                (n, o, pixels),
+                lambda b, f, p: te.sum(flat[b, i, ry % s, rx % s, p + (ry // s) * wq + rx // s] * weight[f, i, ry, rx],
+                                       axis=[i, ry, rx]),
+                name="conv_flat",
+            )  # fmt: skip
+            return te.compute((n, o, ho, wo), lambda b, f, yy, xx: acc[b, f, yy * wq + xx], name="conv_crop")
 
         return bb.call_te(compute, x, w, primfunc_name_hint="conv2d_flat")
 

@@ -206,6 +206,17 @@ def _walk(node, visit) -> None:
                 stack.extend(c for c in child if isinstance(c, tvm.ir.expr.Expr))
 
 
+def _expr_size(expr) -> int:
+    """Nodes in a TIR expression tree (repeated subtrees counted each time)."""
+    count = [0]
+
+    def visit(_):
+        count[0] += 1
+
+    _walk(expr, visit)
+    return count[0]
+
+
 # -- inlining ------------------------------------------------------------------------------
 
 
@@ -769,8 +780,17 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
     simple = _is_simple_store(stmt)
     conditional = simple and _has_call(stmt.body.value, ("if_then_else",))
     work = 4 * _work(sch, block)
-    if simple and _has_call(stmt.body.value, ("exp", "sigmoid", "tanh", "erf", "log", "pow")):
+    if simple and (_has_call(stmt.body.value, ("exp", "sigmoid", "tanh", "erf", "log", "pow"))
+                   or _expr_size(stmt.body.value) >= 48):  # fmt: skip  (a polynomial exp: rewrites.fast_sigmoid)
         work *= 8
+    elif conditional:  # bounds checks and a select an element
+        work *= 2
+    width = _row_divisor(stmt)
+    if width:  # [..., q] read as [..., q // w, q % w] -> iterate [..., q // w, q % w]
+        n = len(stmt.iter_vars)
+        sch.transform_block_layout(block, _index_map(lambda *v: [*v[: n - 1], v[n - 1] // width, v[n - 1] % width], n))
+        loops = sch.get_loops(block)
+        stmt = sch.get(block)
     phases = 0 if conditional else _interleave_phases(sch, block)
     if phases:
         n = len(stmt.iter_vars)
@@ -790,6 +810,30 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
         sch.parallel(fused)
     if v is not None:
         sch.vectorize(v)
+
+
+def _row_divisor(stmt) -> int:
+    """w when the block's innermost axis q is read only as ``q // w`` and ``q % w`` (besides
+    bounds checks) and w divides its extent: a flattened padding stage
+    (``rewrites.conv2d_flat_rows``) iterated as rows x columns has no division per element."""
+    import tvm
+
+    if not _is_simple_store(stmt) or len(stmt.iter_vars) < 2:
+        return 0
+    x = stmt.iter_vars[-1]
+    if not _same_int(x.dom.extent, x.dom.extent):
+        return 0
+    divisors = set()
+
+    def visit(e):
+        if isinstance(e, (tvm.tirx.FloorDiv, tvm.tirx.FloorMod)) and e.a.same_as(x.var):
+            divisors.add(int(e.b.value) if isinstance(e.b, tvm.tirx.IntImm) else -1)
+
+    _walk(stmt.body.value, visit)
+    if len(divisors) != 1:
+        return 0
+    (w,) = divisors
+    return w if 1 < w < int(x.dom.extent) and int(x.dom.extent) % w == 0 else 0
 
 
 def _interleave_phases(sch, block) -> int:
