@@ -743,8 +743,9 @@ def conv2d_flat_rows(lanes: int, min_channels: int = 32):
         ho, wo = (h + pad[0] + pad[2] - kh) // s + 1, (wd + pad[1] + pad[3] - kw) // s + 1
         pointwise = (kh, kw, s) == (1, 1, 1) and not any(pad)
         # Rows of whole vectors need no flattening; nor do a pointwise conv's pixels when they
-        # make whole vectors (the CPU schedule fuses its rows by itself: cpu._fuse_pixels).
-        if ho <= 0 or wo <= 0 or (ho * wo if pointwise else wo) % lanes == 0:
+        # make whole vectors (the CPU schedule fuses its rows by itself: cpu._fuse_pixels), or
+        # when there are too few to fill four (a squeeze-excite's 1x1 map: padding is waste).
+        if ho <= 0 or wo <= 0 or (ho * wo if pointwise else wo) % lanes == 0 or (pointwise and ho * wo < 4 * lanes):
             return default(bb, call)
         # The padded input, its sides rounded up to whole phases; each phase flattened.
         hp, wp = -(-(h + pad[0] + pad[2]) // s) * s, -(-(wd + pad[1] + pad[3]) // s) * s
