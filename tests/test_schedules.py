@@ -418,3 +418,40 @@ def test_convs_over_rows_of_partial_vectors_run_flattened(c, o, hw, k, s, pads, 
     names = " ".join(gv.name_hint for gv in mod.functions)
     assert ("conv2d_flat" in names) == flat, names
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_split_undoing_a_concat_takes_the_pieces_directly(tmp_path):
+    """A YOLOv8 head's box/class maps: concatenated on channels per scale, flattened, concatenated
+    over scales, split into boxes and classes again (``rewrites.split_of_concat``): no kernel
+    splits, the results match onnxruntime, and a split whose sections do not match the
+    concat's keeps its split."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    def head(box_sections):
+        nodes, inits, inputs, flat = [], [], [], []
+        for i, hw in enumerate((8, 4)):
+            b, c = f"b{i}", f"c{i}"
+            inputs += [helper.make_tensor_value_info(b, TensorProto.FLOAT, [1, 6, hw, hw]),
+                       helper.make_tensor_value_info(c, TensorProto.FLOAT, [1, 5, hw, hw])]  # fmt: skip
+            nodes += [helper.make_node("Concat", [b, c], [f"cat{i}"], axis=1),
+                      helper.make_node("Reshape", [f"cat{i}", "shape"], [f"flat{i}"])]  # fmt: skip
+            flat.append(f"flat{i}")
+        inits += [numpy_helper.from_array(np.array([1, 11, -1], np.int64), "shape"),
+                  numpy_helper.from_array(np.array(box_sections, np.int64), "sections")]  # fmt: skip
+        nodes += [helper.make_node("Concat", flat, ["all"], axis=2),
+                  helper.make_node("Split", ["all", "sections"], ["box", "cls"], axis=1),
+                  helper.make_node("Sigmoid", ["cls"], ["score"])]  # fmt: skip
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("box", "score")]
+        graph = helper.make_graph(nodes, "head", inputs, outs, inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    rng = np.random.RandomState(0)
+    for sections, split_kept in (([6, 5], False), ([4, 7], True)):
+        model = head(sections)
+        feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+                 for i in model.graph.input}  # fmt: skip
+        mod, _, run = _compile(model, {k: v.shape for k, v in feeds.items()}, TARGET, tmp_path / str(sections[0]))
+        names = " ".join(gv.name_hint for gv in mod.functions)
+        assert ("split" in names) == split_kept, names
+        assert_close(run(feeds), reference(model, feeds), rtol=1e-5, atol=1e-6)

@@ -46,7 +46,7 @@ def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision:
     import tvm
     from tvm import relax
 
-    from .rewrites import conv_transpose_as_conv, fp16_operands, legalize_overrides
+    from .rewrites import conv_transpose_as_conv, fp16_operands, legalize_overrides, split_of_concat
 
     target = profile.tvm()
     seq = tvm.transform.Sequential(
@@ -56,6 +56,8 @@ def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision:
             # Before legalization: TVM's conv2d_transpose kernel convolves over a zero-dilated
             # input; stride == kernel upsampling becomes a 1x1 conv + pixel shuffle (4x less work).
             conv_transpose_as_conv(),
+            # A split that undoes a concat's sections (YOLO heads) takes the pieces directly.
+            split_of_concat(),
             relax.transform.CanonicalizeBindings(),
             relax.transform.FoldConstant(),
             *([fp16_operands(), relax.transform.FoldConstant()] if precision == "fp16" else []),
