@@ -23,7 +23,8 @@ all zeros, other integers (token ids) uniform in [1, 1000).
 
 Without --threads the script sets no thread count anywhere (no TVM_NUM_THREADS, default
 onnxruntime SessionOptions): each engine runs with the threads it picks by itself. With
---threads N, both get N (Session(threads=N), intra_op_num_threads=N).
+--threads N, both get N (Session(threads=N), intra_op_num_threads=N). --busy-cores N times
+them while another process keeps N cores busy (each engine's threads as they pick them).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +83,9 @@ def main() -> None:
     ap.add_argument("--together", action="store_true",
                     help="interleave every model's engines in one loop (not model after model), so an int8 "
                          "model's speed-up over its fp32 model (the x fp32 column) compares one machine state")
+    ap.add_argument("--busy-cores", type=int, default=0, metavar="N",
+                    help="while timing, keep N cores busy with another process (a busy loop pinned to each): "
+                         "a device with other work running, as edge devices have")
     args = ap.parse_args()
     if args.threads is not None:  # numpy's sgemm (the peak) reads it once, at import
         os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
@@ -98,6 +103,8 @@ def main() -> None:
     variants = available_variants()
     rows, models = [], []
     with contextlib.ExitStack() as stack:
+        if args.busy_cores:
+            stack.enter_context(busy_cores(args.busy_cores))
         for spec in args.model or list(MODELS):
             path, overrides = resolve_model(spec, args.input)
             imp = importer.load(path, overrides)
@@ -276,6 +283,20 @@ def interleaved(engines: dict, runs: int, block: int = 5, warmup_s: float = 1.0)
                 fn()
                 times[k].append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+@contextlib.contextmanager
+def busy_cores(n: int):
+    """``n`` processes spinning in a loop, each pinned to one of the last ``n`` usable cores."""
+    cores = sorted(os.sched_getaffinity(0))[-n:]
+    procs = [subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{c}}})\nwhile True: pass"])
+             for c in cores]  # fmt: skip
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def practical_peak_gflops(np) -> float:
