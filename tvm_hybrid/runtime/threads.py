@@ -17,9 +17,11 @@ affinity, capped by a cgroup CPU quota, as onnxruntime counts them.
 
 TVM also pins each worker to one core. Where another process keeps a core busy, the worker pinned
 there waits a whole scheduler slice for it at every parallel kernel, and the others spin at the
-barrier: YOLOv8n-320 on 2 Zen 4 cores with a busy loop on one took 504 ms a call pinned, 29 ms
-unpinned (onnxruntime 32 ms; idle, 13.7 ms both ways). So the runtime leaves the workers
-unpinned (``$TVM_BIND_THREADS=0``) unless ``$TVM_BIND_THREADS`` is set.
+barrier. On 2 Zen 4 cores with a busy loop on one (``scripts/bench.py --busy-cores 1 --model
+zoo:yolov8n-320 --model minilm-l3``), pinned (``TVM_BIND_THREADS=1``): YOLOv8n-320 554 ms a
+call against onnxruntime's 28.9, MiniLM-L3 191 against 16.5; unpinned: 26.0 against 30.5 and
+15.6 against 21.4 (idle, the same either way). So the runtime leaves the workers unpinned
+(``$TVM_BIND_THREADS=0``) unless ``$TVM_BIND_THREADS`` is set.
 """
 
 from __future__ import annotations
