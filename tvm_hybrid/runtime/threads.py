@@ -20,7 +20,9 @@ there waits a whole scheduler slice for it at every parallel kernel, and the oth
 barrier. On 2 Zen 4 cores with a busy loop on one (``scripts/bench.py --busy-cores 1 --model
 zoo:yolov8n-320 --model minilm-l3``), pinned (``TVM_BIND_THREADS=1``): YOLOv8n-320 554 ms a
 call against onnxruntime's 28.9, MiniLM-L3 191 against 16.5; unpinned: 26.0 against 30.5 and
-15.6 against 21.4 (idle, the same either way). So the runtime leaves the workers unpinned
+15.6 against 21.4. Idle, the two differed by less than this shared machine's noise (one run
+each, pinned then unpinned: YOLOv8n-320 1.10x and 1.05x onnxruntime, MiniLM-L3 1.04x and 0.97x,
+onnxruntime itself moving by 40% between them). So the runtime leaves the workers unpinned
 (``$TVM_BIND_THREADS=0``) unless ``$TVM_BIND_THREADS`` is set.
 """
 
