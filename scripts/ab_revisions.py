@@ -74,7 +74,8 @@ def main() -> int:
                     cmd = [sys.executable, "-m", "tvm_hybrid", "compile", str(path), "--target", args.target,
                            "-o", str(out), "--no-tuning-logs", *[a for o in overrides for a in ("--input", _text(o))]]  # fmt: skip
                     env = {**os.environ, "PYTHONPATH": str(tree)}
-                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    # cwd: `python -m` puts the working directory ahead of PYTHONPATH
+                    proc = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
                     if proc.returncode:
                         print(f"{spec}: {which} ({tree}) failed to compile:\n{proc.stderr[-2000:]}", file=sys.stderr)
                         return 1
