@@ -804,8 +804,9 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
     simple = _is_simple_store(stmt)
     conditional = simple and _has_call(stmt.body.value, ("if_then_else",))
     work = 4 * _work(sch, block)
+    # Transcendentals, as calls or as a polynomial exp (rewrites.fast_sigmoid: some 100 nodes).
     if simple and (_has_call(stmt.body.value, ("exp", "sigmoid", "tanh", "erf", "log", "pow"))
-                   or _expr_size(stmt.body.value) >= 48):  # fmt: skip  (a polynomial exp: rewrites.fast_sigmoid)
+                   or _expr_size(stmt.body.value) >= 48):  # fmt: skip
         work *= 8
     elif conditional:  # bounds checks and a select an element
         work *= 2
