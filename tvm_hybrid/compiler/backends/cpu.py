@@ -33,8 +33,10 @@ class CpuConfig:
     # runs on 2 Xeon cores (`scripts/ab_schedules.py --variant parallel_min_work=1048576`).
     parallel_min_work: int = 1 << 17
     unroll_max_step: int = 64
-    #: Row tiles go innermost (``_rows_innermost``) when the broadcast operand is at most this big.
+    #: Row tiles go innermost (``_rows_innermost``) when the broadcast operand is at most this big,
     rows_inner_max_bytes: int = 256 << 10
+    #: and each output takes at least this long a reduction.
+    rows_inner_min_reduction: int = 32
 
 
 class ScheduleRefused(Exception):
@@ -626,7 +628,8 @@ def _rows_innermost(sch, stmt, dominant, reduce, cfg: CpuConfig) -> bool:
     96->24 3x3 convs at 80x80 (2.6 MB input, 83 KB weights) went from 5.6 and 5.0 ms to 4.6
     and 4.4 ms in the model on one thread. With few input channels it lost (a 16->32 1x1
     conv at 160x160: the output is then written to many channel planes at once); from 32 it
-    wins: YOLOv8n's 48->32 1x1 conv at 80x80 on an input not in cache, 0.29 -> 0.16 ms.
+    wins: YOLOv8n-320, whose 48->32 1x1 conv at 80x80 this changes, 21.39 -> 21.03 ms on 2 Zen 4
+    cores (``scripts/ab_schedules.py --model zoo:yolov8n-320 --variant rows_inner_min_reduction=64``).
     """
     weights = max(
         (_buffer_bytes(r.source) for r in stmt.reads
@@ -634,7 +637,7 @@ def _rows_innermost(sch, stmt, dominant, reduce, cfg: CpuConfig) -> bool:
         default=0,
     )  # fmt: skip
     return weights <= cfg.rows_inner_max_bytes and _buffer_bytes(dominant.source) >= 1 << 20 \
-        and math.prod(_extent(sch, lp) for lp in reduce) >= 32  # fmt: skip
+        and math.prod(_extent(sch, lp) for lp in reduce) >= cfg.rows_inner_min_reduction  # fmt: skip
 
 
 def _buffer_bytes(buf) -> int:
