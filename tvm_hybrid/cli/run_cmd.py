@@ -43,12 +43,14 @@ def _parse_feed(text: str) -> tuple[str | None, str]:
               help="Artifacts compiled with --adaptive: pick each call's cut by least latency, least device "
                    "energy (compute + radio time) or least cloud compute.")
 @click.option("--cut", default=None, metavar="NAME", help="Artifacts compiled with --adaptive: always run this cut.")
+@click.option("--browser", is_flag=False, flag_value="chromium", default=None, metavar="[chromium|PATH]",
+              help="Run a webgpu (or vulkan-*) artifact through the JavaScript runtime in headless Chromium.")
 @click.option("--emulate", is_flag=True,
               help="Run an artifact built for another CPU (aarch64) here, under qemu-user: real outputs, meaningless timings.")
 def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_file: str | None, fallback: str,
             timeout: float, output_dir: str | None, repeat: int, as_json: bool, device: str | None,
             emulate: bool, verify_key: str | None, threads: int | None, objective: str,
-            cut: str | None) -> None:  # fmt: skip
+            cut: str | None, browser: str | None) -> None:  # fmt: skip
     """Run an artifact (directory or .tar) on inputs from .npy files.
 
     \b
@@ -57,7 +59,11 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
     tvm-hybrid run dist/x86-64 --input x=image.npy --cloud-url http://127.0.0.1:8000
     tvm-hybrid run dist/vulkan-adreno --input x=image.npy --device llvmpipe
     tvm-hybrid run dist/arm64-cortex-a76 --input x=image.npy --output-dir out/ --emulate
+    tvm-hybrid run dist/webgpu --input x=image.npy --browser --output-dir out/
     """
+    if browser is not None:
+        return _run_browser(artifact, feeds, browser, cloud_url, token_file, fallback, timeout, output_dir, repeat,
+                            verify_key, as_json)  # fmt: skip
 
     if emulate:
         from ..emulate import artifact_target
@@ -67,7 +73,6 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
             return _run_emulated(artifact, _forwarded_options(click.get_current_context()), repeat, as_json)
 
     from ..errors import UsageError
-    from ..manifest import safe_filename
     from ..runtime import Session
     from ..runtime.threads import resolve as resolve_threads
     from .serve_cmd import read_token
@@ -99,25 +104,13 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
         trace = sess.trace
         decision = sess.decision.to_dict() if sess.decision else None
         threads = sess.threads
-    written = {}
-    if output_dir:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, arr in outs.items():
-            p = out / f"{safe_filename(name)}.npy"
-            np.save(p, to_carrier(arr, arr.dtype.name))  # narrow types as their bytes: .npy cannot hold them
-            written[name] = str(p)
+    written = _write_outputs(outs, output_dir)
     median = statistics.median(times)
     if as_json:
         emit_json(
             {
                 "artifact": artifact,
-                "outputs": {
-                    n: {"shape": list(a.shape), "dtype": str(a.dtype), "file": written.get(n),
-                        **({"stored_as": carrier(a.dtype.name)} if a.dtype.name in NARROW else {}),
-                        "min": _num(a.min()) if a.size else None, "max": _num(a.max()) if a.size else None}
-                    for n, a in outs.items()
-                },
+                "outputs": _outputs_doc(outs, written),
                 "trace": trace,
                 "latency_ms": {"median": median, "runs": repeat, "all": times},
                 "threads": threads,
@@ -125,15 +118,79 @@ def command(artifact: str, feeds: tuple[str, ...], cloud_url: str | None, token_
             }
         )
         return
-    for n, a in outs.items():
-        where = f"  → {written[n]}" if n in written else ""
-        flat = np.array2string(a.reshape(-1)[:6], precision=4, separator=", ")
-        click.echo(f"{n}  {'x'.join(map(str, a.shape))} {a.dtype}  {flat}{'…' if a.size > 6 else ''}{where}")
+    _echo_outputs(outs, written)
     click.echo(f"latency  {median:.3f} ms (median of {repeat}, {threads} thread{'s' if threads > 1 else ''})")
     if decision:
         counts = {c: cuts.count(c) for c in dict.fromkeys(cuts)}
         click.echo(f"cut      {decision['cut']} ({decision['why']}, objective {decision['objective']}); "
                    + ", ".join(f"{c} x{n}" for c, n in counts.items()))  # fmt: skip
+
+
+def _write_outputs(outs: dict, output_dir: str | None) -> dict[str, str]:
+    """``NAME.npy`` per output in ``output_dir`` (narrow types as their carrier's bytes: .npy cannot hold them)."""
+    from ..manifest import safe_filename
+
+    written = {}
+    if output_dir:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, arr in outs.items():
+            p = out / f"{safe_filename(name)}.npy"
+            np.save(p, to_carrier(arr, arr.dtype.name))
+            written[name] = str(p)
+    return written
+
+
+def _outputs_doc(outs: dict, written: dict[str, str]) -> dict:
+    return {
+        n: {"shape": list(a.shape), "dtype": str(a.dtype), "file": written.get(n),
+            **({"stored_as": carrier(a.dtype.name)} if a.dtype.name in NARROW else {}),
+            "min": _num(a.min()) if a.size else None, "max": _num(a.max()) if a.size else None}
+        for n, a in outs.items()
+    }  # fmt: skip
+
+
+def _echo_outputs(outs: dict, written: dict[str, str]) -> None:
+    for n, a in outs.items():
+        where = f"  → {written[n]}" if n in written else ""
+        flat = np.array2string(a.reshape(-1)[:6], precision=4, separator=", ")
+        click.echo(f"{n}  {'x'.join(map(str, a.shape))} {a.dtype}  {flat}{'…' if a.size > 6 else ''}{where}")
+
+
+def _run_browser(artifact: str, feeds: tuple[str, ...], browser: str, cloud_url: str | None, token_file: str | None,
+                 fallback: str, timeout: float, output_dir: str | None, repeat: int, verify_key: str | None,
+                 as_json: bool) -> None:  # fmt: skip
+    """``run --browser``: the artifact through tvm-hybrid.js in headless Chromium (runtime/browser.py)."""
+    from ..errors import UsageError
+    from ..runtime.browser import input_specs, run_in_browser
+    from .serve_cmd import read_token
+
+    specs = input_specs(artifact)
+    arrays = {}
+    for text in feeds:
+        name, path = _parse_feed(text)
+        if name is None:
+            if len(specs) != 1:
+                raise UsageError(f"--input {text}: name the input (NAME=FILE.npy); the model takes "
+                                 + ", ".join(s["name"] for s in specs))  # fmt: skip
+            name = specs[0]["name"]
+        arrays[name] = _load_npy(path)
+    res = run_in_browser(artifact, arrays, browser=browser, cloud_url=cloud_url, token=read_token(token_file),
+                         fallback=fallback, timeout=timeout, verify_key=verify_key, repeat=repeat)  # fmt: skip
+    outs, times = res["outputs"], res["times_ms"]
+    written = _write_outputs(outs, output_dir)
+    median = statistics.median(times) if times else None
+    if as_json:
+        emit_json({"artifact": artifact, "outputs": _outputs_doc(outs, written), "trace": res["trace"],
+                   "latency_ms": {"median": median, "runs": repeat, "all": times},
+                   "browser": {"user_agent": res["browser"], "adapter": res["adapter"]},
+                   **({"signed_by": res["signed_by"]} if res["signed_by"] else {})})  # fmt: skip
+        return
+    _echo_outputs(outs, written)
+    adapter = res["adapter"] or {}
+    where = ", ".join(sorted({t["placement"] for t in res["trace"]}))
+    click.echo(f"latency  {median:.3f} ms (median of {repeat}, in the browser: {where}"
+               + (f", WebGPU adapter {adapter.get('vendor')}/{adapter.get('architecture')}" if adapter else "") + ")")
 
 
 def _forwarded_options(ctx: click.Context) -> list[str]:

@@ -3,21 +3,41 @@ asks for (Backend.rewrites), such as patch_conv_as_matmul on CPUs."""
 
 from __future__ import annotations
 
+import numpy as np
 
-def _relax_pass(name: str, op_name: str | tuple[str, ...], rewrite_call):
+
+def _relax_pass(name: str, op_name: str | tuple[str, ...], rewrite_call, with_uses: bool = False):
     """A module pass applying ``rewrite_call(builder, call)`` (a new expression, or None to keep
-    the call) to every call of ``op_name`` (or of any of several) in the module's Relax functions."""
+    the call) to every call of ``op_name`` (or of any of several) in the module's Relax functions.
+    ``with_uses``: ``rewrite_call(builder, call, uses)``, ``uses`` counting each variable's uses in
+    the function before the pass (``uses.get(var, 0)``; vars the pass re-binds keep their count)."""
     op_names = (op_name,) if isinstance(op_name, str) else op_name
     import tvm
     from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
+    from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
+
+    @visitor
+    class Uses(PyExprVisitor):
+        def __init__(self):
+            super().__init__()
+            self.counts = {}
+
+        def visit_var_(self, var):
+            self.counts[var] = self.counts.get(var, 0) + 1
+
+        def visit_dataflow_var_(self, var):
+            self.visit_var_(var)
 
     @mutator
     class Rewriter(PyExprMutator):
+        def __init__(self, mod, uses=None):
+            super().__init__(mod)
+            self.uses = uses
+
         def visit_call_(self, call):
             call = super().visit_call_(call)
             if isinstance(call.op, tvm.ir.Op) and call.op.name in op_names:
-                new = rewrite_call(self.builder_, call)
+                new = rewrite_call(self.builder_, call, self.uses) if with_uses else rewrite_call(self.builder_, call)
                 return call if new is None else new
             return call
 
@@ -25,7 +45,12 @@ def _relax_pass(name: str, op_name: str | tuple[str, ...], rewrite_call):
     def rewrite(mod, _ctx):
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
-                rw = Rewriter(mod)
+                uses = None
+                if with_uses:
+                    counter = Uses()
+                    counter.visit_expr(func)
+                    uses = counter.counts
+                rw = Rewriter(mod, uses)
                 mod[gv] = rw.visit_expr(func)
                 # Kernels a rewrite added (builder.add_func) go into the module too.
                 have = list(mod.functions)
@@ -171,6 +196,72 @@ def split_of_concat():
     element chose its source through nested conditions and divisions (0.33 ms of YOLOv8n-320 on 2
     Zen 4 cores, a 1.2 MB copy)."""
     return _relax_pass("SplitOfConcat", "relax.split", _split_of_concat)
+
+
+_AFFINE_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
+
+
+def conv_affine_folded():
+    """A Relax pass: per-output-channel constants applied to a convolution's output (an unfused
+    BatchNorm's subtract, divide, multiply and add; a bias) fold into its weights and one bias:
+    ``conv(x, W) * s + t`` becomes ``conv(x, W * s) + t``. Each folded constant was a separate
+    buffer the kernel read (PP-OCR cls's conv kernels bound 9 buffers, over WebGPU's limit of 8
+    storage buffers a kernel; now 6) and arithmetic per output. Only where the convolution's
+    output has no other use."""
+    return _relax_pass("ConvAffineFolded", _AFFINE_OPS, _fold_conv_affine, with_uses=True)
+
+
+def _channel_const(e, channels: int):
+    """A constant that broadcasts over a conv's NCHW output per channel (or a scalar): as a
+    ``[channels]`` float64 array, else None."""
+    from tvm.ir.expr import Constant
+
+    if not isinstance(e, Constant):
+        return None
+    v = e.value.numpy()
+    if v.dtype.kind != "f" or v.ndim > 4 or v.size not in (1, channels):
+        return None
+    shape = (1,) * (4 - v.ndim) + v.shape
+    if v.size > 1 and shape != (1, channels, 1, 1):
+        return None
+    return np.broadcast_to(v.reshape(-1).astype(np.float64), (channels,))
+
+
+def _fold_conv_affine(bb, call, uses):
+    """``op(conv2d(x, W) [+ b], c)`` with constants W, b, c per channel: ``conv2d(x, W') + b'``."""
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    op = call.op.name
+    a, c = call.args
+    if op in ("relax.add", "relax.multiply") and isinstance(a, Constant):
+        a, c = c, a
+    if not isinstance(a, relax.Var) or uses.get(a, 0) != 1:
+        return None
+    bias = None
+    conv = _bound_call(bb, a, "relax.nn.conv2d")
+    if conv is None and (add := _bound_call(bb, a, "relax.add")) is not None:
+        conv_var, bias = add.args
+        if isinstance(conv_var, relax.Var) and uses.get(conv_var, 1) == 1:  # (unknown: this pass emitted it)
+            conv = _bound_call(bb, conv_var, "relax.nn.conv2d")
+    if conv is None or not isinstance(conv.args[1], Constant):
+        return None
+    at = conv.attrs
+    if (at.data_layout, at.kernel_layout, at.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    w = conv.args[1].value.numpy()
+    if w.dtype not in (np.float32, np.float16):
+        return None
+    o = w.shape[0]
+    k = _channel_const(c, o)
+    t = np.zeros(o) if bias is None else _channel_const(bias, o)
+    if k is None or t is None or (op == "relax.divide" and not np.all(k)):
+        return None
+    scale = {"relax.multiply": k, "relax.divide": 1.0 / k}.get(op, np.ones(o))
+    shift = {"relax.add": t + k, "relax.subtract": t - k}.get(op, t * scale)
+    new_w = relax.const((w.astype(np.float64) * scale[:, None, None, None]).astype(w.dtype))
+    out = bb.emit(relax.Call(conv.op, [conv.args[0], new_w], conv.attrs))
+    return relax.op.add(out, relax.const(shift.reshape(1, o, 1, 1).astype(w.dtype)))
 
 
 def _bound_call(bb, e, op: str):
