@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 # Debian packages: a C++ compiler links the artifacts (export_library); the aarch64 cross compiler
 # links arm64 and Jetson (cuda-sm87) artifacts; qemu-user runs arm64 artifacts here
 # (TVM_HYBRID_SETUP_ARM=0 skips the emulation part); a Vulkan loader and Mesa's lavapipe
-# (Vulkan on the CPU) run the Vulkan targets' tests without a GPU.
+# (Vulkan on the CPU) run the Vulkan targets' tests without a GPU; Chromium the browser's.
 ARM=${TVM_HYBRID_SETUP_ARM:-1}
 need=()
 command -v g++ >/dev/null || need+=(g++)
@@ -21,6 +21,11 @@ if [ "$ARM" != 0 ] && [ "$(uname -m)" = x86_64 ]; then
 fi
 [ -e /usr/lib/x86_64-linux-gnu/libvulkan.so.1 ] || ldconfig -p | grep -q 'libvulkan\.so\.1' || need+=(libvulkan1)
 ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || need+=(mesa-vulkan-drivers)
+# Chromium runs webgpu artifacts through the JavaScript runtime (run --browser, tests/test_browser.py);
+# TVM_HYBRID_SETUP_BROWSER=0 skips it.
+if [ "${TVM_HYBRID_SETUP_BROWSER:-1}" != 0 ]; then
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || need+=(chromium)
+fi
 # scripts/calibration.py renders calibration text lines with the DejaVu fonts (the quantize tests).
 ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1 || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then

@@ -56,9 +56,15 @@ def _size(ctx, param, value: str) -> int:
               help="Split decoders: seconds a sequence may stay idle before its cache is dropped.")
 @click.option("--graceful-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM/SIGINT, seconds that in-flight requests get to finish.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (https://app.example.com, or '*') call the API from a browser "
+                   "(repeatable): the tvm-hybrid.js runtime's cloud segments.")
+@click.option("--web", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Serve a webgpu device artifact under /web/ with the JavaScript runtime and a demo page.")
 def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | None, workers: int | None,
             threads: int | None, max_request_size: int, max_queue: int | None, access_log: str, max_sequences: int,
-            sequence_timeout: float, graceful_timeout: float) -> None:  # fmt: skip
+            sequence_timeout: float, graceful_timeout: float, cors_origins: tuple[str, ...],
+            web: str | None) -> None:  # fmt: skip
     """Serve cloud artifacts' segments over the KServe v2 protocol (any v2 client works).
 
     \b
@@ -83,12 +89,17 @@ def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | 
     from ..server.app import Registry, create_app
 
     token = read_token(token_file)
+    if web is not None:
+        _check_web(web)
     _setup_access_log(access_log)
     registry = Registry(list(artifacts), workers=workers, threads=threads, max_sequences=max_sequences,
                         sequence_timeout=sequence_timeout)  # fmt: skip
-    app = create_app(registry, token, max_request_bytes=max_request_size, max_queue=max_queue)
+    app = create_app(registry, token, max_request_bytes=max_request_size, max_queue=max_queue,
+                     cors_origins=cors_origins, web=web)  # fmt: skip
     names = ", ".join(f"{n}/{v}" for n, vs in sorted(registry.models.items()) for v in sorted(vs))
     click.echo(f"tvm-hybrid: serving {names} on http://{host}:{port} ({workers} workers x {threads} thread{'s' if threads > 1 else ''})", err=True)
+    if web is not None:
+        click.echo(f"tvm-hybrid: the demo page of {web} is http://{host}:{port}/web/", err=True)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http="h11",
                             timeout_graceful_shutdown=graceful_timeout)  # fmt: skip
     try:
@@ -96,6 +107,26 @@ def command(artifacts: tuple[str, ...], host: str, port: int, token_file: str | 
     finally:
         registry.close()
     click.echo("tvm-hybrid: stopped", err=True)
+
+
+def _check_web(web: str) -> None:
+    """``--web DIR`` must be a device artifact a browser runs (wgsl-plan segments): exit 2 or 4 otherwise."""
+    import json
+    from pathlib import Path
+
+    from ..errors import ArtifactError, UsageError
+
+    path = Path(web)
+    if not (path / "manifest.json").is_file():
+        raise UsageError(f"--web {web}: not an artifact directory (no manifest.json); compile one with --target webgpu")
+    try:
+        m = json.loads((path / "manifest.json").read_text())
+        formats = {s.get("format") for s in m["segments"] if s["placement"] == "device"}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"--web {web}: cannot read its manifest: {e}") from e
+    if m.get("role") != "device" or not formats <= {"wgsl-plan"}:
+        raise UsageError(f"--web {web}: a {m.get('target', {}).get('name', '?')} {m.get('role')} artifact; "
+                         "browsers run artifacts compiled with --target webgpu")  # fmt: skip
 
 
 def _server_class():

@@ -214,11 +214,15 @@ class _Observe:
 
 
 def create_app(registry: Registry, token: str | None = None, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               max_queue: int | None = None, metrics: Metrics | None = None):  # fmt: skip
+               max_queue: int | None = None, metrics: Metrics | None = None, cors_origins: tuple[str, ...] = (),
+               web: Path | None = None):  # fmt: skip
     """The ASGI app: v2 health, metadata and infer (JSON and binary), /metrics, auth and limits.
 
     ``max_queue``: inference requests waiting or computing beyond which the server answers 503
-    (default: 32 per worker)."""
+    (default: 32 per worker). ``cors_origins``: web origins (or ``*``) whose pages may call the
+    API from a browser: preflights answered, the v2 headers a browser client reads exposed.
+    ``web``: a device artifact for browsers (the webgpu profile) served under ``/web/`` with the
+    JavaScript runtime and the demo page (``/web/``), on the same origin as the API."""
     from starlette.applications import Starlette
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
@@ -367,8 +371,43 @@ def create_app(registry: Registry, token: str | None = None, *, max_request_byte
         yield
         pool.shutdown(wait=True)  # uvicorn has let in-flight requests finish by now
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    middleware = []
+    if cors_origins:
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", HEADER_LENGTH],
+            expose_headers=[HEADER_LENGTH, QUEUE_HEADER, COMPUTE_HEADER, LOAD_HEADER], max_age=600,
+        ))  # fmt: skip
+    if web is not None:
+        routes += _web_routes(Path(web))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     return _Observe(app, registry, metrics)
+
+
+def _web_routes(root: Path) -> list:
+    """``/web/``: the demo page; ``/web/tvm-hybrid.js`` (and .d.ts): the runtime; ``/web/artifact/…``:
+    the files of the artifact in ``root`` (the browser checks them against its manifest)."""
+    from starlette.responses import RedirectResponse, Response
+    from starlette.routing import Route
+
+    from ..runtime.browser import WEB_DIR, content_type, under
+
+    pages = {"": "demo.html", "tvm-hybrid.js": "tvm-hybrid.js", "tvm-hybrid.d.ts": "tvm-hybrid.d.ts"}
+
+    async def page(request):
+        rel = request.path_params.get("path", "")
+        if rel in pages:
+            return Response((WEB_DIR / pages[rel]).read_bytes(), media_type=content_type(pages[rel]),
+                            headers={"Cache-Control": "no-cache"})  # fmt: skip
+        if rel.startswith("artifact/") and (p := under(root, rel[len("artifact/"):])) is not None:
+            return Response(p.read_bytes(), media_type=content_type(p.name), headers={"Cache-Control": "no-cache"})
+        return Response("not found", status_code=404, media_type="text/plain")
+
+    return [Route("/web", lambda request: RedirectResponse("/web/")), Route("/web/", page),
+            Route("/web/{path:path}", page)]  # fmt: skip
 
 
 def _timed(fn, *args):
