@@ -71,33 +71,13 @@ def browser_flags(user_data_dir: str) -> list[str]:
     return flags
 
 
-class _Job:
-    """What one browser run needs and what it sent back."""
-
-    def __init__(self, root: Path, feeds: dict[str, np.ndarray], options: dict[str, Any], repeat: int):
-        self.root = root.resolve()
-        self.feeds = [(n, _npy(a)) for n, a in feeds.items()]
-        self.options = options
-        self.repeat = repeat
-        self.profile = False
-        self.outputs: dict[int, bytes] = {}
-        self.result: dict[str, Any] | None = None
-        self.done = threading.Event()
-
-    def job_json(self) -> bytes:
-        return json.dumps({
-            "options": self.options, "repeat": self.repeat, "profile": self.profile,
-            "inputs": [{"name": n, "url": f"inputs/{i}.npy"} for i, (n, _) in enumerate(self.feeds)],
-        }).encode()  # fmt: skip
-
-
 def _npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
 
 
-_TYPES = {".js": "text/javascript", ".html": "text/html", ".json": "application/json", ".css": "text/css",
+_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".html": "text/html", ".json": "application/json", ".css": "text/css",
           ".png": "image/png", ".jpg": "image/jpeg", ".svg": "image/svg+xml", ".ts": "text/plain"}  # fmt: skip
 
 
@@ -111,7 +91,84 @@ def under(root: Path, rel: str) -> Path | None:
     return p if p.is_file() and p.is_relative_to(root.resolve()) else None
 
 
-def _handler(job: _Job):
+class Page:
+    """A page run once in headless Chromium, served from memory on a loopback port.
+
+    ``files``: URL path -> bytes; ``roots``: URL prefix -> a directory whose files are served
+    under it; ``headers``: sent with every response (``Cross-Origin-Opener-Policy`` and
+    ``-Embedder-Policy`` give a page threads, as onnxruntime-web's wasm wants). The page ends
+    the run by POSTing JSON to ``done``; whatever else it POSTs is kept in ``posted``.
+    """
+
+    def __init__(self, files: dict[str, bytes], roots: dict[str, Path] | None = None,
+                 headers: dict[str, str] | None = None):  # fmt: skip
+        self.files = files
+        self.roots = {k: Path(v).resolve() for k, v in (roots or {}).items()}
+        self.headers = headers or {}
+        self.posted: dict[str, bytes] = {}
+        self.result: dict[str, Any] | None = None
+        self._done = threading.Event()
+
+    def run(self, page: str, *, browser: str | None = None, wait: float = 300.0) -> dict[str, Any]:
+        """Open ``page`` (a path in ``files``) in a fresh headless Chromium; the JSON it posts to
+        ``done``. RuntimeFailure when the browser is missing, exits early, or the page takes
+        longer than ``wait`` seconds."""
+        binary = find_browser(browser)
+        server = _Server(("127.0.0.1", 0), _handler(self))
+        threading.Thread(target=server.serve_forever, name="tvm-hybrid-browser-http", daemon=True).start()
+        profile = tempfile.mkdtemp(prefix="tvm-hybrid-chromium-")
+        url = f"http://127.0.0.1:{server.server_address[1]}/{page}"
+        errlog = tempfile.TemporaryFile()
+        proc = None
+        try:
+            try:
+                proc = subprocess.Popen([binary, *browser_flags(profile), url], stdout=subprocess.DEVNULL,
+                                        stderr=errlog, start_new_session=True)  # fmt: skip
+            except OSError as e:
+                raise RuntimeFailure(f"cannot start {binary}: {e.strerror or e}; {INSTALL_HINT}") from e
+            deadline = time.monotonic() + wait
+            while not self._done.wait(0.1):
+                if proc.poll() is not None:
+                    raise RuntimeFailure(f"{Path(binary).name} exited ({proc.returncode}) before the page finished: "
+                                         f"{_last_error(errlog)}")  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise RuntimeFailure(f"the page did not finish within {wait:.0f} s in {Path(binary).name}")
+            return self.result or {}
+        finally:
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            server.shutdown()
+            server.server_close()
+            errlog.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+    def _get(self, path: str) -> tuple[bytes, str] | None:
+        if path in self.files:
+            return self.files[path], content_type(path)
+        for prefix, root in self.roots.items():
+            if path.startswith(prefix) and (p := under(root, path[len(prefix):])) is not None:
+                return p.read_bytes(), content_type(p.name)
+        return None
+
+    def _post(self, path: str, body: bytes) -> None:
+        if path == "done" and not self._done.is_set():
+            try:
+                self.result = json.loads(body)
+            except ValueError:
+                self.result = {"ok": False, "kind": "runtime", "error": "the page sent a malformed result"}
+            self._done.set()
+        else:
+            self.posted[path] = body
+
+
+def _handler(page: Page):
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -123,39 +180,20 @@ def _handler(job: _Job):
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            for k, v in page.headers.items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
 
         def do_GET(self):
-            path = unquote(urlsplit(self.path).path).lstrip("/")
-            if path in ("run.html", "tvm-hybrid.js"):
-                return self._send(200, (WEB_DIR / path).read_bytes(), content_type(path))
-            if path == "job.json":
-                return self._send(200, job.job_json(), "application/json")
-            if path.startswith("inputs/"):
-                try:
-                    return self._send(200, job.feeds[int(Path(path).stem)][1])
-                except (ValueError, IndexError):
-                    pass
-            elif path.startswith("artifact/"):
-                p = under(job.root, path[len("artifact/"):])
-                if p is not None:
-                    return self._send(200, p.read_bytes(), content_type(p.name))
-            elif path == "favicon.ico":
-                return self._send(204, b"")
-            self._send(404, b"not found", "text/plain")
+            found = page._get(unquote(urlsplit(self.path).path).lstrip("/"))
+            if found is None:
+                return self._send(404, b"not found", "text/plain")
+            self._send(200, *found)
 
         def do_POST(self):
-            path = urlsplit(self.path).path.lstrip("/")
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if path.startswith("output/"):
-                job.outputs[int(path.split("/", 1)[1])] = body
-            elif path == "done" and not job.done.is_set():
-                try:
-                    job.result = json.loads(body)
-                except ValueError:
-                    job.result = {"ok": False, "kind": "runtime", "error": "the page sent a malformed result"}
-                job.done.set()
+            page._post(urlsplit(self.path).path.lstrip("/"), body)
             self._send(200, b"{}", "application/json")
 
     return Handler
@@ -208,8 +246,9 @@ def _unpacked(path: Path) -> tuple[Path, tempfile.TemporaryDirectory | None]:
 def run_in_browser(artifact: str | Path, feeds: dict[str, np.ndarray], *, browser: str | None = None,
                    cloud_url: str | None = None, token: str | None = None, fallback: str = "auto",
                    timeout: float = 30.0, verify_key: str | Path | None = None, repeat: int = 1,
-                   wait: float = 300.0) -> dict[str, Any]:  # fmt: skip
-    """Run ``artifact`` on ``feeds`` in headless Chromium through tvm-hybrid.js.
+                   wait: float = 300.0, profile: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run ``artifact`` on ``feeds`` in headless Chromium through tvm-hybrid.js (``profile``: also
+    each kernel timed alone, under ``"profile"``).
 
     Returns ``{"outputs": {name: array}, "trace": [...], "times_ms": [...], "adapter": {...},
     "browser": user agent}``. ``timeout`` bounds each cloud call, ``wait`` the whole run
@@ -217,7 +256,6 @@ def run_in_browser(artifact: str | Path, feeds: dict[str, np.ndarray], *, browse
     ArtifactError (exit 4: a checksum or the signature failed), UsageError (2), RuntimeFailure (5:
     no WebGPU and no cloud to fall back on, the cloud unreachable, the browser missing or hung).
     """
-    binary = find_browser(browser)
     options: dict[str, Any] = {"fallback": fallback, "timeoutMs": int(timeout * 1000)}
     if cloud_url:
         options["cloudUrl"] = cloud_url
@@ -228,52 +266,26 @@ def run_in_browser(artifact: str | Path, feeds: dict[str, np.ndarray], *, browse
             options["publicKey"] = Path(verify_key).read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read the public key {verify_key}: {getattr(e, 'strerror', None) or e}") from e
+    find_browser(browser)  # before unpacking anything
     root, tmp = _unpacked(Path(artifact))
-    job = _Job(root, feeds, options, repeat)
-    server = _Server(("127.0.0.1", 0), _handler(job))
-    threading.Thread(target=server.serve_forever, name="tvm-hybrid-browser-http", daemon=True).start()
-    profile = tempfile.mkdtemp(prefix="tvm-hybrid-chromium-")
-    url = f"http://127.0.0.1:{server.server_address[1]}/run.html"
-    errlog = tempfile.TemporaryFile()
-    proc = None
+    names = list(feeds)
+    job = {"options": options, "repeat": repeat, "profile": profile,
+           "inputs": [{"name": n, "url": f"inputs/{i}.npy"} for i, n in enumerate(names)]}  # fmt: skip
+    files = {"run.html": (WEB_DIR / "run.html").read_bytes(), "tvm-hybrid.js": (WEB_DIR / "tvm-hybrid.js").read_bytes(),
+             "job.json": json.dumps(job).encode(), **{f"inputs/{i}.npy": _npy(feeds[n]) for i, n in enumerate(names)}}  # fmt: skip
+    page = Page(files, {"artifact/": root})
     try:
-        try:
-            proc = subprocess.Popen([binary, *browser_flags(profile), url], stdout=subprocess.DEVNULL,
-                                    stderr=errlog, start_new_session=True)  # fmt: skip
-        except OSError as e:
-            raise RuntimeFailure(f"cannot start {binary}: {e.strerror or e}; {INSTALL_HINT}") from e
-        deadline = time.monotonic() + wait
-        while not job.done.wait(0.1):
-            if proc.poll() is not None:
-                raise RuntimeFailure(f"{Path(binary).name} exited ({proc.returncode}) before the page finished: "
-                                     f"{_last_error(errlog)}")  # fmt: skip
-            if time.monotonic() > deadline:
-                raise RuntimeFailure(f"the page did not finish within {wait:.0f} s in {Path(binary).name}")
-        res = job.result or {}
+        res = page.run("run.html", browser=browser, wait=wait)
     finally:
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        server.shutdown()
-        server.server_close()
-        errlog.close()
-        shutil.rmtree(profile, ignore_errors=True)
         if tmp is not None:
             tmp.cleanup()
     if not res.get("ok"):
         cls = _KIND_ERRORS.get(res.get("kind"), RuntimeFailure)
         raise cls(f"in the browser: {res.get('error', 'no result')}")
-    outs = {}
-    for i, name in enumerate(res["outputs"]):
-        outs[name] = np.load(io.BytesIO(job.outputs[i]), allow_pickle=False)
+    outs = {name: np.load(io.BytesIO(page.posted[f"output/{i}"]), allow_pickle=False)
+            for i, name in enumerate(res["outputs"])}  # fmt: skip
     return {"outputs": outs, "trace": res.get("trace", []), "times_ms": res.get("times", []),
-            "adapter": res.get("adapter"), "placements": res.get("placements"),
+            "adapter": res.get("adapter"), "placements": res.get("placements"), "profile": res.get("profile"),
             "signed_by": res.get("signed_by"), "browser": res.get("user_agent")}  # fmt: skip
 
 
