@@ -287,3 +287,14 @@ def test_demo_page_shows_boxes_and_the_trace_as_a_person_uses_it(tmp_path):
     ys = np.nonzero(red.any(axis=1))[0]
     bands = 1 + int(np.sum(np.diff(ys) > 4))  # runs of rows with red: each text line's box edges
     assert red.sum() > 1000 and bands >= 5, (int(red.sum()), bands)
+
+
+def test_no_webgpu_adapter_is_exit_5_or_the_cloud(split_argmax, monkeypatch):
+    """Chromium without --enable-unsafe-webgpu on Linux gives no adapter: a device segment with no
+    cloud copy cannot run (exit 5 saying so), never a silent wrong answer."""
+    from tvm_hybrid.runtime import browser
+
+    z, out, _ = split_argmax
+    monkeypatch.setattr(browser, "FLAGS", tuple(f for f in browser.FLAGS if f != "--enable-unsafe-webgpu"))
+    with pytest.raises(RuntimeFailure, match="segment 0 .*no WebGPU adapter"):
+        run_in_browser(out / "webgpu", z.feeds)
