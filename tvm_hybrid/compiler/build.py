@@ -27,7 +27,8 @@ class BuildResult:
     device_code: dict | None = None  # GPU targets: what the library holds (arch, SASS, PTX)
 
 
-def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision: str = "fp32", legalizations=None):
+def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision: str = "fp32", legalizations=None,
+         max_buffers: int | None = None):
     """Legalize and fuse a Relax module into fused TIR kernels: what tuning extracts tasks from.
 
     The ONNX importer leaves composite ops (batch_norm, layer_norm, gelu…) that only
@@ -38,7 +39,9 @@ def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision:
     ``rewrites`` are the backend's Relax passes before legalization (``Backend.rewrites``);
     ``before_folding`` its passes that must see the graph before any constant is folded
     (``Backend.before_folding``: int8 weights kept int8); ``legalizations`` its kernels for some
-    Relax ops in place of TVM's (``Backend.legalizations``). ``precision`` "fp16":
+    Relax ops in place of TVM's (``Backend.legalizations``). ``max_buffers``: the most buffers a
+    kernel may bind (WebGPU's per-kernel limit; ``rewrites.concat_within``, ``kernels_within``).
+    ``precision`` "fp16":
     ``rewrites.fp16_operands`` (convolutions and matmuls read fp16, accumulate in fp32).
     Tuning and building must both start from this module (``Backend.fuse``): database records
     are keyed by the kernels' TIR, so any pass difference means no record matches.
@@ -46,7 +49,8 @@ def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision:
     import tvm
     from tvm import relax
 
-    from .rewrites import conv_transpose_as_conv, fp16_operands, legalize_overrides, split_of_concat
+    from .rewrites import (concat_within, conv_transpose_as_conv, fp16_operands, kernels_within,
+                           legalize_overrides, split_of_concat)  # fmt: skip
 
     target = profile.tvm()
     seq = tvm.transform.Sequential(
@@ -62,10 +66,12 @@ def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision:
             relax.transform.FoldConstant(),
             *([fp16_operands(), relax.transform.FoldConstant()] if precision == "fp16" else []),
             *rewrites,
+            *([concat_within(max_buffers)] if max_buffers else []),
             relax.transform.LegalizeOps({**legalize_overrides(), **(legalizations or {})}),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
+            *([kernels_within(max_buffers)] if max_buffers else []),
             relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
         ]

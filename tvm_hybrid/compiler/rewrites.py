@@ -198,6 +198,83 @@ def split_of_concat():
     return _relax_pass("SplitOfConcat", "relax.split", _split_of_concat)
 
 
+def concat_within(max_buffers: int):
+    """A Relax pass: a ``concat`` or ``stack`` of more inputs than a kernel may bind
+    (``max_buffers`` storage buffers, the output included: WebGPU's default is 8) becomes a tree
+    of them that each fit (a stack's groups stacked, then concatenated along its axis).
+    ``kernels_within`` then keeps fusion from joining them again."""
+    return _relax_pass("ConcatWithin", ("relax.concat", "relax.stack"),
+                       lambda bb, call: _concat_within(bb, call, max_buffers - 1))  # fmt: skip
+
+
+def _concat_within(bb, call, per_kernel: int):
+    from tvm import relax
+
+    items = call.args[0]
+    if per_kernel < 2 or not isinstance(items, relax.Tuple) or len(items.fields) <= per_kernel:
+        return None
+    axis = int(call.attrs.axis)
+    fields = list(items.fields)
+    stacked = call.op.name == "relax.stack"
+    while len(fields) > per_kernel:
+        groups = [fields[i : i + per_kernel] for i in range(0, len(fields), per_kernel)]
+        if stacked:
+            fields = [bb.emit(relax.op.stack(g, axis)) for g in groups]
+            stacked = False
+        else:
+            fields = [bb.emit(relax.op.concat(g, axis)) if len(g) > 1 else g[0] for g in groups]
+    return relax.op.stack(fields, axis) if stacked else relax.op.concat(fields, axis)
+
+
+def kernels_within(max_buffers: int):
+    """A Relax pass between ``FuseOps`` and ``FuseTIR``: a fused group whose kernel would bind more
+    than ``max_buffers`` storage buffers (its tensor parameters, constants and outputs) is
+    inlined back into its caller, so each of its ops becomes a kernel of its own. Fusion does not
+    count buffers; a GPU API with a per-kernel limit (WebGPU: 8) refuses such a kernel."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="KernelsWithin")
+    def run(mod, _ctx):
+        over = [gv for gv, f in mod.functions.items()
+                if isinstance(f, relax.Function) and f.attrs is not None and "Primitive" in f.attrs
+                and _fused_buffers(f) > max_buffers]  # fmt: skip
+        if not over:
+            return mod
+        # InlinePrivateFunctions inlines every private function: the groups that fit are made
+        # public for the moment, and private again after.
+        keep = {}
+        for gv, f in mod.functions.items():
+            if isinstance(f, relax.Function) and gv not in over and (f.attrs is None or "global_symbol" not in f.attrs):
+                keep[gv] = f
+                mod[gv] = f.with_attr("global_symbol", gv.name_hint)
+        mod = relax.transform.InlinePrivateFunctions()(mod)
+        for gv, f in keep.items():
+            mod[gv] = f
+        return mod
+
+    return run
+
+
+def _fused_buffers(func) -> int:
+    """Storage buffers a fused group's kernel binds: tensor parameters, constants, outputs."""
+    import tvm
+    from tvm import relax
+
+    n = sum(isinstance(p.ty, relax.TensorType) for p in func.params)
+    out = func.ret_ty
+    n += len(out.fields) if isinstance(out, relax.TupleType) else 1
+    consts = set()
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b.value, relax.Call):
+                for a in b.value.args:
+                    for x in a.fields if isinstance(a, relax.Tuple) else [a]:
+                        if isinstance(x, tvm.ir.expr.Constant):
+                            consts.add(x)
+    return n + len(consts)
+
+
 _AFFINE_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
 
 
@@ -664,7 +741,7 @@ def _topk(bb, call):
                      primfunc_name_hint="topk")  # fmt: skip
     if ret == "both":
         return out
-    return relax.TupleGetItem(out, 0) if isinstance(out.struct_info, relax.TupleStructInfo) else out
+    return relax.TupleGetItem(out, 0) if isinstance(out.ty, relax.TupleType) else out
 
 
 def _extremum(kind: str):

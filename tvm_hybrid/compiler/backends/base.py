@@ -123,7 +123,11 @@ class Backend:
     def fuse(self, mod, profile: TargetProfile, precision: str = "fp32"):
         """Legalized, fused TIR kernels: what tuning extracts tasks from and builds start from."""
         return build.fuse(mod, profile, self.rewrites(profile), self.before_folding(profile), precision,
-                          self.legalizations(profile))  # fmt: skip
+                          self.legalizations(profile), self.max_kernel_buffers(profile))  # fmt: skip
+
+    def max_kernel_buffers(self, profile: TargetProfile) -> int | None:
+        """The most buffers one kernel may bind on this profile (None: no limit to plan for)."""
+        return None
 
     def optimize(self, mod, profile: TargetProfile, database=None, precision: str = "fp32"):
         """The Relax passes every build runs, ending with scheduled TIR kernels.

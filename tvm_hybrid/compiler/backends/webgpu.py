@@ -146,7 +146,7 @@ def build(mod, profile: TargetProfile, seg_dir: Path, stem: str) -> dict[str, An
 
     try:
         with tvm.transform.PassContext(instruments=[_Capture()]):
-            ex = tvm.compile(mod, target=target)
+            ex = tvm.compile(mod, target=target, relax_pipeline=_lowering(target))
     except Exception as e:  # TVM raises its own error types; name what failed
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         raise UnsupportedError(
@@ -175,6 +175,23 @@ def build(mod, profile: TargetProfile, seg_dir: Path, stem: str) -> dict[str, An
         "launches": len(plan["launches"]),
         "device_bytes": plan["device_bytes"],
     }
+
+
+def _lowering(target):
+    """TVM's generic GPU pipeline without its legalize-and-fuse step: ``mod`` comes fused and
+    scheduled (``Backend.optimize``), and fusing its kernels again would join what
+    ``rewrites.kernels_within`` kept apart and reschedule the joined kernels with dlight's rules
+    alone."""
+    import tvm
+    from tvm.relax.backend.gpu_generic import pipeline as gpu
+
+    @tvm.transform.module_pass(opt_level=0, name="TvmHybridWebGPULowering")
+    def lower(mod, _ctx):
+        with target:
+            passes = gpu.library_dispatch_passes(target) + gpu.dataflow_lower_passes(target) + gpu.finalize_passes(target)
+            return tvm.transform.Sequential(passes)(mod)
+
+    return lower
 
 
 #: capacity key -> (what the plan must stay within, in words)
@@ -683,6 +700,12 @@ class WebGPUBackend(Backend):
         from ..rewrites import conv_affine_folded
 
         return [conv_affine_folded()]
+
+    def max_kernel_buffers(self, profile: TargetProfile) -> int | None:
+        """The profile's ``max_storage_buffers_per_stage`` (webgpu: WebGPU's default 8): long
+        concats are split and fused groups over it unfused, so such models build within it."""
+        n = profile.capacity.get("max_storage_buffers_per_stage")
+        return int(n) if n is not None else None
 
     def build_segment(self, mod, profile: TargetProfile, root: Path, stem: str) -> CompiledSegment:
         built = build(mod, profile, root / "segments", stem)
