@@ -870,6 +870,129 @@ def _crnn_lstm() -> ZooModel:
     return _zoo("crnn_lstm", g, {"x": (1, 3, 16, 48)})
 
 
+def crnn(name: str, height: int, width: int, hidden: int, classes: int) -> ZooModel:
+    """A CRNN text recognizer as the classic paper and its many exports build it: a VGG-style
+    conv/BatchNorm/ReLU backbone with 2x2 then 2x1 max pools down to a width-wise sequence (the
+    rest of the height averaged), two bidirectional LSTM layers, and a per-step linear
+    classifier with Softmax. ``crnn("crnn_60x160", 60, 160, 128, 97)``: 1x3x60x160 in, 40 steps
+    of 97 classes out."""
+    g = _Graph(name)
+    x = g.input("x", F32, [1, 3, height, width])
+
+    def cbr(t, cin, cout, scope):
+        return g.op("Relu", [g.batchnorm(g.conv(t, cin, cout, 3, f"{scope}/conv", bias=False), cout, f"{scope}/bn")],
+                    f"{scope}/Relu")  # fmt: skip
+
+    def pool(t, kw, scope):
+        return g.op("MaxPool", [t], f"{scope}/MaxPool", kernel_shape=[2, kw], strides=[2, kw])
+
+    h = pool(cbr(x, 3, 64, "/cnn/0"), 2, "/cnn/p0")  # H/2, W/2
+    h = pool(cbr(h, 64, 128, "/cnn/1"), 2, "/cnn/p1")  # H/4, W/4
+    h = pool(cbr(cbr(h, 128, 256, "/cnn/2"), 256, 256, "/cnn/3"), 1, "/cnn/p2")  # H/8, W/4
+    h = cbr(cbr(h, 256, 256, "/cnn/4"), 256, 256, "/cnn/5")
+    steps = width // 4
+    h = g.op("ReduceMean", [h], "/neck/ReduceMean", axes=[2], keepdims=0)  # [1, 256, steps]
+    seq = g.op("Transpose", [h], "/neck/Transpose", perm=[2, 0, 1])  # [steps, 1, 256]
+    fin = 256
+    for i in range(2):
+        s = f"/rnn.{i}"
+        w = g.param(f"rnn.{i}.W", (2, 4 * hidden, fin), fan_in=fin)
+        r = g.param(f"rnn.{i}.R", (2, 4 * hidden, hidden), fan_in=hidden)
+        b = g.bias(f"rnn.{i}.B", 2 * 8 * hidden)
+        b = g.op("Reshape", [b, g.const(np.array([2, 8 * hidden], np.int64), scope=s)], f"{s}/Reshape")
+        y = g.op("LSTM", [seq, w, r, b], f"{s}/LSTM", n_out=1, hidden_size=hidden, direction="bidirectional")
+        y = g.op("Transpose", [y], f"{s}/Transpose", perm=[0, 2, 1, 3])  # [steps, 1, 2, hidden]
+        seq = g.op("Reshape", [y, g.const(np.array([steps, 1, 2 * hidden], np.int64), scope=f"{s}/out")],
+                   f"{s}/out/Reshape")  # fmt: skip
+        fin = 2 * hidden
+    flat = g.op("Reshape", [seq, g.const(np.array([steps, fin], np.int64), scope="/head")], "/head/Reshape")
+    logits = g.linear(flat, fin, classes, "/head/fc")
+    g.op("Softmax", [logits], "/head/Softmax", outputs=["probs"], axis=-1)
+    g.output("probs", F32, [steps, classes])
+    return _zoo(name, g, {"x": (1, 3, height, width)}, atol=1e-5,
+                note=f"CRNN: {height}x{width}, VGG backbone, 2 BiLSTM({hidden}), {classes} classes")
+
+
+def svtr_rec(name: str, height: int, width: int, classes: int) -> ZooModel:
+    """A PP-OCRv4-recognizer-shaped model (SVTR-LCNet, as PaddleOCR exports it): a PP-LCNet
+    backbone of depthwise-separable blocks with HardSwish (stride 2 in height only in its later
+    stages, so the width keeps 1/8 of the pixels), an SVTR neck (a 3x3 and a 1x1 conv down to 120
+    channels, two pre-LN transformer blocks over the width-wise tokens: fused QKV, 8 heads,
+    Softmax, MLP with Swish, then back to channels, concatenated with the shortcut and mixed by
+    a 3x3 and a 1x1 conv) and a CTC head (Gemm to ``classes`` and Softmax). Random weights: the
+    shape of the real model, not its accuracy. ``svtr_rec("ppocrv4_rec_shaped", 48, 320,
+    6625)``."""
+    g = _Graph(name)
+    x = g.input("x", F32, [1, 3, height, width])
+
+    def hswish(t, scope):
+        return g.op("HardSwish", [t], f"{scope}/HardSwish")
+
+    def cbh(t, cin, cout, k, scope, stride=(1, 1), group=1):
+        y = g.conv(t, cin, cout, k, f"{scope}/conv", group=group, bias=False)
+        if stride != (1, 1):  # the conv helper strides both axes alike: pool the rest
+            y = g.op("MaxPool", [y], f"{scope}/MaxPool", kernel_shape=list(stride), strides=list(stride))
+        return hswish(g.batchnorm(y, cout, f"{scope}/bn"), scope)
+
+    h = cbh(x, 3, 16, 3, "/backbone/stem", stride=(2, 2))  # 24 x 160
+    blocks = [(16, 32, (1, 1)), (32, 64, (2, 2)), (64, 64, (1, 1)), (64, 128, (2, 1)), (128, 128, (1, 1)),
+              (128, 256, (2, 1)), (256, 256, (1, 1)), (256, 256, (1, 1)), (256, 480, (2, 1))]  # fmt: skip
+    for i, (cin, cout, st) in enumerate(blocks):
+        s = f"/backbone/blocks.{i}"
+        h = cbh(h, cin, cin, 3, f"{s}/dw", stride=st, group=cin)
+        h = cbh(h, cin, cout, 1, f"{s}/pw")
+    hh, ww = height // 2 // 16, width // 2 // 2  # 1 x 80 at 48x320
+    h = g.op("AveragePool", [h], "/backbone/pool", kernel_shape=[hh, 2], strides=[hh, 2])  # 1 x ww/2
+    steps = ww // 2
+    dim, heads = 120, 8
+    shortcut = h
+    n = "/neck"
+    z = cbh(h, 480, 60, 3, f"{n}/conv1")
+    z = cbh(z, 60, dim, 1, f"{n}/conv2")
+    t = g.op("Reshape", [z, g.const([1, dim, steps], np.int64, scope=n)], f"{n}/Reshape")
+    t = g.op("Transpose", [t], f"{n}/Transpose", perm=[0, 2, 1])  # [1, steps, dim]
+    Dh = dim // heads
+
+    def layernorm(t, scope):
+        p = scope.strip("/").replace("/", ".")
+        w = g.init(f"{p}.weight", g.rng.uniform(0.8, 1.2, size=(dim,)).astype(np.float32))
+        b = g.init(f"{p}.bias", (g.rng.standard_normal(size=(dim,)) * 0.05).astype(np.float32))
+        return g.op("LayerNormalization", [t, w, b], f"{scope}/LayerNormalization", axis=-1, epsilon=1e-6)
+
+    for i in range(2):
+        b = f"{n}/svtr_block.{i}"
+        a = f"{b}/mixer"
+        qkv = g.matmul_linear(layernorm(t, f"{b}/norm1"), dim, 3 * dim, f"{a}/qkv")
+        qkv = g.op("Reshape", [qkv, g.const([1, steps, 3, heads, Dh], np.int64, scope=a)], f"{a}/Reshape")
+        qkv = g.op("Transpose", [qkv], f"{a}/Transpose", perm=[2, 0, 3, 1, 4])
+        q, k, v = g.op("Split", [qkv, g.const([1, 1, 1], np.int64, scope=a)], f"{a}/Split", n_out=3, axis=0)
+        q, k, v = (g.op("Squeeze", [z, g.const([0], np.int64, scope=a)], f"{a}/Squeeze") for z in (q, k, v))
+        q = g.op("Mul", [q, g.const(np.float32(Dh ** -0.5), scope=a)], f"{a}/Mul")
+        sc = g.op("MatMul", [q, g.op("Transpose", [k], f"{a}/Transpose", perm=[0, 1, 3, 2])], f"{a}/MatMul")
+        ctx = g.op("MatMul", [g.op("Softmax", [sc], f"{a}/Softmax", axis=-1), v], f"{a}/MatMul")
+        ctx = g.op("Transpose", [ctx], f"{a}/Transpose", perm=[0, 2, 1, 3])
+        ctx = g.op("Reshape", [ctx, g.const([1, steps, dim], np.int64, scope=a)], f"{a}/Reshape")
+        t = g.op("Add", [t, g.matmul_linear(ctx, dim, dim, f"{a}/proj")], f"{b}/Add")
+        m = f"{b}/mlp"
+        e = g.matmul_linear(layernorm(t, f"{b}/norm2"), dim, 2 * dim, f"{m}/fc1")
+        e = g.silu(e, f"{m}/act")
+        t = g.op("Add", [t, g.matmul_linear(e, 2 * dim, dim, f"{m}/fc2")], f"{b}/Add")
+    t = layernorm(t, f"{n}/norm")
+    t = g.op("Transpose", [t], f"{n}/Transpose", perm=[0, 2, 1])
+    t = g.op("Reshape", [t, g.const([1, dim, 1, steps], np.int64, scope=f"{n}/back")], f"{n}/back/Reshape")
+    z = cbh(t, dim, 480, 1, f"{n}/conv3")
+    z = g.op("Concat", [shortcut, z], f"{n}/Concat", axis=1)
+    z = cbh(z, 960, 60, 3, f"{n}/conv4")
+    z = cbh(z, 60, dim, 1, f"{n}/conv1x1")
+    z = g.op("Reshape", [z, g.const([1, dim, steps], np.int64, scope="/head")], "/head/Reshape")
+    z = g.op("Transpose", [z], "/head/Transpose", perm=[0, 2, 1])  # [1, steps, dim]
+    logits = g.matmul_linear(z, dim, classes, "/head/fc")
+    g.op("Softmax", [logits], "/head/Softmax", outputs=["probs"], axis=-1)
+    g.output("probs", F32, [1, steps, classes])
+    return _zoo(name, g, {"x": (1, 3, height, width)}, atol=1e-5,
+                note=f"PP-OCRv4-rec-shaped (SVTR-LCNet): {height}x{width}, {steps} steps, {classes} classes")
+
+
 def vad() -> ZooModel:
     """A voice-activity detector's shape (the widely used one is opset 15 with If on ``sr``, a
     state in and out, a scalar ``sr``): a frame of audio and the LSTM state in, the speech
@@ -997,6 +1120,8 @@ CONTROL_FLOW: dict[str, Callable[[], ZooModel]] = {
 BENCH: dict[str, Callable[[], ZooModel]] = {
     "vit-s16": lambda: vit("vit_s16", 224, 16, 384, 12, 6, 1000),
     "yolov8n-320": lambda: yolov8("yolov8n_320", 320),
+    "crnn-60x160": lambda: crnn("crnn_60x160", 60, 160, 128, 97),
+    "rec-48x320": lambda: svtr_rec("ppocrv4_rec_shaped", 48, 320, 6625),
 }
 
 
