@@ -141,3 +141,83 @@ def test_constant_outputs_are_carried_as_values(tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["outputs"]["shape"]["min"] == 2 and doc["outputs"]["shape"]["max"] == 5 and doc["trace"] == []
+
+
+def _recurrent(op: str, seq: int, batch: int, size: int, hidden: int, layout: int = 0, *, bias=True, initial=True,
+               peep=False, lbr=0, acts=None, direction="bidirectional") -> tuple[onnx.ModelProto, dict]:  # fmt: skip
+    """A recurrent ``op`` node alone (bidirectional unless said), every output, and random feeds."""
+    rng = np.random.default_rng(3)
+    gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[op]
+
+    def rand(*shape, scale=0.5):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    x_shape = [batch, seq, size] if layout else [seq, batch, size]
+    nd = 2 if direction == "bidirectional" else 1
+    state = [batch, nd, hidden] if layout else [nd, batch, hidden]
+    inits = [onnx.numpy_helper.from_array(rand(nd, gates * hidden, size), "W"),
+             onnx.numpy_helper.from_array(rand(nd, gates * hidden, hidden), "R")]  # fmt: skip
+    ins = ["X", "W", "R", "B" if bias else "", "", "h0" if initial else ""]
+    if bias:
+        inits.append(onnx.numpy_helper.from_array(rand(nd, 2 * gates * hidden, scale=0.1), "B"))
+    feeds = {"X": rand(*x_shape, scale=1.0)}
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)]
+    if initial:
+        feeds["h0"] = rand(*state)
+        inputs.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, state))
+    outs = ["Y", "Y_h"]
+    if op == "LSTM":
+        ins.append("c0" if initial else "")
+        if initial:
+            feeds["c0"] = rand(*state)
+            inputs.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, state))
+        if peep:
+            ins.append("P")
+            inits.append(onnx.numpy_helper.from_array(rand(nd, 3 * hidden), "P"))
+        outs.append("Y_c")
+    attrs = {"hidden_size": hidden, "direction": direction, "layout": layout}
+    if op == "GRU":
+        attrs["linear_before_reset"] = lbr
+    if acts:
+        attrs["activations"] = acts
+    y_shape = [batch, seq, nd, hidden] if layout else [seq, nd, batch, hidden]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, y_shape)] + [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, state) for n in outs[1:]]  # fmt: skip
+    g = helper.make_graph([helper.make_node(op, ins, outs, **attrs)], f"bi_{op.lower()}", inputs, outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)]), feeds
+
+
+@pytest.mark.parametrize("case", [
+    dict(op="LSTM", peep=True),
+    dict(op="LSTM", initial=False, bias=False),
+    dict(op="LSTM", acts=["Sigmoid", "Tanh", "Tanh", "Sigmoid", "Relu", "Tanh"]),  # directions differ: one at a time
+    dict(op="GRU", lbr=1),
+    dict(op="GRU", lbr=0),
+    dict(op="RNN"),
+    dict(op="LSTM", layout=1),
+    dict(op="GRU", layout=1, direction="reverse"),
+], ids=["lstm-peepholes", "lstm-bare", "lstm-own-activations", "gru-lbr", "gru", "rnn", "lstm-batch-first",
+        "gru-reverse-batch-first"])  # fmt: skip
+def test_bidirectional_recurrences_match_onnxruntime(case, artifacts, tmp_path):
+    """Bidirectional RNN/GRU/LSTM nodes with every output: both directions step together (one
+    batched matmul and one set of gate ops a step), the backward one over the reversed sequence.
+    Batch-first (layout 1) nodes, their initial states included, against the same node with
+    layout 0 in onnxruntime (which has no batch-first recurrences), transposed."""
+    layout = case.pop("layout", 0)
+    model, feeds = _recurrent(seq=5, batch=2, size=6, hidden=4, **case)
+    want = reference(model, feeds)
+    if layout:  # onnxruntime has no batch-first recurrences: the same node with layout 1, transposed
+        model.graph.node[0].attribute.remove(next(a for a in model.graph.node[0].attribute if a.name == "layout"))
+        model.graph.node[0].attribute.append(helper.make_attribute("layout", 1))
+        perms = {"X": (1, 0, 2), "h0": (1, 0, 2), "c0": (1, 0, 2), "Y": (2, 0, 1, 3), "Y_h": (1, 0, 2), "Y_c": (1, 0, 2)}
+        for vi in [*model.graph.input, *model.graph.output]:
+            dims = vi.type.tensor_type.shape.dim
+            shape = [dims[i].dim_value for i in perms[vi.name]]
+            for d, v in zip(dims, shape):
+                d.dim_value = v
+        feeds = {k: np.ascontiguousarray(v.transpose(perms[k])) for k, v in feeds.items()}
+        want = {k: v.transpose(perms[k]) for k, v in want.items()}
+    path = tmp_path / "bi.onnx"
+    onnx.save(model, path)
+    with Session(artifacts.get(path, {}), threads=1) as sess:
+        assert_close(sess.run(feeds), want, 1e-4, 1e-5)

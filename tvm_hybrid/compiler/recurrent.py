@@ -110,15 +110,21 @@ def unroll(node: onnx.NodeProto, names, shapes: dict, types: dict):
     e = _Emit(names, f"{node.name or op}", dtype)
     if layout:
         x = e.op("Transpose", [x], perm=[1, 0, 2])
-    ys, hs, cs = [], [], []
-    k_act = 0
+    fns, k_act = [], 0
     for d in range(nd):
-        reverse = direction == "reverse" or d == 1
         fn = []
         for j in range(per):
             fn.append((acts[d * per + j] if d * per + j < len(acts) else _DEFAULT_ACTS[op][j],
                        alphas[k_act] if k_act < len(alphas) else None, betas[k_act] if k_act < len(betas) else None))  # fmt: skip
             k_act += 1
+        fns.append(fn)
+    if nd == 2 and fns[0] == fns[1]:
+        _both_directions(e, node, op, x, w, r, b, h0, c0, peep, seq, batch, hidden, fns[0], clip, layout, xs[2])
+        return e.nodes
+    ys, hs, cs = [], [], []
+    for d in range(nd):
+        reverse = direction == "reverse" or d == 1
+        fn = fns[d]
         wd = e.op("Transpose", [e.op("Gather", [w, e.idx(d)], axis=0)], perm=[1, 0])  # [in, G*h]
         rd = e.op("Transpose", [e.op("Gather", [r, e.idx(d)], axis=0)], perm=[1, 0])  # [h, G*h]
         xw = e.op("MatMul", [x, wd])  # [seq, batch, G*h]: every step's input projection at once
@@ -126,8 +132,9 @@ def unroll(node: onnx.NodeProto, names, shapes: dict, types: dict):
         if b:
             bd = e.op("Gather", [b, e.idx(d)], axis=0)
             wb, rb = e.cols(bd, 0, gates * hidden), e.cols(bd, gates * hidden, gates * hidden)
-        h = e.op("Gather", [h0, e.idx(d)], axis=0) if h0 else e.const(np.zeros((batch, hidden)))
-        c = (e.op("Gather", [c0, e.idx(d)], axis=0) if c0 else e.const(np.zeros((batch, hidden)))) if op == "LSTM" else None
+        # initial states are [directions, batch, h], batch-first (layout 1) [batch, directions, h]
+        h = e.op("Gather", [h0, e.idx(d)], axis=layout) if h0 else e.const(np.zeros((batch, hidden)))
+        c = (e.op("Gather", [c0, e.idx(d)], axis=layout) if c0 else e.const(np.zeros((batch, hidden)))) if op == "LSTM" else None
         pd = e.op("Gather", [peep, e.idx(d)], axis=0) if peep else None
         steps = range(seq - 1, -1, -1) if reverse else range(seq)
         out = {}
@@ -167,6 +174,68 @@ def unroll(node: onnx.NodeProto, names, shapes: dict, types: dict):
             else:
                 e.op("Identity", [stacked], name)
     return e.nodes
+
+
+def _both_directions(e: _Emit, node, op, x, w, r, b, h0, c0, peep, seq, batch, hidden, fn, clip, layout, size):
+    """A bidirectional node's two directions stepped together: each step is one (batched) matmul
+    and one set of gate ops over a leading direction axis of 2, the backward direction reading
+    the sequence reversed. Half the kernels a step (a CRNN's BiLSTM was some 4 small kernels and
+    as many tensor allocations a step and direction, their launch costs most of its time)."""
+    gates = _GATES[op]
+    rev = e.idx(np.arange(seq - 1, -1, -1))
+
+    def shaped(t, *dims):
+        return e.op("Reshape", [t, e.idx(list(dims))])
+
+    x2 = e.op("Concat", [shaped(x, 1, seq, batch, size), shaped(e.op("Gather", [x, rev], axis=0), 1, seq, batch, size)],
+              axis=0)  # [2, seq, batch, in]; the backward half in its own step order  # fmt: skip
+    w2 = shaped(e.op("Transpose", [w], perm=[0, 2, 1]), 2, 1, size, gates * hidden)
+    rd = e.op("Transpose", [r], perm=[0, 2, 1])  # [2, h, G*h]
+    xw = e.op("MatMul", [x2, w2])  # [2, seq, batch, G*h]: every step's input projection at once
+    wb = rb = None
+    if b:
+        b3 = shaped(b, 2, 1, 2 * gates * hidden)
+        wb, rb = e.cols(b3, 0, gates * hidden), e.cols(b3, gates * hidden, gates * hidden)
+
+    def initial(t):  # [2, batch, h]; batch-first (layout 1) states are [batch, 2, h]
+        if not t:
+            return e.const(np.zeros((2, batch, hidden)))
+        return e.op("Transpose", [t], perm=[1, 0, 2]) if layout else t
+
+    h = initial(h0)
+    c = initial(c0) if op == "LSTM" else None
+    pd = shaped(peep, 2, 1, 3 * hidden) if peep else None
+    steps = []
+    for t in range(seq):
+        xt = e.op("Gather", [xw, e.idx(t)], axis=1)  # [2, batch, G*h]
+        if op == "GRU":
+            h, _ = _gru_step(e, node, xt, h, rd, wb, rb, hidden, fn, clip)
+        elif op == "LSTM":
+            h, c = _lstm_step(e, node, xt, h, c, rd, wb, rb, pd, hidden, fn, clip)
+        else:
+            pre = e.op("Add", [xt, e.op("MatMul", [h, rd])])
+            if b:
+                pre = e.op("Add", [pre, e.op("Add", [wb, rb])])
+            h = e.act(fn[0][0], _clip(e, pre, clip), fn[0][1], fn[0][2])
+        steps.append(h)
+    outs = list(node.output) + [""] * (3 - len(node.output))
+    y, yh, yc = outs[:3]
+    if y:
+        parts = [shaped(s, 1, 2, batch, hidden) for s in steps]
+        hs = e.op("Concat", parts, axis=0) if seq > 1 else parts[0]  # [seq, 2, batch, h] in step order
+        fwd = e.op("Gather", [hs, e.idx([0])], axis=1)
+        bwd = e.op("Gather", [e.op("Gather", [hs, e.idx([1])], axis=1), rev], axis=0)
+        full = e.op("Concat", [fwd, bwd], axis=1)  # [seq, 2, batch, h]
+        if layout:
+            e.op("Transpose", [full], y, perm=[2, 0, 1, 3])
+        else:
+            e.op("Identity", [full], y)
+    for name, final in ((yh, h), (yc, c)):
+        if name:
+            if layout:
+                e.op("Transpose", [final], name, perm=[1, 0, 2])
+            else:
+                e.op("Identity", [final], name)
 
 
 def _elem(names, types, x, node):
