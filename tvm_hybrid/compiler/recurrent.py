@@ -140,15 +140,7 @@ def unroll(node: onnx.NodeProto, names, shapes: dict, types: dict):
         out = {}
         for t in steps:
             xt = e.op("Gather", [xw, e.idx(t)], axis=0)  # [batch, G*h]
-            if op == "GRU":
-                h, _ = _gru_step(e, node, xt, h, rd, wb, rb, hidden, fn, clip)
-            elif op == "LSTM":
-                h, c = _lstm_step(e, node, xt, h, c, rd, wb, rb, pd, hidden, fn, clip)
-            else:
-                pre = e.op("Add", [xt, e.op("MatMul", [h, rd])])
-                if b:
-                    pre = e.op("Add", [pre, e.op("Add", [wb, rb])])
-                h = e.act(fn[0][0], _clip(e, pre, clip), fn[0][1], fn[0][2])
+            h, c = _step(e, node, xt, h, c, rd, wb, rb, pd, hidden, fn, clip)
             out[t] = h
         ys.append([out[t] for t in range(seq)])
         hs.append(h)
@@ -208,15 +200,7 @@ def _both_directions(e: _Emit, node, op, x, w, r, b, h0, c0, peep, seq, batch, h
     steps = []
     for t in range(seq):
         xt = e.op("Gather", [xw, e.idx(t)], axis=1)  # [2, batch, G*h]
-        if op == "GRU":
-            h, _ = _gru_step(e, node, xt, h, rd, wb, rb, hidden, fn, clip)
-        elif op == "LSTM":
-            h, c = _lstm_step(e, node, xt, h, c, rd, wb, rb, pd, hidden, fn, clip)
-        else:
-            pre = e.op("Add", [xt, e.op("MatMul", [h, rd])])
-            if b:
-                pre = e.op("Add", [pre, e.op("Add", [wb, rb])])
-            h = e.act(fn[0][0], _clip(e, pre, clip), fn[0][1], fn[0][2])
+        h, c = _step(e, node, xt, h, c, rd, wb, rb, pd, hidden, fn, clip)
         steps.append(h)
     outs = list(node.output) + [""] * (3 - len(node.output))
     y, yh, yc = outs[:3]
@@ -236,6 +220,18 @@ def _both_directions(e: _Emit, node, op, x, w, r, b, h0, c0, peep, seq, batch, h
                 e.op("Transpose", [final], name, perm=[1, 0, 2])
             else:
                 e.op("Identity", [final], name)
+
+
+def _step(e: _Emit, node, xt, h, c, rd, wb, rb, pd, hidden, fn, clip):
+    """One time step of ``node`` from its input projection ``xt``: (new h, new c or None)."""
+    if node.op_type == "GRU":
+        return _gru_step(e, node, xt, h, rd, wb, rb, hidden, fn, clip)
+    if node.op_type == "LSTM":
+        return _lstm_step(e, node, xt, h, c, rd, wb, rb, pd, hidden, fn, clip)
+    pre = e.op("Add", [xt, e.op("MatMul", [h, rd])])
+    if wb is not None:
+        pre = e.op("Add", [pre, e.op("Add", [wb, rb])])
+    return e.act(fn[0][0], _clip(e, pre, clip), fn[0][1], fn[0][2]), None
 
 
 def _elem(names, types, x, node):
