@@ -152,19 +152,11 @@ def unroll(node: onnx.NodeProto, names, shapes: dict, types: dict):
         for t in range(seq):
             parts = [e.op("Reshape", [ys[d][t], e.idx([1, 1, batch, hidden])]) for d in range(nd)]
             per_t.append(parts[0] if nd == 1 else e.op("Concat", parts, axis=1))
-        full = e.op("Concat", per_t, axis=0) if seq > 1 else per_t[0]
-        if layout:
-            e.op("Transpose", [full], y, perm=[2, 0, 1, 3])
-        else:
-            e.op("Identity", [full], y)
+        _named(e, e.op("Concat", per_t, axis=0) if seq > 1 else per_t[0], y, layout, [2, 0, 1, 3])
     for name, finals in ((yh, hs), (yc, cs)):
         if name:
             parts = [e.op("Reshape", [f, e.idx([1, batch, hidden])]) for f in finals]
-            stacked = parts[0] if nd == 1 else e.op("Concat", parts, axis=0)
-            if layout:
-                e.op("Transpose", [stacked], name, perm=[1, 0, 2])
-            else:
-                e.op("Identity", [stacked], name)
+            _named(e, parts[0] if nd == 1 else e.op("Concat", parts, axis=0), name, layout, [1, 0, 2])
     return e.nodes
 
 
@@ -209,17 +201,19 @@ def _both_directions(e: _Emit, node, op, x, w, r, b, h0, c0, peep, seq, batch, h
         hs = e.op("Concat", parts, axis=0) if seq > 1 else parts[0]  # [seq, 2, batch, h] in step order
         fwd = e.op("Gather", [hs, e.idx([0])], axis=1)
         bwd = e.op("Gather", [e.op("Gather", [hs, e.idx([1])], axis=1), rev], axis=0)
-        full = e.op("Concat", [fwd, bwd], axis=1)  # [seq, 2, batch, h]
-        if layout:
-            e.op("Transpose", [full], y, perm=[2, 0, 1, 3])
-        else:
-            e.op("Identity", [full], y)
+        _named(e, e.op("Concat", [fwd, bwd], axis=1), y, layout, [2, 0, 1, 3])  # [seq, 2, batch, h]
     for name, final in ((yh, h), (yc, c)):
         if name:
-            if layout:
-                e.op("Transpose", [final], name, perm=[1, 0, 2])
-            else:
-                e.op("Identity", [final], name)
+            _named(e, final, name, layout, [1, 0, 2])
+
+
+def _named(e: _Emit, value: str, name: str, layout: int, perm: list[int]) -> None:
+    """``value`` as the node's output ``name``: as it is, or transposed by ``perm`` to the
+    batch-first order of a ``layout`` 1 node."""
+    if layout:
+        e.op("Transpose", [value], name, perm=perm)
+    else:
+        e.op("Identity", [value], name)
 
 
 def _step(e: _Emit, node, xt, h, c, rd, wb, rb, pd, hidden, fn, clip):
