@@ -161,7 +161,7 @@ class Backend:
 
         target = profile.tvm()
         fcompile = build.linker(profile)
-        with self.compile_context(profile) as job, target:
+        with self.compile_context(profile) as job, target, build.kernel_context():
             ex = tvm.compile(mod, target=target)
         out_lib.parent.mkdir(parents=True, exist_ok=True)
         # Without debug sections: DWARF for generated kernels names no source a user has, and was
