@@ -1,5 +1,6 @@
 """Control flow and state through compile and run, against onnxruntime (rtol 1e-4, atol 1e-5):
-If on a run-time condition, Loop and Scan (unrolled at import), LSTM and GRU (unrolled), a
+If on a run-time condition, Loop and Scan (unrolled at import), LSTM (one fused kernel on CPUs,
+unrolled elsewhere) and GRU and RNN (unrolled), a
 VAD-shaped model fed its own state for 20 steps, and inputs whose values fix shapes
 (``--input NAME=VALUE``)."""
 
@@ -30,13 +31,18 @@ def test_control_flow_model_matches_onnxruntime(name, artifacts, zoo_files):
             assert_close(sess.run(f), reference(z.model, f), z.rtol, z.atol)
 
 
-def test_loops_and_recurrences_are_unrolled_at_import(zoo_files):
-    from tvm_hybrid.compiler import importer
+def test_loops_unrolled_at_import_and_lstms_fused_on_cpus(zoo_files):
+    from tvm_hybrid.compiler import importer, package
+    from tvm_hybrid.targets import resolve
 
-    for name in ("loop_scan", "crnn_lstm"):
-        _, path = zoo_files(name)
-        ops = importer.load(path).op_types
-        assert not {"Loop", "Scan", "LSTM", "GRU", "RNN"} & set(ops), (name, ops)
+    _, path = zoo_files("loop_scan")
+    assert not {"Loop", "Scan"} & set(importer.load(path).op_types)
+    _, path = zoo_files("crnn_lstm")
+    imported = importer.load(path)
+    assert "LSTM" in imported.op_types  # one matmul and one recurrence kernel on CPUs
+    assert "LSTM" in package.prepare(imported, resolve("host")).op_types
+    gpu = package.prepare(imported, resolve("webgpu")).op_types  # no fused kernel there: unrolled
+    assert not {"LSTM", "GRU", "RNN"} & set(gpu) and "MatMul" in gpu
 
 
 def test_vad_fed_its_own_state_for_20_steps(artifacts, zoo_files):
@@ -144,7 +150,7 @@ def test_constant_outputs_are_carried_as_values(tmp_path):
 
 
 def _recurrent(op: str, seq: int, batch: int, size: int, hidden: int, layout: int = 0, *, bias=True, initial=True,
-               peep=False, lbr=0, acts=None, direction="bidirectional") -> tuple[onnx.ModelProto, dict]:  # fmt: skip
+               peep=False, lbr=0, acts=None, direction="bidirectional", **extra) -> tuple[onnx.ModelProto, dict]:  # fmt: skip
     """A recurrent ``op`` node alone (bidirectional unless said), every output, and random feeds."""
     rng = np.random.default_rng(3)
     gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[op]
@@ -175,7 +181,7 @@ def _recurrent(op: str, seq: int, batch: int, size: int, hidden: int, layout: in
             ins.append("P")
             inits.append(onnx.numpy_helper.from_array(rand(nd, 3 * hidden), "P"))
         outs.append("Y_c")
-    attrs = {"hidden_size": hidden, "direction": direction, "layout": layout}
+    attrs = {"hidden_size": hidden, "direction": direction, "layout": layout, **extra}
     if op == "GRU":
         attrs["linear_before_reset"] = lbr
     if acts:
@@ -185,6 +191,20 @@ def _recurrent(op: str, seq: int, batch: int, size: int, hidden: int, layout: in
         helper.make_tensor_value_info(n, TensorProto.FLOAT, state) for n in outs[1:]]  # fmt: skip
     g = helper.make_graph([helper.make_node(op, ins, outs, **attrs)], f"bi_{op.lower()}", inputs, outputs, inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)]), feeds
+
+
+def _batch_first(model, feeds: dict, want: dict) -> tuple[dict, dict]:
+    """``model``'s node made batch-first (layout 1), its inputs and outputs transposed to match;
+    the feeds and the (layout-0) reference outputs transposed the same way."""
+    model.graph.node[0].attribute.remove(next(a for a in model.graph.node[0].attribute if a.name == "layout"))
+    model.graph.node[0].attribute.append(helper.make_attribute("layout", 1))
+    perms = {"X": (1, 0, 2), "h0": (1, 0, 2), "c0": (1, 0, 2), "Y": (2, 0, 1, 3), "Y_h": (1, 0, 2), "Y_c": (1, 0, 2)}
+    for vi in [*model.graph.input, *model.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        for d, v in zip(dims, [dims[i].dim_value for i in perms[vi.name]]):
+            d.dim_value = v
+    return ({k: np.ascontiguousarray(v.transpose(perms[k])) for k, v in feeds.items()},
+            {k: v.transpose(perms[k]) for k, v in want.items()})
 
 
 @pytest.mark.parametrize("case", [
@@ -207,17 +227,32 @@ def test_bidirectional_recurrences_match_onnxruntime(case, artifacts, tmp_path):
     model, feeds = _recurrent(seq=5, batch=2, size=6, hidden=4, **case)
     want = reference(model, feeds)
     if layout:  # onnxruntime has no batch-first recurrences: the same node with layout 1, transposed
-        model.graph.node[0].attribute.remove(next(a for a in model.graph.node[0].attribute if a.name == "layout"))
-        model.graph.node[0].attribute.append(helper.make_attribute("layout", 1))
-        perms = {"X": (1, 0, 2), "h0": (1, 0, 2), "c0": (1, 0, 2), "Y": (2, 0, 1, 3), "Y_h": (1, 0, 2), "Y_c": (1, 0, 2)}
-        for vi in [*model.graph.input, *model.graph.output]:
-            dims = vi.type.tensor_type.shape.dim
-            shape = [dims[i].dim_value for i in perms[vi.name]]
-            for d, v in zip(dims, shape):
-                d.dim_value = v
-        feeds = {k: np.ascontiguousarray(v.transpose(perms[k])) for k, v in feeds.items()}
-        want = {k: v.transpose(perms[k]) for k, v in want.items()}
+        feeds, want = _batch_first(model, feeds, want)
     path = tmp_path / "bi.onnx"
     onnx.save(model, path)
     with Session(artifacts.get(path, {}), threads=1) as sess:
+        assert_close(sess.run(feeds), want, 1e-4, 1e-5)
+
+
+@pytest.mark.parametrize("case", [
+    dict(direction="forward", hidden=32),
+    dict(direction="reverse", layout=1, peep=True),
+    dict(clip=0.6, input_forget=1, hidden=24),
+    dict(batch=3, hidden=16, initial=False),
+], ids=["forward-h32", "reverse-batch-first-peepholes", "clip-input-forget", "batch3"])  # fmt: skip
+def test_fused_lstm_kernel_matches_onnxruntime(case, artifacts, tmp_path):
+    """The LSTMs import keeps whole (one fused recurrence kernel on CPUs), in each direction and
+    option onnxruntime has; hidden sizes that fill 16 lanes and ones that do not."""
+    from tvm_hybrid.compiler import importer
+
+    layout = case.pop("layout", 0)
+    hidden, batch = case.pop("hidden", 8), case.pop("batch", 2)
+    model, feeds = _recurrent("LSTM", seq=7, batch=batch, size=5, hidden=hidden, **case)
+    want = reference(model, feeds)
+    if layout:  # onnxruntime has no batch-first recurrences: the same node with layout 1, transposed
+        feeds, want = _batch_first(model, feeds, want)
+    path = tmp_path / "lstm.onnx"
+    onnx.save(model, path)
+    assert "LSTM" in importer.load(path).op_types
+    with Session(artifacts.get(path, {}), threads=2) as sess:
         assert_close(sess.run(feeds), want, 1e-4, 1e-5)

@@ -209,10 +209,12 @@ def _check_size(node, steps: int, body_nodes: int) -> None:
         )
 
 
-def static_control_flow(model: onnx.ModelProto) -> bool:
+def static_control_flow(model: onnx.ModelProto, recurrences: bool = False) -> bool:
     """Replace If on a constant condition, Loop with constant trip count, Scan and the recurrent
-    ops, in place; True when something changed (shapes need inferring again)."""
-    from . import recurrent
+    ops, in place; True when something changed (shapes need inferring again). An LSTM that the
+    fused kernel takes (``fused_recurrence.fusable``) stays a node unless ``recurrences`` (what
+    GPU backends ask for: ``unroll_recurrences``)."""
+    from . import fused_recurrence, recurrent
     from .legalize import Ctx
 
     g = model.graph
@@ -230,7 +232,8 @@ def static_control_flow(model: onnx.ModelProto) -> bool:
             elif node.op_type == "Loop":
                 new = _loop(node, names)
             elif node.op_type in recurrent.OPS:
-                new = recurrent.unroll(node, names, shapes, types)
+                if recurrences or not fused_recurrence.fusable(node, names, shapes, types):
+                    new = recurrent.unroll(node, names, shapes, types)
         if new is None:
             out.append(node)
         else:
@@ -240,3 +243,19 @@ def static_control_flow(model: onnx.ModelProto) -> bool:
         replace_nodes(g, out, names.inits)
     return changed
 
+
+
+def unroll_recurrences(imported):
+    """``imported`` with the recurrences left whole at import (fused on CPUs) unrolled: for
+    backends without the fused kernel."""
+    import dataclasses
+
+    from . import recurrent
+    from .importer import _copy, _infer, settle
+
+    if not any(n.op_type in recurrent.OPS for n in imported.model.graph.node):
+        return imported
+    model = _copy(imported.model)
+    if not static_control_flow(model, recurrences=True):
+        return imported
+    return dataclasses.replace(imported, model=settle(_infer(model)))

@@ -81,7 +81,17 @@ def _converters() -> dict:
                 raise ValueError(f"BitCast from {src} to {dst}: the widths differ (the shape would change)")
             return bb.emit_te(lambda t: te.compute(t.shape, lambda *i: tvm.tirx.reinterpret(dst, t(*i)), "bitcast"), x)
 
-    return {"CumProd": CumProd, "Upsample": Upsample, "BitCast": BitCast}
+    class LSTM(fe.OnnxOpConverter):
+        """LSTM (TVM's frontend has none): one input-projection matmul and the fused recurrence
+        kernel (``fused_recurrence``); import leaves only the LSTMs it takes as nodes."""
+
+        @classmethod
+        def _impl_v7(cls, bb, inputs, attr, params):
+            from .fused_recurrence import emit_lstm
+
+            return emit_lstm(bb, list(inputs), attr)
+
+    return {"CumProd": CumProd, "Upsample": Upsample, "BitCast": BitCast, "LSTM": LSTM}
 
 
 def install() -> None:

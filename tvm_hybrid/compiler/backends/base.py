@@ -54,7 +54,11 @@ class Backend:
     tunable: ClassVar[bool] = True
 
     def prepare(self, imported: ImportedModel, profile: TargetProfile) -> ImportedModel:
-        return imported
+        """The model as this backend compiles it: here, recurrences unrolled (the fused LSTM
+        kernel is a CPU one)."""
+        from ..controlflow import unroll_recurrences
+
+        return unroll_recurrences(imported)
 
     def rejected_nodes(self, imported: ImportedModel, profile: TargetProfile | None) -> list[Rejected]:
         """Nodes TVM's frontend cannot convert, op types the profile lists as unsupported, and

@@ -665,7 +665,7 @@ class WebGPUBackend(Backend):
     tunable = False
 
     def prepare(self, imported, profile: TargetProfile):
-        return narrow_index_constants(imported)
+        return narrow_index_constants(super().prepare(imported, profile))
 
     def rejected_nodes(self, imported, profile: TargetProfile | None) -> list[Rejected]:
         """What the frontend cannot convert, then WGSL's rules (64-bit data; shape inputs are

@@ -1,0 +1,214 @@
+"""An LSTM's time loop as one CPU kernel (ONNX ``LSTM``, converted by ``converters``).
+
+Unrolled (``recurrent``), a step is a small matmul, two gate kernels and their tensors, and the
+launch and allocation of those cost more than their arithmetic: a CRNN's two bidirectional
+LSTMs of 128 over 40 steps were some 1.9 ms of kernels a call. Here every step's input
+projection is one matmul (the biases folded in), and the recurrence is one kernel: the
+directions in parallel, each stepping through the sequence with ``h`` and ``c`` in a thread's
+own buffers, ``h · Rᵀ`` accumulated into the gate pre-activations (vectors of the 4·hidden gate
+columns), the gates, cell and hidden state in one vectorized pass. exp is TVM's polynomial
+``fast_exp`` (LLVM has no vector exp; each element was a libm call), tanh(x) = 1 - 2/(e^2x + 1).
+The same kernel onnxruntime and the like run, as a kernel of its own.
+
+What it takes (``fusable``): float32, the default activations (Sigmoid, Tanh, Tanh), any
+``clip``, ``input_forget``, peepholes, initial states, either layout, forward, reverse or
+bidirectional, full-length sequences. Anything else, and every recurrence on a GPU backend, is
+unrolled as before (``recurrent.unroll``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_DEFAULT_ACTS = ["sigmoid", "tanh", "tanh"]
+
+
+def fusable(node, names, shapes: dict, types: dict) -> bool:
+    """Whether the LSTM ``node`` compiles to the fused kernel (shapes known, float32, the default
+    activations, full-length sequences)."""
+    from onnx import TensorProto
+
+    from .recurrent import _attr
+
+    if node.op_type != "LSTM":
+        return False
+    ins = list(node.input) + [""] * (8 - len(node.input))
+    x, w, r = ins[:3]
+    if x not in shapes or w not in shapes or r not in shapes or names.value(w) is None or names.value(r) is None:
+        return False
+    if types.get(x) != TensorProto.FLOAT or any(not isinstance(d, int) or d <= 0 for d in shapes[x]):
+        return False
+    for i in (3, 7):  # B, P: constants the converter folds
+        if ins[i] and names.value(ins[i]) is None:
+            return False
+    nd = 2 if _attr(node, "direction", "forward") == "bidirectional" else 1
+    acts = [a.lower() for a in (_attr(node, "activations") or [])]
+    if acts and acts != _DEFAULT_ACTS * nd:
+        return False
+    if _attr(node, "activation_alpha") or _attr(node, "activation_beta"):
+        return False
+    if ins[4]:
+        seq = shapes[x][1] if _attr(node, "layout", 0) else shapes[x][0]
+        lens = names.value(ins[4])
+        if lens is None or np.any(np.asarray(lens) != seq):
+            return False
+    return True
+
+
+def _fexp(x):
+    """exp as TVM's ``topi.fast_exp`` computes it (Cephes' polynomial; within 4.1e-6 relative),
+    an expression that vectorizes."""
+    from tvm import tirx
+
+    def f32(v):
+        return tirx.const(v, "float32")
+
+    xc = tirx.max(tirx.min(x, f32(88.3762626647950)), f32(-88.3762626647949))
+    n = tirx.floor(xc * f32(1.44269504088896341) + f32(0.5))
+    fr = xc - n * f32(0.6931471805599453)
+    y = f32(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        y = y * fr + f32(c)
+    y = y * fr * fr + fr + f32(1.0)
+    scale = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
+    return tirx.max(scale * y, x)
+
+
+def lstm_kernel(seq: int, nd: int, batch: int, hidden: int, reverse: bool, clip, input_forget: bool,
+                lanes: int):  # fmt: skip
+    """The recurrence: (xw [nd, seq, batch, 4h] with biases, rt [nd, h, 4h], h0, c0 [nd, batch, h],
+    p [nd, 3h]) -> (y [seq, nd, batch, h], y_h, y_c [nd, batch, h]); gates in ONNX's order
+    i, o, f, c. Direction 1 (or a ``reverse`` node's only one) steps from the end."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    H, G = hidden, 4 * hidden
+    lanes = next(v for v in (lanes, 16, 8, 4, 2, 1) if v <= lanes and H % v == 0)
+    hv, gv = H // lanes, G // lanes
+    gu = next(u for u in (8, 4, 2, 1) if gv % u == 0)  # gate vectors accumulated together
+    rv = 1 if reverse else 0
+    iff = 1 if input_forget else 0
+    one = tirx.const(1.0, "float32")
+
+    def cl(v):
+        if clip is None:
+            return v
+        return tirx.max(tirx.min(v, tirx.const(float(clip), "float32")), tirx.const(-float(clip), "float32"))
+
+    def sig(v):
+        return one / (one + _fexp(-cl(v)))
+
+    def th(v):
+        return one - tirx.const(2.0, "float32") / (_fexp(v + v) + one)
+
+    @T.prim_func(private=True)
+    def lstm_steps(xw: T.Buffer((nd, seq, batch, G), "float32"), rt: T.Buffer((nd, H, G), "float32"),
+                   h0: T.Buffer((nd, batch, H), "float32"), c0: T.Buffer((nd, batch, H), "float32"),
+                   p: T.Buffer((nd, 3 * H), "float32"), y: T.Buffer((seq, nd, batch, H), "float32"),
+                   yh: T.Buffer((nd, batch, H), "float32"), yc: T.Buffer((nd, batch, H), "float32")):  # fmt: skip
+        T.func_attr({"tirx.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
+        for d in T.parallel(nd):
+            for b in range(batch):
+                h = T.decl_buffer((H,), "float32")
+                c = T.decl_buffer((H,), "float32")
+                acc = T.decl_buffer((G,), "float32")
+                for j0 in range(hv):
+                    for j1 in T.vectorized(lanes):
+                        h[j0 * lanes + j1] = h0[d, b, j0 * lanes + j1]
+                        c[j0 * lanes + j1] = c0[d, b, j0 * lanes + j1]
+                for t in range(seq):
+                    tt: T.int32 = T.if_then_else(d + rv > 0, seq - 1 - t, t)
+                    for g0 in range(gv):
+                        for g1 in T.vectorized(lanes):
+                            acc[g0 * lanes + g1] = xw[d, tt, b, g0 * lanes + g1]
+                    for go in range(gv // gu):
+                        for k in range(H):
+                            for gi in T.unroll(gu):
+                                for g1 in T.vectorized(lanes):
+                                    acc[(go * gu + gi) * lanes + g1] = (acc[(go * gu + gi) * lanes + g1]
+                                                                        + h[k] * rt[d, k, (go * gu + gi) * lanes + g1])  # fmt: skip
+                    # No Let bindings in a vectorized loop (TVM's vectorizer miscompiles them):
+                    # each gate is written back over its pre-activation.
+                    for j0 in range(hv):
+                        for j1 in T.vectorized(lanes):
+                            acc[j0 * lanes + j1] = sig(acc[j0 * lanes + j1] + p[d, j0 * lanes + j1] * c[j0 * lanes + j1])
+                            acc[2 * H + j0 * lanes + j1] = T.if_then_else(
+                                iff == 1, T.float32(1) - acc[j0 * lanes + j1],
+                                sig(acc[2 * H + j0 * lanes + j1] + p[d, 2 * H + j0 * lanes + j1] * c[j0 * lanes + j1]))  # fmt: skip
+                            acc[3 * H + j0 * lanes + j1] = th(cl(acc[3 * H + j0 * lanes + j1]))
+                            c[j0 * lanes + j1] = (acc[2 * H + j0 * lanes + j1] * c[j0 * lanes + j1]
+                                                  + acc[j0 * lanes + j1] * acc[3 * H + j0 * lanes + j1])  # fmt: skip
+                            acc[H + j0 * lanes + j1] = sig(acc[H + j0 * lanes + j1] + p[d, H + j0 * lanes + j1] * c[j0 * lanes + j1])
+                            h[j0 * lanes + j1] = acc[H + j0 * lanes + j1] * th(c[j0 * lanes + j1])
+                            y[tt, d, b, j0 * lanes + j1] = h[j0 * lanes + j1]
+                for j0 in range(hv):
+                    for j1 in T.vectorized(lanes):
+                        yh[d, b, j0 * lanes + j1] = h[j0 * lanes + j1]
+                        yc[d, b, j0 * lanes + j1] = c[j0 * lanes + j1]
+
+    return lstm_steps
+
+
+def emit_lstm(bb, inputs, attr: dict, lanes: int = 16):
+    """The Relax of an ONNX LSTM node (``converters``): the input projections as one matmul,
+    then the recurrence kernel. Returns (Y, Y_h, Y_c) in the node's layout."""
+    import tvm
+    from tvm import relax
+
+    def ints(e):
+        return [int(d) for d in e.ty.shape]
+
+    def const(e):
+        if e is None:
+            return None
+        if isinstance(e, tvm.ir.GenericConst):
+            return e.value.numpy()
+        if isinstance(e, relax.Constant):
+            return e.data.numpy()
+        raise ValueError("LSTM's W, R, B and P must be constants")
+
+    def text(v, default):
+        if v is None:
+            return default
+        return v.decode() if isinstance(v, bytes) else v
+
+    x, w, r = inputs[0], const(inputs[1]), const(inputs[2])
+    b = const(inputs[3]) if len(inputs) > 3 else None
+    h0 = inputs[5] if len(inputs) > 5 else None
+    c0 = inputs[6] if len(inputs) > 6 else None
+    peep = const(inputs[7]) if len(inputs) > 7 else None
+    layout = int(attr.get("layout", 0))
+    direction = text(attr.get("direction"), "forward")
+    nd = 2 if direction == "bidirectional" else 1
+    hidden = int(attr.get("hidden_size") or w.shape[1] // 4)
+    if layout:
+        x = bb.emit(relax.op.permute_dims(x, [1, 0, 2]))
+    seq, batch, size = ints(x)
+    # every step's input projection at once, both directions: [nd, seq*batch, 4h]
+    wt = relax.const(np.ascontiguousarray(w.transpose(0, 2, 1)).astype("float32"))
+    xw = bb.emit(relax.op.matmul(relax.op.reshape(x, (1, seq * batch, size)), wt))
+    if b is not None:
+        bias = (b[:, : 4 * hidden] + b[:, 4 * hidden :]).reshape(nd, 1, 4 * hidden).astype("float32")
+        xw = bb.emit(relax.op.add(xw, relax.const(bias)))
+    xw = bb.emit(relax.op.reshape(xw, (nd, seq, batch, 4 * hidden)))
+    rt = relax.const(np.ascontiguousarray(r.transpose(0, 2, 1)).astype("float32"))
+
+    def state(s):
+        if s is None:
+            return relax.const(np.zeros((nd, batch, hidden), "float32"))
+        return bb.emit(relax.op.permute_dims(s, [1, 0, 2])) if layout else s
+
+    p = np.zeros((nd, 3 * hidden), "float32") if peep is None else peep.astype("float32").reshape(nd, 3 * hidden)
+    func = lstm_kernel(seq, nd, batch, hidden, direction == "reverse", attr.get("clip"),
+                       bool(attr.get("input_forget", 0)), lanes)  # fmt: skip
+    gv = bb.add_func(func, "lstm_steps")
+    f32 = "float32"
+    out = bb.emit(relax.call_tir(gv, [xw, rt, state(h0), state(c0), relax.const(p)],
+                                 [relax.TensorType((seq, nd, batch, hidden), f32), relax.TensorType((nd, batch, hidden), f32),
+                                  relax.TensorType((nd, batch, hidden), f32)]))  # fmt: skip
+    y, yh, yc = (bb.emit(relax.TupleGetItem(out, i)) for i in range(3))
+    if layout:
+        y = bb.emit(relax.op.permute_dims(y, [2, 0, 1, 3]))
+        yh = bb.emit(relax.op.permute_dims(yh, [1, 0, 2]))
+        yc = bb.emit(relax.op.permute_dims(yc, [1, 0, 2]))
+    return relax.Tuple([y, yh, yc])
