@@ -118,6 +118,12 @@ def _flops(node: onnx.NodeProto, shapes) -> int:
         if a:
             k = a[0] if op == "Gemm" and any(x.name == "transA" and x.i for x in node.attribute) else a[-1]
             return 2 * out_elems * k
+    if op in ("LSTM", "GRU", "RNN") and len(node.input) > 2:
+        w, r = shp(node.input[1]), shp(node.input[2])  # [dirs, G*h, in], [dirs, G*h, h]
+        x = shp(node.input[0])
+        if len(w) == 3 and len(r) == 3 and len(x) == 3:
+            steps = x[0] * x[1]  # seq * batch, either layout
+            return 2 * steps * w[0] * w[1] * (w[2] + r[2]) + 8 * steps * w[0] * w[1]  # matmuls, gates
     return out_elems * _TRANSCENDENTAL.get(op, 1)
 
 
