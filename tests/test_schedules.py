@@ -386,24 +386,31 @@ def test_softmax_rows_kernel_matches_onnxruntime(shape, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "c, o, hw, k, s, pads, batch, flat",
+    "c, o, hw, k, s, pads, batch, kind",
     [
-        (32, 48, (20, 20), 3, 1, [1, 1, 1, 1], 1, True),  # YOLO's 20x20 maps: rows of 1.25 vectors
-        (64, 16, (10, 10), 3, 1, [1, 1, 1, 1], 2, True),
-        (32, 24, (13, 11), 5, 1, [2, 1, 1, 3], 1, True),  # uneven padding, a 5x5 kernel
-        (32, 32, (12, 12), 3, 1, [0, 0, 0, 0], 1, True),  # no padding: a smaller output
-        (32, 40, (40, 40), 3, 2, [1, 1, 1, 1], 1, True),  # stride 2: YOLO's downsampling, 20-wide rows
-        (32, 24, (21, 19), 3, 2, [1, 0, 1, 2], 2, True),  # stride 2, odd sides, uneven padding
-        (48, 32, (10, 10), 1, 1, [0, 0, 0, 0], 1, True),  # pointwise over 100 pixels
-        (16, 32, (20, 20), 3, 1, [1, 1, 1, 1], 1, False),  # few input channels: TVM's kernel
-        (32, 32, (16, 32), 3, 1, [1, 1, 1, 1], 1, False),  # whole vectors a row: TVM's kernel
-        (32, 32, (16, 16), 1, 1, [0, 0, 0, 0], 1, False),  # pointwise over whole vectors of pixels
+        (32, 40, (20, 20), 3, 1, [1, 1, 1, 1], 1, "flat"),  # YOLO's 20x20 maps: rows of 1.25 vectors
+        (32, 48, (20, 20), 3, 1, [1, 1, 1, 1], 1, "chv"),  # output channels in whole vectors
+        (64, 16, (10, 10), 3, 1, [1, 1, 1, 1], 2, "chv"),
+        (32, 24, (13, 11), 5, 1, [2, 1, 1, 3], 1, "flat"),  # uneven padding, a 5x5 kernel
+        (32, 32, (13, 11), 5, 1, [2, 1, 1, 3], 1, "chv"),
+        (32, 32, (12, 12), 3, 1, [0, 0, 0, 0], 1, "chv"),  # no padding: a smaller output
+        (32, 40, (40, 40), 3, 2, [1, 1, 1, 1], 1, "flat"),  # stride 2: YOLO's downsampling, 20-wide rows
+        (32, 32, (40, 40), 3, 2, [1, 1, 1, 1], 1, "chv"),  # stride 2 onto 400 pixels
+        (32, 32, (20, 20), 3, 2, [1, 1, 1, 1], 1, "flat"),  # stride 2 onto 100 pixels: phases won
+        (32, 24, (21, 19), 3, 2, [1, 0, 1, 2], 2, "flat"),  # stride 2, odd sides, uneven padding
+        (48, 32, (10, 10), 1, 1, [0, 0, 0, 0], 1, "chv"),  # pointwise over 100 pixels
+        (48, 24, (10, 10), 1, 1, [0, 0, 0, 0], 1, "flat"),
+        (16, 32, (20, 20), 3, 1, [1, 1, 1, 1], 1, None),  # few input channels: TVM's kernel
+        (32, 32, (16, 32), 3, 1, [1, 1, 1, 1], 1, None),  # whole vectors a row: TVM's kernel
+        (32, 32, (16, 16), 1, 1, [0, 0, 0, 0], 1, None),  # pointwise over whole vectors of pixels
     ],
 )
-def test_convs_over_rows_of_partial_vectors_run_flattened(c, o, hw, k, s, pads, batch, flat, tmp_path):
+def test_convs_over_rows_of_partial_vectors(c, o, hw, k, s, pads, batch, kind, tmp_path):
     """A conv (stride 1 or 2, or pointwise) whose output rows are no whole number of vectors
-    runs over the padded input flattened row after row, at stride 2 each of its phases
-    (``rewrites.conv2d_flat_rows``), and matches onnxruntime."""
+    runs with its output channels as the vectors where they fill them (``chv``:
+    ``rewrites._conv_channel_vectors``), else over the padded input flattened row after row, at
+    stride 2 each of its phases (``flat``: ``rewrites.conv2d_flat_rows``), and matches
+    onnxruntime."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -416,7 +423,9 @@ def test_convs_over_rows_of_partial_vectors_run_flattened(c, o, hw, k, s, pads, 
     feeds = {"x": rng.uniform(-1, 1, shape).astype(np.float32)}
     mod, _, run = _compile(model, {"x": shape}, "x86-64-avx512", tmp_path)
     names = " ".join(gv.name_hint for gv in mod.functions)
-    assert ("conv2d_flat" in names) == flat, names
+    assert ("conv2d_flat" in names) == (kind == "flat") and ("conv2d_chv" in names) == (kind == "chv"), names
+    conv = next(f for gv, f in mod.functions.items() if "conv2d" in gv.name_hint)
+    assert conv.attrs["tirx.is_scheduled"], names  # (a schedule that failed leaves TVM's naive loops)
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
 
 

@@ -931,6 +931,44 @@ def _row_kernel(bb, sch, out: str, reductions: tuple[str, ...], lanes: int, name
     return bb.emit(relax.call_tir(gv, [flat, *args[1:]], relax.TensorType((rows, c), "float32")))
 
 
+def _conv_channel_vectors(bb, x, weight, pad: list[int], s: int, ho: int, wo: int):
+    """A convolution whose output channels make whole vectors, with them as the vector axis:
+    sums ``[pixel, channel]`` over the output's pixels exactly (no padding columns, no pixels
+    rounded up to whole vectors), the weights prepacked at compile time as ``[in, ky, kx, out]``
+    so each reduction step loads contiguous channel vectors and broadcasts one input value a
+    pixel, then the sums written back as NCHW with the epilogue. Where the flattened-rows form
+    computes many pixels it drops (a 10x10 map's rows of 12, padded to 128 pixels for 100) or
+    splits a strided input into phases, this is the faster one: `scripts/profile_kernels.py
+    zoo:yolov8n-320`'s convs on 20x20 and 10x10 maps, and its stride-2 ones onto 40x40 and 20x20
+    (``conv2d_flat_rows``). The products are added in the same order (bitwise the same sums)."""
+    import numpy as np
+    from tvm import relax, te, tirx
+
+    n, c, h, wd = (int(d) for d in x.ty.shape)
+    o, _, kh, kw = weight.shape
+    packed = relax.const(np.ascontiguousarray(weight.transpose(1, 2, 3, 0)))
+    top, left = pad[0], pad[1]
+    zero = tirx.const(0.0, "float32")
+
+    def compute(data, wp):
+        if any(pad):
+            shape = (n, c, h + pad[0] + pad[2], wd + pad[1] + pad[3])
+            data = te.compute(shape, lambda b, i, y, xx: tirx.if_then_else(
+                tirx.all(y >= top, y < top + h, xx >= left, xx < left + wd), data[b, i, y - top, xx - left], zero),
+                name="pad")  # fmt: skip
+        i = te.reduce_axis((0, c), "i")
+        ry = te.reduce_axis((0, kh), "ry")
+        rx = te.reduce_axis((0, kw), "rx")
+        acc = te.compute(
+            (n, ho * wo, o),
+            lambda b, p, f: te.sum(data[b, i, (p // wo) * s + ry, (p % wo) * s + rx] * wp[i, ry, rx, f], axis=[i, ry, rx]),
+            name="conv_chv",
+        )  # fmt: skip
+        return te.compute((n, o, ho, wo), lambda b, f, y, xx: acc[b, y * wo + xx, f], name="conv_nchw")
+
+    return bb.call_te(compute, x, packed, primfunc_name_hint="conv2d_chv")
+
+
 def conv2d_flat_rows(lanes: int, min_channels: int = 32):
     """A convolution (kernel larger than 1x1, stride 1 or 2, no groups or dilation) over maps
     whose output rows are no whole number of vectors (YOLO's 40x40, 20x20 and 10x10: rows of
@@ -973,6 +1011,8 @@ def conv2d_flat_rows(lanes: int, min_channels: int = 32):
         # when there are too few to fill four (a squeeze-excite's 1x1 map: padding is waste).
         if ho <= 0 or wo <= 0 or (ho * wo if pointwise else wo) % lanes == 0 or (pointwise and ho * wo < 4 * lanes):
             return default(bb, call)
+        if o % lanes == 0 and isinstance(w, tvm.ir.GenericConst) and (s == 1 or ho * wo >= 400):
+            return _conv_channel_vectors(bb, x, w.value.numpy(), pad, s, ho, wo)
         # The padded input, its sides rounded up to whole phases; each phase flattened.
         hp, wp = -(-(h + pad[0] + pad[2]) // s) * s, -(-(wd + pad[1] + pad[3]) // s) * s
         wq = wp // s  # a phase's row

@@ -37,6 +37,9 @@ class CpuConfig:
     rows_inner_max_bytes: int = 256 << 10
     #: and each output takes at least this long a reduction.
     rows_inner_min_reduction: int = 32
+    #: Compute a reduction's elementwise consumer inside its register tiles (off on the retry of
+    #: a kernel whose consumer region is wider than a tile: it then runs as a pass of its own).
+    attach_epilogues: bool = True
 
 
 class ScheduleRefused(Exception):
@@ -84,7 +87,10 @@ def apply_default(mod, profile: TargetProfile, cfg: CpuConfig | None = None):
         if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
             continue
         try:
-            new = schedule_func(func, cfg)
+            try:
+                new = schedule_func(func, cfg)
+            except ScheduleRefused:  # an epilogue wider than a tile: its own pass, after the tiles
+                new = schedule_func(func, dataclasses.replace(cfg, attach_epilogues=False))
         except Exception as e:  # an s_tir primitive refused: keep the unscheduled kernel
             log.debug("default schedule failed for %s: %s", gv.name_hint, str(e).splitlines()[0][:200])
             continue
@@ -528,7 +534,8 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
     attached: set[str] = set()
     consumers = sch.get_consumers(block)
     if (
-        len(consumers) == 1
+        cfg.attach_epilogues
+        and len(consumers) == 1
         and inner
         and not _is_reduction(sch, consumers[0])
         # Elementwise over the result (a conv's bias/BN/activation), not a broadcast back
