@@ -464,3 +464,27 @@ def test_split_undoing_a_concat_takes_the_pieces_directly(tmp_path):
         names = " ".join(gv.name_hint for gv in mod.functions)
         assert ("split" in names) == split_kept, names
         assert_close(run(feeds), reference(model, feeds), rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_by_a_constant_of_partial_vectors_reads_it_padded_at_compile_time(tmp_path):
+    """A CTC-style head (MatMul by a constant [120, 97], its bias, a Softmax over the classes):
+    the weight is padded to whole vectors once, at compile time (``rewrites.matmul_weights_padded_to``),
+    not copied padded inside the kernel on every call, and the valid columns are read out in the
+    epilogue; it matches onnxruntime."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.RandomState(4)
+    w = numpy_helper.from_array(rng.uniform(-1, 1, (120, 97)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.uniform(-1, 1, (97,)).astype(np.float32), "b")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["y"], axis=-1)]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 40, 120])],
+                              [helper.make_tensor_value_info("y", 1, None)], [w, b])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = {"x": rng.uniform(-1, 1, (1, 40, 120)).astype(np.float32)}
+    mod, _, run = _compile(model, {"x": (1, 40, 120)}, "x86-64-avx512", tmp_path)
+    [head] = [f for gv, f in mod.functions.items() if gv.name_hint.startswith("fused_matmul")]
+    script = head.script()
+    assert "T.Buffer((T.int64(120), T.int64(112))" in script and "param_0_pad" not in script, script[:600]
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-6)

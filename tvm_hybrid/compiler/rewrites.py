@@ -161,6 +161,36 @@ def softmax_padded_to(lanes: int):
     return _relax_pass("SoftmaxPaddedToVectors", "relax.nn.softmax", lambda bb, call: _pad_softmax(bb, call, lanes))
 
 
+def matmul_weights_padded_to(lanes: int):
+    """A Relax pass: a float32 matmul by a constant [K, N] weight whose N no useful vector
+    divides (a CTC head's 6625 classes) multiplies by the weight padded with zero columns to
+    whole vectors of ``lanes`` at compile time, and slices the valid columns out of the result
+    (a slice the epilogue reads in place). The CPU schedule had padded the weight inside the
+    kernel on every call (``_pad_vector_axis``: a 3.2 MB copy for PP-OCRv4-rec's head) and
+    copied the result out of the padded sums in another pass."""
+    return _relax_pass("MatmulWeightsPaddedToVectors", "relax.matmul", lambda bb, call: _pad_matmul_weight(bb, call, lanes))
+
+
+def _pad_matmul_weight(bb, call, lanes: int):
+    import tvm
+    from tvm import relax
+
+    x, w = call.args
+    if not isinstance(w, tvm.ir.GenericConst) or str(x.ty.dtype) != "float32" or x.ty.shape is None:
+        return None
+    value = w.value.numpy()
+    if value.ndim != 2 or value.dtype != np.float32 or (call.attrs.out_dtype and str(call.attrs.out_dtype) != "float32"):
+        return None
+    n = value.shape[1]
+    best = next((d for d in range(min(n, lanes), 3, -1) if n % d == 0), 0)
+    if n < 2 * lanes or 2 * best > lanes:
+        return None
+    padded = np.zeros((value.shape[0], n + (-n % lanes)), np.float32)
+    padded[:, :n] = value
+    y = bb.emit(relax.op.matmul(x, relax.const(padded)))
+    return relax.op.strided_slice(y, axes=[len(x.ty.shape) - 1], begin=[0], end=[n])
+
+
 def _f32_softmax(call):
     """(input, its static shape, the softmax axis) of a float32 softmax, or None."""
     x = call.args[0]
