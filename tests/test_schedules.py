@@ -488,3 +488,28 @@ def test_matmul_by_a_constant_of_partial_vectors_reads_it_padded_at_compile_time
     script = head.script()
     assert "T.Buffer((T.int64(120), T.int64(112))" in script and "param_0_pad" not in script, script[:600]
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("c, o, hw, k, s, pads, group, taps", [
+    (64, 32, (1, 40), 3, 1, [1, 1, 1, 1], 1, (1, 3)),  # a text recognizer's neck: one row high
+    (32, 32, (1, 40), 3, 1, [1, 1, 1, 1], 32, (1, 3)),  # depthwise
+    (16, 16, (2, 9), 5, 2, [2, 2, 2, 2], 1, (2, 5)),  # stride 2 over two rows: kernel rows 2-3 read them
+    (16, 16, (3, 20), 3, 1, [1, 1, 1, 1], 1, (3, 3)),  # every tap reads the map somewhere: as it was
+])  # fmt: skip
+def test_conv_taps_that_only_read_padding_are_dropped(c, o, hw, k, s, pads, group, taps, tmp_path):
+    """Kernel rows (or columns) of a conv that only ever multiply padding are cut from the
+    weight, the padding adjusted so every output stays where it was (``rewrites.conv_taps_in_bounds``);
+    the outputs match onnxruntime."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.RandomState(c + k)
+    w = numpy_helper.from_array(rng.uniform(-1, 1, (o, c // group, k, k)).astype(np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[k, k], pads=pads, strides=[s, s], group=group)
+    shape = (1, c, *hw)
+    model = _one_node_model(node, shape, [w])
+    feeds = {"x": rng.uniform(-1, 1, shape).astype(np.float32)}
+    mod, _, run = _compile(model, {"x": shape}, "x86-64-avx512", tmp_path)
+    [conv] = [f for gv, f in mod.functions.items() if "conv2d" in gv.name_hint]
+    assert f"T.int64({c // group}), T.int64({taps[0]}), T.int64({taps[1]}))" in conv.script()
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)

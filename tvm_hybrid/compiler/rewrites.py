@@ -129,6 +129,48 @@ def _patch_conv_as_matmul(bb, call):
     return relax.op.permute_dims(relax.op.reshape(y, [n, hp, wp, o]), [0, 3, 1, 2])
 
 
+def conv_taps_in_bounds():
+    """A Relax pass: a ``conv2d`` some of whose kernel rows or columns only ever read padding (a
+    3x3 conv over a map one row high, as text recognizers' necks have once the height is
+    pooled away: its top and bottom rows multiply zeros) becomes the conv of the kernel rows and
+    columns that read the map, with the padding that keeps every output where it was. A 3x3
+    conv over 1x40 computes a third of the products (PP-OCRv4-rec-shaped's neck convs)."""
+    return _relax_pass("ConvTapsInBounds", "relax.nn.conv2d", _conv_taps_in_bounds)
+
+
+def _conv_taps_in_bounds(bb, call):
+    from tvm import relax
+
+    ops = _conv_operands(call)
+    if ops is None:
+        return None
+    a, x, w, (n, c, h, wd), (o, ci, kh, kw) = ops
+    if a.kernel_layout != "OIHW" or any(int(d) != 1 for d in a.dilation):
+        return None
+    top, left, bottom, right = (int(p) for p in a.padding)
+    sy, sx = (int(v) for v in a.strides)
+    ho, wo = (h + top + bottom - kh) // sy + 1, (wd + left + right - kw) // sx + 1
+    if ho <= 0 or wo <= 0:
+        return None
+
+    def used(k, before, size, out, stride):  # taps that read the map for some output
+        taps = [r for r in range(k) if any(0 <= y * stride + r - before < size for y in range(out))]
+        return (taps[0], taps[-1] + 1) if taps else None
+
+    rows, cols = used(kh, top, h, ho, sy), used(kw, left, wd, wo, sx)
+    if rows is None or cols is None or (rows, cols) == ((0, kh), (0, kw)):
+        return None
+    (r0, r1), (c0, c1) = rows, cols
+    top2, left2 = top - r0, left - c0
+    bottom2, right2 = (ho - 1) * sy + (r1 - r0) - h - top2, (wo - 1) * sx + (c1 - c0) - wd - left2
+    if min(top2, left2, bottom2, right2) < 0:
+        return None
+    wc = bb.emit(relax.op.strided_slice(w, axes=[2, 3], begin=[r0, c0], end=[r1, c1]))
+    return relax.op.nn.conv2d(x, wc, strides=[sy, sx], padding=[top2, left2, bottom2, right2], dilation=[1, 1],
+                              groups=int(a.groups), data_layout=a.data_layout, kernel_layout=a.kernel_layout,
+                              out_layout=a.out_layout, out_dtype=_out_dtype(a))  # fmt: skip
+
+
 def fp16_operands():
     """A Relax pass: every fp32 ``conv2d`` and ``matmul`` reads fp16 operands and accumulates in
     fp32 (``out_dtype``). Constant weights fold to fp16, half their size; an activation's cast

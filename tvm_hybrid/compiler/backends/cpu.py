@@ -942,11 +942,12 @@ class CpuBackend(Backend):
         88.72), erf within 4.2e-7 and tanh within 3.2e-7 absolute."""
         from tvm import relax
 
-        from ..rewrites import matmul_weights_padded_to, patch_conv_as_matmul, softmax_padded_to, softmax_rows
+        from ..rewrites import (conv_taps_in_bounds, matmul_weights_padded_to, patch_conv_as_matmul, softmax_padded_to,
+                                softmax_rows)  # fmt: skip
 
         lanes = cpu_config(profile.tvm()).lanes
         return [softmax_padded_to(lanes), softmax_rows(lanes), relax.transform.FastMathTransform(),
-                patch_conv_as_matmul(), matmul_weights_padded_to(lanes)]  # fmt: skip
+                conv_taps_in_bounds(), patch_conv_as_matmul(), matmul_weights_padded_to(lanes)]  # fmt: skip
 
     def prepare(self, imported, profile: TargetProfile):
         """float16 nodes compute in float32 where the CPU has no fp16 arithmetic (``--precision``
