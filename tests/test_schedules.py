@@ -391,6 +391,7 @@ def test_softmax_rows_kernel_matches_onnxruntime(shape, tmp_path):
         (32, 40, (20, 20), 3, 1, [1, 1, 1, 1], 1, "flat"),  # YOLO's 20x20 maps: rows of 1.25 vectors
         (32, 48, (20, 20), 3, 1, [1, 1, 1, 1], 1, "chv"),  # output channels in whole vectors
         (64, 16, (10, 10), 3, 1, [1, 1, 1, 1], 2, "chv"),
+        (32, 32, (15, 40), 3, 1, [1, 1, 1, 1], 1, "flat"),  # a CRNN's 15x40: 640 pixels for 600, flattened
         (32, 24, (13, 11), 5, 1, [2, 1, 1, 3], 1, "flat"),  # uneven padding, a 5x5 kernel
         (32, 32, (13, 11), 5, 1, [2, 1, 1, 3], 1, "chv"),
         (32, 32, (12, 12), 3, 1, [0, 0, 0, 0], 1, "chv"),  # no padding: a smaller output

@@ -1083,12 +1083,18 @@ def conv2d_flat_rows(lanes: int, min_channels: int = 32):
         # when there are too few to fill four (a squeeze-excite's 1x1 map: padding is waste).
         if ho <= 0 or wo <= 0 or (ho * wo if pointwise else wo) % lanes == 0 or (pointwise and ho * wo < 4 * lanes):
             return default(bb, call)
-        if o % lanes == 0 and isinstance(w, tvm.ir.GenericConst) and (s == 1 or ho * wo >= 400):
-            return _conv_channel_vectors(bb, x, w.value.numpy(), pad, s, ho, wo)
         # The padded input, its sides rounded up to whole phases; each phase flattened.
         hp, wp = -(-(h + pad[0] + pad[2]) // s) * s, -(-(wd + pad[1] + pad[3]) // s) * s
         wq = wp // s  # a phase's row
         pixels = -(-ho * wq // lanes) * lanes
+        # Output channels in whole vectors: those are the vectors instead, where the flattened
+        # rows would compute 10 % more pixels than there are (a 10x10 map: 128 for 100; a 15x40
+        # one, 640 for 600, measured no faster that way), or split a stride-2 input into phases
+        # for 400 output pixels or more (onto 10x10, the phases measured faster).
+        if o % lanes == 0 and isinstance(w, tvm.ir.GenericConst) and (
+            (s == 1 and pixels >= 1.1 * ho * wo) or (s == 2 and ho * wo >= 400)
+        ):
+            return _conv_channel_vectors(bb, x, w.value.numpy(), pad, s, ho, wo)
         # Whole phase rows, so the padding stage iterates rows x columns (no division per element).
         length = -(-(pixels + ((kh - 1) // s) * wq + (kw - 1) // s) // wq) * wq
         top, left = pad[0], pad[1]
