@@ -1,6 +1,6 @@
 """Control flow and state through compile and run, against onnxruntime (rtol 1e-4, atol 1e-5):
-If on a run-time condition, Loop and Scan (unrolled at import), LSTM (one fused kernel on CPUs,
-unrolled elsewhere) and GRU and RNN (unrolled), a
+If on a run-time condition, Loop and Scan (unrolled at import), LSTM and GRU (one fused kernel
+on CPUs, unrolled elsewhere) and RNN (unrolled), a
 VAD-shaped model fed its own state for 20 steps, and inputs whose values fix shapes
 (``--input NAME=VALUE``)."""
 
@@ -216,8 +216,9 @@ def _batch_first(model, feeds: dict, want: dict) -> tuple[dict, dict]:
     dict(op="RNN"),
     dict(op="LSTM", layout=1),
     dict(op="GRU", layout=1, direction="reverse"),
+    dict(op="GRU", lbr=1, acts=["Sigmoid", "Tanh", "Sigmoid", "Relu"]),  # unrolled, a direction at a time
 ], ids=["lstm-peepholes", "lstm-bare", "lstm-own-activations", "gru-lbr", "gru", "rnn", "lstm-batch-first",
-        "gru-reverse-batch-first"])  # fmt: skip
+        "gru-reverse-batch-first", "gru-own-activations"])  # fmt: skip
 def test_bidirectional_recurrences_match_onnxruntime(case, artifacts, tmp_path):
     """Bidirectional RNN/GRU/LSTM nodes with every output: both directions step together (one
     batched matmul and one set of gate ops a step), the backward one over the reversed sequence.
@@ -239,20 +240,25 @@ def test_bidirectional_recurrences_match_onnxruntime(case, artifacts, tmp_path):
     dict(direction="reverse", layout=1, peep=True),
     dict(clip=0.6, input_forget=1, hidden=24),
     dict(batch=3, hidden=16, initial=False),
-], ids=["forward-h32", "reverse-batch-first-peepholes", "clip-input-forget", "batch3"])  # fmt: skip
-def test_fused_lstm_kernel_matches_onnxruntime(case, artifacts, tmp_path):
-    """The LSTMs import keeps whole (one fused recurrence kernel on CPUs), in each direction and
-    option onnxruntime has; hidden sizes that fill 16 lanes and ones that do not."""
+    dict(op="GRU", direction="forward", hidden=32, lbr=1),
+    dict(op="GRU", direction="reverse", layout=1, hidden=12),
+    dict(op="GRU", clip=0.7, hidden=16, lbr=0, bias=False),
+], ids=["forward-h32", "reverse-batch-first-peepholes", "clip-input-forget", "batch3", "gru-forward-lbr",
+        "gru-reverse-batch-first", "gru-clip-no-bias"])  # fmt: skip
+def test_fused_recurrence_kernel_matches_onnxruntime(case, artifacts, tmp_path):
+    """The LSTMs and GRUs import keeps whole (one fused recurrence kernel on CPUs), in each
+    direction and option onnxruntime has; hidden sizes that fill 16 lanes and ones that do not."""
     from tvm_hybrid.compiler import importer
 
     layout = case.pop("layout", 0)
+    op = case.pop("op", "LSTM")
     hidden, batch = case.pop("hidden", 8), case.pop("batch", 2)
-    model, feeds = _recurrent("LSTM", seq=7, batch=batch, size=5, hidden=hidden, **case)
+    model, feeds = _recurrent(op, seq=7, batch=batch, size=5, hidden=hidden, **case)
     want = reference(model, feeds)
     if layout:  # onnxruntime has no batch-first recurrences: the same node with layout 1, transposed
         feeds, want = _batch_first(model, feeds, want)
-    path = tmp_path / "lstm.onnx"
+    path = tmp_path / "rnn.onnx"
     onnx.save(model, path)
-    assert "LSTM" in importer.load(path).op_types
+    assert op in importer.load(path).op_types
     with Session(artifacts.get(path, {}), threads=2) as sess:
         assert_close(sess.run(feeds), want, 1e-4, 1e-5)

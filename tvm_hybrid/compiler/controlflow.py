@@ -244,18 +244,3 @@ def static_control_flow(model: onnx.ModelProto, recurrences: bool = False) -> bo
     return changed
 
 
-
-def unroll_recurrences(imported):
-    """``imported`` with the recurrences left whole at import (fused on CPUs) unrolled: for
-    backends without the fused kernel."""
-    import dataclasses
-
-    from . import recurrent
-    from .importer import _copy, _infer, settle
-
-    if not any(n.op_type in recurrent.OPS for n in imported.model.graph.node):
-        return imported
-    model = _copy(imported.model)
-    if not static_control_flow(model, recurrences=True):
-        return imported
-    return dataclasses.replace(imported, model=settle(_infer(model)))

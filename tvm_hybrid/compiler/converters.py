@@ -87,11 +87,20 @@ def _converters() -> dict:
 
         @classmethod
         def _impl_v7(cls, bb, inputs, attr, params):
-            from .fused_recurrence import emit_lstm
+            from .fused_recurrence import emit
 
-            return emit_lstm(bb, list(inputs), attr)
+            return emit(bb, "LSTM", list(inputs), attr)
 
-    return {"CumProd": CumProd, "Upsample": Upsample, "BitCast": BitCast, "LSTM": LSTM}
+    class GRU(fe.OnnxOpConverter):
+        """GRU, the same way as LSTM."""
+
+        @classmethod
+        def _impl_v7(cls, bb, inputs, attr, params):
+            from .fused_recurrence import emit
+
+            return emit(bb, "GRU", list(inputs), attr)
+
+    return {"CumProd": CumProd, "Upsample": Upsample, "BitCast": BitCast, "LSTM": LSTM, "GRU": GRU}
 
 
 def install() -> None:

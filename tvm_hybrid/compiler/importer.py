@@ -849,3 +849,17 @@ def _native_stderr_to_log():
             text = tmp.read(1 << 16).decode("utf-8", "replace").strip()
             if text:
                 log.debug("TVM (native): %s", text)
+
+
+def unroll_recurrences(imported):
+    """``imported`` with the recurrences left whole at import (fused on CPUs) unrolled: for
+    backends without the fused kernel."""
+
+    from . import recurrent
+
+    if not any(n.op_type in recurrent.OPS for n in imported.model.graph.node):
+        return imported
+    model = _copy(imported.model)
+    if not static_control_flow(model, recurrences=True):
+        return imported
+    return dataclasses.replace(imported, model=settle(_infer(model)))

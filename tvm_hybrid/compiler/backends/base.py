@@ -56,7 +56,7 @@ class Backend:
     def prepare(self, imported: ImportedModel, profile: TargetProfile) -> ImportedModel:
         """The model as this backend compiles it: here, recurrences unrolled (the fused LSTM
         kernel is a CPU one)."""
-        from ..controlflow import unroll_recurrences
+        from ..importer import unroll_recurrences
 
         return unroll_recurrences(imported)
 
