@@ -243,4 +243,3 @@ def static_control_flow(model: onnx.ModelProto, recurrences: bool = False) -> bo
         replace_nodes(g, out, names.inits)
     return changed
 
-

@@ -12,6 +12,8 @@ def _converters() -> dict:
     from tvm import relax, topi
     from tvm.relax.frontend.onnx import onnx_frontend as fe
 
+    from .rewrites import constant_array
+
     class CumProd(fe.OnnxOpConverter):
         """CumProd (opset 26): TVM's cumprod kernel, reversed with flips; the axis must be a
         constant (``--input NAME=VALUE`` fixes one given as an input)."""
@@ -19,12 +21,8 @@ def _converters() -> dict:
         @classmethod
         def _impl_v26(cls, bb, inputs, attr, params):
             data = inputs[0]
-            axis = fe.get_constant(inputs[1], params)
-            if isinstance(axis, tvm.ir.GenericConst):
-                axis = axis.value.numpy()
-            elif isinstance(axis, relax.Constant):
-                axis = axis.data.numpy()
-            else:
+            axis = constant_array(fe.get_constant(inputs[1], params))
+            if axis is None:
                 raise ValueError("CumProd's axis must be a compile-time constant")
             axis = int(axis.ravel()[0])
             reverse = attr.get("reverse", 0) != 0
@@ -43,11 +41,9 @@ def _converters() -> dict:
         def _impl_v7(cls, bb, inputs, attr, params):
             scales = attr.get("scales")
             if scales is None and len(inputs) > 1:
-                c = fe.get_constant(inputs[1], params)
-                if isinstance(c, tvm.ir.GenericConst):
-                    scales = c.value.numpy().tolist()
-                elif isinstance(c, relax.Constant):
-                    scales = c.data.numpy().tolist()
+                c = constant_array(fe.get_constant(inputs[1], params))
+                if c is not None:
+                    scales = c.tolist()
             if scales is None:
                 raise ValueError("Upsample's scales must be a compile-time constant")
             shape = [int(x) for x in inputs[0].ty.shape]

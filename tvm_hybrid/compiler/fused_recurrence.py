@@ -16,8 +16,8 @@ of ``r ⊙ h`` with the hidden gate's ``Rᵀ``.
 
 What it takes (``fusable``): float32, the default activations (LSTM: Sigmoid, Tanh, Tanh; GRU:
 Sigmoid, Tanh), any ``clip``, ``input_forget`` and peepholes (LSTM), ``linear_before_reset``
-(GRU), initial states, either layout, forward, reverse or bidirectional, full-length sequences. Anything else, and every recurrence on a GPU backend, is
-unrolled as before (``recurrent.unroll``).
+(GRU), initial states, either layout, forward, reverse or bidirectional, full-length sequences.
+Anything else, and every recurrence on a GPU backend, is unrolled as before (``recurrent.unroll``).
 """
 
 from __future__ import annotations
@@ -239,8 +239,9 @@ def gru_kernel(seq: int, nd: int, batch: int, hidden: int, reverse: bool, clip, 
 def emit(bb, op: str, inputs, attr: dict, lanes: int = 16):
     """The Relax of an ONNX LSTM or GRU node (``converters``): the input projections as one
     matmul, then the recurrence kernel. Returns (Y, Y_h[, Y_c]) in the node's layout."""
-    import tvm
     from tvm import relax
+
+    from .rewrites import constant_array
 
     def ints(e):
         return [int(d) for d in e.ty.shape]
@@ -248,11 +249,10 @@ def emit(bb, op: str, inputs, attr: dict, lanes: int = 16):
     def const(e):
         if e is None:
             return None
-        if isinstance(e, tvm.ir.GenericConst):
-            return e.value.numpy()
-        if isinstance(e, relax.Constant):
-            return e.data.numpy()
-        raise ValueError(f"{op}'s W, R, B and P must be constants")
+        value = constant_array(e)
+        if value is None:
+            raise ValueError(f"{op}'s W, R, B and P must be constants")
+        return value
 
     def text(v, default):
         if v is None:

@@ -854,7 +854,6 @@ def _native_stderr_to_log():
 def unroll_recurrences(imported):
     """``imported`` with the recurrences left whole at import (fused on CPUs) unrolled: for
     backends without the fused kernel."""
-
     from . import recurrent
 
     if not any(n.op_type in recurrent.OPS for n in imported.model.graph.node):

@@ -224,13 +224,19 @@ def _pad_matmul_weight(bb, call, lanes: int):
     if value.ndim != 2 or value.dtype != np.float32 or (call.attrs.out_dtype and str(call.attrs.out_dtype) != "float32"):
         return None
     n = value.shape[1]
-    best = next((d for d in range(min(n, lanes), 3, -1) if n % d == 0), 0)
-    if n < 2 * lanes or 2 * best > lanes:
+    if not _worth_padding(n, lanes):
         return None
     padded = np.zeros((value.shape[0], n + (-n % lanes)), np.float32)
     padded[:, :n] = value
     y = bb.emit(relax.op.matmul(x, relax.const(padded)))
     return relax.op.strided_slice(y, axes=[len(x.ty.shape) - 1], begin=[0], end=[n])
+
+
+def _worth_padding(n: int, lanes: int) -> bool:
+    """Whether an axis of ``n`` is worth padding to whole vectors of ``lanes``: at least two of
+    them, and no divisor of ``n`` above half a vector (a 360-wide axis runs in vectors of 15)."""
+    best = next((d for d in range(min(n, lanes), 3, -1) if n % d == 0), 0)
+    return n >= 2 * lanes and 2 * best <= lanes
 
 
 def _f32_softmax(call):
@@ -249,8 +255,7 @@ def _pad_softmax(bb, call, lanes: int):
         return None
     x, shape, axis = found
     n = shape[axis]
-    best = next((d for d in range(min(n, lanes), 3, -1) if n % d == 0), 0)
-    if n < 2 * lanes or 2 * best > lanes:
+    if not _worth_padding(n, lanes):
         return None
     width = [0] * (2 * len(shape))
     width[2 * axis + 1] = -n % lanes
@@ -586,12 +591,17 @@ def _resolve(m, expr):
     return expr
 
 
-def _const(m, expr):
-    """The numpy value of a constant expression (through variable bindings), or None."""
+def constant_array(expr):
+    """The numpy value of a constant expression (an initializer, a folded value), or None for
+    anything computed at run time."""
     import tvm
 
-    expr = _resolve(m, expr)
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+def _const(m, expr):
+    """The numpy value of a constant expression (through variable bindings), or None."""
+    return constant_array(_resolve(m, expr))
 
 
 def _dequant_of(m, expr, min_elements: int = _INT8_MIN_ELEMENTS) -> _Dequant:
