@@ -1132,3 +1132,33 @@ def conv2d_flat_rows(lanes: int, min_channels: int = 32):
         return bb.call_te(compute, x, w, primfunc_name_hint="conv2d_flat")
 
     return legalize
+
+
+def permutes_collapsed():
+    """A Relax pass: a transpose of a transpose is one transpose of the first's input, or that
+    input itself when the two cancel (the fused attention's output, read back into tokens)."""
+    return _relax_pass("PermutesCollapsed", "relax.permute_dims", _collapse_permutes)
+
+
+def _collapse_permutes(bb, call):
+    from tvm import relax
+
+    try:
+        inner = bb.lookup_binding(call.args[0]) if isinstance(call.args[0], relax.Var) else None
+    except Exception:
+        inner = None
+    if not (isinstance(inner, relax.Call) and getattr(inner.op, "name", "") == "relax.permute_dims"):
+        return None
+    shapes = _static_shapes(inner.args[0])
+    if not shapes or shapes[0] is None:
+        return None
+    ndim = len(shapes[0])
+
+    def axes(c):
+        return [int(a) for a in c.attrs.axes] if c.attrs.axes is not None else list(range(ndim))[::-1]
+
+    first, second = axes(inner), axes(call)
+    composed = [first[a] for a in second]
+    if composed == list(range(ndim)):
+        return inner.args[0]
+    return relax.op.permute_dims(inner.args[0], composed)

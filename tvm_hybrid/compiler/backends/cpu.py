@@ -942,11 +942,13 @@ class CpuBackend(Backend):
         88.72), erf within 4.2e-7 and tanh within 3.2e-7 absolute."""
         from tvm import relax
 
-        from ..rewrites import (conv_taps_in_bounds, matmul_weights_padded_to, patch_conv_as_matmul, softmax_padded_to,
-                                softmax_rows)  # fmt: skip
+        from ..fused_attention import attention_fused
+        from ..rewrites import (conv_taps_in_bounds, matmul_weights_padded_to, patch_conv_as_matmul, permutes_collapsed,
+                                softmax_padded_to, softmax_rows)  # fmt: skip
 
         lanes = cpu_config(profile.tvm()).lanes
-        return [softmax_padded_to(lanes), softmax_rows(lanes), relax.transform.FastMathTransform(),
+        return [attention_fused(lanes), permutes_collapsed(), relax.transform.DeadCodeElimination(),
+                softmax_padded_to(lanes), softmax_rows(lanes), relax.transform.FastMathTransform(),
                 conv_taps_in_bounds(), patch_conv_as_matmul(), matmul_weights_padded_to(lanes)]  # fmt: skip
 
     def prepare(self, imported, profile: TargetProfile):
