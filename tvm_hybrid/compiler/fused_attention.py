@@ -424,7 +424,7 @@ def _tiles(spec: _Spec):
     lanes = spec.lanes
     kp = -(-spec.keys // lanes) * lanes
     nvec = kp // lanes
-    jv = next(u for u in (4, 3, 2, 1) if nvec % u == 0)
+    jv = min(4, nvec)  # (a tile of the nvec % jv vectors left over follows)
     rt = {4: 4, 3: 6, 2: 8, 1: 8}[jv]
     most = max(rt, min(64, _SCORE_BLOCK // kp) // rt * rt)
     # rows per task: the multiple of rt that wastes fewest padded rows, the larger on ties
@@ -444,6 +444,7 @@ def attention_kernel(spec: _Spec):
 
     lanes = spec.lanes
     kp, jv, rt, rb, dl, dvv, rt2 = _tiles(spec)
+    nvec = kp // lanes
     n_batch = math.prod(spec.batch)
     blocks = -(-spec.rows // rb)
     rows, keys, depth, dv = spec.rows, spec.keys, spec.depth, spec.dv
@@ -489,6 +490,21 @@ def attention_kernel(spec: _Spec):
     kt_sp = k_sp if k_direct else (0, _row_major(dims + [depth, kp])[:-2], kp, 1)  # (the workspace)
 
     @T.macro
+    def score_tile(q, k, kt, s, qo, ko, i0, it, v0, nv):
+        for r in T.unroll(rt):
+            for u in T.unroll(nv):
+                for l in T.vectorized(lanes):
+                    s[it * rt + r, (v0 + u) * lanes + l] = T.float32(0)
+        for d in range(depth):
+            for r in T.unroll(rt):
+                for u in T.unroll(nv):
+                    for l in T.vectorized(lanes):
+                        s[it * rt + r, (v0 + u) * lanes + l] = (
+                            s[it * rt + r, (v0 + u) * lanes + l]
+                            + q[at(q_sp, qo, T.min(i0 + it * rt + r, rows - 1), d)]
+                            * kt_of(k, kt)[at(kt_sp, ko, d, (v0 + u) * lanes + l)])  # fmt: skip
+
+    @T.macro
     def body(q, k, v, m, o):
         kt = T.decl_buffer((n_batch * depth * kp if not k_direct else 1,), "float32")
         if not k_direct:
@@ -510,21 +526,12 @@ def attention_kernel(spec: _Spec):
             vo: T.int32 = batch_offset(n, v_sp)
             mo: T.int32 = batch_offset(n, m_sp)
             oo: T.int32 = batch_offset(n, o_sp)
-            # scores: rt rows x jv vectors of keys in registers, over the head dim
+            # scores: rt rows x jv vectors of keys in registers, over the head dim (then the
+            # key vectors left over, if jv does not divide them)
             for it in range(rb // rt):
-                for jo in range(kp // lanes // jv):
-                    for r in T.unroll(rt):
-                        for u in T.unroll(jv):
-                            for l in T.vectorized(lanes):
-                                s[it * rt + r, (jo * jv + u) * lanes + l] = T.float32(0)
-                    for d in range(depth):
-                        for r in T.unroll(rt):
-                            for u in T.unroll(jv):
-                                for l in T.vectorized(lanes):
-                                    s[it * rt + r, (jo * jv + u) * lanes + l] = (
-                                        s[it * rt + r, (jo * jv + u) * lanes + l]
-                                        + q[at(q_sp, qo, T.min(i0 + it * rt + r, rows - 1), d)]
-                                        * kt_of(k, kt)[at(kt_sp, ko, d, (jo * jv + u) * lanes + l)])  # fmt: skip
+                for jo in range(nvec // jv):
+                    score_tile(q, k, kt, s, qo, ko, i0, it, jo * jv, jv)
+                score_tile(q, k, kt, s, qo, ko, i0, it, nvec // jv * jv, nvec % jv)
             # softmax of each row: scale and mask with the row max, then exp and the row sum
             for r in range(rb):
                 for l in T.vectorized(lanes):
