@@ -514,3 +514,28 @@ def test_conv_taps_that_only_read_padding_are_dropped(c, o, hw, k, s, pads, grou
     [conv] = [f for gv, f in mod.functions.items() if "conv2d" in gv.name_hint]
     assert f"T.int64({c // group}), T.int64({taps[0]}), T.int64({taps[1]}))" in conv.script()
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, strides, pads, ceil, rows",
+    [
+        ((1, 8, 60, 160), (2, 2), (2, 2), (0, 0, 0, 0), 0, True),  # a CRNN's pool
+        ((2, 5, 31, 45), (3, 3), (2, 2), (1, 1, 1, 1), 0, True),  # ResNet's stem pool, odd sides
+        ((1, 4, 17, 33), (2, 2), (2, 2), (0, 0, 0, 0), 1, True),  # ceil_mode: a last window cut short
+        ((1, 6, 20, 40), (3, 2), (1, 2), (1, 0, 1, 0), 0, True),  # vertical stride 1
+        ((1, 8, 15, 40), (2, 1), (2, 1), (0, 0, 0, 0), 0, False),  # no horizontal stride: TVM's kernel
+        ((1, 16, 10, 10), (5, 5), (1, 1), (2, 2, 2, 2), 0, False),  # YOLO's SPPF
+    ],
+)
+def test_max_pool_rows_kernel_matches_onnxruntime(shape, kernel, strides, pads, ceil, rows, tmp_path):
+    """A max pool with a horizontal stride is one output row a task (rewrites.max_pool_rows)."""
+    import numpy as np
+    from onnx import helper
+
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=list(kernel), strides=list(strides), pads=list(pads),
+                            ceil_mode=ceil)  # fmt: skip
+    model = _one_node_model(node, shape, [])
+    mod, _, run = _compile(model, {"x": shape}, TARGET, tmp_path)
+    assert any(gv.name_hint.startswith("max_pool_rows") for gv in mod.functions) == rows, list(mod.functions)
+    x = np.random.RandomState(3).standard_normal(shape).astype(np.float32)
+    assert_close(run({"x": x}), reference(model, {"x": x}), 0, 0)

@@ -1162,3 +1162,58 @@ def _collapse_permutes(bb, call):
     if composed == list(range(ndim)):
         return inner.args[0]
     return relax.op.permute_dims(inner.args[0], composed)
+
+
+def max_pool_rows(bb, call):
+    """A legalization of ``relax.nn.max_pool2d`` (NCHW float32, no dilation) with a horizontal
+    stride: one task per output row, parallel over channels and rows. The window's input rows
+    are first reduced into one padded row (unit-stride, vectorized by LLVM), then each output
+    pixel takes the max of its window's columns of that row (LLVM vectorizes the stride-2
+    reads as interleaved loads). TVM's kernel, as the default heuristics scheduled it, kept
+    the strided reads scalar: a CRNN's 2x2 stride-2 pool of 64x60x160 took 0.15 ms alone, this
+    one 0.06. Stride 1 along the rows (YOLO's SPPF: 5x5 over 10x10) keeps TVM's kernel, which is
+    faster on such small maps."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.script import tirx as T
+
+    default = tvm.ir.Op.get("relax.nn.max_pool2d").get_attr("FLegalize")
+    a = call.attrs
+    x = call.args[0]
+    shapes = _static_shapes(x, call)
+    if (shapes is None or str(x.ty.dtype) != "float32" or str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW"
+            or any(int(d) != 1 for d in a.dilation) or len(shapes[0]) != 4):  # fmt: skip
+        return default(bb, call)
+    (n, c, h, w), (_, _, oh, ow) = shapes
+    kh, kw = (int(v) for v in a.pool_size)
+    sh, sw = (int(v) for v in a.strides)
+    pt, pl = int(a.padding[0]), int(a.padding[1])
+    if sw < 2 or ow < 8:
+        return default(bb, call)
+    rows = n * c
+    wp = max(w + pl, (ow - 1) * sw + kw)  # the padded row: -inf wherever the input is not
+    ninf = tirx.const(float("-inf"), "float32")
+
+    @T.prim_func(private=True, s_tir=True)  # (with a root block: RewriteDataflowReshape inspects one-input kernels)
+    def max_pool_rows(xb: T.Buffer((rows, h, w), "float32"), y: T.Buffer((rows, oh, ow), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
+        with T.sblock("root"):
+            for t in T.parallel(rows * oh):
+                cm = T.decl_buffer((wp,), "float32")
+                ch: T.int32 = t // oh
+                oy: T.int32 = t % oh
+                for i in range(wp):
+                    cm[i] = ninf
+                for ky in range(kh):
+                    if 0 <= oy * sh + ky - pt and oy * sh + ky - pt < h:
+                        for i in range(w):
+                            cm[i + pl] = T.max(cm[i + pl], xb[ch, oy * sh + ky - pt, i])
+                for ox in range(ow):
+                    y[ch, oy, ox] = cm[ox * sw]
+                    for kx in range(1, kw):
+                        y[ch, oy, ox] = T.max(y[ch, oy, ox], cm[ox * sw + kx])
+
+    gv = bb.add_func(max_pool_rows, "max_pool_rows")
+    flat = bb.normalize(relax.op.reshape(x, (rows, h, w)))
+    y = bb.emit(relax.call_tir(gv, [flat], relax.TensorType((rows, oh, ow), "float32")))
+    return relax.op.reshape(y, (n, c, oh, ow))

@@ -975,13 +975,14 @@ class CpuBackend(Backend):
 
     def legalizations(self, profile: TargetProfile) -> dict:
         """LayerNorm over the last axis as a row-parallel, vectorized kernel
-        (``rewrites.layer_norm_rows``); sigmoid from TVM's polynomial exp (``rewrites.fast_sigmoid``:
+        (``rewrites.layer_norm_rows``); max pools with a horizontal stride one output row a task
+        (``rewrites.max_pool_rows``); sigmoid from TVM's polynomial exp (``rewrites.fast_sigmoid``:
         LLVM calls libm's expf once a lane otherwise)."""
-        from ..rewrites import conv2d_flat_rows, fast_sigmoid, layer_norm_rows
+        from ..rewrites import conv2d_flat_rows, fast_sigmoid, layer_norm_rows, max_pool_rows
 
         lanes = cpu_config(profile.tvm()).lanes
         return {"relax.nn.layer_norm": layer_norm_rows(lanes), "relax.sigmoid": fast_sigmoid,
-                "relax.nn.conv2d": conv2d_flat_rows(lanes)}  # fmt: skip
+                "relax.nn.conv2d": conv2d_flat_rows(lanes), "relax.nn.max_pool2d": max_pool_rows}  # fmt: skip
 
     keeps_int8_weights = True
 
