@@ -240,6 +240,19 @@ def test_kernels_worth_a_thread_pool_wakeup_go_parallel():
     assert not parallel(_depthwise(8, 6)), "7200 multiply-adds are not worth waking a thread"
 
 
+def test_depthwise_conv_keeps_independent_accumulators():
+    """A depthwise conv's read depends on every output axis, so no row of its tile reuses a
+    load; rows of output pixels still run as separate accumulators (``CpuConfig.ilp_rows``), so a
+    tap's FMAs do not wait on each other. (dw_se in the zoo test checks the numbers.)"""
+    import re
+
+    import tvm
+
+    out = cpu.apply_default(_depthwise(32, 20), resolve(TARGET))
+    [k] = [f.script() for gv, f in out.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "conv" in gv.name_hint]
+    assert re.search(r"for rc, ry, rx, yy_1, xx_1 in T.grid\(T.int64\(1\), T.int64\(5\), T.int64\(5\), T.int64\(4\)", k), k
+
+
 def test_non_llvm_target_is_unchanged():
     import dataclasses
 

@@ -40,6 +40,9 @@ class CpuConfig:
     #: Compute a reduction's elementwise consumer inside its register tiles (off on the retry of
     #: a kernel whose consumer region is wider than a tile: it then runs as a pass of its own).
     attach_epilogues: bool = True
+    #: Rows of independent accumulators for a reduction whose read no row reuses (depthwise
+    #: convs); 1 keeps one accumulator vector a tile.
+    ilp_rows: int = 4
 
 
 class ScheduleRefused(Exception):
@@ -510,6 +513,12 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
     rows, cols = 1, 1
     if row is not None and tvm_vectorize:
         rows, cols = _register_tile(_extent(sch, spatial[row][0]), _extent(sch, spatial[vec][0]) // lanes, lanes, cfg)
+    elif tvm_vectorize and vec > 0 and _extent(sch, spatial[vec - 1][0]) > 1 and cfg.ilp_rows > 1:
+        # No axis whose values the read reuses (a depthwise conv: each channel reads its own
+        # map): rows of the axis outside the vectors still give independent accumulators, so
+        # the FMAs of a tap do not wait on each other.
+        row = vec - 1
+        rows = _row_factor(_extent(sch, spatial[row][0]), cfg.ilp_rows)
 
     outer, inner = [], []
     row_outer = None
