@@ -3,12 +3,13 @@
 Legalized op by op, attention is a transpose of each of Q, K and V into heads, a batch matmul
 for the scores, a scale, a mask add and a softmax over a score tensor in memory, a second batch
 matmul, and a transpose back to tokens: six kernels and two (heads x rows x keys) tensors.
-Here each (batch, head, block of query rows) is one task of one kernel: the head's keys are
-copied into a [head dim, keys] block padded to whole vectors, the block's scores are a register-
-tiled product (keys along the vectors), then scaled, masked and softmaxed row by row while in
-cache (exp is TVM's polynomial ``fast_exp``; rows are normalized after ·V, on head-dim values
-instead of keys), then multiplied by V (head dim along the vectors) and written straight into
-the tokens-by-channels layout the projection after it reads.
+Here each (batch, head, block of query rows) is one task of one kernel: the block's scores are
+a register-tiled product (keys along the vectors), then scaled, masked and softmaxed row by row
+while in cache (exp is TVM's polynomial ``fast_exp``; rows are normalized after ·V, on head-dim
+values instead of keys), then multiplied by V (head dim along the vectors) and written straight
+into the tokens-by-channels layout the projection after it reads. Kᵀ is read in place when its
+keys are contiguous whole vectors; otherwise a first parallel loop copies each head's Kᵀ into a
+workspace, zero-padded to whole vectors (once per head, not per task).
 
 Q, K and V are read where they are: a reshape into heads, a transpose, a split of a fused QKV
 projection and a squeeze are index arithmetic in the kernel (``_view``), not copies. A scalar
