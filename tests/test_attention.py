@@ -100,7 +100,7 @@ def _vit(s, h, d):
     return g.model(), {"x": g.rng.standard_normal((1, s, c)).astype(np.float32)}
 
 
-def _direct(bh, s, sk, d, dv, probs_out: bool = False, scale_over_mask: bool = False):
+def _direct(bh, s, sk, d, dv, probs_out: bool = False, scale_over_mask: bool = False, mask=None):
     """Q [bh, s, d], Kᵀ [bh, d, sk], V [bh, sk, dv] as inputs (cross-attention when s != sk)."""
     g = _G(3)
     q, kt, v = g.input("q", (bh, s, d)), g.input("kt", (bh, d, sk)), g.input("v", (bh, sk, dv))
@@ -109,6 +109,8 @@ def _direct(bh, s, sk, d, dv, probs_out: bool = False, scale_over_mask: bool = F
         sc = g.op("Mul", [g.op("Add", [sc, g.const(g.rng.standard_normal(sk))]), g.const(0.3)])
     else:
         sc = g.op("Mul", [sc, g.const(0.3)])
+    if mask is not None:
+        sc = g.op("Add", [sc, g.const(mask)])
     p = g.op("Softmax", [sc], out="probs" if probs_out else None, axis=-1)
     g.op("MatMul", [p, v], out="y")
     g.output("y")
@@ -146,6 +148,16 @@ def _sdpa(b, s, h, d, fill: float, unnan: bool = True):
     return g.model(), {"x": g.rng.standard_normal((b, s, c)).astype(np.float32), "m": mask}
 
 
+def _long_mask(bh, s, sk):
+    """-inf over the keys before a row's start (row i starts at key 100·i): the first blocks of
+    a late row are all masked, so the online softmax must start its sums at that row's first
+    key; the last row sees no key at all (NaN, as onnxruntime's)."""
+    mask = np.zeros((bh, s, sk), np.float32)
+    for i in range(s):
+        mask[:, i, : min(100 * i, sk)] = -np.inf
+    return mask
+
+
 CASES = {
     "sdpa-finfo-min": lambda: _sdpa(2, 19, 2, 16, float(np.finfo(np.float32).min)),
     "sdpa-inf-nan-rows": lambda: _sdpa(2, 19, 2, 16, -np.inf),
@@ -156,6 +168,8 @@ CASES = {
     "vit-fused-qkv": lambda: _vit(37, 3, 64),
     "cross-kt-direct": lambda: _direct(3, 20, 48, 24, 40),
     "cross-partial-keys": lambda: _direct(2, 9, 21, 5, 7),
+    "long-keys-blocks": lambda: _direct(2, 9, 1100, 16, 24),  # online softmax over 3 key blocks
+    "long-keys-late-rows": lambda: _direct(1, 12, 1100, 8, 16, mask=_long_mask(1, 12, 1100)),
 }
 
 

@@ -16,10 +16,14 @@ projection and a squeeze are index arithmetic in the kernel (``_view``), not cop
 scale on the scores or on Q or K is folded into the kernel; a mask (additive, float32,
 broadcast over batch, heads or rows: BERT's padding mask, a causal mask) is read in place.
 
+Up to ``MAX_KEYS`` keys a task scores its rows' keys at once (the block stays in L2). Longer
+rows go through the keys in blocks of ``KEY_BLOCK`` with an online softmax: each block's max
+updates the row's running max, and the running sum and the ·V accumulators scale by
+exp(old max - new max) before the block's terms are added (FlashAttention's recurrence).
+
 What it takes (``fuse``): float32, static shapes, the softmax over the keys and used only by
-the ·V matmul, at most ``MAX_KEYS`` keys (the score block of a task stays in L2; longer
-sequences would want an online softmax over key blocks, not built). Anything else is left as
-TVM's ops (``rewrites.softmax_rows`` then still takes its softmax).
+the ·V matmul. Anything else is left as TVM's ops (``rewrites.softmax_rows`` then still takes
+its softmax).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-MAX_KEYS = 1024
+MAX_KEYS = 1024  # keys whose scores a task holds at once; longer rows go in blocks of KEY_BLOCK
+KEY_BLOCK = 512
 _SCORE_BLOCK = 16384  # floats of one task's score block (64 KB)
 
 
@@ -257,7 +262,7 @@ def fuse(bb, call, uses, lanes: int):
     if call.attrs.out_dtype and str(call.attrs.out_dtype) not in ("", "float32"):
         return None
     rows, keys = p_shape[-2:]
-    if keys > MAX_KEYS or len(out_shape) != len(p_shape):
+    if len(out_shape) != len(p_shape):
         return None
     batch = out_shape[:-2]
     if p_shape[:-2] != batch:
@@ -314,7 +319,7 @@ def fuse(bb, call, uses, lanes: int):
         return None
     # Kᵀ is read in place when its keys are contiguous and fill whole vectors; otherwise the
     # kernel first copies each head's Kᵀ, zero-padded to whole vectors of keys, into a workspace.
-    k_direct = kv.strides[-1] == 1 and keys % lanes == 0
+    k_direct = kv.strides[-1] == 1 and keys % lanes == 0 and keys <= MAX_KEYS
     qb, kb, vb = (_batch_strides(w, batch) for w in (qv, kv, vv))
     if qb is None or kb is None or vb is None:
         return None
@@ -420,10 +425,10 @@ class _Spec:
 
 
 def _tiles(spec: _Spec):
-    """(padded keys, key vectors per tile, rows per score tile, rows per task, ·V lanes, ·V
+    """(keys a task scores at once, padded to whole vectors; key vectors per tile, rows per score tile, rows per task, ·V lanes, ·V
     vectors, rows per ·V tile)."""
     lanes = spec.lanes
-    kp = -(-spec.keys // lanes) * lanes
+    kp = KEY_BLOCK if spec.keys > MAX_KEYS else -(-spec.keys // lanes) * lanes
     nvec = kp // lanes
     jv = min(4, nvec)  # (a tile of the nvec % jv vectors left over follows)
     rt = {4: 4, 3: 6, 2: 8, 1: 8}[jv]
@@ -449,7 +454,6 @@ def attention_kernel(spec: _Spec):
     n_batch = math.prod(spec.batch)
     blocks = -(-spec.rows // rb)
     rows, keys, depth, dv = spec.rows, spec.keys, spec.depth, spec.dv
-    full = keys // lanes * lanes
     scale = float(spec.scale)
     out_scale = float(spec.scale_out)
     has_mask = spec.mask is not None
@@ -484,14 +488,26 @@ def attention_kernel(spec: _Spec):
     def kt_of(k, kt):
         return k if k_direct else kt
 
+    def exp_shifted(x, top):
+        # exp(x - max); in blocks, 0 while the running max is -inf (x - max would be NaN)
+        if blocked:
+            return tirx.Select(top == ninf, tirx.const(0.0, "float32"), _fexp(x - top))
+        return _fexp(x - top)
+
     def masked(m, mo, row, j):
         return m[at(m_sp, mo, row, j)] if has_mask else tirx.const(0.0, "float32")
 
     k_direct = spec.k_direct
-    kt_sp = k_sp if k_direct else (0, _row_major(dims + [depth, kp])[:-2], kp, 1)  # (the workspace)
+    blocked = keys > MAX_KEYS  # online softmax over blocks of kp keys (Kᵀ then always copied)
+    nkb = -(-keys // kp)
+    kw = nkb * kp  # the workspace's padded keys
+    kt_sp = k_sp if k_direct else (0, _row_major(dims + [depth, kw])[:-2], kw, 1)  # (the workspace)
+
+    def valid(kb):  # keys of block kb
+        return keys if not blocked else tirx.min(kp, keys - kb * kp)
 
     @T.macro
-    def score_tile(q, k, kt, s, qo, ko, i0, it, v0, nv):
+    def score_tile(q, k, kt, s, qo, ko, i0, it, c0, v0, nv):
         for r in T.unroll(rt):
             for u in T.unroll(nv):
                 for l in T.vectorized(lanes):
@@ -503,23 +519,23 @@ def attention_kernel(spec: _Spec):
                         s[it * rt + r, (v0 + u) * lanes + l] = (
                             s[it * rt + r, (v0 + u) * lanes + l]
                             + q[at(q_sp, qo, T.min(i0 + it * rt + r, rows - 1), d)]
-                            * kt_of(k, kt)[at(kt_sp, ko, d, (v0 + u) * lanes + l)])  # fmt: skip
+                            * kt_of(k, kt)[at(kt_sp, ko, d, c0 + (v0 + u) * lanes + l)])  # fmt: skip
 
     @T.macro
     def body(q, k, v, m, o):
-        kt = T.decl_buffer((n_batch * depth * kp if not k_direct else 1,), "float32")
+        kt = T.decl_buffer((n_batch * depth * kw if not k_direct else 1,), "float32")
         if not k_direct:
             for n in T.parallel(n_batch):
-                for j in range(kp):
+                for j in range(kw):
                     for d in range(depth):
-                        kt[n * depth * kp + d * kp + j] = T.if_then_else(
+                        kt[n * depth * kw + d * kw + j] = T.if_then_else(
                             j < keys, k[at(k_sp, batch_offset(n, k_sp), d, T.min(j, keys - 1))], T.float32(0))
         for task in T.parallel(n_batch * blocks):
             s = T.decl_buffer((rb, kp), "float32")
             ob = T.decl_buffer((rb, dv), "float32")
             inv = T.decl_buffer((rb,), "float32")
             part = T.decl_buffer((lanes,), "float32")
-            top = T.decl_buffer((1,), "float32")
+            top = T.decl_buffer((rb,), "float32")  # each row's running max
             n: T.int32 = task // blocks
             i0: T.int32 = task % blocks * rb
             qo: T.int32 = batch_offset(n, q_sp)
@@ -527,56 +543,78 @@ def attention_kernel(spec: _Spec):
             vo: T.int32 = batch_offset(n, v_sp)
             mo: T.int32 = batch_offset(n, m_sp)
             oo: T.int32 = batch_offset(n, o_sp)
-            # scores: rt rows x jv vectors of keys in registers, over the head dim (then the
-            # key vectors left over, if jv does not divide them)
-            for it in range(rb // rt):
-                for jo in range(nvec // jv):
-                    score_tile(q, k, kt, s, qo, ko, i0, it, jo * jv, jv)
-                score_tile(q, k, kt, s, qo, ko, i0, it, nvec // jv * jv, nvec % jv)
-            # softmax of each row: scale and mask with the row max, then exp and the row sum
-            for r in range(rb):
-                for l in T.vectorized(lanes):
-                    part[l] = ninf
-                for jo in range(full // lanes):
-                    for l in T.vectorized(lanes):
-                        s[r, jo * lanes + l] = s[r, jo * lanes + l] * T.float32(scale) + masked(
-                            m, mo, T.min(i0 + r, rows - 1), jo * lanes + l)
-                        part[l] = T.max(part[l], s[r, jo * lanes + l])
-                for j in range(full, keys):
-                    s[r, j] = s[r, j] * T.float32(scale) + masked(
-                        m, mo, T.min(i0 + r, rows - 1), j)
-                    part[0] = T.max(part[0], s[r, j])
-                inv[r] = part[0]
-                for l in range(1, lanes):
-                    inv[r] = T.max(inv[r], part[l])
-                top[0] = inv[r]
-                for l in T.vectorized(lanes):
-                    part[l] = T.float32(0)
-                for jo in range(full // lanes):
-                    for l in T.vectorized(lanes):
-                        s[r, jo * lanes + l] = _fexp(s[r, jo * lanes + l] - inv[r])
-                        part[l] = part[l] + s[r, jo * lanes + l]
-                for j in range(full, keys):
-                    s[r, j] = _fexp(s[r, j] - inv[r])
-                    part[0] = part[0] + s[r, j]
-                inv[r] = part[0]
-                for l in range(1, lanes):
-                    inv[r] = inv[r] + part[l]
-                # every key masked with -inf: softmax's 0/0, NaN (onnxruntime's too)
-                inv[r] = T.if_then_else(top[0] == ninf, nan, T.float32(out_scale) / inv[r])
-            # ·V: rt2 rows x the head dim's vectors in registers, over the keys
-            for it in range(rb // rt2):
-                for r in T.unroll(rt2):
-                    for u in T.unroll(dvv):
+            if blocked:  # the running sums start empty
+                for r in range(rb):
+                    top[r] = ninf
+                    inv[r] = T.float32(0)
+                    for u in range(dvv):
                         for l in T.vectorized(dl):
-                            ob[it * rt2 + r, u * dl + l] = T.float32(0)
-                for j in range(keys):
-                    for r in T.unroll(rt2):
-                        for u in T.unroll(dvv):
+                            ob[r, u * dl + l] = T.float32(0)
+            for kb in range(nkb):
+                # scores: rt rows x jv vectors of keys in registers, over the head dim (then the
+                # key vectors left over, if jv does not divide them)
+                for it in range(rb // rt):
+                    for jo in range(nvec // jv):
+                        score_tile(q, k, kt, s, qo, ko, i0, it, kb * kp, jo * jv, jv)
+                    score_tile(q, k, kt, s, qo, ko, i0, it, kb * kp, nvec // jv * jv, nvec % jv)
+                # softmax of each row: scale and mask with the row max, then exp and the row sum
+                for r in range(rb):
+                    for l in T.vectorized(lanes):
+                        part[l] = ninf
+                    for jo in range(valid(kb) // lanes):
+                        for l in T.vectorized(lanes):
+                            s[r, jo * lanes + l] = s[r, jo * lanes + l] * T.float32(scale) + masked(
+                                m, mo, T.min(i0 + r, rows - 1), kb * kp + jo * lanes + l)
+                            part[l] = T.max(part[l], s[r, jo * lanes + l])
+                    for j in range(valid(kb) // lanes * lanes, valid(kb)):
+                        s[r, j] = s[r, j] * T.float32(scale) + masked(m, mo, T.min(i0 + r, rows - 1), kb * kp + j)
+                        part[0] = T.max(part[0], s[r, j])
+                    for l in range(1, lanes):
+                        part[0] = T.max(part[0], part[l])
+                    if blocked:
+                        # the new running max; what was summed so far scales by exp(old - new)
+                        # (nothing was, while every key so far is -inf)
+                        part[1] = T.max(top[r], part[0])
+                        part[2] = T.if_then_else(top[r] == ninf, T.float32(0), _fexp(top[r] - part[1]))
+                        top[r] = part[1]
+                        inv[r] = inv[r] * part[2]
+                        for u in range(dvv):
                             for l in T.vectorized(dl):
-                                ob[it * rt2 + r, u * dl + l] = (ob[it * rt2 + r, u * dl + l]
-                                                                + s[it * rt2 + r, j] * v[at(v_sp, vo, j, u * dl + l)])  # fmt: skip
+                                ob[r, u * dl + l] = ob[r, u * dl + l] * part[2]
+                    else:
+                        top[r] = part[0]
+                    for l in T.vectorized(lanes):
+                        part[l] = T.float32(0)
+                    for jo in range(valid(kb) // lanes):
+                        for l in T.vectorized(lanes):
+                            s[r, jo * lanes + l] = exp_shifted(s[r, jo * lanes + l], top[r])
+                            part[l] = part[l] + s[r, jo * lanes + l]
+                    for j in range(valid(kb) // lanes * lanes, valid(kb)):
+                        s[r, j] = exp_shifted(s[r, j], top[r])
+                        part[0] = part[0] + s[r, j]
+                    for l in range(1, lanes):
+                        part[0] = part[0] + part[l]
+                    if blocked:
+                        inv[r] = inv[r] + part[0]
+                    else:
+                        inv[r] = part[0]
+                # ·V: rt2 rows x the head dim's vectors in registers, over the keys
+                for it in range(rb // rt2):
+                    if not blocked:
+                        for r in T.unroll(rt2):
+                            for u in T.unroll(dvv):
+                                for l in T.vectorized(dl):
+                                    ob[it * rt2 + r, u * dl + l] = T.float32(0)
+                    for j in range(valid(kb)):
+                        for r in T.unroll(rt2):
+                            for u in T.unroll(dvv):
+                                for l in T.vectorized(dl):
+                                    ob[it * rt2 + r, u * dl + l] = (
+                                        ob[it * rt2 + r, u * dl + l]
+                                        + s[it * rt2 + r, j] * v[at(v_sp, vo, kb * kp + j, u * dl + l)])  # fmt: skip
             for r in range(rb):
+                # every key masked with -inf: softmax's 0/0, NaN (onnxruntime's too)
+                inv[r] = T.if_then_else(top[r] == ninf, nan, T.float32(out_scale) / inv[r])
                 if i0 + r < rows:
                     for u in range(dvv):
                         for l in T.vectorized(dl):
