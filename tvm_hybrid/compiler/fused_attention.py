@@ -47,14 +47,6 @@ class _View:
     strides: list[int]
     scale: float = 1.0
 
-    def contiguous(self) -> bool:
-        step = 1
-        for n, s in zip(reversed(self.shape), reversed(self.strides)):
-            if n != 1 and s != step:
-                return False
-            step *= n
-        return True
-
 
 def _row_major(shape) -> list[int]:
     out, step = [], 1
@@ -83,12 +75,7 @@ def _scalar(expr) -> float | None:
 def _bound(bb, expr):
     from tvm import relax
 
-    if not isinstance(expr, relax.Var):
-        return None
-    try:
-        return bb.lookup_binding(expr)
-    except Exception:
-        return None
+    return bb.lookup_binding(expr) if isinstance(expr, relax.Var) else None  # (None for parameters)
 
 
 def _view(bb, expr, depth: int = 0) -> _View | None:
@@ -172,10 +159,10 @@ def _reshaped_strides(old_shape, old_strides, new_shape) -> list[int] | None:
 
 def _split_view(bb, item, shape, depth) -> _View | None:
     """A piece of a ``split``: the whole's view, offset to the piece."""
-    from tvm import relax
+    from .rewrites import _bound_call
 
-    call = _bound(bb, item.tuple_value)
-    if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.split":
+    call = _bound_call(bb, item.tuple_value, "relax.split")
+    if call is None:
         return None
     whole = _view(bb, call.args[0], depth + 1)
     if whole is None:
@@ -241,15 +228,17 @@ def fuse(bb, call, uses, lanes: int):
     """The fused kernel for ``call`` (``matmul(softmax(...), V)``), or None to keep it."""
     from tvm import relax
 
+    from .rewrites import _bound_call
+
     probs, v = call.args
-    sm = _bound(bb, probs)
     wanted = 1  # uses of the probabilities: the ·V matmul's (and isnan's)
-    unnan = _nan_zeroed(bb, sm)  # where(isnan(p), 0, p): torch's SDPA export zeroes NaN rows
+    unnan = _nan_zeroed(bb, probs)  # where(isnan(p), 0, p): torch's SDPA export zeroes NaN rows
     if unnan is not None:
         if uses is not None and uses.get(probs, 0) > 1:
             return None
-        probs, sm, wanted = unnan, _bound(bb, unnan), 2
-    if not (isinstance(sm, relax.Call) and getattr(sm.op, "name", "") == "relax.nn.softmax"):
+        probs, wanted = unnan, 2
+    sm = _bound_call(bb, probs, "relax.nn.softmax")
+    if sm is None:
         return None
     if uses is not None and uses.get(probs, 0) > wanted:  # the probabilities are wanted too
         return None
@@ -301,8 +290,8 @@ def fuse(bb, call, uses, lanes: int):
         return None
     else:
         return None
-    qk = _bound(bb, x)
-    if not (isinstance(qk, relax.Call) and getattr(qk.op, "name", "") == "relax.matmul"):
+    qk = _bound_call(bb, x, "relax.matmul")
+    if qk is None:
         return None
     if qk.attrs.out_dtype and str(qk.attrs.out_dtype) not in ("", "float32"):
         return None
@@ -362,15 +351,16 @@ def fuse(bb, call, uses, lanes: int):
     return out
 
 
-def _nan_zeroed(bb, where):
-    """``p`` when ``where`` is ``where(isnan(p), 0, p)``, else None."""
-    from tvm import relax
+def _nan_zeroed(bb, expr):
+    """``p`` when ``expr`` is ``where(isnan(p), 0, p)``, else None."""
+    from .rewrites import _bound_call
 
-    if not (isinstance(where, relax.Call) and getattr(where.op, "name", "") == "relax.where"):
+    where = _bound_call(bb, expr, "relax.where")
+    if where is None:
         return None
     cond, zero, p = where.args
-    isnan = _bound(bb, cond)
-    if not (isinstance(isnan, relax.Call) and getattr(isnan.op, "name", "") == "relax.isnan"):
+    isnan = _bound_call(bb, cond, "relax.isnan")
+    if isnan is None:
         return None
     value = _scalar(zero)
     if value != 0.0 or not isnan.args[0].same_as(p):

@@ -1143,11 +1143,8 @@ def permutes_collapsed():
 def _collapse_permutes(bb, call):
     from tvm import relax
 
-    try:
-        inner = bb.lookup_binding(call.args[0]) if isinstance(call.args[0], relax.Var) else None
-    except Exception:
-        inner = None
-    if not (isinstance(inner, relax.Call) and getattr(inner.op, "name", "") == "relax.permute_dims"):
+    inner = _bound_call(bb, call.args[0], "relax.permute_dims")
+    if inner is None:
         return None
     shapes = _static_shapes(inner.args[0])
     if not shapes or shapes[0] is None:
