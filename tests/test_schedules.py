@@ -401,10 +401,11 @@ def test_softmax_rows_kernel_matches_onnxruntime(shape, tmp_path):
 @pytest.mark.parametrize(
     "c, o, hw, k, s, pads, batch, kind",
     [
-        (32, 40, (20, 20), 3, 1, [1, 1, 1, 1], 1, "flat"),  # YOLO's 20x20 maps: rows of 1.25 vectors
-        (32, 48, (20, 20), 3, 1, [1, 1, 1, 1], 1, "chv"),  # output channels in whole vectors
+        # (fewer than 32 output channels where 3x3 stride-1: more, over 64 tiles, run as Winograd's)
+        (32, 24, (20, 20), 3, 1, [1, 1, 1, 1], 1, "flat"),  # YOLO's 20x20 maps: rows of 1.25 vectors
+        (32, 16, (20, 20), 3, 1, [1, 1, 1, 1], 1, "chv"),  # output channels in whole vectors
         (64, 16, (10, 10), 3, 1, [1, 1, 1, 1], 2, "chv"),
-        (32, 32, (15, 40), 3, 1, [1, 1, 1, 1], 1, "flat"),  # a CRNN's 15x40: 640 pixels for 600, flattened
+        (32, 24, (15, 40), 3, 1, [1, 1, 1, 1], 1, "flat"),  # a CRNN's 15x40: 640 pixels for 600, flattened
         (32, 24, (13, 11), 5, 1, [2, 1, 1, 3], 1, "flat"),  # uneven padding, a 5x5 kernel
         (32, 32, (13, 11), 5, 1, [2, 1, 1, 3], 1, "chv"),
         (32, 32, (12, 12), 3, 1, [0, 0, 0, 0], 1, "chv"),  # no padding: a smaller output
@@ -415,7 +416,7 @@ def test_softmax_rows_kernel_matches_onnxruntime(shape, tmp_path):
         (48, 32, (10, 10), 1, 1, [0, 0, 0, 0], 1, "chv"),  # pointwise over 100 pixels
         (48, 24, (10, 10), 1, 1, [0, 0, 0, 0], 1, "flat"),
         (16, 32, (20, 20), 3, 1, [1, 1, 1, 1], 1, None),  # few input channels: TVM's kernel
-        (32, 32, (16, 32), 3, 1, [1, 1, 1, 1], 1, None),  # whole vectors a row: TVM's kernel
+        (32, 24, (16, 32), 3, 1, [1, 1, 1, 1], 1, None),  # whole vectors a row: TVM's kernel
         (32, 32, (16, 16), 1, 1, [0, 0, 0, 0], 1, None),  # pointwise over whole vectors of pixels
     ],
 )
@@ -552,3 +553,45 @@ def test_max_pool_rows_kernel_matches_onnxruntime(shape, kernel, strides, pads, 
     assert any(gv.name_hint.startswith("max_pool_rows") for gv in mod.functions) == rows, list(mod.functions)
     x = np.random.RandomState(3).standard_normal(shape).astype(np.float32)
     assert_close(run({"x": x}), reference(model, {"x": x}), 0, 0)
+
+
+@pytest.mark.parametrize("c, o, hw, pads, batch, epilogue, winograd", [
+    (32, 48, (17, 19), [1, 1, 1, 1], 1, "relu", True),  # odd sides: the last tiles' second row and column cut off
+    (40, 32, (18, 20), [0, 0, 0, 0], 1, None, True),  # no padding
+    (32, 32, (16, 18), [2, 0, 1, 3], 1, "bias", True),  # lopsided padding
+    (32, 32, (14, 14), [1, 1, 1, 1], 2, "bn_pool", True),  # batch 2; BatchNorm, ReLU and a stride-2 pool (a CRNN's)
+    (256, 64, (10, 10), [1, 1, 1, 1], 1, None, False),  # 25 tiles: too few, as it was
+    (16, 16, (20, 20), [1, 1, 1, 1], 1, None, False),  # 16 channels: too few, as it was
+])  # fmt: skip
+def test_winograd_convs_match_onnxruntime(c, o, hw, pads, batch, epilogue, winograd, tmp_path):
+    """3x3 stride-1 convs of 32 channels or more over 64 output tiles or more run as Winograd's
+    F(2x2, 3x3) (``rewrites.conv_winograd``): input transform, 16 matmuls by weights transformed
+    at compile time, output transform with the epilogue; within rtol 1e-4 / atol 1e-5 of
+    onnxruntime's direct convolution."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.RandomState(c + o)
+    inits = [numpy_helper.from_array(rng.uniform(-0.2, 0.2, (o, c, 3, 3)).astype(np.float32), "w")]
+    conv_in = ["x", "w"]
+    if epilogue == "bias":
+        inits.append(numpy_helper.from_array(rng.uniform(-1, 1, (o,)).astype(np.float32), "b"))
+        conv_in.append("b")
+    nodes = [helper.make_node("Conv", conv_in, ["y0"], kernel_shape=[3, 3], pads=pads)]
+    if epilogue == "relu":
+        nodes.append(helper.make_node("Relu", ["y0"], ["y1"]))
+    elif epilogue == "bn_pool":
+        for name, lo, hi in (("scale", 0.5, 1.5), ("shift", -1, 1), ("mean", -1, 1), ("var", 0.5, 2)):
+            inits.append(numpy_helper.from_array(rng.uniform(lo, hi, (o,)).astype(np.float32), name))
+        nodes += [helper.make_node("BatchNormalization", ["y0", "scale", "shift", "mean", "var"], ["bn"]),
+                  helper.make_node("Relu", ["bn"], ["r"]),
+                  helper.make_node("MaxPool", ["r"], ["y1"], kernel_shape=[2, 2], strides=[2, 2])]  # fmt: skip
+    nodes[-1].output[0] = "y"
+    shape = (batch, c, *hw)
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    mod, _, run = _compile(model, {"x": shape}, "x86-64-avx512", tmp_path)
+    assert any("winograd_input" in gv.name_hint for gv in mod.functions) == winograd, list(mod.functions)
+    feeds = {"x": rng.uniform(-1, 1, shape).astype(np.float32)}
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)

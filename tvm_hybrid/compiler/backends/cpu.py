@@ -846,6 +846,15 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
     if lanes:
         o, v = sch.split(loops[-1], factors=[None, lanes])
         outer = list(loops[:-1]) + [o]
+    elif (phases or (width and _extent(sch, loops[-1]) <= 4)) and len(loops) > 1 and _loads(stmt) >= 4:
+        # A phase-combining block of many loads (a Winograd output transform: 9 an element) keeps
+        # the loop over whole phase groups serial under the parallel ones, for LLVM's loop
+        # vectorizer (its loads unit-stride, its stores interleaved). (An upsampling's one load an
+        # element measured no faster so.)
+        v = None
+        if not phases:
+            sch.unroll(loops[-1])
+        outer = list(loops[:-2]) or list(loops[:-1])
     else:
         v = None
         outer = list(loops[:-1]) if len(loops) > 1 else list(loops)
@@ -854,6 +863,22 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
         sch.parallel(fused)
     if v is not None:
         sch.vectorize(v)
+
+
+def _loads(stmt) -> int:
+    """How many buffer loads a simple-store block's value makes."""
+    import tvm
+
+    if not _is_simple_store(stmt):
+        return 0
+    count = [0]
+
+    def visit(e):
+        if isinstance(e, tvm.ir.expr.TensorLoad):
+            count[0] += 1
+
+    _walk(stmt.body.value, visit)
+    return count[0]
 
 
 def _row_divisor(stmt) -> int:
@@ -911,7 +936,10 @@ def _interleave_phases(sch, block) -> int:
         ana.bind(xo, tvm.ir.Range(tvm.tirx.const(0, dtype), tvm.tirx.const(extent // s, dtype)))
         ana.bind(xi, tvm.ir.Range(tvm.tirx.const(0, dtype), tvm.tirx.const(s, dtype)))
         ana.bind(x.var, xo * tvm.tirx.const(s, dtype) + xi)
-        if all(_unit_stride(ana.simplify(_flat_index(r)), xo) for r in reads):
+        # (a read that only seems to use x, through a reshape's ``x // w`` for the whole row w,
+        # is the same for every xo: a broadcast, no obstacle)
+        flat = [ana.simplify(_flat_index(r)) for r in reads]
+        if all(_unit_stride(f, xo) or not _expr_uses(f, xo) for f in flat) and any(_expr_uses(f, xo) for f in flat):
             return s
     return 0
 
@@ -948,17 +976,18 @@ class CpuBackend(Backend):
         Zen 4 cores: the softmax kernels 0.72 -> 0.22 ms, the GELU'd FFN matmul 2.38 -> 1.10 ms,
         the model 6.0 -> 4.2 ms (onnxruntime 5.3). Measured over [-100, 100] against float64:
         exp within 4.1e-6 relative (0 below -88, inf from 88.38 where float32 overflows at
-        88.72), erf within 4.2e-7 and tanh within 3.2e-7 absolute."""
+        88.72), erf within 4.2e-7 and tanh within 3.2e-7 absolute. 3x3 stride-1 convolutions of
+        32 channels or more as Winograd's F(2x2, 3x3) (``rewrites.conv_winograd``)."""
         from tvm import relax
 
         from ..fused_attention import attention_fused
-        from ..rewrites import (conv_taps_in_bounds, matmul_weights_padded_to, patch_conv_as_matmul, permutes_collapsed,
-                                softmax_padded_to, softmax_rows)  # fmt: skip
+        from ..rewrites import (conv_taps_in_bounds, conv_winograd, matmul_weights_padded_to, patch_conv_as_matmul,
+                                permutes_collapsed, softmax_padded_to, softmax_rows)  # fmt: skip
 
         lanes = cpu_config(profile.tvm()).lanes
         return [attention_fused(lanes), permutes_collapsed(), relax.transform.DeadCodeElimination(),
                 softmax_padded_to(lanes), softmax_rows(lanes), relax.transform.FastMathTransform(),
-                conv_taps_in_bounds(), patch_conv_as_matmul(), matmul_weights_padded_to(lanes)]  # fmt: skip
+                conv_taps_in_bounds(), conv_winograd(lanes), patch_conv_as_matmul(), matmul_weights_padded_to(lanes)]  # fmt: skip
 
     def prepare(self, imported, profile: TargetProfile):
         """float16 nodes compute in float32 where the CPU has no fp16 arithmetic (``--precision``
