@@ -1241,6 +1241,16 @@ def conv_winograd(lanes: int, min_channels: int = 32, min_tiles: int = 64, max_w
                        lambda bb, call: _conv_winograd(bb, call, lanes, min_channels, min_tiles, max_workspace))
 
 
+def _spread(rows: int, row: int, elem: int = 4) -> int:
+    """Rows to add to ``rows`` rows of ``row`` elements so that the planes they make are no
+    multiple of 4 KB apart (at least 256 bytes off one)."""
+    for extra in range(4):
+        off = (rows + extra) * row * elem % 4096
+        if 256 <= off <= 3840:
+            return extra
+    return 0
+
+
 def _conv_winograd(bb, call, lanes: int, min_channels: int, min_tiles: int, max_workspace: int):
     from tvm import relax, te, tirx
     from tvm.script import tirx as T
@@ -1267,38 +1277,52 @@ def _conv_winograd(bb, call, lanes: int, min_channels: int, min_tiles: int, max_
     if tiles < min_tiles or 16 * c * pp * 4 > max_workspace:
         return None
     u = np.einsum("ay,oiyx,bx->aboi", _WINO_G, weight.astype(np.float64), _WINO_G)
-    u = np.ascontiguousarray(u.reshape(16, o, c).astype(np.float32))
+    # V and M are 16 planes, one per tile position, each [channels, tiles]; 16 planes a multiple of
+    # 4 KB apart share L1's sets (8 ways), and their rows evicted each other: a 64-channel 40x40
+    # input transform ran 2x slower. A few padding rows set them apart.
+    cv, cm = _spread(c, pp), _spread(o, pp)
+    u = np.concatenate([u.reshape(16, o, c), np.zeros((16, cm, c))], axis=1).astype(np.float32)
     zero = tirx.const(0.0, "float32")
 
-    # The padded input plane, its columns split into even and odd phases (so every tile's reads
-    # are unit-stride): padded column 2q + f is phases[y, f, q].
+    # The zero-padded input plane (rows of 2 * wq), then its columns split into even and odd
+    # phases, so every tile's reads are unit-stride: padded column 2q + f is phases[f, y, q]. The
+    # split runs as one long loop over the plane (LLVM vectorizes its stride-2 reads with
+    # permutes; a loop as short as a row it unrolls whole, and then does not).
     hp, wq = 2 * th + 2, tw + 1
-    copies = [(f, (left - f + 1) // 2, max((left - f + 1) // 2, min((wd + left - f + 1) // 2, wq))) for f in (0, 1)]
+    wp = 2 * wq
+    ncopy = max(0, min(wd, wp - left))  # the input columns some tile reads
 
     @T.prim_func(private=True, s_tir=True)
-    def winograd_input(xb: T.Buffer((n, c, h, wd), "float32"), v: T.Buffer((16, c, pp), "float32")):
+    def winograd_input(xb: T.Buffer((n, c, h, wd), "float32"), v: T.Buffer((16, c + cv, pp), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
         with T.sblock("root"):
             for t in T.parallel(c * n):
-                ph = T.decl_buffer((hp, 2, wq), "float32")
+                plane = T.decl_buffer((hp * wp,), "float32")
+                ph = T.decl_buffer((2, hp * wq), "float32")
                 cols = T.decl_buffer((4, 2, wq), "float32")
                 ch: T.int32 = t // n
                 b: T.int32 = t % n
-                for y, f, q in T.grid(hp, 2, wq):
-                    ph[y, f, q] = zero
-                for y in range(h):
-                    if y + top < hp:
-                        for q in range(copies[0][2] - copies[0][1]):
-                            ph[y + top, 0, q + copies[0][1]] = xb[b, ch, y, 2 * (q + copies[0][1]) - left]
-                        for q in range(copies[1][2] - copies[1][1]):
-                            ph[y + top, 1, q + copies[1][1]] = xb[b, ch, y, 2 * (q + copies[1][1]) + 1 - left]
+                for y in range(hp):
+                    if top <= y and y - top < h:
+                        for xx in range(left):
+                            plane[y * wp + xx] = zero
+                        for xx in range(ncopy):
+                            plane[y * wp + left + xx] = xb[b, ch, y - top, xx]
+                        for xx in range(wp - left - ncopy):
+                            plane[y * wp + left + ncopy + xx] = zero
+                    else:
+                        for xx in range(wp):
+                            plane[y * wp + xx] = zero
+                for j in range(hp * wq):
+                    ph[0, j] = plane[2 * j]
+                    ph[1, j] = plane[2 * j + 1]
                 for ty in range(th):
                     # Bᵀ d down the tile's 4 rows, both phases at once; then · B along them.
                     for f, q in T.grid(2, wq):
-                        cols[0, f, q] = ph[2 * ty, f, q] - ph[2 * ty + 2, f, q]
-                        cols[1, f, q] = ph[2 * ty + 1, f, q] + ph[2 * ty + 2, f, q]
-                        cols[2, f, q] = ph[2 * ty + 2, f, q] - ph[2 * ty + 1, f, q]
-                        cols[3, f, q] = ph[2 * ty + 1, f, q] - ph[2 * ty + 3, f, q]
+                        cols[0, f, q] = ph[f, 2 * ty * wq + q] - ph[f, (2 * ty + 2) * wq + q]
+                        cols[1, f, q] = ph[f, (2 * ty + 1) * wq + q] + ph[f, (2 * ty + 2) * wq + q]
+                        cols[2, f, q] = ph[f, (2 * ty + 2) * wq + q] - ph[f, (2 * ty + 1) * wq + q]
+                        cols[3, f, q] = ph[f, (2 * ty + 1) * wq + q] - ph[f, (2 * ty + 3) * wq + q]
                     for r, tx in T.grid(4, tw):
                         v[r * 4, ch, (b * th + ty) * tw + tx] = cols[r, 0, tx] - cols[r, 0, tx + 1]
                         v[r * 4 + 1, ch, (b * th + ty) * tw + tx] = cols[r, 1, tx] + cols[r, 0, tx + 1]
@@ -1308,8 +1332,14 @@ def _conv_winograd(bb, call, lanes: int, min_channels: int, min_tiles: int, max_
                 v[e, ch, tiles + p] = zero
 
     gv = bb.add_func(winograd_input, "winograd_input")
-    vt = bb.emit(relax.call_tir(gv, [x], relax.TensorType((16, c, pp), "float32")))
-    mt = bb.emit(relax.op.matmul(relax.const(u), vt))
+    vt = bb.emit(relax.call_tir(gv, [x], relax.TensorType((16, c + cv, pp), "float32")))
+
+    def products(ut, vv):  # the 16 matmuls
+        ci = te.reduce_axis((0, c), "ci")
+        return te.compute((16, o + cm, pp), lambda e, k, p: te.sum(ut[e, k, ci] * vv[e, ci, p], axis=ci),
+                          name="winograd_products")
+
+    mt = bb.emit(bb.call_te(products, relax.const(u), vt, primfunc_name_hint="winograd_products"))
 
     def output(m):
         def body(bi, k, y, xx):
