@@ -595,3 +595,15 @@ def test_winograd_convs_match_onnxruntime(c, o, hw, pads, batch, epilogue, winog
     assert any("winograd_input" in gv.name_hint for gv in mod.functions) == winograd, list(mod.functions)
     feeds = {"x": rng.uniform(-1, 1, shape).astype(np.float32)}
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_relax_rewrites_leave_the_callers_module_alone():
+    """A rewrite pass returns a new module and leaves the one it was given as it was (the CPU
+    backend fuses a model twice, with and without BatchNorm folded, from the same module)."""
+    from tvm_hybrid.compiler.rewrites import conv_affine_folded
+
+    mod = importer.to_relax(importer.load(str(CLS), [importer.InputOverride.parse("x:1x3x48x192")]))
+    before = mod.script()
+    folded = conv_affine_folded()(mod)
+    assert mod.script() == before
+    assert folded.script() != before  # (cls has BatchNorms to fold)

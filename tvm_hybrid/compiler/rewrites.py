@@ -43,6 +43,8 @@ def _relax_pass(name: str, op_name: str | tuple[str, ...], rewrite_call, with_us
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     def rewrite(mod, _ctx):
+        # (on a copy: a module pass gets the caller's module itself, and assigning into it changed it)
+        mod = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 uses = None
