@@ -417,7 +417,8 @@ def _fold_conv_affine(bb, call, uses):
     shift = {"relax.add": t + k, "relax.subtract": t - k}.get(op, t * scale)
     new_w = relax.const((w.astype(np.float64) * scale[:, None, None, None]).astype(w.dtype))
     out = bb.emit(relax.Call(conv.op, [conv.args[0], new_w], conv.attrs))
-    return relax.op.add(out, relax.const(shift.reshape(1, o, 1, 1).astype(w.dtype)))
+    # (the bias in the output's dtype: a conv of fp16 operands may accumulate into float32)
+    return relax.op.add(out, relax.const(shift.reshape(1, o, 1, 1).astype(str(out.ty.dtype))))
 
 
 def _bound_call(bb, e, op: str):
