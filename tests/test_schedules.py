@@ -607,3 +607,26 @@ def test_relax_rewrites_leave_the_callers_module_alone():
     folded = conv_affine_folded()(mod)
     assert mod.script() == before
     assert folded.script() != before  # (cls has BatchNorms to fold)
+
+
+def test_long_reductions_go_in_blocks_and_match_onnxruntime(tmp_path):
+    """A matmul whose 1536-long reduction runs with its row tiles innermost (a transformer's FFN
+    down projection) is split into blocks of 256 (``CpuConfig.k_block`` on AVX-512), the bias and
+    the residual added after the last block; it matches onnxruntime."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.RandomState(7)
+    inits = [numpy_helper.from_array(rng.uniform(-0.1, 0.1, (1536, 384)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.uniform(-1, 1, (384,)).astype(np.float32), "b")]  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["mb"]),
+             helper.make_node("Add", ["mb", "r"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128, 1536]),
+                                             helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 128, 384])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    mod, _, run = _compile(model, {"x": (1, 128, 1536), "r": (1, 128, 384)}, "x86-64-avx512", tmp_path)
+    [mm] = [f for gv, f in mod.functions.items() if "matmul" in gv.name_hint]
+    assert "for k_0, " in mm.script() and "T.int64(256)" in mm.script(), mm.script()[:1500]  # 6 blocks of 256
+    feeds = {"x": rng.uniform(-1, 1, (1, 128, 1536)).astype(np.float32), "r": rng.uniform(-1, 1, (1, 128, 384)).astype(np.float32)}
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)

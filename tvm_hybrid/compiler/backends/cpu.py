@@ -43,6 +43,9 @@ class CpuConfig:
     #: Rows of independent accumulators for a reduction whose read no row reuses (depthwise
     #: convs); 1 keeps one accumulator vector a tile.
     ilp_rows: int = 4
+    #: Split a reduction longer than twice this into blocks of it (0: never), the row tiles
+    #: running inside each block (see ``_schedule_reduction``).
+    k_block: int = 0
 
 
 class ScheduleRefused(Exception):
@@ -65,7 +68,12 @@ def cpu_config(target) -> CpuConfig:
         # ViT-S/16 26.2 -> 22.8 ms, PP-OCRv4 det 4.90 -> 4.18, MiniLM-L3 3.55 -> 3.46, YOLOv8n
         # 9.56 -> 9.47, cls and MiniLM-L3 8x128 unchanged (`scripts/ab_schedules.py --variant
         # rows_inner_max_bytes=1048576`, one run a model).
-        return CpuConfig(lanes=16, accumulators=24, max_cols=8, rows_inner_max_bytes=1 << 20)
+        # A reduction of 1024 or more with its row tiles innermost (a transformer's FFN down
+        # projection, 1536 long) goes in blocks of 256: the weight block and the activation's
+        # columns for it stay in L2 across the row tiles. paraphrase-MiniLM-L3 10.33 -> 9.95 and
+        # 8.46 -> 8.37 ms in two runs (`scripts/ab_schedules.py --model minilm-l3 --variant
+        # k_block=256`, against 0); over 512 (ViT-S/16's 768-long patch matmul too) it lost.
+        return CpuConfig(lanes=16, accumulators=24, max_cols=8, rows_inner_max_bytes=1 << 20, k_block=256)
     if "avx" in features:
         return CpuConfig(lanes=8)
     return CpuConfig(lanes=4)
@@ -539,6 +547,18 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
     if row_outer is not None and _rows_innermost(sch, stmt, dominant, reduce, cfg):
         outer = [lp for lp in outer if not lp.same_as(row_outer)] + [row_outer]
     sch.reorder(*outer, *reduce, *inner)
+    # A long reduction with the row tiles innermost: blocks of k_block under the outer tiles, the
+    # row tiles inside each, so a block of the vector operand stays in L1 for all rows.
+    blocked = None
+    if (
+        cfg.k_block and lanes and len(reduce) == 1 and len(outer) >= 2 and row_outer is not None
+        and outer[-1].same_as(row_outer) and _extent(sch, reduce[0]) >= 4 * cfg.k_block
+        and _extent(sch, reduce[0]) % cfg.k_block == 0
+    ):  # fmt: skip
+        ko, ki = sch.split(reduce[0], factors=[None, cfg.k_block])
+        sch.reorder(ko, row_outer)
+        blocked = ko
+        reduce = [ki]
 
     attached: set[str] = set()
     consumers = sch.get_consumers(block)
@@ -551,11 +571,12 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
         # over the reduced axis (softmax's exp), which no tile of this block covers.
         and _domain_size(sch.get(consumers[0])) == _domain_size(stmt, spatial_only=True)
     ):
-        sch.reverse_compute_at(consumers[0], outer[-1], preserve_unit_loops=False)
-        cl = sch.get_loops(consumers[0])[len(outer) :]
+        at = outer[-2] if blocked is not None else outer[-1]  # (blocked: after the last k block)
+        sch.reverse_compute_at(consumers[0], at, preserve_unit_loops=False)
+        cl = sch.get_loops(consumers[0])[len(outer) - (blocked is not None) :]
         # The epilogue must cover exactly the tile: a wider region would read accumulators
         # other tiles own and race with them on the output. s_tir does not check this.
-        tile = rows * cols * max(lanes, 1)
+        tile = rows * cols * max(lanes, 1) * (_extent(sch, row_outer) if blocked is not None else 1)
         extents = [_const_extent(sch, lp) for lp in cl]
         if None in extents or math.prod(extents) != tile:
             raise ScheduleRefused(f"epilogue region of {sch.get(block).name_hint} is not its tile")
@@ -564,6 +585,8 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
         attached.add(sch.get(consumers[0]).name_hint)
 
     work = _work(sch, block)
+    if blocked is not None:
+        outer = outer[:-1]
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     if work >= cfg.parallel_min_work and _extent(sch, fused) > 1:
         sch.parallel(fused)
@@ -571,7 +594,9 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
     sch.annotate(fused, "pragma_unroll_explicit", 1)
     if tvm_vectorize:
         sch.vectorize(vec_inner)  # before decompose_reduction: the update block alone is no reduction
-    if reduce:
+    if blocked is not None:
+        sch.decompose_reduction(block, blocked)
+    elif reduce:
         sch.decompose_reduction(block, reduce[0])
     return attached
 
