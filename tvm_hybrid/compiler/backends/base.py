@@ -124,9 +124,11 @@ class Backend:
         """Relax op name -> legalization this backend uses instead of TVM's (part of ``fuse``)."""
         return {}
 
-    def fuse(self, mod, profile: TargetProfile, precision: str = "fp32"):
-        """Legalized, fused TIR kernels: what tuning extracts tasks from and builds start from."""
-        return build.fuse(mod, profile, self.rewrites(profile), self.before_folding(profile), precision,
+    def fuse(self, mod, profile: TargetProfile, precision: str = "fp32", rewrites: list | None = None):
+        """Legalized, fused TIR kernels: what tuning extracts tasks from and builds start from.
+        ``rewrites`` replaces the backend's ``rewrites(profile)``."""
+        rewrites = self.rewrites(profile) if rewrites is None else rewrites
+        return build.fuse(mod, profile, rewrites, self.before_folding(profile), precision,
                           self.legalizations(profile), self.max_kernel_buffers(profile))  # fmt: skip
 
     def max_kernel_buffers(self, profile: TargetProfile) -> int | None:
