@@ -73,6 +73,7 @@ def fuse(mod, profile: TargetProfile, rewrites=(), before_folding=(), precision:
             relax.transform.FuseOps(),
             *([kernels_within(max_buffers)] if max_buffers else []),
             relax.transform.FuseTIR(),
+            relax.transform.RewriteDataflowReshape(),
             relax.transform.DeadCodeElimination(),
         ]
     )
