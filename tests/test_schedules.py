@@ -287,8 +287,8 @@ def test_conv_transpose_matches_onnxruntime(kernel, stride, pads, tmp_path):
 
 def test_matmuls_on_awkward_extents_tile_fully_and_match_onnxruntime(tmp_path):
     """197 tokens (a ViT's, prime): the rows take full 8-row tiles with a guarded last one,
-    Q·Kᵀ's 197-wide output is padded to whole vectors, and so is the softmax over it; all still
-    equal onnxruntime's."""
+    Q·Kᵀ's 197-wide output is padded to whole vectors, and the softmax over it is the row kernel
+    of any width (no padded copy, no slice after); all still equal onnxruntime's."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -306,8 +306,8 @@ def test_matmuls_on_awkward_extents_tile_fully_and_match_onnxruntime(tmp_path):
     mod, _, run = _compile(model, {"x": (1, 197, 64)}, TARGET, tmp_path)
     scripts = " ".join(f.script() for _, f in mod.functions.items() if hasattr(f, "script"))
     assert "_pad" in scripts  # pad_einsum's zero-padded copies
-    names = [gv.name_hint for gv in mod.functions]  # the padded softmax is the row kernel, then the slice
-    assert any(n.startswith("softmax_rows") for n in names) and any("strided_slice" in n for n in names), names
+    names = [gv.name_hint for gv in mod.functions]
+    assert any(n.startswith("softmax_rows") for n in names) and not any("strided_slice" in n or "pad" in n for n in names), names
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-4)
 
 
@@ -380,10 +380,12 @@ def test_layer_norm_rows_kernel_matches_onnxruntime(shape, tmp_path):
     assert_close(run({"x": x}), reference(model, {"x": x}), 1e-4, 1e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 6, 197, 197), (4, 64), (3, 5, 40)], ids=["vit-scores", "aligned", "short"])
+@pytest.mark.parametrize("shape", [(1, 6, 197, 197), (4, 64), (3, 5, 40), (1, 40, 6625)],
+                         ids=["vit-scores", "aligned", "short", "ctc-head"])  # fmt: skip
 def test_softmax_rows_kernel_matches_onnxruntime(shape, tmp_path):
     """Softmax over the last axis is one row-parallel vectorized kernel (rewrites.softmax_rows)
-    when the row is whole vectors, after padding (197 -> 208 with -1e30); short rows keep TVM's."""
+    for rows of two vectors or more: whole vectors, or whole vectors and a scalar tail
+    (197, 6625) with no padding; short rows keep TVM's."""
     import numpy as np
     from onnx import TensorProto, helper
 
@@ -395,6 +397,30 @@ def test_softmax_rows_kernel_matches_onnxruntime(shape, tmp_path):
     names = [gv.name_hint for gv in mod.functions]
     assert any(n.startswith("softmax_rows") for n in names) == (shape[-1] >= 2 * lanes), names
     x = (np.random.RandomState(1).standard_normal(shape) * 4).astype(np.float32)
+    assert_close(run({"x": x}), reference(model, {"x": x}), 1e-4, 1e-6)
+
+
+@pytest.mark.parametrize("width, mask_shape", [(6625, [6625]), (197, [1, 1, 197]), (77, [3, 77])],
+                         ids=["gemm-bias", "attention-mask", "per-row-mask"])  # fmt: skip
+def test_softmax_rows_of_any_width_take_the_add_before_them(width, mask_shape, tmp_path):
+    """Softmax(x + b), b broadcast over the leading axes (a CTC head's Gemm bias, an attention
+    mask with large negative entries), over rows no vector divides: one softmax_rows kernel that
+    reads x and b (no add, pad or slice kernels), equal to onnxruntime's."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = [2, 3, width]
+    rng = np.random.RandomState(2)
+    b = (rng.standard_normal(mask_shape) * 3).astype(np.float32)
+    b[..., ::7] = -1e9  # masked positions: exp underflows to 0
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "y")]
+    nodes = [helper.make_node("Add", ["x", "b"], ["s"]), helper.make_node("Softmax", ["s"], ["y"], axis=-1)]
+    model = helper.make_model(helper.make_graph(nodes, "sm", io[:1], io[1:], [numpy_helper.from_array(b, "b")]),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    mod, _, run = _compile(model, {"x": shape}, TARGET, tmp_path)
+    names = [gv.name_hint for gv in mod.functions if gv.name_hint != "main"]
+    assert names == ["softmax_rows"], names
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
     assert_close(run({"x": x}), reference(model, {"x": x}), 1e-4, 1e-6)
 
 
@@ -481,17 +507,20 @@ def test_split_undoing_a_concat_takes_the_pieces_directly(tmp_path):
         assert_close(run(feeds), reference(model, feeds), rtol=1e-5, atol=1e-6)
 
 
-def test_matmul_by_a_constant_of_partial_vectors_reads_it_padded_at_compile_time(tmp_path):
-    """A CTC-style head (MatMul by a constant [120, 97], its bias, a Softmax over the classes):
-    the weight is padded to whole vectors once, at compile time (``rewrites.matmul_weights_padded_to``),
-    not copied padded inside the kernel on every call, and the valid columns are read out in the
-    epilogue; it matches onnxruntime."""
+@pytest.mark.parametrize("classes", [97, 2501])
+def test_matmul_by_a_constant_of_partial_vectors_reads_it_padded_at_compile_time(classes, tmp_path):
+    """A CTC-style head (MatMul by a constant [120, classes], its bias, a Softmax over the
+    classes): the weight is padded to whole vectors once, at compile time
+    (``rewrites.matmul_weights_padded_to``), not copied padded inside the kernel on every call;
+    the softmax reads the valid columns of the padded sums in place and adds the bias in its
+    passes (no slice or add kernel). A weight of 1 MB or more (2501 classes) is packed in panels
+    of 48 columns ([53, 120, 48]); it matches onnxruntime."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     rng = np.random.RandomState(4)
-    w = numpy_helper.from_array(rng.uniform(-1, 1, (120, 97)).astype(np.float32), "w")
-    b = numpy_helper.from_array(rng.uniform(-1, 1, (97,)).astype(np.float32), "b")
+    w = numpy_helper.from_array(rng.uniform(-1, 1, (120, classes)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.uniform(-1, 1, (classes,)).astype(np.float32), "b")
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["s"]),
              helper.make_node("Softmax", ["s"], ["y"], axis=-1)]  # fmt: skip
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 40, 120])],
@@ -499,9 +528,11 @@ def test_matmul_by_a_constant_of_partial_vectors_reads_it_padded_at_compile_time
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     feeds = {"x": rng.uniform(-1, 1, (1, 40, 120)).astype(np.float32)}
     mod, _, run = _compile(model, {"x": (1, 40, 120)}, "x86-64-avx512", tmp_path)
-    [head] = [f for gv, f in mod.functions.items() if gv.name_hint.startswith("fused_matmul")]
+    assert sorted(gv.name_hint for gv in mod.functions) == ["main", "matmul" if classes == 97 else "matmul_panels", "softmax_rows"]
+    [head] = [f for gv, f in mod.functions.items() if gv.name_hint.startswith("matmul")]
     script = head.script()
-    assert "T.Buffer((T.int64(120), T.int64(112))" in script and "param_0_pad" not in script, script[:600]
+    weight = "(T.int64(120), T.int64(112))" if classes == 97 else "(T.int64(53), T.int64(120), T.int64(48))"
+    assert weight in script and "_pad" not in script, script[:600]
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-6)
 
 

@@ -1018,8 +1018,8 @@ class CpuBackend(Backend):
 
         lanes = cpu_config(profile.tvm()).lanes
         return [*([conv_affine_folded()] if affine_folded else []), attention_fused(lanes), permutes_collapsed(), relax.transform.DeadCodeElimination(),
-                softmax_padded_to(lanes), softmax_rows(lanes), relax.transform.FastMathTransform(),
-                conv_taps_in_bounds(), conv_winograd(lanes), patch_conv_as_matmul(), matmul_weights_padded_to(lanes)]  # fmt: skip
+                matmul_weights_padded_to(lanes), softmax_padded_to(lanes), softmax_rows(lanes), relax.transform.FastMathTransform(),
+                conv_taps_in_bounds(), conv_winograd(lanes), patch_conv_as_matmul()]  # fmt: skip
 
     def prepare(self, imported, profile: TargetProfile):
         """float16 nodes compute in float32 where the CPU has no fp16 arithmetic (``--precision``
