@@ -128,3 +128,54 @@ def test_int8_profiles_use_their_base_tuning_log_until_they_have_one(tmp_path):
     assert tuning_log.open_database(logs, older) is None  # AVX2 code cannot take AVX-512 records
     shutil.copytree(logs / "x86-64-avx512", tmp_path / "x86-64-avx512")
     assert tuning_log.open_database(tmp_path, resolve(VNNI)).path == tmp_path / "x86-64-avx512"
+
+
+def _twin_convs() -> zoo.ZooModel:
+    """Three 3x3 16->16 convs in a chain, each requantized, then HardSwish and requantized again, at different scales
+    and zero points (as every layer of a quantized model has its own); the last one's output is
+    dequantized for the model's output, the first two feed the next conv."""
+    from onnx import numpy_helper
+
+    g = zoo._Graph("qdq_twin_convs")
+    x = g.input("x", zoo.F32, [1, 16, 12, 12])
+
+    def scalar(name, value):  # 0-d, as onnxruntime's quantizer writes them (g.init makes them [1])
+        g.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def qdq(v, scale, zp, scope):
+        s, z = scalar(f"{scope}.scale", np.float32(scale)), scalar(f"{scope}.zp", np.uint8(zp))
+        return g.op("DequantizeLinear", [g.op("QuantizeLinear", [v, s, z], f"{scope}/Q"), s, z], f"{scope}/DQ")
+
+    a = qdq(x, 0.03, 128, "/in")
+    for i, (scale, zp) in enumerate([(0.021, 3), (0.017, 9), (0.019, 5)]):
+        w = g.rng.standard_normal((16, 16, 3, 3)).astype(np.float32) / 12
+        ws = np.float32(np.abs(w).max() / 127)
+        ins = [g.init(f"c{i}.wq", np.round(w / ws).astype(np.int8)), scalar(f"c{i}.ws", ws), scalar(f"c{i}.wz", np.int8(0))]
+        conv = g.op("Conv", [a, g.op("DequantizeLinear", ins, f"/c{i}/w/DQ"), g.bias(f"c{i}.bias", 16)], f"/c{i}/Conv",
+                    pads=[1, 1, 1, 1])  # fmt: skip
+        a = qdq(conv, scale, zp, f"/c{i}/out")
+        a = qdq(g.op("HardSwish", [a], f"/c{i}/HardSwish"), scale * 0.8, zp + 2, f"/c{i}/act")
+    g.output(g.op("Identity", [a], "/y/Identity", outputs=["y"]), zoo.F32, [1, 16, 12, 12])
+    feeds = {"x": (np.random.RandomState(5).standard_normal((1, 16, 12, 12)) * 1.5).astype(np.float32)}
+    return zoo.ZooModel("qdq_twin_convs", g.model(doc="two requantized convs"), feeds, {"x": (1, 16, 12, 12)})
+
+
+def test_layers_that_differ_only_in_scales_share_one_kernel(tmp_path):
+    """Quantize/dequantize scales and zero points are kernel parameters, not immediates
+    (``rewrites.qparams_as_tensors``): two convs of one shape whose requantizing epilogues differ
+    only in them are one int8 kernel in the library (the first two convs; the last one's epilogue
+    also dequantizes the output), and give what the fp32 build gives."""
+    from tvm_hybrid.runtime import Session
+
+    zm = _twin_convs()
+    path, vnni = _compile(zm, VNNI, tmp_path)
+    assert int8_kernels(vnni, "conv2d") == 2  # (3 while the scales were immediates)
+    if "avx512_vnni" not in hostcpu.cpu_flags():
+        pytest.skip("this CPU has no avx512_vnni")
+    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
+    got, fp32 = Session(vnni).run(zm.feeds)["y"], Session(plain).run(zm.feeds)["y"]
+    assert np.abs(got - fp32).max() <= 0.019 + 1e-6  # at most one step of the last requantize
+    assert np.mean(got == fp32) > 0.98
+    want = reference(path, zm.feeds)["y"]
+    assert np.abs(got - want).max() <= 0.019 + 1e-6
