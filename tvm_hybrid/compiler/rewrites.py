@@ -1024,23 +1024,6 @@ def _softmax_rows(bb, call, lanes: int):
     return relax.op.reshape(y, shape)
 
 
-def _fast_exp(v):
-    """TVM's fast exponential (``topi.fast_exp``, what ``FastMathTransform`` gives a model) as an
-    expression of ``v``, for hand-written kernels."""
-    from tvm import tirx
-
-    f32 = lambda c: tirx.const(c, "float32")  # noqa: E731
-    x = tirx.max(tirx.min(v, f32(88.3762626647950)), f32(-88.3762626647949))
-    n = tirx.floor(x * f32(1.44269504088896341) + f32(0.5))
-    r = x - n * f32(0.6931471805599453)
-    p = f32(1.9875691500e-4)
-    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = p * r + f32(c)
-    y = p * r * r + r + f32(1.0)
-    two_n = tirx.reinterpret("float32", tirx.Cast("int32", n + f32(127.0)) << 23)
-    return tirx.max(two_n * y, v)
-
-
 def _softmax_ragged_rows(bb, x, shape, rows: int, c: int, lanes: int):
     """Softmax over rows of ``c`` that no vector divides (a CTC head's 6625 classes), written by
     hand: per row, its max in ``lanes`` partials, then each exponential computed once, stored in
@@ -1050,6 +1033,8 @@ def _softmax_ragged_rows(bb, x, shape, rows: int, c: int, lanes: int):
     softmax and the slice out of it (another copy)."""
     from tvm import relax, tirx
     from tvm.script import tirx as T
+
+    from .fused_recurrence import _fexp as _fast_exp
 
     nv, tail = c // lanes, c % lanes
     base = nv * lanes
