@@ -436,7 +436,7 @@ def attention_kernel(spec: _Spec):
     from tvm import tirx
     from tvm.script import tirx as T
 
-    from .fused_recurrence import _fexp
+    from .rewrites import _fexp
 
     lanes = spec.lanes
     kp, jv, rt, rb, dl, dvv, rt2 = _tiles(spec)

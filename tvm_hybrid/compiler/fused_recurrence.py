@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .rewrites import _fexp
+
 _DEFAULT_ACTS = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", "tanh"]}
 
 
@@ -57,25 +59,6 @@ def fusable(node, names, shapes: dict, types: dict) -> bool:
         if lens is None or np.any(np.asarray(lens) != seq):
             return False
     return True
-
-
-def _fexp(x):
-    """exp as TVM's ``topi.fast_exp`` computes it (Cephes' polynomial; within 4.1e-6 relative),
-    an expression that vectorizes."""
-    from tvm import tirx
-
-    def f32(v):
-        return tirx.const(v, "float32")
-
-    xc = tirx.max(tirx.min(x, f32(88.3762626647950)), f32(-88.3762626647949))
-    n = tirx.floor(xc * f32(1.44269504088896341) + f32(0.5))
-    fr = xc - n * f32(0.6931471805599453)
-    y = f32(1.9875691500e-4)
-    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        y = y * fr + f32(c)
-    y = y * fr * fr + fr + f32(1.0)
-    scale = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
-    return tirx.max(scale * y, x)
 
 
 def _activations(clip):
