@@ -257,10 +257,10 @@ def _pad_matmul_weight(bb, call, lanes: int):
     n = value.shape[1]
     if not _worth_padding(n, lanes):
         return None
+    if value.shape[0] * (n + (-n % lanes)) * 4 >= _PANEL_MIN_BYTES:  # (padded to whole vectors)
+        return _panel_matmul(bb, x, value, lanes * _PANEL_VECTORS)
     padded = np.zeros((value.shape[0], n + (-n % lanes)), np.float32)
     padded[:, :n] = value
-    if padded.nbytes >= _PANEL_MIN_BYTES:
-        return _panel_matmul(bb, x, value, lanes * _PANEL_VECTORS)
     y = bb.emit(relax.op.matmul(x, relax.const(padded)))
     return relax.op.strided_slice(y, axes=[len(x.ty.shape) - 1], begin=[0], end=[n])
 
