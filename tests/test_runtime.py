@@ -257,3 +257,54 @@ def test_artifact_recompiled_in_place_runs_its_new_code(tmp_path):
             outs.append(sess.run({"x": x})["y"])
     np.testing.assert_array_equal(outs[0], np.maximum(x, 0))
     np.testing.assert_array_equal(outs[1], -x)
+
+
+def test_outputs_are_the_callers_own_arrays_call_after_call(tmp_path):
+    """CPU calls reuse their input tensors and hand outputs back as views of the tensors the call
+    allocated (no copy): an output that is a view of an input, of a weight, of the library's
+    constant or of another output must still come back as an array of its own, which a later
+    call does not overwrite and whose changes no later call sees."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tvm_hybrid.compiler.package import CompileOptions, compile_model
+
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["view"]),  # a view of the input
+        helper.make_node("Relu", ["x"], ["relu"]),
+        helper.make_node("Identity", ["relu"], ["relu_again"]),  # the same tensor as another output
+        helper.make_node("Reshape", ["w", "wshape"], ["w_view"]),  # a constant of the library
+        helper.make_node("Identity", ["x"], ["x_again"]),  # the input itself
+    ]
+    inits = [numpy_helper.from_array(np.array([3, 2], np.int64), "shape"), numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.array([4096], np.int64), "wshape")]  # fmt: skip
+    outs = [helper.make_tensor_value_info("view", TensorProto.FLOAT, [3, 2]),
+            helper.make_tensor_value_info("relu", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("relu_again", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("w_view", TensorProto.FLOAT, [4096]),
+            helper.make_tensor_value_info("x_again", TensorProto.FLOAT, [2, 3])]  # fmt: skip
+    graph = helper.make_graph(nodes, "views", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])], outs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "views.onnx")
+    [s] = compile_model(CompileOptions(model=tmp_path / "views.onnx", targets=("host",), output=tmp_path / "out",
+                                       cloud=None, tuning_logs=None))  # fmt: skip
+    with Session(s.path) as sess:
+        calls = []
+        for i in range(5):
+            x = np.arange(-3, 3, dtype=np.float32).reshape(2, 3) * (i + 1)
+            got = sess.run({"x": x})
+            calls.append((x.copy(), {k: v.copy() for k, v in got.items()}, got))
+            want = {"view": x.reshape(3, 2), "relu": np.maximum(x, 0), "relu_again": np.maximum(x, 0),
+                    "w_view": w.reshape(-1), "x_again": x}  # fmt: skip
+            for k, v in want.items():
+                np.testing.assert_array_equal(got[k], v, err_msg=f"call {i}: {k}")
+            arrays = list(got.values())
+            for a in arrays:
+                assert a.flags.writeable and not np.shares_memory(a, x)
+                assert not any(np.shares_memory(a, b) for b in arrays if b is not a)
+            for v in arrays:  # the caller's to change
+                v[...] = -7
+        for x, copies, got in calls:  # each call's arrays hold what that call returned, changed by the caller only
+            for k, v in got.items():
+                assert (v == -7).all(), k
+        np.testing.assert_array_equal(sess.run({"x": calls[0][0]})["w_view"], w.reshape(-1))

@@ -83,6 +83,7 @@ class Session:
         self._constants = {o.name: np.array(o.value, dtype=np_dtype(o.dtype)).reshape(o.shape)
                            for o in self.outputs if o.value is not None}  # fmt: skip
         self.trace: list[dict[str, Any]] = []
+        self._want: dict[str, tuple[TensorSpec, np.dtype | None]] | None = None  # _check_feeds'
         # ``timeout`` bounds each cloud call (retries included); ``cloud_policy`` sets every knob.
         self._cloud = CloudClient(cloud_url, token, timeout, link, cloud_policy) if cloud_url else None
         self._steps: list[_Step] = []
@@ -283,12 +284,13 @@ class Session:
                 for o in self.outputs}  # fmt: skip
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        if not isinstance(feeds, Mapping):
+        if type(feeds) is not dict and not isinstance(feeds, Mapping):
             raise UsageError("run() takes a dict of input name → array")
-        want = {s.name: s for s in self.inputs}
-        unknown = sorted(set(feeds) - set(want))
-        missing = sorted(set(want) - set(feeds))
-        if unknown or missing:
+        want = self._want
+        if want is None:  # (built at the first call: an input's numpy dtype, where numpy has it)
+            self._want = want = {s.name: (s, _np_dtype_or_none(s.dtype)) for s in self.inputs}
+        if feeds.keys() != want.keys():
+            unknown, missing = sorted(set(feeds) - set(want)), sorted(set(want) - set(feeds))
             parts = []
             if missing:
                 parts.append(f"missing input(s) {', '.join(missing)}")
@@ -299,11 +301,11 @@ class Session:
                 + ", ".join(f"{s.name} {_fmt_shape(s.shape)} {s.dtype}" for s in self.inputs)
             )
         env = {}
-        for name, spec in want.items():
+        for name, (spec, dtype) in want.items():
             arr = feeds[name]
             if not isinstance(arr, np.ndarray):
                 arr = np.asarray(arr, dtype=np_dtype(spec.dtype))
-            if str(arr.dtype) != spec.dtype:
+            if arr.dtype != dtype if dtype is not None else str(arr.dtype) != spec.dtype:
                 raise UsageError(f"input {name} must be {spec.dtype}, got {arr.dtype}; cast it with .astype({spec.dtype!r})")
             if tuple(arr.shape) != tuple(spec.shape):
                 raise UsageError(
@@ -350,6 +352,13 @@ def _fmt_value(v) -> str:
 
     text = json.dumps(v)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _np_dtype_or_none(name: str) -> np.dtype | None:
+    try:
+        return np.dtype(np_dtype(name))
+    except Exception:  # a dtype only its carrier represents: compared by name
+        return None
 
 
 def _fmt_shape(shape) -> str:
