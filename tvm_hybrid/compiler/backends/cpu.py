@@ -73,6 +73,11 @@ def cpu_config(target) -> CpuConfig:
         # columns for it stay in L2 across the row tiles. paraphrase-MiniLM-L3 10.33 -> 9.95 and
         # 8.46 -> 8.37 ms in two runs (`scripts/ab_schedules.py --model minilm-l3 --variant
         # k_block=256`, against 0); over 512 (ViT-S/16's 768-long patch matmul too) it lost.
+        # With blocks, what cycles through L2 is one block's columns of the activation, so that
+        # is what rows_inner_max_bytes is held against (``_rows_innermost``): ViT-S/16's 197x1536
+        # (1.2 MB) had kept its rows outermost, all of the 2.4 MB weight streamed past each row
+        # tile; on 2 Xeon (Emerald Rapids) vCPUs 86.3 -> 68.7 ms (`scripts/ab_revisions.py HEAD
+        # WORKTREE --model zoo:vit-s16`), the kernel alone 2.77 -> 1.83 ms.
         return CpuConfig(lanes=16, accumulators=24, max_cols=8, rows_inner_max_bytes=1 << 20, k_block=256)
     if "avx" in features:
         return CpuConfig(lanes=8)
@@ -550,11 +555,7 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
     # A long reduction with the row tiles innermost: blocks of k_block under the outer tiles, the
     # row tiles inside each, so a block of the vector operand stays in L2 for all rows.
     blocked = None
-    if (
-        cfg.k_block and lanes and len(reduce) == 1 and len(outer) >= 2 and row_outer is not None
-        and outer[-1].same_as(row_outer) and _extent(sch, reduce[0]) >= 4 * cfg.k_block
-        and _extent(sch, reduce[0]) % cfg.k_block == 0
-    ):  # fmt: skip
+    if lanes and len(outer) >= 2 and row_outer is not None and outer[-1].same_as(row_outer) and _k_blocks(sch, reduce, cfg):
         ko, ki = sch.split(reduce[0], factors=[None, cfg.k_block])
         sch.reorder(ko, row_outer)
         blocked = ko
@@ -677,8 +678,17 @@ def _rows_innermost(sch, stmt, dominant, reduce, cfg: CpuConfig) -> bool:
          if not r.source.same_as(dominant.source) and not r.source.same_as(stmt.writes[0].source)),
         default=0,
     )  # fmt: skip
+    if _k_blocks(sch, reduce, cfg):  # what cycles through L2 is then one block's columns of it
+        weights = weights * cfg.k_block // _extent(sch, reduce[0])
     return weights <= cfg.rows_inner_max_bytes and _buffer_bytes(dominant.source) >= 1 << 20 \
         and math.prod(_extent(sch, lp) for lp in reduce) >= cfg.rows_inner_min_reduction  # fmt: skip
+
+
+def _k_blocks(sch, reduce, cfg: CpuConfig) -> bool:
+    """Whether a reduction over ``reduce`` with its row tiles innermost goes in blocks of
+    ``cfg.k_block`` (one reduction loop, at least four blocks long, whole blocks)."""
+    return bool(cfg.k_block) and len(reduce) == 1 and _extent(sch, reduce[0]) >= 4 * cfg.k_block \
+        and _extent(sch, reduce[0]) % cfg.k_block == 0  # fmt: skip
 
 
 def _buffer_bytes(buf) -> int:
