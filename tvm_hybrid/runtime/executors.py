@@ -52,6 +52,7 @@ class TVMVMExecutor:
             with np.load(root / segment.weights["file"], allow_pickle=False) as z:
                 self._weights = [tvm.runtime.tensor(z[k], self.device) for k in keys]
         self._n_out = len(segment.outputs)
+        self._cpu = self.device.dlpack_device_type() == 1  # (numpy views only of host memory)
         self._busy = threading.Lock()  # held by the call using the reused input tensors
         self._inputs: list = []  # (tensor, its numpy view) per argument, reused by each CPU call
         self._first: list | None = None  # the first call's outputs, kept alive until the second
@@ -63,7 +64,7 @@ class TVMVMExecutor:
     def run(self, args: list[np.ndarray]) -> list[np.ndarray]:
         tvm = self._tvm
         self.threads_used = use_threads(self.threads)  # the pool is per calling thread
-        if self.device.dlpack_device_type() != 1 or not self._busy.acquire(blocking=False):
+        if not self._cpu or not self._busy.acquire(blocking=False):
             # a GPU, or another thread in this executor: fresh tensors, outputs copied out
             out = self._main(*[tvm.runtime.tensor(a, self.device) for a in args], *self._weights)
             return [o.numpy() for o in self._tuple(out)]

@@ -83,7 +83,8 @@ class Session:
         self._constants = {o.name: np.array(o.value, dtype=np_dtype(o.dtype)).reshape(o.shape)
                            for o in self.outputs if o.value is not None}  # fmt: skip
         self.trace: list[dict[str, Any]] = []
-        self._want: dict[str, tuple[TensorSpec, np.dtype | None]] | None = None  # _check_feeds'
+        # What _check_feeds holds each input to: its spec and numpy dtype (None: compared by name).
+        self._want = {s.name: (s, _np_dtype_or_none(s.dtype)) for s in self.inputs}
         # ``timeout`` bounds each cloud call (retries included); ``cloud_policy`` sets every knob.
         self._cloud = CloudClient(cloud_url, token, timeout, link, cloud_policy) if cloud_url else None
         self._steps: list[_Step] = []
@@ -287,8 +288,6 @@ class Session:
         if type(feeds) is not dict and not isinstance(feeds, Mapping):
             raise UsageError("run() takes a dict of input name → array")
         want = self._want
-        if want is None:  # (built at the first call: an input's numpy dtype, where numpy has it)
-            self._want = want = {s.name: (s, _np_dtype_or_none(s.dtype)) for s in self.inputs}
         if feeds.keys() != want.keys():
             unknown, missing = sorted(set(feeds) - set(want)), sorted(set(want) - set(feeds))
             parts = []
