@@ -664,3 +664,79 @@ def test_long_reductions_go_in_blocks_and_match_onnxruntime(tmp_path, seq):
     assert "for k_0, " in mm.script() and "T.int64(256)" in mm.script(), mm.script()[:1500]  # 6 blocks of 256
     feeds = {"x": rng.uniform(-1, 1, (1, seq, 1536)).astype(np.float32), "r": rng.uniform(-1, 1, (1, seq, 384)).astype(np.float32)}
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+def _constants(func) -> list[tuple[int, ...]]:
+    import tvm
+    from tvm import relax
+
+    found = []
+    relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, tvm.ir.GenericConst) else None)
+    return [tuple(c.value.shape) for c in {c.__chandle__(): c for c in found}.values()]
+
+
+def _weight_model(rng, k=384, n=1152):
+    """y = x @ W + b and z = x2 @ W (one constant weight for two matmuls), u = x @ v (no constant)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(rng.uniform(-0.1, 0.1, (k, n)).astype("float32"), "w"),
+             numpy_helper.from_array(rng.uniform(-1, 1, (n,)).astype("float32"), "b")]  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"]),
+             helper.make_node("MatMul", ["x2", "w"], ["z"]), helper.make_node("MatMul", ["x", "v"], ["u"])]  # fmt: skip
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "weights", [helper.make_tensor_value_info("x", f, [1, 50, k]),
+                                                 helper.make_tensor_value_info("x2", f, [1, 20, k]),
+                                                 helper.make_tensor_value_info("v", f, [k, n])],
+                              [helper.make_tensor_value_info(o, f, [1, r, n]) for o, r in (("y", 50), ("z", 20), ("u", 50))],
+                              inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_constant_matmul_weights_are_packed_in_panels_once(tmp_path):
+    """A constant [K, N] matmul weight is read from panels [N/32, K, 32], packed at compile time:
+    the module holds the packed weight only, once for the two matmuls that share it; a matmul by
+    an input is left as it is. All match onnxruntime."""
+    import numpy as np
+    import tvm
+
+    rng = np.random.RandomState(3)
+    model = _weight_model(rng)
+    shapes = {"x": (1, 50, 384), "x2": (1, 20, 384), "v": (384, 1152)}
+    mod, _, run = _compile(model, shapes, "x86-64-avx512", tmp_path)
+    consts = _constants(mod["main"])
+    assert (384, 1152) not in consts and consts.count((36, 384, 32)) == 1, consts
+    kernels = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    packed = {n for n, f in kernels.items() if cpu._PACKED_ATTR in (f.attrs or {})}
+    assert len(packed) == 2, sorted(kernels)  # x @ W + b and x2 @ W; not x @ v
+    assert all(tuple(int(d) for d in kernels[n].params[1].shape) == (36, 384, 32) for n in packed)
+    feeds = {k: rng.uniform(-1, 1, s).astype(np.float32) for k, s in shapes.items()}
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+    # weight_panel=0: no packing, the weight as the model has it
+    fused = backends.for_profile(resolve("x86-64-avx512")).fuse(
+        importer.to_relax(importer.prepare(model, [importer.InputOverride(k, v) for k, v in shapes.items()])),
+        resolve("x86-64-avx512"))  # fmt: skip
+    import dataclasses
+
+    plain = cpu.apply_default(fused, resolve("x86-64-avx512"), dataclasses.replace(cpu.cpu_config(resolve("x86-64-avx512").tvm()), weight_panel=0))
+    assert (384, 1152) in _constants(plain["main"]) and (36, 384, 32) not in _constants(plain["main"])
+
+
+def test_packed_weights_are_shared_by_a_portable_artifacts_builds(tmp_path):
+    """Every CPU level packs a weight the same way, so the x86-64 artifact's weights file holds it
+    once for its SSE, AVX2 and AVX-512 builds."""
+    import numpy as np
+    import onnx
+    from conftest import cli
+
+    from tvm_hybrid.manifest import Manifest
+
+    model = _weight_model(np.random.RandomState(4))
+    onnx.save(model, tmp_path / "m.onnx")
+    cli("compile", str(tmp_path / "m.onnx"), "--input", "x:1x50x384", "--input", "x2:1x20x384", "--input", "v:384x1152",
+        "-t", "x86-64", "--cloud", "none", "-o", str(tmp_path / "out"), check=True)  # fmt: skip
+    art = tmp_path / "out" / "x86-64"
+    [seg] = Manifest.from_dict(__import__("json").loads((art / "manifest.json").read_text())).segments
+    assert len(seg.variants) >= 2
+    with np.load(art / seg.weights["file"]) as z:
+        shapes = sorted(z[k].shape for k in z.files)
+    assert shapes.count((36, 384, 32)) == 1 and (384, 1152) not in shapes, shapes
