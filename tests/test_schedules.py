@@ -696,6 +696,8 @@ def test_constant_matmul_weights_are_packed_in_panels_once(tmp_path):
     """A constant [K, N] matmul weight is read from panels [N/32, K, 32], packed at compile time:
     the module holds the packed weight only, once for the two matmuls that share it; a matmul by
     an input is left as it is. All match onnxruntime."""
+    import dataclasses
+
     import numpy as np
     import tvm
 
@@ -712,18 +714,18 @@ def test_constant_matmul_weights_are_packed_in_panels_once(tmp_path):
     feeds = {k: rng.uniform(-1, 1, s).astype(np.float32) for k, s in shapes.items()}
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
     # weight_panel=0: no packing, the weight as the model has it
-    fused = backends.for_profile(resolve("x86-64-avx512")).fuse(
-        importer.to_relax(importer.prepare(model, [importer.InputOverride(k, v) for k, v in shapes.items()])),
-        resolve("x86-64-avx512"))  # fmt: skip
-    import dataclasses
-
-    plain = cpu.apply_default(fused, resolve("x86-64-avx512"), dataclasses.replace(cpu.cpu_config(resolve("x86-64-avx512").tvm()), weight_panel=0))
+    profile = resolve("x86-64-avx512")
+    overrides = [importer.InputOverride(k, v) for k, v in shapes.items()]
+    fused = backends.for_profile(profile).fuse(importer.to_relax(importer.prepare(model, overrides)), profile)
+    plain = cpu.apply_default(fused, profile, dataclasses.replace(cpu.cpu_config(profile.tvm()), weight_panel=0))
     assert (384, 1152) in _constants(plain["main"]) and (36, 384, 32) not in _constants(plain["main"])
 
 
 def test_packed_weights_are_shared_by_a_portable_artifacts_builds(tmp_path):
     """Every CPU level packs a weight the same way, so the x86-64 artifact's weights file holds it
     once for its SSE, AVX2 and AVX-512 builds."""
+    import json
+
     import numpy as np
     import onnx
     from conftest import cli
@@ -735,7 +737,7 @@ def test_packed_weights_are_shared_by_a_portable_artifacts_builds(tmp_path):
     cli("compile", str(tmp_path / "m.onnx"), "--input", "x:1x50x384", "--input", "x2:1x20x384", "--input", "v:384x1152",
         "-t", "x86-64", "--cloud", "none", "-o", str(tmp_path / "out"), check=True)  # fmt: skip
     art = tmp_path / "out" / "x86-64"
-    [seg] = Manifest.from_dict(__import__("json").loads((art / "manifest.json").read_text())).segments
+    [seg] = Manifest.from_dict(json.loads((art / "manifest.json").read_text())).segments
     assert len(seg.variants) >= 2
     with np.load(art / seg.weights["file"]) as z:
         shapes = sorted(z[k].shape for k in z.files)

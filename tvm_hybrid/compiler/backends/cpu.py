@@ -720,7 +720,8 @@ def _pack_weight(sch, block, dominant, stmt, vec_var, panel: int) -> bool:
     buf = dominant.source if dominant is not None else None
     if not free or buf is None or len(buf.shape) != 2 or str(buf.dtype) != "float32":
         return False
-    if not any(int(i) < len(func.params) and func.params[int(i)].same_as(buf) for i in free):
+    param = next((i for i, p in enumerate(func.params) if p.same_as(buf)), None)
+    if param not in {int(i) for i in free}:
         return False
     k, n = (r.min for r in dominant.region)
     reduce_vars = [iv.var for iv in stmt.iter_vars if iv.iter_type == 2]
@@ -733,7 +734,6 @@ def _pack_weight(sch, block, dominant, stmt, vec_var, panel: int) -> bool:
     if sum(any(r.source.same_as(buf) for r in sch.get(b).reads) for b in sch.get_child_blocks(root)) != 1:
         return False  # (another block reads the weight as it is)
     index = next(i for i, r in enumerate(sch.get(block).reads) if r.source.same_as(buf))
-    param = next(i for i, p in enumerate(func.params) if p.same_as(buf))
     sch.transform_layout(block, ("read", index), lambda kk, nn: (nn // panel, kk, nn % panel))
     sch.annotate(block, _PACKED_BLOCK, param)
     return True
@@ -978,10 +978,7 @@ def _domain_size(stmt, spatial_only: bool = False) -> int:
 
 
 def _const_extent(sch, loop) -> int | None:
-    try:
-        return int(sch.get(loop).extent)
-    except (TypeError, ValueError):
-        return None
+    return _const(sch.get(loop).extent)
 
 
 def _work(sch, block) -> int:
