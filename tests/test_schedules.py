@@ -742,3 +742,26 @@ def test_packed_weights_are_shared_by_a_portable_artifacts_builds(tmp_path):
     with np.load(art / seg.weights["file"]) as z:
         shapes = sorted(z[k].shape for k in z.files)
     assert shapes.count((36, 384, 32)) == 1 and (384, 1152) not in shapes, shapes
+
+
+def test_a_batch_of_sequences_keeps_its_rows_innermost(tmp_path):
+    """A transformer's FFN up projection over a batch of 8 sequences of 128 tokens: the rows of
+    one sequence (196 KB) are what cycles through L2 while a weight panel stays there, not the
+    batch's 1.5 MB, so the row tiles go innermost as they do at batch 1; rows outermost, each
+    4-row tile streamed all of the 2.4 MB weight (``_rows_innermost``). It matches onnxruntime."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.RandomState(8)
+    inits = [numpy_helper.from_array(rng.uniform(-0.1, 0.1, (384, 1536)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.uniform(-1, 1, (1536,)).astype(np.float32), "b")]  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 128, 384])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    mod, _, run = _compile(model, {"x": (8, 128, 384)}, "x86-64-avx512", tmp_path)
+    [mm] = [f for gv, f in mod.functions.items() if "matmul" in gv.name_hint]
+    fused = next(ln for ln in mm.script().splitlines() if "T.parallel(" in ln)
+    assert "_i1_0_fused in" in fused, fused  # batch, column tiles, then the row tiles
+    feeds = {"x": rng.uniform(-1, 1, (8, 128, 384)).astype(np.float32)}
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)

@@ -646,7 +646,7 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
             outer.append(lp)
     if lanes:
         inner += [vec_cols, vec_inner]
-    if row_outer is not None and _rows_innermost(sch, stmt, dominant, reduce, cfg):
+    if row_outer is not None and _rows_innermost(sch, stmt, dominant, reduce, spatial, (row, vec), cfg):
         outer = [lp for lp in outer if not lp.same_as(row_outer)] + [row_outer]
     sch.reorder(*outer, *reduce, *inner)
     # A long reduction with the row tiles innermost: blocks of k_block under the outer tiles, the
@@ -808,7 +808,7 @@ def _vectorize_reduction(sch, block, spatial, reduce, cfg: CpuConfig) -> bool:
     return True
 
 
-def _rows_innermost(sch, stmt, dominant, reduce, cfg: CpuConfig) -> bool:
+def _rows_innermost(sch, stmt, dominant, reduce, spatial, tile_axes, cfg: CpuConfig) -> bool:
     """Whether the row tiles (output channels) should be the innermost of the outer loops.
 
     Row tiles outermost stream the dominant read (the activation) once per tile of output
@@ -821,11 +821,20 @@ def _rows_innermost(sch, stmt, dominant, reduce, cfg: CpuConfig) -> bool:
     wins: YOLOv8n-320, whose 48->32 1x1 conv at 80x80 this changes, 21.39 -> 21.03 ms on 2 Zen 4
     cores (``scripts/ab_schedules.py --model zoo:yolov8n-320 --variant rows_inner_min_reduction=64``).
     """
-    weights = max(
-        (_buffer_bytes(r.source) for r in stmt.reads
+    other = max(
+        (r for r in stmt.reads
          if not r.source.same_as(dominant.source) and not r.source.same_as(stmt.writes[0].source)),
-        default=0,
+        key=lambda r: _buffer_bytes(r.source), default=None,
     )  # fmt: skip
+    # The spatial axes other than the tile's stay outside it, so what cycles through L2 is a
+    # slice of this read per value of those that index it: one sequence's 128x384 rows of a
+    # batch of 8, not all 1024 (paraphrase-MiniLM-L3 at 8x128, whose 1.5 MB of activations had
+    # kept the rows of its 384->1536 FFN outermost, each 4-row tile streaming the 2.4 MB
+    # weight: 55.7 -> 42.6 ms, `scripts/ab_revisions.py`).
+    weights = _buffer_bytes(other.source) if other is not None else 0
+    for i, (lp, iv) in enumerate(spatial):
+        if weights and i not in tile_axes and _uses_var(other, iv.var):
+            weights //= _extent(sch, lp)
     if _k_blocks(sch, reduce, cfg):  # what cycles through L2 is then one block's columns of it
         weights = weights * cfg.k_block // _extent(sch, reduce[0])
     return weights <= cfg.rows_inner_max_bytes and _buffer_bytes(dominant.source) >= 1 << 20 \
