@@ -10,6 +10,7 @@ MiB: onnxruntime's row the ONNX file, TVM's the artifact (library and manifest).
     python scripts/bench.py                       # the PP-OCR models and the MiniLM rows, 30 runs
     python scripts/bench.py --model det --model minilm-l3 --runs 50 --threads 1 --json bench.json
     python scripts/bench.py --model model.onnx --input x:1x3x224x224 --target x86-64
+    python scripts/bench.py --model zoo:yolov8n-320 --target host --target x86-64   # both profiles, one run
     python scripts/bench.py --model zoo:vit-s16 --runs 20
     python scripts/bench.py --model det --model det-int8 --model cls --model cls-int8   # int8 (quantized on first use)
     python scripts/bench.py --model det --model det-int8 --together   # int8 vs fp32 in the same blocks
@@ -74,7 +75,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None, help="threads for both engines (default: their own)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per engine (after warm-up)")
-    ap.add_argument("--target", default="host")
+    ap.add_argument("--target", action="append", metavar="PROFILE",
+                    help="repeatable: each profile's builds run in the same blocks as the others' (default: host)")
     ap.add_argument("--model", action="append", metavar="NAME|PATH",
                     help=f"repeatable; a name ({', '.join([*MODELS, *QUANTIZED])}) or an ONNX path; default: {', '.join(MODELS)}")
     ap.add_argument("--input", action="append", default=[], metavar="NAME:DIMS[:DTYPE]",
@@ -98,7 +100,7 @@ def main() -> None:
     from tvm_hybrid.runtime import Session
     from tvm_hybrid.targets import resolve
 
-    profile = resolve(args.target)
+    profiles = list({p.name: p for p in (resolve(t) for t in args.target or ["host"])}.values())
     peak = practical_peak_gflops(np)
     variants = available_variants()
     rows, models = [], []
@@ -120,22 +122,23 @@ def main() -> None:
             engines = {"onnxruntime": lambda ort_sess=ort_sess, feeds=feeds: ort_sess.run(None, feeds)}
             sizes = {"onnxruntime": path.stat().st_size}  # the model file; TVM's: the artifact's files
             tmp = stack.enter_context(tempfile.TemporaryDirectory())
-            for v in variants:
+            for v, profile in [(v, p) for p in profiles for v in variants]:
+                name = v.name if len(profiles) == 1 else f"{v.name} {profile.name}"
                 t0 = time.perf_counter()
                 [s] = compile_model(
-                    CompileOptions(model=path, targets=(profile.name,), output=Path(tmp) / v.name,
+                    CompileOptions(model=path, targets=(profile.name,), output=Path(tmp) / name,
                                    inputs=tuple(overrides), cloud=None, **v.compile_kwargs)  # fmt: skip
                 )
                 compile_s = time.perf_counter() - t0
-                sizes[v.name] = s.bytes
+                sizes[name] = s.bytes
                 sess = Session(s.path, threads=args.threads)
                 stack.callback(sess.close)
                 tvm_threads = sess.threads
                 kernels = sess.manifest.segments[0].kernels or {}
                 got = list(sess.run(feeds).values())
                 err = max(float(np.abs(g.astype(np.float64) - w).max()) if g.size else 0.0 for g, w in zip(got, want))
-                engines[v.name] = (lambda sess=sess, feeds=feeds: sess.run(feeds))
-                print(f"# {label}: {v.name} compiled in {compile_s:.1f} s, kernels {kernels}, "
+                engines[name] = (lambda sess=sess, feeds=feeds: sess.run(feeds))
+                print(f"# {label}: {name} compiled in {compile_s:.1f} s, kernels {kernels}, "
                       f"max |err| vs onnxruntime {err:.2e}", file=sys.stderr)  # fmt: skip
             models.append((spec, label, gflop, engines, sizes))
             if not args.together:
@@ -164,9 +167,10 @@ def main() -> None:
                 }
             )
     threads = f"{args.threads} thread(s)" if args.threads else f"default threads (TVM: {tvm_threads})"
-    print_table(rows, args, profile.name, peak, ort.__version__, threads)
+    target = ", ".join(p.name for p in profiles)
+    print_table(rows, args, target, peak, ort.__version__, threads)
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "tvm_threads": tvm_threads, "target": profile.name,
+        args.json.write_text(json.dumps({"threads": args.threads, "tvm_threads": tvm_threads, "target": target,
                                          "peak_gflops": peak, "onnxruntime": ort.__version__, "rows": rows},
                                         indent=2))  # fmt: skip
 
