@@ -147,7 +147,23 @@ def _conv_taps_in_bounds(bb, call):
     if ops is None:
         return None
     a, x, w, (n, c, h, wd), (o, ci, kh, kw) = ops
-    if a.kernel_layout != "OIHW" or any(int(d) != 1 for d in a.dilation):
+    if a.kernel_layout != "OIHW":
+        return None
+    taps = _taps_in_bounds(a, h, wd, kh, kw)
+    if taps is None:
+        return None
+    (r0, r1), (c0, c1), padding = taps
+    wc = bb.emit(relax.op.strided_slice(w, axes=[2, 3], begin=[r0, c0], end=[r1, c1]))
+    return relax.op.nn.conv2d(x, wc, strides=a.strides, padding=padding, dilation=[1, 1],
+                              groups=int(a.groups), data_layout=a.data_layout, kernel_layout=a.kernel_layout,
+                              out_layout=a.out_layout, out_dtype=_out_dtype(a))  # fmt: skip
+
+
+def _taps_in_bounds(a, h: int, wd: int, kh: int, kw: int):
+    """For a conv of ``kh x kw`` over ``h x wd`` with attributes ``a``: the kernel rows and columns
+    that read the map for some output ((r0, r1), (c0, c1)) and the padding that keeps every
+    output where it was with only those; None where that is all of them (or dilated)."""
+    if any(int(d) != 1 for d in a.dilation):
         return None
     top, left, bottom, right = (int(p) for p in a.padding)
     sy, sx = (int(v) for v in a.strides)
@@ -167,10 +183,7 @@ def _conv_taps_in_bounds(bb, call):
     bottom2, right2 = (ho - 1) * sy + (r1 - r0) - h - top2, (wo - 1) * sx + (c1 - c0) - wd - left2
     if min(top2, left2, bottom2, right2) < 0:
         return None
-    wc = bb.emit(relax.op.strided_slice(w, axes=[2, 3], begin=[r0, c0], end=[r1, c1]))
-    return relax.op.nn.conv2d(x, wc, strides=[sy, sx], padding=[top2, left2, bottom2, right2], dilation=[1, 1],
-                              groups=int(a.groups), data_layout=a.data_layout, kernel_layout=a.kernel_layout,
-                              out_layout=a.out_layout, out_dtype=_out_dtype(a))  # fmt: skip
+    return rows, cols, [top2, left2, bottom2, right2]
 
 
 def qparams_as_tensors():
@@ -750,14 +763,24 @@ def _int8_conv2d(m, call):
         return None
     dq = _dequant_of(m, call.args[1])
     out_dtype = _out_dtype(a)
+    padding = [int(p) for p in a.padding]
+    shapes = _static_shapes(call.args[0])
+    taps = _taps_in_bounds(a, *shapes[0][2:], *dq.q.shape[2:]) if shapes and len(shapes[0]) == 4 else None
+    if taps is not None:
+        # Only the kernel rows and columns that read the map, as ``conv_taps_in_bounds`` does
+        # for an fp32 conv (that pass runs after this one, and this call is a kernel by then):
+        # PP-OCR cls's 5x5 depthwise convs over maps two rows high, 3x5.
+        (r0, r1), (c0, c1), padding = taps
+        cut = lambda v: v[:, :, r0:r1, c0:c1] if v is not None and v.ndim == 4 and v.shape[2:] != (1, 1) else v  # noqa: E731
+        dq = _Dequant(np.ascontiguousarray(dq.q[:, :, r0:r1, c0:c1]), cut(dq.scale), cut(dq.zero_point))
 
     def compute(x, value, wshape):
         w = te.compute(wshape, lambda *i: value(list(i)), name=DEQUANTIZE_STAGE)
         ints = lambda v: [int(i) for i in v]  # noqa: E731
-        return topi.nn.conv(x, w, ints(a.strides), ints(a.padding), ints(a.dilation), int(a.groups), "NCHW", "OIHW",
+        return topi.nn.conv(x, w, ints(a.strides), padding, ints(a.dilation), int(a.groups), "NCHW", "OIHW",
                             out_dtype)  # fmt: skip
 
-    return _emit_int8(m, "conv2d_int8w", compute, [call.args[0]], dq, str(a))
+    return _emit_int8(m, "conv2d_int8w", compute, [call.args[0]], dq, f"{a} {padding}")
 
 
 def _int8_matmul(m, call):
