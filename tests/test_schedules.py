@@ -721,6 +721,31 @@ def test_constant_matmul_weights_are_packed_in_panels_once(tmp_path):
     assert (384, 1152) in _constants(plain["main"]) and (36, 384, 32) not in _constants(plain["main"])
 
 
+def test_int8_matmul_weights_are_packed_in_panels_too(tmp_path):
+    """An int8 [K, N] weight that its matmul dequantizes as it reads (``rewrites.int8_weights``:
+    the int8 MiniLM-L6's Cast + Mul) is packed in panels like an fp32 one, and stays int8: the
+    module holds the [N/32, K, 32] int8 weight and not the [K, N] one. Matches onnxruntime."""
+    import numpy as np
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.RandomState(4)
+    inits = [numpy_helper.from_array(rng.randint(-127, 128, (384, 1152)).astype(np.int8), "wq"),
+             numpy_helper.from_array((rng.uniform(0.5, 1.5, (1152,)) / 127).astype(np.float32), "ws")]  # fmt: skip
+    nodes = [helper.make_node("Cast", ["wq"], ["wf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["wf", "ws"], ["w"]),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "int8w", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 50, 384])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    mod, _, run = _compile(model, {"x": (1, 50, 384)}, "x86-64-avx512", tmp_path)
+    [mm] = [f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and cpu._PACKED_ATTR in (f.attrs or {})]
+    assert [(tuple(int(d) for d in p.shape), str(p.dtype)) for p in mm.params if str(p.dtype) == "int8"] == [((36, 384, 32), "int8")]
+    consts = _constants(mod["main"])
+    assert (384, 1152) not in consts and (36, 384, 32) in consts, consts
+    feeds = {"x": rng.uniform(-1, 1, (1, 50, 384)).astype(np.float32)}
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+
+
 def test_packed_weights_are_shared_by_a_portable_artifacts_builds(tmp_path):
     """Every CPU level packs a weight the same way, so the x86-64 artifact's weights file holds it
     once for its SSE, AVX2 and AVX-512 builds."""
