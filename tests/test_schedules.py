@@ -746,6 +746,31 @@ def test_int8_matmul_weights_are_packed_in_panels_too(tmp_path):
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
 
 
+def test_int8_weights_of_a_matmul_of_many_rows_are_dequantized_once(tmp_path):
+    """From 128 rows (``rewrites._DEQUANTIZE_ONCE_ROWS``) a matmul by an int8 weight dequantizes
+    it once a call, in a stage of its own, instead of in every tile of rows; the weight stays
+    int8 in the module. Matches onnxruntime."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tvm_hybrid.compiler.rewrites import DEQUANTIZE_STAGE
+
+    rng = np.random.RandomState(5)
+    inits = [numpy_helper.from_array(rng.randint(-127, 128, (384, 1152)).astype(np.int8), "wq"),
+             numpy_helper.from_array((rng.uniform(0.5, 1.5, (1152,)) / 127).astype(np.float32), "ws")]  # fmt: skip
+    nodes = [helper.make_node("Cast", ["wq"], ["wf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["wf", "ws"], ["w"]),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "int8w", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 100, 384])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    mod, _, run = _compile(model, {"x": (2, 100, 384)}, "x86-64-avx512", tmp_path)
+    [mm] = [f for gv, f in mod.functions.items() if "matmul_int8w" in gv.name_hint]
+    assert f'"{DEQUANTIZE_STAGE}"' in mm.script()
+    assert (384, 1152) in _constants(mod["main"])  # int8, as the model has it
+    feeds = {"x": rng.uniform(-1, 1, (2, 100, 384)).astype(np.float32)}
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+
+
 def test_packed_weights_are_shared_by_a_portable_artifacts_builds(tmp_path):
     """Every CPU level packs a weight the same way, so the x86-64 artifact's weights file holds it
     once for its SSE, AVX2 and AVX-512 builds."""

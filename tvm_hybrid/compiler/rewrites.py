@@ -586,6 +586,11 @@ def _conv_transpose_as_conv(bb, call):
 DEQUANTIZE_STAGE = "dequantize_weight"
 #: TVM's OpPatternKind of conv2d and matmul (relay/op_attr_types.h: kOutEWiseFusable).
 _OUT_ELEMWISE_FUSABLE = 4
+#: A matmul of at least this many rows by an int8 weight dequantizes the weight once a call, as a
+#: stage of its own, and multiplies in fp32; with fewer, it dequantizes as it reads. Inline, each
+#: tile of rows dequantizes the whole weight again: the int8 MiniLM-L6 (``scripts/ab_revisions.py``)
+#: at 8x128 0.684x with the stage, at 1x128 0.934x; at 1x64 1.057x and 1x32 1.458x, so inline there.
+_DEQUANTIZE_ONCE_ROWS = 128
 #: Smaller int8 constants are left to constant folding: the call overhead is not worth a few bytes.
 _INT8_MIN_ELEMENTS = 1024
 
@@ -599,9 +604,10 @@ def int8_weights():
     transposed weight, as Gemm imports) or a ``take`` (an embedding table) whose weight is such a
     dequantization, the call becomes one kernel that reads the int8 weight and dequantizes each
     element as it reads it, ``(float(q) - zero_point) * scale`` — the value constant folding would
-    have stored, so the results are the same. The CPU schedules inline it into a matmul's or a
-    take's loop like any cast; a convolution dequantizes its weight as a stage of its own
-    (``DEQUANTIZE_STAGE``), the whole weight once a call, and convolves as an fp32 one does.
+    have stored, so the results are the same. The CPU schedules inline it into a take's loop, and
+    into a matmul's of fewer than ``_DEQUANTIZE_ONCE_ROWS`` rows, like any cast; a convolution, and
+    a matmul of more rows, dequantize the weight as a stage of their own (``DEQUANTIZE_STAGE``),
+    the whole weight once a call, and compute as fp32 ones do.
     """
     import tvm
     from tvm import relax
@@ -802,18 +808,24 @@ def _int8_matmul(m, call):
     if str(x.ty.dtype) != "float32" or out_dtype not in ("float32", "void"):
         return None
 
+    staged = int(np.prod(xs[0][:-1])) >= _DEQUANTIZE_ONCE_ROWS
+
     def compute(xt, value, wshape):
         k_ext = wshape[1] if transposed else wshape[0]
         n_ext = wshape[0] if transposed else wshape[1]
         k = te.reduce_axis((0, k_ext), name="k")
+        if staged:
+            wf = te.compute([k_ext, n_ext], lambda kk, nn: value([nn, kk] if transposed else [kk, nn]), name=DEQUANTIZE_STAGE)
+            weight = lambda n: wf[k, n]  # noqa: E731
+        else:
+            weight = lambda n: value([n, k] if transposed else [k, n])  # noqa: E731
 
         def body(*i):
-            widx = [i[-1], k] if transposed else [k, i[-1]]
-            return te.sum(xt(*i[:-1], k) * value(widx), axis=k)
+            return te.sum(xt(*i[:-1], k) * weight(i[-1]), axis=k)
 
         return te.compute([*xt.shape[:-1], n_ext], body, name="matmul")
 
-    return _emit_int8(m, "matmul_int8w", compute, [x], dq, transposed)
+    return _emit_int8(m, "matmul_int8w", compute, [x], dq, (transposed, staged))
 
 
 def _int8_take(m, call):

@@ -715,7 +715,8 @@ def _pack_weight(sch, block, dominant, stmt, vec_var, panel: int) -> bool:
     already) 1.33 -> 1.31 ms; in the model (``scripts/ab_revisions.py HEAD WORKTREE``) ViT-S/16
     0.915x, MiniLM-L3 0.968x, int8 MiniLM-L6 0.984x, the conv models unchanged (none packed).
     An int8 weight that the kernel dequantizes as it reads (``rewrites.int8_weights``) is packed
-    the same way and stays int8: int8 MiniLM-L6 0.916x in two A/B runs.
+    the same way and stays int8: int8 MiniLM-L6 0.916x in two A/B runs (under 128 rows only, now:
+    with more, ``rewrites._DEQUANTIZE_ONCE_ROWS``, the weight is dequantized in a stage first).
     """
     func = sch.mod["main"]
     free = func.attrs.get(_CONSTANT_ATTR) if func.attrs is not None else None
