@@ -721,22 +721,30 @@ def test_constant_matmul_weights_are_packed_in_panels_once(tmp_path):
     assert (384, 1152) in _constants(plain["main"]) and (36, 384, 32) not in _constants(plain["main"])
 
 
-def test_int8_matmul_weights_are_packed_in_panels_too(tmp_path):
-    """An int8 [K, N] weight that its matmul dequantizes as it reads (``rewrites.int8_weights``:
-    the int8 MiniLM-L6's Cast + Mul) is packed in panels like an fp32 one, and stays int8: the
-    module holds the [N/32, K, 32] int8 weight and not the [K, N] one. Matches onnxruntime."""
+def _int8_weight_matmul(rng, x_shape):
+    """y = x @ (float(wq) * ws): a [384, 1152] int8 weight with a scale per column, as the int8
+    MiniLM-L6 writes its weights (Cast + Mul; ``rewrites.int8_weights`` keeps them int8)."""
     import numpy as np
-    import tvm
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.RandomState(4)
     inits = [numpy_helper.from_array(rng.randint(-127, 128, (384, 1152)).astype(np.int8), "wq"),
              numpy_helper.from_array((rng.uniform(0.5, 1.5, (1152,)) / 127).astype(np.float32), "ws")]  # fmt: skip
     nodes = [helper.make_node("Cast", ["wq"], ["wf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["wf", "ws"], ["w"]),
              helper.make_node("MatMul", ["x", "w"], ["y"])]  # fmt: skip
-    graph = helper.make_graph(nodes, "int8w", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 50, 384])],
+    graph = helper.make_graph(nodes, "int8w", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_int8_matmul_weights_are_packed_in_panels_too(tmp_path):
+    """An int8 [K, N] weight that its matmul dequantizes as it reads (under 128 rows) is packed in
+    panels like an fp32 one, and stays int8: the module holds the [N/32, K, 32] int8 weight and
+    not the [K, N] one. Matches onnxruntime."""
+    import numpy as np
+    import tvm
+
+    rng = np.random.RandomState(4)
+    model = _int8_weight_matmul(rng, (1, 50, 384))
     mod, _, run = _compile(model, {"x": (1, 50, 384)}, "x86-64-avx512", tmp_path)
     [mm] = [f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and cpu._PACKED_ATTR in (f.attrs or {})]
     assert [(tuple(int(d) for d in p.shape), str(p.dtype)) for p in mm.params if str(p.dtype) == "int8"] == [((36, 384, 32), "int8")]
@@ -751,18 +759,11 @@ def test_int8_weights_of_a_matmul_of_many_rows_are_dequantized_once(tmp_path):
     it once a call, in a stage of its own, instead of in every tile of rows; the weight stays
     int8 in the module. Matches onnxruntime."""
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
 
     from tvm_hybrid.compiler.rewrites import DEQUANTIZE_STAGE
 
     rng = np.random.RandomState(5)
-    inits = [numpy_helper.from_array(rng.randint(-127, 128, (384, 1152)).astype(np.int8), "wq"),
-             numpy_helper.from_array((rng.uniform(0.5, 1.5, (1152,)) / 127).astype(np.float32), "ws")]  # fmt: skip
-    nodes = [helper.make_node("Cast", ["wq"], ["wf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["wf", "ws"], ["w"]),
-             helper.make_node("MatMul", ["x", "w"], ["y"])]  # fmt: skip
-    graph = helper.make_graph(nodes, "int8w", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 100, 384])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _int8_weight_matmul(rng, (2, 100, 384))
     mod, _, run = _compile(model, {"x": (2, 100, 384)}, "x86-64-avx512", tmp_path)
     [mm] = [f for gv, f in mod.functions.items() if "matmul_int8w" in gv.name_hint]
     assert f'"{DEQUANTIZE_STAGE}"' in mm.script()
