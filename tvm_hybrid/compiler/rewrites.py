@@ -589,7 +589,8 @@ _OUT_ELEMWISE_FUSABLE = 4
 #: A matmul of at least this many rows by an int8 weight dequantizes the weight once a call, as a
 #: stage of its own, and multiplies in fp32; with fewer, it dequantizes as it reads. Inline, each
 #: tile of rows dequantizes the whole weight again: the int8 MiniLM-L6 (``scripts/ab_revisions.py``)
-#: at 8x128 0.684x with the stage, at 1x128 0.934x; at 1x64 1.057x and 1x32 1.458x, so inline there.
+#: at 8x128 0.684x with the stage, at 1x128 0.934x; at 1x64 1.057x and 1x32 1.458x (the threshold
+#: lowered to 16 rows), so inline there.
 _DEQUANTIZE_ONCE_ROWS = 128
 #: Smaller int8 constants are left to constant folding: the call overhead is not worth a few bytes.
 _INT8_MIN_ELEMENTS = 1024
