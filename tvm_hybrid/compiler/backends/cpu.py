@@ -646,7 +646,8 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
             outer.append(lp)
     if lanes:
         inner += [vec_cols, vec_inner]
-    if row_outer is not None and _rows_innermost(sch, stmt, dominant, reduce, spatial, (row, vec), cfg):
+    if row_outer is not None and _rows_innermost(sch, stmt, dominant, reduce, spatial, (row, vec), cfg,
+                                                 (_extent(sch, row_outer), _extent(sch, outer[vec]) if lanes else 1)):
         outer = [lp for lp in outer if not lp.same_as(row_outer)] + [row_outer]
     sch.reorder(*outer, *reduce, *inner)
     # A long reduction with the row tiles innermost: blocks of k_block under the outer tiles, the
@@ -811,7 +812,7 @@ def _vectorize_reduction(sch, block, spatial, reduce, cfg: CpuConfig) -> bool:
     return True
 
 
-def _rows_innermost(sch, stmt, dominant, reduce, spatial, tile_axes, cfg: CpuConfig) -> bool:
+def _rows_innermost(sch, stmt, dominant, reduce, spatial, tile_axes, cfg: CpuConfig, tiles=(1, 1)) -> bool:
     """Whether the row tiles (output channels) should be the innermost of the outer loops.
 
     Row tiles outermost stream the dominant read (the activation) once per tile of output
@@ -840,8 +841,17 @@ def _rows_innermost(sch, stmt, dominant, reduce, spatial, tile_axes, cfg: CpuCon
             weights //= _extent(sch, lp)
     if _k_blocks(sch, reduce, cfg):  # what cycles through L2 is then one block's columns of it
         weights = weights * cfg.k_block // _extent(sch, reduce[0])
-    return weights <= cfg.rows_inner_max_bytes and _buffer_bytes(dominant.source) >= 1 << 20 \
-        and math.prod(_extent(sch, lp) for lp in reduce) >= cfg.rows_inner_min_reduction  # fmt: skip
+    streamed = _buffer_bytes(dominant.source)
+    if streamed < 1 << 20 or math.prod(_extent(sch, lp) for lp in reduce) < cfg.rows_inner_min_reduction:
+        return False
+    if weights <= cfg.rows_inner_max_bytes:
+        return True
+    # Neither fits: stream the one that costs far less. Rows outermost stream the dominant read
+    # once a row tile; innermost, this one once a column tile. A 1024-row matmul flattened to
+    # 2-D (no batch axis to slice by): 384->1536, 256 tiles of 4 rows x 2.4 MB of weight
+    # against 16 tiles of 96 columns x 1.5 MB of activations.
+    row_tiles, col_tiles = tiles
+    return 4 * col_tiles * weights < row_tiles * streamed
 
 
 def _k_blocks(sch, reduce, cfg: CpuConfig) -> bool:
