@@ -222,41 +222,6 @@ def test_int8_weights_stay_int8_and_match_onnxruntime(tmp_path):
     np.testing.assert_allclose(got["y"], want["y"], rtol=1e-4, atol=1e-4 * np.abs(want["y"]).max())
 
 
-def test_int8_weight_conv_drops_the_taps_that_only_read_padding(tmp_path):
-    """A 5x5 depthwise conv with int8 weights over a map two rows high (PP-OCR cls's, once its
-    height is pooled away) keeps only the 3 kernel rows that read the map, as an fp32 conv does
-    (``rewrites.conv_taps_in_bounds``): its kernel reads a 3x5 int8 weight, sliced at compile
-    time, and matches onnxruntime."""
-    import tvm
-    from onnx import TensorProto, helper, numpy_helper
-
-    from tvm_hybrid.compiler import backends, importer
-    from tvm_hybrid.targets import resolve
-
-    rng = np.random.default_rng(3)
-    inits = {"w_q": rng.integers(-127, 128, (64, 1, 5, 5)).astype(np.int8),
-             "w_s": (rng.random(64) * 0.02 + 0.005).astype(np.float32), "w_z": np.zeros(64, np.int8)}  # fmt: skip
-    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=0),
-             helper.make_node("Conv", ["x", "w"], ["y"], pads=[2, 2, 2, 2], group=64)]  # fmt: skip
-    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 2, 40])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 2, 40])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    profile = resolve("x86-64-avx512")
-    imported = importer.prepare(model, [importer.InputOverride("x", (1, 64, 2, 40))])
-    backend = backends.for_profile(profile)
-    mod = backend.optimize(importer.to_relax(imported), profile)
-    [conv] = [f for gv, f in mod.functions.items() if "conv2d_int8w" in gv.name_hint]
-    assert [tuple(int(d) for d in p.shape) for p in conv.params if str(p.dtype) == "int8"] == [(64, 1, 3, 5)]
-    lib = tvm.runtime.load_module(str(backend.build_library(mod, profile, tmp_path / "m.so").library))
-    x = rng.standard_normal((1, 64, 2, 40)).astype(np.float32)
-    got = tvm.relax.VirtualMachine(lib, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    path = tmp_path / "m.onnx"
-    path.write_bytes(model.SerializeToString())
-    want = reference(path, {"x": x})["y"]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
 def test_plan_counts_int8_weights_at_their_size(cls_int8):
     out, _, _ = cls_int8
 

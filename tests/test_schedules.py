@@ -667,26 +667,6 @@ def test_long_reductions_go_in_blocks_and_match_onnxruntime(tmp_path, seq):
 
 
 
-def test_a_flattened_batch_streams_the_smaller_operand(tmp_path):
-    """The same FFN with its 1024 rows flattened to 2-D (no batch axis to slice by): neither
-    operand fits in L2, and the row tiles go innermost because 16 column tiles streaming the
-    1.5 MB activation cost far less than 256 row tiles streaming the 2.4 MB weight. Matches
-    onnxruntime."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.RandomState(9)
-    inits = [numpy_helper.from_array(rng.uniform(-0.1, 0.1, (384, 1536)).astype(np.float32), "w")]
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "ffn",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1024, 384])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    mod, _, run = _compile(model, {"x": (1024, 384)}, "x86-64-avx512", tmp_path)
-    [mm] = [f for gv, f in mod.functions.items() if "matmul" in gv.name_hint]
-    fused = next(ln for ln in mm.script().splitlines() if "T.parallel(" in ln)
-    assert "_i0_0_fused in" in fused, fused  # column tiles, then the row tiles
-    feeds = {"x": rng.uniform(-1, 1, (1024, 384)).astype(np.float32)}
-    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
 
 def _constants(func) -> list[tuple[int, ...]]:
     import tvm
@@ -817,11 +797,18 @@ def test_packed_weights_are_shared_by_a_portable_artifacts_builds(tmp_path):
     assert shapes.count((36, 384, 32)) == 1 and (384, 1152) not in shapes, shapes
 
 
-def test_a_batch_of_sequences_keeps_its_rows_innermost(tmp_path):
-    """A transformer's FFN up projection over a batch of 8 sequences of 128 tokens: the rows of
-    one sequence (196 KB) are what cycles through L2 while a weight panel stays there, not the
-    batch's 1.5 MB, so the row tiles go innermost as they do at batch 1; rows outermost, each
-    4-row tile streamed all of the 2.4 MB weight (``_rows_innermost``). It matches onnxruntime."""
+@pytest.mark.parametrize("x_shape, order", [((8, 128, 384), "_i1_0_fused in"), ((1024, 384), "_i0_0_fused in")],
+                         ids=["batch", "flattened"])
+def test_an_ffn_over_many_rows_keeps_its_rows_innermost(x_shape, order, tmp_path):
+    """A transformer's FFN up projection (384->1536) over 1024 rows (``_rows_innermost``):
+    - batch: 8 sequences of 128 tokens. One sequence's rows (196 KB) are what cycles through
+      L2 while a weight panel stays there, not the batch's 1.5 MB, so the row tiles go innermost
+      as they do at batch 1 (batch, column tiles, then the row tiles); rows outermost, each
+      4-row tile streamed all of the 2.4 MB weight.
+    - flattened: the same rows as 2-D, no batch axis to slice by. Neither operand fits in L2,
+      and 16 column tiles streaming the 1.5 MB activation cost far less than 256 row tiles
+      streaming the 2.4 MB weight (column tiles, then the row tiles).
+    Both match onnxruntime."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -829,12 +816,36 @@ def test_a_batch_of_sequences_keeps_its_rows_innermost(tmp_path):
     inits = [numpy_helper.from_array(rng.uniform(-0.1, 0.1, (384, 1536)).astype(np.float32), "w"),
              numpy_helper.from_array(rng.uniform(-1, 1, (1536,)).astype(np.float32), "b")]  # fmt: skip
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
-    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 128, 384])],
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    mod, _, run = _compile(model, {"x": (8, 128, 384)}, "x86-64-avx512", tmp_path)
+    mod, _, run = _compile(model, {"x": x_shape}, "x86-64-avx512", tmp_path)
     [mm] = [f for gv, f in mod.functions.items() if "matmul" in gv.name_hint]
     fused = next(ln for ln in mm.script().splitlines() if "T.parallel(" in ln)
-    assert "_i1_0_fused in" in fused, fused  # batch, column tiles, then the row tiles
-    feeds = {"x": rng.uniform(-1, 1, (8, 128, 384)).astype(np.float32)}
+    assert order in fused, fused
+    feeds = {"x": rng.uniform(-1, 1, x_shape).astype(np.float32)}
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_int8_weight_conv_drops_the_taps_that_only_read_padding(tmp_path):
+    """A 5x5 depthwise conv with int8 weights over a map two rows high (PP-OCR cls's, once its
+    height is pooled away) keeps only the 3 kernel rows that read the map, as an fp32 conv does
+    (``rewrites.conv_taps_in_bounds``): its kernel reads a 3x5 int8 weight, sliced at compile
+    time, and matches onnxruntime."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = {"w_q": rng.integers(-127, 128, (64, 1, 5, 5)).astype(np.int8),
+             "w_s": (rng.random(64) * 0.02 + 0.005).astype(np.float32), "w_z": np.zeros(64, np.int8)}  # fmt: skip
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=0),
+             helper.make_node("Conv", ["x", "w"], ["y"], pads=[2, 2, 2, 2], group=64)]  # fmt: skip
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 2, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 2, 40])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    mod, _, run = _compile(model, {"x": (1, 64, 2, 40)}, "x86-64-avx512", tmp_path)
+    [conv] = [f for gv, f in mod.functions.items() if "conv2d_int8w" in gv.name_hint]
+    assert [tuple(int(d) for d in p.shape) for p in conv.params if str(p.dtype) == "int8"] == [(64, 1, 3, 5)]
+    feeds = {"x": rng.standard_normal((1, 64, 2, 40)).astype(np.float32)}
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)

@@ -647,7 +647,7 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
     if lanes:
         inner += [vec_cols, vec_inner]
     if row_outer is not None and _rows_innermost(sch, stmt, dominant, reduce, spatial, (row, vec), cfg,
-                                                 (_extent(sch, row_outer), _extent(sch, outer[vec]) if lanes else 1)):
+                                                 (_extent(sch, row_outer), _extent(sch, outer[vec]))):
         outer = [lp for lp in outer if not lp.same_as(row_outer)] + [row_outer]
     sch.reorder(*outer, *reduce, *inner)
     # A long reduction with the row tiles innermost: blocks of k_block under the outer tiles, the
@@ -812,7 +812,7 @@ def _vectorize_reduction(sch, block, spatial, reduce, cfg: CpuConfig) -> bool:
     return True
 
 
-def _rows_innermost(sch, stmt, dominant, reduce, spatial, tile_axes, cfg: CpuConfig, tiles=(1, 1)) -> bool:
+def _rows_innermost(sch, stmt, dominant, reduce, spatial, tile_axes, cfg: CpuConfig, tiles) -> bool:
     """Whether the row tiles (output channels) should be the innermost of the outer loops.
 
     Row tiles outermost stream the dominant read (the activation) once per tile of output
