@@ -722,6 +722,68 @@ def yolov8(name: str, img: int, widths=(16, 32, 64, 128, 256), depths=(1, 2, 2, 
                 note="YOLOv8 (ultralytics export layout): C2f, SPPF, PAN neck, 3-scale Detect with DFL")  # fmt: skip
 
 
+def resnet(name: str, img: int, layers=(3, 4, 6, 3), classes: int = 1000) -> ZooModel:
+    """A ResNet (ResNet-50's bottleneck stages by default) as torchvision exports it in eval
+    mode: BatchNorm folded into each Conv's bias, Relu, a 3x3 stride-2 MaxPool after the 7x7
+    stride-2 stem, stride on the bottlenecks' 3x3 conv (v1.5), 1x1 downsample convs, residual
+    Adds, GlobalAveragePool, Flatten, Gemm."""
+    g = _Graph(name)
+    x = g.input("input", F32, [1, 3, img, img])
+    gain = np.sqrt(2.0)
+    h = g.op("Relu", [g.conv(x, 3, 64, 7, "/conv1", stride=2, pad=3, gain=gain)], "/relu/Relu")
+    h = g.op("MaxPool", [h], "/maxpool/MaxPool", ceil_mode=0, kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    cin = 64
+    for li, (n, width) in enumerate(zip(layers, (64, 128, 256, 512))):
+        for bi in range(n):
+            s = f"/layer{li + 1}/layer{li + 1}.{bi}"
+            stride = 2 if bi == 0 and li > 0 else 1
+            y = g.op("Relu", [g.conv(h, cin, width, 1, f"{s}/conv1", gain=gain)], f"{s}/relu/Relu")
+            y = g.op("Relu", [g.conv(y, width, width, 3, f"{s}/conv2", stride=stride, gain=gain)], f"{s}/relu_1/Relu")
+            y = g.conv(y, width, 4 * width, 1, f"{s}/conv3", gain=0.5)
+            sc = g.conv(h, cin, 4 * width, 1, f"{s}/downsample/downsample.0", stride=stride) if bi == 0 else h
+            h = g.op("Relu", [g.op("Add", [y, sc], f"{s}/Add")], f"{s}/relu_2/Relu")
+            cin = 4 * width
+    h = g.op("Flatten", [g.op("GlobalAveragePool", [h], "/avgpool/GlobalAveragePool")], "/Flatten", axis=1)
+    g.linear(h, cin, classes, "/fc", output="logits")
+    g.output("logits", F32, [1, classes])
+    return _zoo(name, g, {"input": (1, 3, img, img)}, atol=1e-4,
+                note="ResNet-50 (torchvision eval export): folded BN, bottlenecks, residual Adds, GAP, Gemm")
+
+
+def mobilenet_v2(name: str, img: int, classes: int = 1000) -> ZooModel:
+    """MobileNetV2 as torchvision exports it in eval mode: BatchNorm folded into the convs,
+    ReLU6 as ``Clip(0, 6)``, inverted residual blocks (1x1 expand, 3x3 depthwise, some of stride
+    2, 1x1 project, residual Add where shapes allow), a 1280-channel 1x1 conv, GAP, Gemm."""
+    g = _Graph(name)
+    x = g.input("input", F32, [1, 3, img, img])
+    lo, hi = g.const(np.float32(0.0), scope="/relu6"), g.const(np.float32(6.0), scope="/relu6")
+    gain = np.sqrt(2.0)
+
+    def cbr(x, cin, cout, k, scope, stride=1, group=1):
+        return g.op("Clip", [g.conv(x, cin, cout, k, f"{scope}/Conv", stride=stride, group=group, gain=gain,
+                                    node="Conv"), lo, hi], f"{scope}/Clip")  # fmt: skip
+
+    h = cbr(x, 3, 32, 3, "/features/features.0/features.0.0", stride=2)
+    cin, i = 32, 1
+    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
+        for j in range(n):
+            scope, stride, hidden = f"/features/features.{i}/conv", s if j == 0 else 1, cin * t
+            y = h
+            if t != 1:
+                y = cbr(y, cin, hidden, 1, f"{scope}/conv.0/conv.0.0")
+            y = cbr(y, hidden, hidden, 3, f"{scope}/conv.{1 if t != 1 else 0}/conv.{1 if t != 1 else 0}.0",
+                    stride=stride, group=hidden)  # fmt: skip
+            y = g.conv(y, hidden, c, 1, f"{scope}/conv.{2 if t != 1 else 1}", gain=0.5)
+            h = g.op("Add", [h, y], f"/features/features.{i}/Add") if stride == 1 and cin == c else y
+            cin, i = c, i + 1
+    h = cbr(h, cin, 1280, 1, f"/features/features.{i}/features.{i}.0")
+    h = g.op("Flatten", [g.op("GlobalAveragePool", [h], "/GlobalAveragePool")], "/Flatten", axis=1)
+    g.linear(h, 1280, classes, "/classifier/classifier.1", output="logits")
+    g.output("logits", F32, [1, classes])
+    return _zoo(name, g, {"input": (1, 3, img, img)}, atol=1e-4,
+                note="MobileNetV2 (torchvision eval export): ReLU6 as Clip, inverted residuals, depthwise convs")
+
+
 def vit(name: str, img: int, patch: int, dim: int, depth: int, heads: int, classes: int, atol: float = 1e-4) -> ZooModel:
     """A ViT image classifier as torch exports timm's ViT (pre-LN, erf-GELU, class token):
     patch-embedding Conv (stride = kernel = ``patch``), Flatten/Transpose to tokens, Concat of
@@ -1122,6 +1184,8 @@ BENCH: dict[str, Callable[[], ZooModel]] = {
     "yolov8n-320": lambda: yolov8("yolov8n_320", 320),
     "crnn-60x160": lambda: crnn("crnn_60x160", 60, 160, 128, 97),
     "rec-48x320": lambda: svtr_rec("ppocrv4_rec_shaped", 48, 320, 6625),
+    "resnet50-224": lambda: resnet("resnet50_224", 224),
+    "mobilenetv2-224": lambda: mobilenet_v2("mobilenetv2_224", 224),
 }
 
 
