@@ -441,6 +441,8 @@ def test_softmax_rows_of_any_width_take_the_add_before_them(width, mask_shape, t
         (32, 24, (21, 19), 3, 2, [1, 0, 1, 2], 2, "flat"),  # stride 2, odd sides, uneven padding
         (48, 32, (10, 10), 1, 1, [0, 0, 0, 0], 1, "chv"),  # pointwise over 100 pixels
         (48, 24, (10, 10), 1, 1, [0, 0, 0, 0], 1, "flat"),
+        (256, 64, (7, 7), 1, 1, [0, 0, 0, 0], 1, "chv"),  # pointwise onto 49 pixels (ResNet-50's 7x7)
+        (64, 32, (28, 28), 1, 2, [0, 0, 0, 0], 1, "chv"),  # 1x1 stride 2 onto 196 (its downsampling)
         (16, 32, (20, 20), 3, 1, [1, 1, 1, 1], 1, None),  # few input channels: TVM's kernel
         (32, 24, (16, 32), 3, 1, [1, 1, 1, 1], 1, None),  # whole vectors a row: TVM's kernel
         (32, 32, (16, 16), 1, 1, [0, 0, 0, 0], 1, None),  # pointwise over whole vectors of pixels
@@ -467,6 +469,27 @@ def test_convs_over_rows_of_partial_vectors(c, o, hw, k, s, pads, batch, kind, t
     assert ("conv2d_flat" in names) == (kind == "flat") and ("conv2d_chv" in names) == (kind == "chv"), names
     conv = next(f for gv, f in mod.functions.items() if "conv2d" in gv.name_hint)
     assert conv.attrs["tirx.is_scheduled"], names  # (a schedule that failed leaves TVM's naive loops)
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_a_conv_with_its_pixel_tiles_innermost_sums_in_blocks_of_input_channels(tmp_path):
+    """ResNet-50's 3x3 256->256 conv at 14x14: its 2.4 MB of weights stream past the pixel
+    tiles, so its reduction goes in blocks of 32 input channels (``CpuConfig.conv_k_block``),
+    every pixel tile summing one block (74 KB of weights) before the next is read; it matches
+    onnxruntime."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.RandomState(14)
+    w = numpy_helper.from_array(rng.uniform(-0.1, 0.1, (256, 256, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.uniform(-1, 1, (256,)).astype(np.float32), "b")
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    model = _one_node_model(node, (1, 256, 14, 14), [w, b])
+    mod, _, run = _compile(model, {"x": (1, 256, 14, 14)}, "x86-64-avx512", tmp_path)
+    [conv] = [f.script() for gv, f in mod.functions.items() if "conv2d_chv" in gv.name_hint]
+    # 8 blocks of 32 channels, outside the 49 tiles of 4 pixels, their taps inside
+    assert "for i_0, p_0, i_1, ry, rx," in conv and "T.int64(8), T.int64(49), T.int64(32)" in conv, conv[:3000]
+    feeds = {"x": rng.uniform(-1, 1, (1, 256, 14, 14)).astype(np.float32)}
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
 
 

@@ -1248,8 +1248,12 @@ def _conv_channel_vectors(bb, x, weight, pad: list[int], s: int, ho: int, wo: in
     return bb.call_te(compute, x, packed, primfunc_name_hint="conv2d_chv")
 
 
+#: Output pixels under which a 1x1 convolution computes with its output channels as the vectors.
+_CHV_POINTWISE_PIXELS = 256
+
+
 def conv2d_flat_rows(lanes: int, min_channels: int = 32):
-    """A convolution (kernel larger than 1x1, stride 1 or 2, no groups or dilation) over maps
+    """A convolution (kernel larger than 1x1, or 1x1 onto a small map; stride 1 or 2, no groups or dilation) over maps
     whose output rows are no whole number of vectors (YOLO's 40x40, 20x20 and 10x10: rows of
     2.5, 1.25 and 0.6 vectors) as a convolution over the zero-padded input flattened row after
     row: at stride 1, output pixel ``y * Wp + x`` reads input ``(y + ry) * Wp + x + rx`` (``Wp``
@@ -1285,6 +1289,13 @@ def conv2d_flat_rows(lanes: int, min_channels: int = 32):
             return default(bb, call)
         ho, wo = (h + pad[0] + pad[2] - kh) // s + 1, (wd + pad[1] + pad[3] - kw) // s + 1
         pointwise = (kh, kw, s) == (1, 1, 1) and not any(pad)
+        # A 1x1 convolution onto a small map (ResNet-50's 14x14 and 7x7, and its stride-2
+        # downsampling onto them) whose pixels make no whole vectors: its output channels are
+        # the vectors, and the weights (up to 4 MB there) stream through L1 in blocks that every
+        # pixel tile uses (``cpu.CpuConfig.conv_k_block``).
+        if ((kh, kw) == (1, 1) and not any(pad) and (s == 2 or ho * wo % lanes) and 16 <= ho * wo < _CHV_POINTWISE_PIXELS
+                and o % lanes == 0 and isinstance(w, tvm.ir.GenericConst)):  # fmt: skip
+            return _conv_channel_vectors(bb, x, w.value.numpy(), pad, s, ho, wo)
         # Rows of whole vectors need no flattening; nor do a pointwise conv's pixels when they
         # make whole vectors (the CPU schedule fuses its rows by itself: cpu._fuse_pixels), or
         # when there are too few to fill four (a squeeze-excite's 1x1 map: padding is waste).
