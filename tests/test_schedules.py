@@ -559,6 +559,27 @@ def test_matmul_by_a_constant_of_partial_vectors_reads_it_padded_at_compile_time
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-6)
 
 
+def test_a_classifier_of_1000_classes_reads_its_weight_in_panels(tmp_path):
+    """An ImageNet classifier's Gemm (1280 -> 1000, 5 MB of weights): 1000 columns run in vectors
+    of 10, each k of a tile 40 bytes of a 4 KB row, unless the weight goes in panels of 48 columns
+    (21 of them, the last 8 columns zero); it matches onnxruntime."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.RandomState(10)
+    w = numpy_helper.from_array(rng.uniform(-0.1, 0.1, (1000, 1280)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.uniform(-1, 1, (1000,)).astype(np.float32), "b")
+    node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [1, 1280])],
+                              [helper.make_tensor_value_info("y", 1, None)], [w, b])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    mod, _, run = _compile(model, {"x": (1, 1280)}, "x86-64-avx512", tmp_path)
+    [head] = [f.script() for gv, f in mod.functions.items() if gv.name_hint == "matmul_panels"]
+    assert "(T.int64(21), T.int64(1280), T.int64(48))" in head, head[:600]
+    feeds = {"x": rng.uniform(-1, 1, (1, 1280)).astype(np.float32)}
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("c, o, hw, k, s, pads, group, taps", [
     (64, 32, (1, 40), 3, 1, [1, 1, 1, 1], 1, (1, 3)),  # a text recognizer's neck: one row high
     (32, 32, (1, 40), 3, 1, [1, 1, 1, 1], 32, (1, 3)),  # depthwise

@@ -268,9 +268,12 @@ def _pad_matmul_weight(bb, call, lanes: int):
     if value.ndim != 2 or value.dtype != np.float32 or (call.attrs.out_dtype and str(call.attrs.out_dtype) != "float32"):
         return None
     n = value.shape[1]
-    if not _worth_padding(n, lanes):
+    big = value.shape[0] * (n + (-n % lanes)) * 4 >= _PANEL_MIN_BYTES  # (padded to whole vectors)
+    # A big weight whose columns a smaller vector divides (an ImageNet classifier's 1000: vectors
+    # of 10) goes in panels all the same: each k of a tile was 40 bytes of a row 4 KB long.
+    if not _worth_padding(n, lanes) and not (big and n % lanes and n >= 8 * lanes):
         return None
-    if value.shape[0] * (n + (-n % lanes)) * 4 >= _PANEL_MIN_BYTES:  # (padded to whole vectors)
+    if big:
         return _panel_matmul(bb, x, value, lanes * _PANEL_VECTORS)
     padded = np.zeros((value.shape[0], n + (-n % lanes)), np.float32)
     padded[:, :n] = value
