@@ -174,7 +174,8 @@ def _conv_chain_model():
 def test_conv_layouts_vectorize_fully_and_match_onnxruntime(tmp_path):
     """Stride-2 windows read column phases (unit stride), a 20x20 1x1 conv vectorizes its 400
     fused pixels by 8 instead of rows of 20 by 5, and the big 3x3 conv keeps its channel
-    tiles innermost; the results still match onnxruntime."""
+    tiles innermost (inside blocks of 32 input channels: ``CpuConfig.conv_k_block``); the
+    results still match onnxruntime."""
     import numpy as np
     import tvm
 
@@ -190,7 +191,8 @@ def test_conv_layouts_vectorize_fully_and_match_onnxruntime(tmp_path):
     pointwise = [s for n, s in scripts.items() if "T.int64(32), T.int64(400)" in s]
     assert pointwise and "T.vectorized(T.int64(8))" in pointwise[0], "20x20 pixels as one axis of 400"
     big = next(s for s in scripts.values() if "T.int64(96), T.int64(82), T.int64(82)" in s)
-    assert "yy_xx_0_ff_0_fused" in big, "channel tiles innermost of the parallel loop"
+    assert "yy_xx_0_fused in T.parallel" in big and "for rc_0, ff_0, rc_1, ry, rx," in big, \
+        "pixel tiles in parallel, channel tiles innermost of them, inside blocks of input channels"
 
 
 def test_reductions_along_memory_are_vectorized():
