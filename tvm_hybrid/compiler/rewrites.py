@@ -1256,9 +1256,9 @@ _CHV_POINTWISE_PIXELS = 256
 
 
 def conv2d_flat_rows(lanes: int, min_channels: int = 32):
-    """A convolution (kernel larger than 1x1, or 1x1 onto a small map; stride 1 or 2, no groups or dilation) over maps
-    whose output rows are no whole number of vectors (YOLO's 40x40, 20x20 and 10x10: rows of
-    2.5, 1.25 and 0.6 vectors) as a convolution over the zero-padded input flattened row after
+    """A convolution (kernel larger than 1x1, or 1x1 onto a small map; stride 1 or 2, no groups
+    or dilation) over maps whose output rows are no whole number of vectors (YOLO's 40x40,
+    20x20 and 10x10: rows of 2.5, 1.25 and 0.6 vectors) as a convolution over the zero-padded input flattened row after
     row: at stride 1, output pixel ``y * Wp + x`` reads input ``(y + ry) * Wp + x + rx`` (``Wp``
     the padded row), so the pixels make one contiguous axis, padded to whole vectors, whose
     vectors cross rows; the few columns computed past a row's end are cropped off afterwards.
@@ -1291,12 +1291,13 @@ def conv2d_flat_rows(lanes: int, min_channels: int = 32):
         ):  # fmt: skip
             return default(bb, call)
         ho, wo = (h + pad[0] + pad[2] - kh) // s + 1, (wd + pad[1] + pad[3] - kw) // s + 1
-        pointwise = (kh, kw, s) == (1, 1, 1) and not any(pad)
+        one_by_one = (kh, kw) == (1, 1) and not any(pad)
+        pointwise = one_by_one and s == 1
         # A 1x1 convolution onto a small map (ResNet-50's 14x14 and 7x7, and its stride-2
         # downsampling onto them) whose pixels make no whole vectors: its output channels are
         # the vectors, and the weights (up to 4 MB there) stream through L1 in blocks that every
         # pixel tile uses (``cpu.CpuConfig.conv_k_block``).
-        if ((kh, kw) == (1, 1) and not any(pad) and (s == 2 or ho * wo % lanes) and 16 <= ho * wo < _CHV_POINTWISE_PIXELS
+        if (one_by_one and (s == 2 or ho * wo % lanes) and 16 <= ho * wo < _CHV_POINTWISE_PIXELS
                 and o % lanes == 0 and isinstance(w, tvm.ir.GenericConst)):  # fmt: skip
             return _conv_channel_vectors(bb, x, w.value.numpy(), pad, s, ho, wo)
         # Rows of whole vectors need no flattening; nor do a pointwise conv's pixels when they

@@ -654,11 +654,10 @@ def _schedule_reduction(sch, block, cfg: CpuConfig) -> set[str]:
                                                  (_extent(sch, row_outer), _extent(sch, outer[vec]))):
         outer = [lp for lp in outer if not lp.same_as(row_outer)] + [row_outer]
     sch.reorder(*outer, *reduce, *inner)
-    # A long reduction with the row tiles innermost: blocks of k_block under the outer tiles, the
-    # row tiles inside each, so a block of the vector operand stays in L2 for all rows.
+    # A long reduction with the row tiles innermost: blocks of it under the outer tiles, the row
+    # tiles inside each, so a block of the vector operand stays in cache for all rows (``_k_block``).
+    # The outer loops left to run in parallel then exclude the row tiles.
     blocked = None
-    # The outer loops left to run in parallel then exclude the row tiles: a convolution keeps at
-    # least four tiles of them for the threads.
     if lanes and len(outer) >= 2 and row_outer is not None and outer[-1].same_as(row_outer) and (
         block_k := _k_block(sch, reduce, cfg, math.prod(_extent(sch, lp) for lp in outer[:-1]))
     ):
@@ -871,9 +870,11 @@ def _k_block(sch, reduce, cfg: CpuConfig, parallel: int) -> int:
 
     ResNet-50's 3x3 256->256 conv at 14x14 (2.4 MB of weights) ran at 72 GFLOP/s on 2 Xeon
     (Emerald Rapids) vCPUs: each tile of 4 pixels x 64 channels read its 590 KB of weights from
-    L2. In blocks of 32 channels (74 KB) the pixel tiles share each block: 2.54 -> 1.20 ms, and
-    its 1x1 convs onto 14x14 and 7x7 maps 0.65-0.78x (blocks of 64, 128 and 256: 0.88-0.97x
-    for those)."""
+    L2. In blocks of 32 channels (74 KB) the pixel tiles share each block: 2.54 -> 1.20 ms
+    (blocks of 8 to 128 channels: 1.20-1.29 ms). Its 1x1 convs onto 14x14 and 7x7 maps, alone:
+    0.65-0.78x in blocks of 64 channels, 0.66-0.97x in blocks of 128 or 256; in the model,
+    blocks of 32 ran 0.90x of blocks of 64 (each kernel alone, and the model, interleaved in one
+    process)."""
     if len(reduce) == 1:
         return cfg.k_block if _k_blocks(sch, reduce, cfg) else 0
     channels = _extent(sch, reduce[0])
