@@ -842,7 +842,7 @@ def _rows_innermost(sch, stmt, dominant, reduce, spatial, tile_axes, cfg: CpuCon
     # batch of 8, not all 1024 (paraphrase-MiniLM-L3 at 8x128, whose 1.5 MB of activations had
     # kept the rows of its 384->1536 FFN outermost, each 4-row tile streaming the 2.4 MB
     # weight: 55.7 -> 42.6 ms, `scripts/ab_revisions.py`).
-    weights = _buffer_bytes(other.source) if other is not None else 0
+    weights = _touched_bytes(stmt, other) if other is not None else 0
     for i, (lp, iv) in enumerate(spatial):
         if weights and i not in tile_axes and _uses_var(other, iv.var):
             weights //= _extent(sch, lp)
@@ -887,6 +887,17 @@ def _k_blocks(sch, reduce, cfg: CpuConfig) -> bool:
     ``cfg.k_block`` (one reduction loop, at least four blocks long, whole blocks)."""
     return bool(cfg.k_block) and len(reduce) == 1 and _extent(sch, reduce[0]) >= 4 * cfg.k_block \
         and _extent(sch, reduce[0]) % cfg.k_block == 0  # fmt: skip
+
+
+def _touched_bytes(stmt, region) -> int:
+    """The bytes of ``region``'s buffer that ``stmt`` can read: at most the product of the
+    extents of the block's axes that index it (a stride-2 1x1 conv reads a quarter of its
+    input), at most the whole buffer."""
+    n = 1
+    for iv in stmt.iter_vars:
+        if _uses_var(region, iv.var):
+            n *= int(iv.dom.extent) if _same_int(iv.dom.extent, iv.dom.extent) else 1 << 20
+    return min(_buffer_bytes(region.source), max(1, region.source.dtype.bits // 8) * n)
 
 
 def _buffer_bytes(buf) -> int:
