@@ -489,7 +489,8 @@ def test_a_conv_with_its_pixel_tiles_innermost_sums_in_blocks_of_input_channels(
     tiles, so its reduction goes in blocks of 32 input channels (``CpuConfig.conv_k_block``),
     every pixel tile summing one block (74 KB of weights) before the next is read; it matches
     onnxruntime. Its 1x1 stride-2 downsampling conv (2 MB of weights) too: it had streamed the
-    weight once for every tile of 4 pixels (2.83 -> 1.70 ms alone on 2 Xeon vCPUs)."""
+    weight once for every tile of 4 pixels (2.83 -> 1.70 ms alone on 2 Xeon vCPUs); its weight
+    rows of 1024 channels are spread apart (``rewrites._conv_channel_vectors``)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -503,6 +504,8 @@ def test_a_conv_with_its_pixel_tiles_innermost_sums_in_blocks_of_input_channels(
     [conv] = [f.script() for gv, f in mod.functions.items() if "conv2d_chv" in gv.name_hint]
     # blocks of 32 channels, outside the 49 tiles of 4 pixels, their taps inside
     assert "for i_0, p_0, i_1, ry, rx," in conv and blocks in conv, conv[:3000]
+    # a 1x1 conv's weight rows of 4 KB get a vector of zeros each, so they do not share L1 sets
+    assert k > 1 or f"T.int64({c}), T.int64(1), T.int64(1), T.int64({o + 16})" in conv, conv[:1000]
     feeds = {"x": rng.uniform(-1, 1, (1, c, hw, hw)).astype(np.float32)}
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
 
