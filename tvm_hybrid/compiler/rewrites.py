@@ -1233,7 +1233,7 @@ def _conv_channel_vectors(bb, x, weight, pad: list[int], s: int, ho: int, wo: in
     # channels fought over one set's 12 ways, and each step's weight vectors came from L2. A
     # vector of zeros at each row's end sets them apart; the kernel never reads it (it computes
     # the ``o`` channels only). ResNet-50's convs alone, two runs: 1024->2048 stride 2 0.73-0.78x,
-    # 512->2048 0.79-0.99x; its 3x3 ones (rows 9 taps apart already) lost with it: 1.08-1.25x.
+    # 512->2048 0.79-0.99x; a 3x3 one (a tap's rows 9 taps apart already) gained nothing (0.99x).
     spread = 16 if (kh, kw) == (1, 1) and o * 4 % 1024 == 0 else 0
     packed = relax.const(np.ascontiguousarray(np.pad(weight.transpose(1, 2, 3, 0), [(0, 0)] * 3 + [(0, spread)])))
     top, left = pad[0], pad[1]
