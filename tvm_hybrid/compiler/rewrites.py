@@ -1265,10 +1265,11 @@ _CHV_POINTWISE_PIXELS = 256
 def conv2d_flat_rows(lanes: int, min_channels: int = 32):
     """A convolution (kernel larger than 1x1, or 1x1 onto a small map; stride 1 or 2, no groups
     or dilation) over maps whose output rows are no whole number of vectors (YOLO's 40x40,
-    20x20 and 10x10: rows of 2.5, 1.25 and 0.6 vectors) as a convolution over the zero-padded input flattened row after
-    row: at stride 1, output pixel ``y * Wp + x`` reads input ``(y + ry) * Wp + x + rx`` (``Wp``
-    the padded row), so the pixels make one contiguous axis, padded to whole vectors, whose
-    vectors cross rows; the few columns computed past a row's end are cropped off afterwards.
+    20x20 and 10x10: rows of 2.5, 1.25 and 0.6 vectors) as a convolution over the zero-padded
+    input flattened row after row: at stride 1, output pixel ``y * Wp + x`` reads input
+    ``(y + ry) * Wp + x + rx`` (``Wp`` the padded row), so the pixels make one contiguous axis,
+    padded to whole vectors, whose vectors cross rows; the few columns computed past a row's
+    end are cropped off afterwards.
     At stride s the padded input is first split into its s x s phases (rows and columns modulo
     s), each flattened the same way: pixel ``y * Wq + x`` reads phase ``(ry % s, rx % s)`` at
     ``(y + ry // s) * Wq + x + rx // s`` (``Wq = Wp / s``), again one contiguous vector axis.

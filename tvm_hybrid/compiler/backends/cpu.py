@@ -893,22 +893,25 @@ def _touched_bytes(stmt, region) -> int:
     """The bytes of ``region``'s buffer that ``stmt`` can read: at most the product of the
     extents of the block's axes that index it (a stride-2 1x1 conv reads a quarter of its
     input), at most the whole buffer."""
-    n = 1
-    for iv in stmt.iter_vars:
-        if _uses_var(region, iv.var):
-            n *= int(iv.dom.extent) if _same_int(iv.dom.extent, iv.dom.extent) else 1 << 20
-    return min(_buffer_bytes(region.source), max(1, region.source.dtype.bits // 8) * n)
+    n = math.prod(_size(iv.dom.extent) for iv in stmt.iter_vars if _uses_var(region, iv.var))
+    return _element_bytes(region.source) * min(_buffer_elements(region.source), n)
 
 
 def _buffer_bytes(buf) -> int:
-    return max(1, buf.dtype.bits // 8) * _buffer_elements(buf)
+    return _element_bytes(buf) * _buffer_elements(buf)
+
+
+def _element_bytes(buf) -> int:
+    return max(1, buf.dtype.bits // 8)
 
 
 def _buffer_elements(buf) -> int:
-    size = 1
-    for d in buf.shape:
-        size *= int(d) if _same_int(d, d) else 1 << 20  # a symbolic dimension counts as large
-    return size
+    return math.prod(_size(d) for d in buf.shape)
+
+
+def _size(extent) -> int:
+    """A shape dimension or loop extent as an int; a symbolic one counts as large."""
+    return int(extent) if _same_int(extent, extent) else 1 << 20
 
 
 def _dominant_read(stmt, var):
