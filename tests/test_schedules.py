@@ -490,7 +490,8 @@ def test_a_conv_with_its_pixel_tiles_innermost_sums_in_blocks_of_input_channels(
     every pixel tile summing one block (74 KB of weights) before the next is read; it matches
     onnxruntime. Its 1x1 stride-2 downsampling conv (2 MB of weights) too: it had streamed the
     weight once for every tile of 4 pixels (2.83 -> 1.70 ms alone on 2 Xeon vCPUs); its weight
-    rows of 1024 channels are spread apart (``rewrites._conv_channel_vectors``)."""
+    rows of 1024 channels are spread apart (``rewrites._conv_channel_vectors``). Alone, it keeps
+    its NCHW output: no channels-last island of one conv (``channels_last``)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -501,7 +502,8 @@ def test_a_conv_with_its_pixel_tiles_innermost_sums_in_blocks_of_input_channels(
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[k, k], pads=[pad] * 4, strides=[stride] * 2)
     model = _one_node_model(node, (1, c, hw, hw), [w, b])
     mod, _, run = _compile(model, {"x": (1, c, hw, hw)}, "x86-64-avx512", tmp_path)
-    [conv] = [f.script() for gv, f in mod.functions.items() if "conv2d_chv" in gv.name_hint]
+    [(name, conv)] = [(gv.name_hint, f.script()) for gv, f in mod.functions.items() if "conv2d_chv" in gv.name_hint]
+    assert "nhwc" not in name, name
     # blocks of 32 channels, outside the 49 tiles of 4 pixels, their taps inside
     assert "for i_0, p_0, i_1, ry, rx," in conv and blocks in conv, conv[:3000]
     # a 1x1 conv's weight rows of 4 KB get a vector of zeros each, so they do not share L1 sets
@@ -909,4 +911,46 @@ def test_int8_weight_conv_drops_the_taps_that_only_read_padding(tmp_path):
     [conv] = [f for gv, f in mod.functions.items() if "conv2d_int8w" in gv.name_hint]
     assert [tuple(int(d) for d in p.shape) for p in conv.params if str(p.dtype) == "int8"] == [(64, 1, 3, 5)]
     feeds = {"x": rng.standard_normal((1, 64, 2, 40)).astype(np.float32)}
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_convs_with_channel_vectors_in_a_row_keep_their_activations_channels_last(tmp_path, stride):
+    """MobileNetV2's inverted residual at 14x14 (1x1 expand 64->384 with ReLU6, depthwise 3x3
+    with ReLU6, 1x1 project 384->64, residual add) and its stride-2 form onto 7x7: the convs
+    compute over ``[pixel, channel]`` activations (``channels_last``), so the block has no
+    transposing kernel but where the graph enters and leaves, and matches onnxruntime. A
+    conv whose island would be itself alone keeps its NCHW output (next test)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tvm import relax
+
+    rng = np.random.RandomState(15)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.uniform(-0.2, 0.2, shape).astype(np.float32), name)
+
+    inits = [init("we", 384, 64, 1, 1), init("be", 384), init("wd", 384, 1, 3, 3), init("bd", 384),
+             init("wp", 64, 384, 1, 1), init("bp", 64),
+             numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "we", "be"], ["e"], kernel_shape=[1, 1]),
+        helper.make_node("Clip", ["e", "lo", "hi"], ["e6"]),
+        helper.make_node("Conv", ["e6", "wd", "bd"], ["d"], kernel_shape=[3, 3], pads=[1] * 4, group=384, strides=[stride] * 2),
+        helper.make_node("Clip", ["d", "lo", "hi"], ["d6"]),
+        helper.make_node("Conv", ["d6", "wp", "bp"], ["p"], kernel_shape=[1, 1]),
+    ]
+    if stride == 1:
+        nodes.append(helper.make_node("Add", ["p", "x"], ["y"]))
+    else:
+        nodes[-1].output[0] = "y"
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 14, 14])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    mod, _, run = _compile(model, {"x": (1, 64, 14, 14)}, "x86-64-avx512", tmp_path)
+    names = sorted(gv.name_hint for gv, f in mod.functions.items() if not isinstance(f, relax.Function))
+    assert sum("conv2d_chv_nhwc" in n for n in names) == 2 and sum("dwconv2d_nhwc" in n for n in names) == 1, names
+    assert sum("transpose" in n for n in names) == 2, names  # into the island, and out of it
+    feeds = {"x": rng.uniform(-1, 1, (1, 64, 14, 14)).astype(np.float32)}
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)

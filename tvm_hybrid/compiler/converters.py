@@ -33,6 +33,20 @@ def _converters() -> dict:
                 out = bb.emit_te(topi.flip, out, axis=axis)
             return out
 
+    class Clip(fe.Clip):
+        """Clip with its bounds as inputs (opset 11+) as Relax's maximum and minimum ops, where
+        TVM's converter emits their TOPI kernels (the same kernels once legalized): Relax
+        passes see the ops (``channels_last`` carries a conv's ReLU6 into its island)."""
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            out = inputs[0]
+            if inputs[1] is not None:
+                out = bb.emit(relax.op.maximum(out, cls._sanitize_nan_clip_bound(bb, inputs[1], for_min=True)))
+            if inputs[2] is not None:
+                out = bb.emit(relax.op.minimum(out, cls._sanitize_nan_clip_bound(bb, inputs[2], for_min=False)))
+            return out
+
     class Upsample(fe.OnnxOpConverter):
         """Upsample: scales from the attribute (opset 7) or a constant input (opset 9; TVM's
         converter reads only the attribute); nearest rounds down, as ONNX's Upsample does."""
@@ -96,7 +110,7 @@ def _converters() -> dict:
 
             return emit(bb, "GRU", list(inputs), attr)
 
-    return {"CumProd": CumProd, "Upsample": Upsample, "BitCast": BitCast, "LSTM": LSTM, "GRU": GRU}
+    return {"CumProd": CumProd, "Clip": Clip, "Upsample": Upsample, "BitCast": BitCast, "LSTM": LSTM, "GRU": GRU}
 
 
 def install() -> None:

@@ -1213,6 +1213,20 @@ def _row_kernel(bb, sch, out: str, reductions: tuple[str, ...], lanes: int, name
     return bb.emit(relax.call_tir(gv, [flat, *args[1:]], relax.TensorType((rows, c), "float32")))
 
 
+def channel_vector_weight(weight):
+    """An OIHW convolution weight packed for the channel-vector kernels, ``[in, ky, kx, out]``:
+    each reduction step loads contiguous output-channel vectors.
+    A 1x1 conv's weight rows (one an input channel) of a multiple of 1 KB sit a multiple of
+    4 KB apart every few rows, in the same L1 sets: a block of 32 rows of 1024 or 2048
+    channels fought over one set's 12 ways, and each step's weight vectors came from L2. A
+    vector of zeros at each row's end sets them apart; the kernel never reads it (it computes
+    the ``o`` channels only). ResNet-50's convs alone, two runs: 1024->2048 stride 2 0.73-0.78x,
+    512->2048 0.79-0.99x; a 3x3 one (a tap's rows 9 taps apart already) gained nothing (0.99x)."""
+    o, _, kh, kw = weight.shape
+    spread = 16 if (kh, kw) == (1, 1) and o * 4 % 1024 == 0 else 0
+    return np.ascontiguousarray(np.pad(weight.transpose(1, 2, 3, 0), [(0, 0)] * 3 + [(0, spread)]))
+
+
 def _conv_channel_vectors(bb, x, weight, pad: list[int], s: int, ho: int, wo: int):
     """A convolution whose output channels make whole vectors, with them as the vector axis:
     sums ``[pixel, channel]`` over the output's pixels exactly (no padding columns, no pixels
@@ -1223,19 +1237,11 @@ def _conv_channel_vectors(bb, x, weight, pad: list[int], s: int, ho: int, wo: in
     splits a strided input into phases, this is the faster one: `scripts/profile_kernels.py
     zoo:yolov8n-320`'s convs on 20x20 and 10x10 maps, and its stride-2 ones onto 40x40 and 20x20
     (``conv2d_flat_rows``). The products are added in the same order (bitwise the same sums)."""
-    import numpy as np
     from tvm import relax, te, tirx
 
     n, c, h, wd = (int(d) for d in x.ty.shape)
     o, _, kh, kw = weight.shape
-    # A 1x1 conv's weight rows (one an input channel) of a multiple of 1 KB sit a multiple of
-    # 4 KB apart every few rows, in the same L1 sets: a block of 32 rows of 1024 or 2048
-    # channels fought over one set's 12 ways, and each step's weight vectors came from L2. A
-    # vector of zeros at each row's end sets them apart; the kernel never reads it (it computes
-    # the ``o`` channels only). ResNet-50's convs alone, two runs: 1024->2048 stride 2 0.73-0.78x,
-    # 512->2048 0.79-0.99x; a 3x3 one (a tap's rows 9 taps apart already) gained nothing (0.99x).
-    spread = 16 if (kh, kw) == (1, 1) and o * 4 % 1024 == 0 else 0
-    packed = relax.const(np.ascontiguousarray(np.pad(weight.transpose(1, 2, 3, 0), [(0, 0)] * 3 + [(0, spread)])))
+    packed = relax.const(channel_vector_weight(weight))
     top, left = pad[0], pad[1]
     zero = tirx.const(0.0, "float32")
 
@@ -1262,6 +1268,52 @@ def _conv_channel_vectors(bb, x, weight, pad: list[int], s: int, ho: int, wo: in
 _CHV_POINTWISE_PIXELS = 256
 
 
+def conv_form(call, lanes: int, min_channels: int = 32):
+    """How the CPU computes a ``conv2d`` call (``conv2d_flat_rows``): ``("chv", x, w, pad, s, ho,
+    wo)`` with its output channels as the vectors (``_conv_channel_vectors``), ``("flat", ...)``
+    over the flattened padded rows, or None for TVM's own kernel."""
+    import tvm
+
+    ops = _conv_operands(call)
+    if ops is None:
+        return None
+    attrs, x, w, (n, c, h, wd), (o, ci, kh, kw) = ops
+    pad = [int(p) for p in attrs.padding]  # top, left, bottom, right
+    strides = [int(v) for v in attrs.strides]
+    s = strides[0]
+    if (
+        str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32" or _out_dtype(attrs) not in (None, "float32")
+        or int(attrs.groups) != 1 or ci != c or c < min_channels
+        or strides != [s, s] or s not in (1, 2) or any(int(d) != 1 for d in attrs.dilation)
+        or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout or "NCHW") != "NCHW"
+    ):  # fmt: skip
+        return None
+    ho, wo = (h + pad[0] + pad[2] - kh) // s + 1, (wd + pad[1] + pad[3] - kw) // s + 1
+    one_by_one = (kh, kw) == (1, 1) and not any(pad)
+    pointwise = one_by_one and s == 1
+    const = isinstance(w, tvm.ir.GenericConst)
+    # A 1x1 convolution onto a small map (ResNet-50's 14x14 and 7x7, and its stride-2
+    # downsampling onto them) whose pixels make no whole vectors: its output channels are
+    # the vectors, and the weights (up to 4 MB there) stream through L1 in blocks that every
+    # pixel tile uses (``cpu.CpuConfig.conv_k_block``).
+    if one_by_one and (s == 2 or ho * wo % lanes) and 16 <= ho * wo < _CHV_POINTWISE_PIXELS and o % lanes == 0 and const:
+        return ("chv", x, w, pad, s, ho, wo)
+    # Rows of whole vectors need no flattening; nor do a pointwise conv's pixels when they
+    # make whole vectors (the CPU schedule fuses its rows by itself: cpu._fuse_pixels), or
+    # when there are too few to fill four (a squeeze-excite's 1x1 map: padding is waste).
+    if ho <= 0 or wo <= 0 or (ho * wo if pointwise else wo) % lanes == 0 or (pointwise and ho * wo < 4 * lanes):
+        return None
+    wq = -(-(wd + pad[1] + pad[3]) // s)  # a phase's row
+    pixels = -(-ho * wq // lanes) * lanes
+    # Output channels in whole vectors: those are the vectors instead, where the flattened
+    # rows would compute 10 % more pixels than there are (a 10x10 map: 128 for 100; a 15x40
+    # one, 640 for 600, measured no faster that way), or split a stride-2 input into phases
+    # for 400 output pixels or more (onto 10x10, the phases measured faster).
+    if o % lanes == 0 and const and ((s == 1 and pixels >= 1.1 * ho * wo) or (s == 2 and ho * wo >= 400)):
+        return ("chv", x, w, pad, s, ho, wo)
+    return ("flat", x, w, pad, s, ho, wo)
+
+
 def conv2d_flat_rows(lanes: int, min_channels: int = 32):
     """A convolution (kernel larger than 1x1, or 1x1 onto a small map; stride 1 or 2, no groups
     or dilation) over maps whose output rows are no whole number of vectors (YOLO's 40x40,
@@ -1284,47 +1336,17 @@ def conv2d_flat_rows(lanes: int, min_channels: int = 32):
         from tvm import te, tirx
 
         default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
-        ops = _conv_operands(call)
-        if ops is None:
+        form = conv_form(call, lanes, min_channels)
+        if form is None:
             return default(bb, call)
-        attrs, x, w, (n, c, h, wd), (o, ci, kh, kw) = ops
-        pad = [int(p) for p in attrs.padding]  # top, left, bottom, right
-        strides = [int(v) for v in attrs.strides]
-        s = strides[0]
-        if (
-            str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32" or _out_dtype(attrs) not in (None, "float32")
-            or int(attrs.groups) != 1 or ci != c or c < min_channels
-            or strides != [s, s] or s not in (1, 2) or any(int(d) != 1 for d in attrs.dilation)
-            or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout or "NCHW") != "NCHW"
-        ):  # fmt: skip
-            return default(bb, call)
-        ho, wo = (h + pad[0] + pad[2] - kh) // s + 1, (wd + pad[1] + pad[3] - kw) // s + 1
-        one_by_one = (kh, kw) == (1, 1) and not any(pad)
-        pointwise = one_by_one and s == 1
-        # A 1x1 convolution onto a small map (ResNet-50's 14x14 and 7x7, and its stride-2
-        # downsampling onto them) whose pixels make no whole vectors: its output channels are
-        # the vectors, and the weights (up to 4 MB there) stream through L1 in blocks that every
-        # pixel tile uses (``cpu.CpuConfig.conv_k_block``).
-        if (one_by_one and (s == 2 or ho * wo % lanes) and 16 <= ho * wo < _CHV_POINTWISE_PIXELS
-                and o % lanes == 0 and isinstance(w, tvm.ir.GenericConst)):  # fmt: skip
+        x, w, pad, s, ho, wo = form[1:]
+        if form[0] == "chv":
             return _conv_channel_vectors(bb, x, w.value.numpy(), pad, s, ho, wo)
-        # Rows of whole vectors need no flattening; nor do a pointwise conv's pixels when they
-        # make whole vectors (the CPU schedule fuses its rows by itself: cpu._fuse_pixels), or
-        # when there are too few to fill four (a squeeze-excite's 1x1 map: padding is waste).
-        if ho <= 0 or wo <= 0 or (ho * wo if pointwise else wo) % lanes == 0 or (pointwise and ho * wo < 4 * lanes):
-            return default(bb, call)
-        # The padded input, its sides rounded up to whole phases; each phase flattened.
+        n, c, h, wd = (int(d) for d in x.ty.shape)
+        o, _, kh, kw = (int(d) for d in w.ty.shape)
         hp, wp = -(-(h + pad[0] + pad[2]) // s) * s, -(-(wd + pad[1] + pad[3]) // s) * s
         wq = wp // s  # a phase's row
         pixels = -(-ho * wq // lanes) * lanes
-        # Output channels in whole vectors: those are the vectors instead, where the flattened
-        # rows would compute 10 % more pixels than there are (a 10x10 map: 128 for 100; a 15x40
-        # one, 640 for 600, measured no faster that way), or split a stride-2 input into phases
-        # for 400 output pixels or more (onto 10x10, the phases measured faster).
-        if o % lanes == 0 and isinstance(w, tvm.ir.GenericConst) and (
-            (s == 1 and pixels >= 1.1 * ho * wo) or (s == 2 and ho * wo >= 400)
-        ):
-            return _conv_channel_vectors(bb, x, w.value.numpy(), pad, s, ho, wo)
         # Whole phase rows, so the padding stage iterates rows x columns (no division per element).
         length = -(-(pixels + ((kh - 1) // s) * wq + (kw - 1) // s) // wq) * wq
         top, left = pad[0], pad[1]
