@@ -189,7 +189,7 @@ def _chv_flat(bb, xf, xshape, weight, pad, s: int, ho: int, wo: int):
     """``rewrites._conv_channel_vectors`` over a flat NHWC input, its sums the output."""
     from tvm import relax, te, tirx
 
-    from .rewrites import channel_vector_weight
+    from .rewrites import channel_vector_sums, channel_vector_weight
 
     n, c, h, wd = xshape
     o, _, kh, kw = weight.shape
@@ -203,22 +203,8 @@ def _chv_flat(bb, xf, xshape, weight, pad, s: int, ho: int, wo: int):
             src = te.compute(shape, lambda b, y, xx, i: tirx.if_then_else(
                 tirx.all(y >= top, y < top + h, xx >= left, xx < left + wd),
                 data[b, (y - top) * wd + xx - left, i], zero), name="pad")  # fmt: skip
-
-            def at(b, y, xx, i):
-                return src[b, y, xx, i]
-        else:
-
-            def at(b, y, xx, i):
-                return data[b, y * wd + xx, i]
-
-        i = te.reduce_axis((0, c), "i")
-        ry = te.reduce_axis((0, kh), "ry")
-        rx = te.reduce_axis((0, kw), "rx")
-        return te.compute(
-            (n, ho * wo, o),
-            lambda b, p, f: te.sum(at(b, (p // wo) * s + ry, (p % wo) * s + rx, i) * wp[i, ry, rx, f], axis=[i, ry, rx]),
-            name="conv_chv",
-        )  # fmt: skip
+            return channel_vector_sums(lambda b, i, y, xx: src[b, y, xx, i], wp, (n, c, o, kh, kw), s, ho, wo)
+        return channel_vector_sums(lambda b, i, y, xx: data[b, y * wd + xx, i], wp, (n, c, o, kh, kw), s, ho, wo)
 
     return bb.emit(bb.call_te(compute, xf, packed, primfunc_name_hint="conv2d_chv_nhwc"))
 

@@ -1251,17 +1251,27 @@ def _conv_channel_vectors(bb, x, weight, pad: list[int], s: int, ho: int, wo: in
             data = te.compute(shape, lambda b, i, y, xx: tirx.if_then_else(
                 tirx.all(y >= top, y < top + h, xx >= left, xx < left + wd), data[b, i, y - top, xx - left], zero),
                 name="pad")  # fmt: skip
-        i = te.reduce_axis((0, c), "i")
-        ry = te.reduce_axis((0, kh), "ry")
-        rx = te.reduce_axis((0, kw), "rx")
-        acc = te.compute(
-            (n, ho * wo, o),
-            lambda b, p, f: te.sum(data[b, i, (p // wo) * s + ry, (p % wo) * s + rx] * wp[i, ry, rx, f], axis=[i, ry, rx]),
-            name="conv_chv",
-        )  # fmt: skip
+        acc = channel_vector_sums(lambda b, i, y, xx: data[b, i, y, xx], wp, (n, c, o, kh, kw), s, ho, wo)
         return te.compute((n, o, ho, wo), lambda b, f, y, xx: acc[b, y * wo + xx, f], name="conv_nchw")
 
     return bb.call_te(compute, x, packed, primfunc_name_hint="conv2d_chv")
+
+
+def channel_vector_sums(at, wp, dims: tuple[int, int, int, int, int], s: int, ho: int, wo: int):
+    """The sums of ``_conv_channel_vectors``, ``[batch, pixel, out channel]``: ``at(b, i, y, x)``
+    reads the (padded) input, ``wp`` the packed weight (``channel_vector_weight``); ``dims`` are
+    (batch, in, out, ky, kx)."""
+    from tvm import te
+
+    n, c, o, kh, kw = dims
+    i = te.reduce_axis((0, c), "i")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    return te.compute(
+        (n, ho * wo, o),
+        lambda b, p, f: te.sum(at(b, i, (p // wo) * s + ry, (p % wo) * s + rx) * wp[i, ry, rx, f], axis=[i, ry, rx]),
+        name="conv_chv",
+    )  # fmt: skip
 
 
 #: Output pixels under which a 1x1 convolution computes with its output channels as the vectors.
