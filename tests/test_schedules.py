@@ -914,13 +914,14 @@ def test_int8_weight_conv_drops_the_taps_that_only_read_padding(tmp_path):
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_convs_with_channel_vectors_in_a_row_keep_their_activations_channels_last(tmp_path, stride):
+@pytest.mark.parametrize("stride, hw", [(1, 14), (2, 14), (1, 28)])
+def test_convs_with_channel_vectors_in_a_row_keep_their_activations_channels_last(tmp_path, stride, hw):
     """MobileNetV2's inverted residual at 14x14 (1x1 expand 64->384 with ReLU6, depthwise 3x3
-    with ReLU6, 1x1 project 384->64, residual add) and its stride-2 form onto 7x7: the convs
-    compute over ``[pixel, channel]`` activations (``channels_last``), so the block has no
-    transposing kernel but where the graph enters and leaves, and matches onnxruntime. A
-    conv whose island would be itself alone keeps its NCHW output (next test)."""
+    with ReLU6, 1x1 project 384->64, residual add), its stride-2 form onto 7x7, and the block
+    at 28x28 (1x1 convs whose 784 pixels make whole vectors, which join an island too): the
+    convs compute over ``[pixel, channel]`` activations (``channels_last``), so the block has no
+    transposing kernel but where the graph enters and leaves, and matches onnxruntime. A conv
+    whose island would be itself alone keeps its NCHW output (``test_a_conv_with_its_pixel_...``)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -945,12 +946,53 @@ def test_convs_with_channel_vectors_in_a_row_keep_their_activations_channels_las
         nodes.append(helper.make_node("Add", ["p", "x"], ["y"]))
     else:
         nodes[-1].output[0] = "y"
-    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 14, 14])],
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, hw, hw])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    mod, _, run = _compile(model, {"x": (1, 64, 14, 14)}, "x86-64-avx512", tmp_path)
+    mod, _, run = _compile(model, {"x": (1, 64, hw, hw)}, "x86-64-avx512", tmp_path)
     names = sorted(gv.name_hint for gv, f in mod.functions.items() if not isinstance(f, relax.Function))
     assert sum("conv2d_chv_nhwc" in n for n in names) == 2 and sum("dwconv2d_nhwc" in n for n in names) == 1, names
     assert sum("transpose" in n for n in names) == 2, names  # into the island, and out of it
-    feeds = {"x": rng.uniform(-1, 1, (1, 64, 14, 14)).astype(np.float32)}
+    feeds = {"x": rng.uniform(-1, 1, (1, 64, hw, hw)).astype(np.float32)}
+    assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_a_yolo_style_block_stays_channels_last_through_split_concat_and_max_pools(tmp_path):
+    """YOLOv8's C2f (1x1 conv, split in halves, a bottleneck of two 3x3 convs with a residual
+    add, concat of the pieces, 1x1 conv) and SPPF (two chained 5x5 max pools, concat) at 10x10,
+    SiLU after every conv: the island carries the split, the concats and the pools
+    (``channels_last``), so only the graph's entry and exit transpose; it matches onnxruntime."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+
+    rng = np.random.RandomState(16)
+    inits, nodes = [], []
+
+    def conv(x, y, c, o, k):
+        inits.extend([numpy_helper.from_array(rng.uniform(-0.2, 0.2, (o, c, k, k)).astype(np.float32), y + "_w"),
+                      numpy_helper.from_array(rng.uniform(-0.5, 0.5, (o,)).astype(np.float32), y + "_b")])  # fmt: skip
+        nodes.extend([helper.make_node("Conv", [x, y + "_w", y + "_b"], [y + "_c"], kernel_shape=[k, k], pads=[k // 2] * 4),
+                      helper.make_node("Sigmoid", [y + "_c"], [y + "_s"]),
+                      helper.make_node("Mul", [y + "_c", y + "_s"], [y])])  # fmt: skip
+
+    inits.append(numpy_helper.from_array(np.array([32, 32], np.int64), "halves"))
+    conv("x", "a", 64, 64, 1)
+    nodes.append(helper.make_node("Split", ["a", "halves"], ["a0", "a1"], axis=1))
+    conv("a1", "b", 32, 32, 3)
+    conv("b", "c", 32, 32, 3)
+    nodes += [helper.make_node("Add", ["a1", "c"], ["r"]), helper.make_node("Concat", ["a0", "a1", "r"], ["cat"], axis=1)]
+    conv("cat", "d", 96, 64, 1)
+    nodes += [helper.make_node("MaxPool", ["d"], ["m1"], kernel_shape=[5, 5], pads=[2] * 4),
+              helper.make_node("MaxPool", ["m1"], ["m2"], kernel_shape=[5, 5], pads=[2] * 4),
+              helper.make_node("Concat", ["d", "m1", "m2"], ["pooled"], axis=1)]  # fmt: skip
+    conv("pooled", "y", 192, 64, 1)
+    graph = helper.make_graph(nodes, "c2f_sppf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    mod, _, run = _compile(model, {"x": (1, 64, 10, 10)}, "x86-64-avx512", tmp_path)
+    names = sorted(gv.name_hint for gv, f in mod.functions.items() if not isinstance(f, relax.Function))
+    assert sum("conv2d_chv_nhwc" in n for n in names) == 5 and any("max_pool2d_nhwc" in n for n in names), names
+    assert sum("transpose" in n for n in names) == 2, names
+    feeds = {"x": rng.uniform(-1, 1, (1, 64, 10, 10)).astype(np.float32)}
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)

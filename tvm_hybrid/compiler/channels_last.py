@@ -42,6 +42,7 @@ def channels_last(lanes: int, min_channels: int = 32):
             self.island = {}  # NCHW var -> the island it was computed in
             self.parent = {}  # island -> the island it joined (union-find)
             self.convs = {}  # island -> its convolutions
+            self.tuples = {}  # NCHW tuple var (a split's) -> (flat tuple var, h, w)
 
         def root(self, k):
             while self.parent[k] is not k:
@@ -49,25 +50,44 @@ def channels_last(lanes: int, min_channels: int = 32):
             return k
 
         def visit_dataflow_block_(self, block):
-            self.flat, self.island = {}, {}  # (a block's dataflow vars are its own)
+            self.flat, self.island, self.tuples = {}, {}, {}  # (a block's dataflow vars are its own)
             return super().visit_dataflow_block_(block)
 
         def visit_var_binding_(self, binding):
             value = binding.value
+            if isinstance(value, relax.TupleGetItem) and value.tuple_value in self.tuples:
+                tf, h, w = self.tuples[value.tuple_value]
+                fv = self.builder_.emit(relax.TupleGetItem(tf, value.index))
+                return self.record(binding, value, (fv, h, w), [value.tuple_value])
             if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)):
                 return super().visit_var_binding_(binding)
             value = self.visit_expr(value)
+            if value.op.name == "relax.split":  # a tuple (kept for other uses); its items join the island
+                self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
+                made = _split_flat(self.builder_, value, self.flat)
+                if made is not None:
+                    self.tuples[binding.var] = made
+                    self.island[binding.var] = self.island[value.args[0]]
+                return
             may_start = self.starts is None or binding.var in self.starts
             made = _island_value(self.builder_, value, self.flat, lanes, min_channels, may_start)
             if made is None:
                 self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
                 return
+            inputs = value.args[0].fields if value.op.name == "relax.concat" else value.args
+            self.record(binding, value, made, inputs)
+            if value.op.name == "relax.nn.conv2d":
+                self.convs[self.island[binding.var]] += 1
+
+        def record(self, binding, value, made, inputs):
+            """Bind ``binding.var`` to the NCHW form of the flat value ``made`` (for the ops outside
+            the island), and put it in the island of ``inputs`` (joining theirs), or a new one."""
             fv, h, w = made
             n, _, c = (int(d) for d in fv.ty.shape)
             t = self.builder_.emit(relax.op.permute_dims(fv, [0, 2, 1]))
             self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(relax.op.reshape(t, (n, c, h, w)))))
             self.flat[binding.var] = made
-            joined = {self.root(self.island[a]) for a in value.args if a in self.island}
+            joined = {self.root(self.island[a]) for a in inputs if a in self.island}
             if not joined:
                 self.parent[binding.var], self.convs[binding.var] = binding.var, 0
                 joined = {binding.var}
@@ -76,8 +96,6 @@ def channels_last(lanes: int, min_channels: int = 32):
                 self.parent[k] = first
                 self.convs[first] += self.convs.pop(k)
             self.island[binding.var] = first
-            if value.op.name == "relax.nn.conv2d":
-                self.convs[first] += 1
 
     def islands(mod, func, starts=None):
         rw = Islands(mod, starts)
@@ -150,6 +168,8 @@ def _island_value(bb, call, flat: dict, lanes: int, min_channels: int, may_start
     if op == "relax.nn.conv2d":
         form = conv_form(call, lanes, min_channels)
         x = call.args[0]
+        if form is None or form[0] != "chv":
+            form = _pointwise_in_island(call, lanes) or form
         if form is not None and form[0] == "chv" and (x in flat or may_start):
             _, x, w, pad, s, ho, wo = form
             xf = flat[x][0] if x in flat else _to_flat(bb, x)
@@ -157,6 +177,18 @@ def _island_value(bb, call, flat: dict, lanes: int, min_channels: int, may_start
         if x in flat:
             return _depthwise_flat(bb, call, flat[x][0], lanes)
         return None
+    if op == "relax.concat":
+        fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None
+        if not fields or int(call.attrs.axis) not in (1, -3) or any(f not in flat for f in fields):
+            return None
+        hw = {flat[f][1:] for f in fields}
+        if len(hw) != 1 or len(_shape(call)) != 4:
+            return None
+        h, w = hw.pop()
+        return bb.emit(relax.op.concat([flat[f][0] for f in fields], axis=2)), h, w
+    if op == "relax.nn.max_pool2d":
+        x = call.args[0]
+        return _max_pool_flat(bb, call, flat[x][0]) if x in flat else None
     if op in _UNARY:
         x = call.args[0]
         if x not in flat:
@@ -242,16 +274,92 @@ def _depthwise_flat(bb, call, xf, lanes: int):
     zero = tirx.const(0.0, "float32")
 
     def compute(data, wk):
+        ry = te.reduce_axis((0, kh), "ry")
+        rx = te.reduce_axis((0, kw), "rx")
+
+        def tap(b, p, ch):
+            # the padding read in place: the condition is one a pixel and tap, the same for every
+            # channel of a vector (a padded copy was a serial pass over the whole input first)
+            y, xx = (p // wo) * s + ry - top, (p % wo) * s + rx - left
+            inside = tirx.all(y >= 0, y < h, xx >= 0, xx < wd)
+            at = tirx.max(tirx.min(y, h - 1), 0) * wd + tirx.max(tirx.min(xx, wd - 1), 0)
+            return tirx.if_then_else(inside, data[b, at, ch], zero)
+
+        return te.compute(
+            (n, ho * wo, c), lambda b, p, ch: te.sum(tap(b, p, ch) * wk[ry, rx, ch], axis=[ry, rx]), name="dwconv_nhwc"
+        )
+
+    return bb.emit(bb.call_te(compute, xf, packed, primfunc_name_hint="dwconv2d_nhwc")), ho, wo
+
+
+def _split_flat(bb, call, flat: dict):
+    """A split of an island's value along its channels, as (flat tuple var, h, w); else None."""
+    from tvm import relax
+
+    x = call.args[0]
+    if x not in flat or int(call.attrs.axis) not in (1, -3) or len(_shape(x) or ()) != 4:
+        return None
+    xf, h, w = flat[x]
+    parts = call.attrs.indices_or_sections
+    parts = int(parts) if not hasattr(parts, "__len__") else [int(i) for i in parts]
+    return bb.emit(relax.op.split(xf, parts, axis=2)), h, w
+
+
+def _max_pool_flat(bb, call, xf):
+    """A max pool (NCHW, no dilation, floor mode) over a flat NHWC input, as (flat var, ho, wo);
+    else None. Padding reads as -inf, as in TVM's own kernel."""
+    from tvm import te, tirx
+
+    at = call.attrs
+    xs = _shape(call.args[0])
+    if (
+        xs is None or len(xs) != 4 or str(at.layout) != "NCHW" or str(at.out_layout or "NCHW") != "NCHW"
+        or any(int(d) != 1 for d in at.dilation) or bool(at.ceil_mode) or str(call.args[0].ty.dtype) != "float32"
+    ):  # fmt: skip
+        return None
+    n, c, h, wd = xs
+    kh, kw = (int(k) for k in at.pool_size)
+    sy, sx = (int(k) for k in at.strides)
+    pad = [int(p) for p in at.padding]
+    ho, wo = (h + pad[0] + pad[2] - kh) // sy + 1, (wd + pad[1] + pad[3] - kw) // sx + 1
+    if ho <= 0 or wo <= 0:
+        return None
+    top, left = pad[0], pad[1]
+    ninf = tirx.const(float("-inf"), "float32")
+
+    def compute(data):
         shape = (n, h + pad[0] + pad[2], wd + pad[1] + pad[3], c)
         src = te.compute(shape, lambda b, y, xx, ch: tirx.if_then_else(
             tirx.all(y >= top, y < top + h, xx >= left, xx < left + wd),
-            data[b, (y - top) * wd + xx - left, ch], zero), name="pad")  # fmt: skip
+            data[b, (y - top) * wd + xx - left, ch], ninf), name="pad")  # fmt: skip
         ry = te.reduce_axis((0, kh), "ry")
         rx = te.reduce_axis((0, kw), "rx")
         return te.compute(
             (n, ho * wo, c),
-            lambda b, p, ch: te.sum(src[b, (p // wo) * s + ry, (p % wo) * s + rx, ch] * wk[ry, rx, ch], axis=[ry, rx]),
-            name="dwconv_nhwc",
+            lambda b, p, ch: te.max(src[b, (p // wo) * sy + ry, (p % wo) * sx + rx, ch], axis=[ry, rx]),
+            name="max_pool_nhwc",
         )  # fmt: skip
 
-    return bb.emit(bb.call_te(compute, xf, packed, primfunc_name_hint="dwconv2d_nhwc")), ho, wo
+    return bb.emit(bb.call_te(compute, xf, primfunc_name_hint="max_pool2d_nhwc")), ho, wo
+
+
+_ISLAND_POINTWISE_PIXELS = 1024
+
+
+def _pointwise_in_island(call, lanes: int):
+    import tvm
+
+    from .rewrites import _conv_operands, _out_dtype
+
+    ops = _conv_operands(call)
+    if ops is None:
+        return None
+    attrs, x, w, (n, c, h, wd), (o, ci, kh, kw) = ops
+    if (
+        (kh, kw) != (1, 1) or any(int(p) for p in attrs.padding) or [int(v) for v in attrs.strides] != [1, 1]
+        or int(attrs.groups) != 1 or o % lanes or h * wd > _ISLAND_POINTWISE_PIXELS or not isinstance(w, tvm.ir.GenericConst)
+        or str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32" or _out_dtype(attrs) not in (None, "float32")
+        or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout or "NCHW") != "NCHW"
+    ):  # fmt: skip
+        return None
+    return ("chv", x, w, [0, 0, 0, 0], 1, h, wd)
