@@ -168,8 +168,6 @@ def _island_value(bb, call, flat: dict, lanes: int, min_channels: int, may_start
     if op == "relax.nn.conv2d":
         form = conv_form(call, lanes, min_channels)
         x = call.args[0]
-        if form is None or form[0] != "chv":
-            form = _pointwise_in_island(call, lanes) or form
         if form is not None and form[0] == "chv" and (x in flat or may_start):
             _, x, w, pad, s, ho, wo = form
             xf = flat[x][0] if x in flat else _to_flat(bb, x)
@@ -341,25 +339,3 @@ def _max_pool_flat(bb, call, xf):
         )  # fmt: skip
 
     return bb.emit(bb.call_te(compute, xf, primfunc_name_hint="max_pool2d_nhwc")), ho, wo
-
-
-_ISLAND_POINTWISE_PIXELS = 1024
-
-
-def _pointwise_in_island(call, lanes: int):
-    import tvm
-
-    from .rewrites import _conv_operands, _out_dtype
-
-    ops = _conv_operands(call)
-    if ops is None:
-        return None
-    attrs, x, w, (n, c, h, wd), (o, ci, kh, kw) = ops
-    if (
-        (kh, kw) != (1, 1) or any(int(p) for p in attrs.padding) or [int(v) for v in attrs.strides] != [1, 1]
-        or int(attrs.groups) != 1 or o % lanes or h * wd > _ISLAND_POINTWISE_PIXELS or not isinstance(w, tvm.ir.GenericConst)
-        or str(x.ty.dtype) != "float32" or str(w.ty.dtype) != "float32" or _out_dtype(attrs) not in (None, "float32")
-        or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout or "NCHW") != "NCHW"
-    ):  # fmt: skip
-        return None
-    return ("chv", x, w, [0, 0, 0, 0], 1, h, wd)
