@@ -108,11 +108,12 @@ def channels_last(lanes: int, min_channels: int = 32):
             if isinstance(func, relax.Function):
                 # A conv alone in its island would only move its transpose to its input: islands
                 # of two convolutions or more (a dry run finds them).
-                trial, _ = islands(mod, func)
+                trial, out = islands(mod, func)
                 starts = {k for k in trial.parent if trial.convs[trial.root(k)] >= 2}
                 if not starts:
                     continue
-                rw, mod[gv] = islands(mod, func, starts)
+                # (every island qualifies: the dry run's result is the one a second run would give)
+                rw, mod[gv] = (trial, out) if len(starts) == len(trial.parent) else islands(mod, func, starts)
                 have = list(mod.functions)
                 for new_gv, new_func in rw.builder_.get().functions.items():
                     if not any(new_gv.same_as(g) for g in have) and not isinstance(new_func, relax.Function):
@@ -162,7 +163,7 @@ def _island_value(bb, call, flat: dict, lanes: int, min_channels: int, may_start
     ``may_start``: a channel-vector conv whose input is not in an island opens one."""
     from tvm import relax
 
-    from .rewrites import conv_form
+    from .rewrites import _conv_channel_vectors, conv_form
 
     op = call.op.name
     if op == "relax.nn.conv2d":
@@ -171,7 +172,8 @@ def _island_value(bb, call, flat: dict, lanes: int, min_channels: int, may_start
         if form is not None and form[0] == "chv" and (x in flat or may_start):
             _, x, w, pad, s, ho, wo = form
             xf = flat[x][0] if x in flat else _to_flat(bb, x)
-            return _chv_flat(bb, xf, _shape(x), w.value.numpy(), pad, s, ho, wo), ho, wo
+            conv = _conv_channel_vectors(bb, xf, w.value.numpy(), pad, s, ho, wo, hw=_shape(x)[2:])
+            return bb.emit(conv), ho, wo
         if x in flat:
             return _depthwise_flat(bb, call, flat[x][0], lanes)
         return None
@@ -213,30 +215,6 @@ def _island_value(bb, call, flat: dict, lanes: int, min_channels: int, may_start
                 args.append(pc)
         return bb.emit(relax.Call(call.op, args, call.attrs, call.ty_args)), h, w
     return None
-
-
-def _chv_flat(bb, xf, xshape, weight, pad, s: int, ho: int, wo: int):
-    """``rewrites._conv_channel_vectors`` over a flat NHWC input, its sums the output."""
-    from tvm import relax, te, tirx
-
-    from .rewrites import channel_vector_sums, channel_vector_weight
-
-    n, c, h, wd = xshape
-    o, _, kh, kw = weight.shape
-    packed = relax.const(channel_vector_weight(weight))
-    top, left = pad[0], pad[1]
-    zero = tirx.const(0.0, "float32")
-
-    def compute(data, wp):
-        if any(pad):
-            shape = (n, h + pad[0] + pad[2], wd + pad[1] + pad[3], c)
-            src = te.compute(shape, lambda b, y, xx, i: tirx.if_then_else(
-                tirx.all(y >= top, y < top + h, xx >= left, xx < left + wd),
-                data[b, (y - top) * wd + xx - left, i], zero), name="pad")  # fmt: skip
-            return channel_vector_sums(lambda b, i, y, xx: src[b, y, xx, i], wp, (n, c, o, kh, kw), s, ho, wo)
-        return channel_vector_sums(lambda b, i, y, xx: data[b, y * wd + xx, i], wp, (n, c, o, kh, kw), s, ho, wo)
-
-    return bb.emit(bb.call_te(compute, xf, packed, primfunc_name_hint="conv2d_chv_nhwc"))
 
 
 def _depthwise_flat(bb, call, xf, lanes: int):

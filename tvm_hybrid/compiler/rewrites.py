@@ -1213,21 +1213,7 @@ def _row_kernel(bb, sch, out: str, reductions: tuple[str, ...], lanes: int, name
     return bb.emit(relax.call_tir(gv, [flat, *args[1:]], relax.TensorType((rows, c), "float32")))
 
 
-def channel_vector_weight(weight):
-    """An OIHW convolution weight packed for the channel-vector kernels, ``[in, ky, kx, out]``:
-    each reduction step loads contiguous output-channel vectors.
-    A 1x1 conv's weight rows (one an input channel) of a multiple of 1 KB sit a multiple of
-    4 KB apart every few rows, in the same L1 sets: a block of 32 rows of 1024 or 2048
-    channels fought over one set's 12 ways, and each step's weight vectors came from L2. A
-    vector of zeros at each row's end sets them apart; the kernel never reads it (it computes
-    the ``o`` channels only). ResNet-50's convs alone, two runs: 1024->2048 stride 2 0.73-0.78x,
-    512->2048 0.79-0.99x; a 3x3 one (a tap's rows 9 taps apart already) gained nothing (0.99x)."""
-    o, _, kh, kw = weight.shape
-    spread = 16 if (kh, kw) == (1, 1) and o * 4 % 1024 == 0 else 0
-    return np.ascontiguousarray(np.pad(weight.transpose(1, 2, 3, 0), [(0, 0)] * 3 + [(0, spread)]))
-
-
-def _conv_channel_vectors(bb, x, weight, pad: list[int], s: int, ho: int, wo: int):
+def _conv_channel_vectors(bb, x, weight, pad: list[int], s: int, ho: int, wo: int, hw: tuple[int, int] | None = None):
     """A convolution whose output channels make whole vectors, with them as the vector axis:
     sums ``[pixel, channel]`` over the output's pixels exactly (no padding columns, no pixels
     rounded up to whole vectors), the weights prepacked at compile time as ``[in, ky, kx, out]``
@@ -1236,42 +1222,59 @@ def _conv_channel_vectors(bb, x, weight, pad: list[int], s: int, ho: int, wo: in
     computes many pixels it drops (a 10x10 map's rows of 12, padded to 128 pixels for 100) or
     splits a strided input into phases, this is the faster one: `scripts/profile_kernels.py
     zoo:yolov8n-320`'s convs on 20x20 and 10x10 maps, and its stride-2 ones onto 40x40 and 20x20
-    (``conv2d_flat_rows``). The products are added in the same order (bitwise the same sums)."""
+    (``conv2d_flat_rows``). The products are added in the same order (bitwise the same sums).
+    ``hw``: ``x`` is channels-last, ``[batch, h * w, channel]`` with ``hw = (h, w)``, and the sums
+    are the output as they are (``channels_last``: no write back to NCHW)."""
     from tvm import relax, te, tirx
 
-    n, c, h, wd = (int(d) for d in x.ty.shape)
+    if hw is None:
+        n, c, h, wd = (int(d) for d in x.ty.shape)
+    else:
+        (n, _, c), (h, wd) = (int(d) for d in x.ty.shape), hw
     o, _, kh, kw = weight.shape
-    packed = relax.const(channel_vector_weight(weight))
+    # A 1x1 conv's weight rows (one an input channel) of a multiple of 1 KB sit a multiple of
+    # 4 KB apart every few rows, in the same L1 sets: a block of 32 rows of 1024 or 2048
+    # channels fought over one set's 12 ways, and each step's weight vectors came from L2. A
+    # vector of zeros at each row's end sets them apart; the kernel never reads it (it computes
+    # the ``o`` channels only). ResNet-50's convs alone, two runs: 1024->2048 stride 2 0.73-0.78x,
+    # 512->2048 0.79-0.99x; a 3x3 one (a tap's rows 9 taps apart already) gained nothing (0.99x).
+    spread = 16 if (kh, kw) == (1, 1) and o * 4 % 1024 == 0 else 0
+    packed = relax.const(np.ascontiguousarray(np.pad(weight.transpose(1, 2, 3, 0), [(0, 0)] * 3 + [(0, spread)])))
     top, left = pad[0], pad[1]
     zero = tirx.const(0.0, "float32")
 
-    def compute(data, wp):
+    def inside(y, xx):
+        return tirx.all(y >= top, y < top + h, xx >= left, xx < left + wd)
+
+    def input_reader(data):  # at(b, i, y, x) over the padded input
+        if hw is None:
+            if any(pad):
+                shape = (n, c, h + pad[0] + pad[2], wd + pad[1] + pad[3])
+                data = te.compute(shape, lambda b, i, y, xx: tirx.if_then_else(
+                    inside(y, xx), data[b, i, y - top, xx - left], zero), name="pad")  # fmt: skip
+            return lambda b, i, y, xx: data[b, i, y, xx]
         if any(pad):
-            shape = (n, c, h + pad[0] + pad[2], wd + pad[1] + pad[3])
-            data = te.compute(shape, lambda b, i, y, xx: tirx.if_then_else(
-                tirx.all(y >= top, y < top + h, xx >= left, xx < left + wd), data[b, i, y - top, xx - left], zero),
-                name="pad")  # fmt: skip
-        acc = channel_vector_sums(lambda b, i, y, xx: data[b, i, y, xx], wp, (n, c, o, kh, kw), s, ho, wo)
+            shape = (n, h + pad[0] + pad[2], wd + pad[1] + pad[3], c)
+            src = te.compute(shape, lambda b, y, xx, i: tirx.if_then_else(
+                inside(y, xx), data[b, (y - top) * wd + xx - left, i], zero), name="pad")  # fmt: skip
+            return lambda b, i, y, xx: src[b, y, xx, i]
+        return lambda b, i, y, xx: data[b, y * wd + xx, i]
+
+    def compute(data, wp):
+        at = input_reader(data)
+        i = te.reduce_axis((0, c), "i")
+        ry = te.reduce_axis((0, kh), "ry")
+        rx = te.reduce_axis((0, kw), "rx")
+        acc = te.compute(
+            (n, ho * wo, o),
+            lambda b, p, f: te.sum(at(b, i, (p // wo) * s + ry, (p % wo) * s + rx) * wp[i, ry, rx, f], axis=[i, ry, rx]),
+            name="conv_chv",
+        )  # fmt: skip
+        if hw is not None:
+            return acc
         return te.compute((n, o, ho, wo), lambda b, f, y, xx: acc[b, y * wo + xx, f], name="conv_nchw")
 
-    return bb.call_te(compute, x, packed, primfunc_name_hint="conv2d_chv")
-
-
-def channel_vector_sums(at, wp, dims: tuple[int, int, int, int, int], s: int, ho: int, wo: int):
-    """The sums of ``_conv_channel_vectors``, ``[batch, pixel, out channel]``: ``at(b, i, y, x)``
-    reads the (padded) input, ``wp`` the packed weight (``channel_vector_weight``); ``dims`` are
-    (batch, in, out, ky, kx)."""
-    from tvm import te
-
-    n, c, o, kh, kw = dims
-    i = te.reduce_axis((0, c), "i")
-    ry = te.reduce_axis((0, kh), "ry")
-    rx = te.reduce_axis((0, kw), "rx")
-    return te.compute(
-        (n, ho * wo, o),
-        lambda b, p, f: te.sum(at(b, i, (p // wo) * s + ry, (p % wo) * s + rx) * wp[i, ry, rx, f], axis=[i, ry, rx]),
-        name="conv_chv",
-    )  # fmt: skip
+    return bb.call_te(compute, x, packed, primfunc_name_hint="conv2d_chv" if hw is None else "conv2d_chv_nhwc")
 
 
 #: Output pixels under which a 1x1 convolution computes with its output channels as the vectors.
