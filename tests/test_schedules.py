@@ -654,6 +654,7 @@ def test_max_pool_rows_kernel_matches_onnxruntime(shape, kernel, strides, pads, 
     (40, 32, (18, 20), [0, 0, 0, 0], 1, None, True),  # no padding
     (32, 32, (16, 18), [2, 0, 1, 3], 1, "bias", True),  # lopsided padding
     (32, 32, (14, 14), [1, 1, 1, 1], 2, "bn_pool", True),  # batch 2; BatchNorm, ReLU and a stride-2 pool (a CRNN's)
+    (48, 32, (13, 21), [1, 2, 0, 1], 3, "relu", True),  # rows of 11 tiles written as 12: each overruns into the next, the next image's too
     (256, 64, (10, 10), [1, 1, 1, 1], 1, None, False),  # 25 tiles: too few, as it was
     (16, 16, (20, 20), [1, 1, 1, 1], 1, None, False),  # 16 channels: too few, as it was
 ])  # fmt: skip

@@ -1481,7 +1481,7 @@ def conv_winograd(lanes: int, min_channels: int = 32, min_tiles: int = 64, max_w
     of at least ``min_channels`` input and output channels as Winograd's F(2x2, 3x3): each 2x2
     output tile from its 4x4 input tile in 16 products a channel pair instead of 36. Three
     kernels: the input tiles transformed (``Bᵀ d B``, by rows then columns, into
-    ``[16, C, tiles]``, the tiles padded to whole vectors of ``lanes``), 16 matmuls by the
+    ``[16, C, tiles]``, the tiles padded to whole vectors of ``lanes`` and for a row of tiles' overrun), 16 matmuls by the
     weights transformed at compile time (``G g Gᵀ``, ``[16, O, C]``), and the output transform
     (``Aᵀ m A``), into which the convolution's epilogue fuses.
 
@@ -1528,7 +1528,11 @@ def _conv_winograd(bb, call, lanes: int, min_channels: int, min_tiles: int, max_
         return None
     th, tw = -(-ho // 2), -(-wo // 2)
     tiles = n * th * tw
-    pp = -(-tiles // lanes) * lanes
+    # The input transform writes a row of tiles as whole vectors of 4 (``twv``); what passes the
+    # row's end lands where the next row goes, written over when that row is, so the last row's
+    # needs room past ``tiles``. Those columns of V and M are never read back.
+    twv = -(-tw // 4) * 4
+    pp = -(-(tiles + twv - tw) // lanes) * lanes
     if tiles < min_tiles or 16 * c * pp * 4 > max_workspace:
         return None
     u = np.einsum("ay,oiyx,bx->aboi", _WINO_G, weight.astype(np.float64), _WINO_G)
@@ -1539,52 +1543,52 @@ def _conv_winograd(bb, call, lanes: int, min_channels: int, min_tiles: int, max_
     u = np.concatenate([u.reshape(16, o, c), np.zeros((16, cm, c))], axis=1).astype(np.float32)
     zero = tirx.const(0.0, "float32")
 
-    # The zero-padded input plane (rows of 2 * wq), then its columns split into even and odd
-    # phases, so every tile's reads are unit-stride: padded column 2q + f is phases[f, y, q]. The
-    # split runs as one long loop over the plane (LLVM vectorizes its stride-2 reads with
-    # permutes; a loop as short as a row it unrolls whole, and then does not).
-    hp, wq = 2 * th + 2, tw + 1
-    wp = 2 * wq
-    ncopy = max(0, min(wd, wp - left))  # the input columns some tile reads
+    # A channel's zero-padded input rows are held split into their even and odd columns
+    # (``ph[f, y, q]`` is padded column 2q + f), so every tile's reads are unit-stride. Then, a
+    # row of tiles at a time, Bᵀ d down the tile's 4 rows (both phases at once) and · B along
+    # them, each loop whole vectors of ``twv`` tiles. (Copying the padded plane first and
+    # splitting it after, with loops as long as a row of 10 or 20 tiles that LLVM vectorized with
+    # scalar remainders, was slower: the kernel alone, two runs, 64 channels at 20x20 81 -> 48
+    # and 70 -> 42 us, at 40x40 163 -> 113 and 235 -> 112, 128 at 28x28 182 -> 155 and 291 -> 188,
+    # 64 at 56x56 361 -> 303 and 352 -> 325.)
+    hp = 2 * th + 2
+    wqa = twv + 4  # phase columns: a row of tiles reads q up to twv
+    # padded column 2q + f is input column 2q + f - left: valid for q in [lo[f], hi[f])
+    lo = [max(0, -(-(left - f) // 2)) for f in (0, 1)]
+    hi = [max(lo[f], min(wqa, (wd - 1 + left - f) // 2 + 1)) for f in (0, 1)]
 
     @T.prim_func(private=True, s_tir=True)
     def winograd_input(xb: T.Buffer((n, c, h, wd), "float32"), v: T.Buffer((16, c + cv, pp), "float32")):
         T.func_attr({"tirx.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
         with T.sblock("root"):
-            for t in T.parallel(c * n):
-                plane = T.decl_buffer((hp * wp,), "float32")
-                ph = T.decl_buffer((2, hp * wq), "float32")
-                cols = T.decl_buffer((4, 2, wq), "float32")
-                ch: T.int32 = t // n
-                b: T.int32 = t % n
-                for y in range(hp):
-                    if top <= y and y - top < h:
-                        for xx in range(left):
-                            plane[y * wp + xx] = zero
-                        for xx in range(ncopy):
-                            plane[y * wp + left + xx] = xb[b, ch, y - top, xx]
-                        for xx in range(wp - left - ncopy):
-                            plane[y * wp + left + ncopy + xx] = zero
-                    else:
-                        for xx in range(wp):
-                            plane[y * wp + xx] = zero
-                for j in range(hp * wq):
-                    ph[0, j] = plane[2 * j]
-                    ph[1, j] = plane[2 * j + 1]
-                for ty in range(th):
-                    # Bᵀ d down the tile's 4 rows, both phases at once; then · B along them.
-                    for f, q in T.grid(2, wq):
-                        cols[0, f, q] = ph[f, 2 * ty * wq + q] - ph[f, (2 * ty + 2) * wq + q]
-                        cols[1, f, q] = ph[f, (2 * ty + 1) * wq + q] + ph[f, (2 * ty + 2) * wq + q]
-                        cols[2, f, q] = ph[f, (2 * ty + 2) * wq + q] - ph[f, (2 * ty + 1) * wq + q]
-                        cols[3, f, q] = ph[f, (2 * ty + 1) * wq + q] - ph[f, (2 * ty + 3) * wq + q]
-                    for r, tx in T.grid(4, tw):
-                        v[r * 4, ch, (b * th + ty) * tw + tx] = cols[r, 0, tx] - cols[r, 0, tx + 1]
-                        v[r * 4 + 1, ch, (b * th + ty) * tw + tx] = cols[r, 1, tx] + cols[r, 0, tx + 1]
-                        v[r * 4 + 2, ch, (b * th + ty) * tw + tx] = cols[r, 0, tx + 1] - cols[r, 1, tx]
-                        v[r * 4 + 3, ch, (b * th + ty) * tw + tx] = cols[r, 1, tx] - cols[r, 1, tx + 1]
-            for e, ch, p in T.grid(16, c, pp - tiles):
-                v[e, ch, tiles + p] = zero
+            for ch in T.parallel(c):
+                ph = T.decl_buffer((2, hp, wqa), "float32")
+                cols = T.decl_buffer((4, 2, wqa), "float32")
+                for e, p in T.grid(16, pp - tiles):
+                    v[e, ch, tiles + p] = zero
+                for b in range(n):  # in order: a row's overrun is the next row's, of the next image too
+                    for y in range(hp):
+                        for f in range(2):
+                            for q in T.vectorized(wqa):
+                                ph[f, y, q] = zero
+                        if top <= y and y - top < h:
+                            for q in range(lo[0], hi[0]):
+                                ph[0, y, q] = xb[b, ch, y - top, 2 * q - left]
+                            for q in range(lo[1], hi[1]):
+                                ph[1, y, q] = xb[b, ch, y - top, 2 * q + 1 - left]
+                    for ty in range(th):
+                        for f in range(2):
+                            for q in T.vectorized(wqa):
+                                cols[0, f, q] = ph[f, 2 * ty, q] - ph[f, 2 * ty + 2, q]
+                                cols[1, f, q] = ph[f, 2 * ty + 1, q] + ph[f, 2 * ty + 2, q]
+                                cols[2, f, q] = ph[f, 2 * ty + 2, q] - ph[f, 2 * ty + 1, q]
+                                cols[3, f, q] = ph[f, 2 * ty + 1, q] - ph[f, 2 * ty + 3, q]
+                        for r in range(4):
+                            for tx in T.vectorized(twv):
+                                v[r * 4, ch, (b * th + ty) * tw + tx] = cols[r, 0, tx] - cols[r, 0, tx + 1]
+                                v[r * 4 + 1, ch, (b * th + ty) * tw + tx] = cols[r, 1, tx] + cols[r, 0, tx + 1]
+                                v[r * 4 + 2, ch, (b * th + ty) * tw + tx] = cols[r, 0, tx + 1] - cols[r, 1, tx]
+                                v[r * 4 + 3, ch, (b * th + ty) * tw + tx] = cols[r, 1, tx] - cols[r, 1, tx + 1]
 
     gv = bb.add_func(winograd_input, "winograd_input")
     vt = bb.emit(relax.call_tir(gv, [x], relax.TensorType((16, c + cv, pp), "float32")))
