@@ -1481,9 +1481,10 @@ def conv_winograd(lanes: int, min_channels: int = 32, min_tiles: int = 64, max_w
     of at least ``min_channels`` input and output channels as Winograd's F(2x2, 3x3): each 2x2
     output tile from its 4x4 input tile in 16 products a channel pair instead of 36. Three
     kernels: the input tiles transformed (``Bᵀ d B``, by rows then columns, into
-    ``[16, C, tiles]``, the tiles padded to whole vectors of ``lanes`` and for a row of tiles' overrun), 16 matmuls by the
-    weights transformed at compile time (``G g Gᵀ``, ``[16, O, C]``), and the output transform
-    (``Aᵀ m A``), into which the convolution's epilogue fuses.
+    ``[16, C, tiles]``, the tiles padded to whole vectors of ``lanes`` and room for a row of
+    tiles' overrun), 16 matmuls by the weights transformed at compile time (``G g Gᵀ``,
+    ``[16, O, C]``), and the output transform (``Aᵀ m A``), into which the convolution's
+    epilogue fuses.
 
     On 2 Zen 4 cores (``scripts/ab_revisions.py``, one conv + bias + ReLU a model, interleaved):
     256->256 over 15x40 3.88 -> 2.10 ms, 64->128 over 30x80 1.82 -> 1.13, 80->80 over 40x40
@@ -1528,10 +1529,11 @@ def _conv_winograd(bb, call, lanes: int, min_channels: int, min_tiles: int, max_
         return None
     th, tw = -(-ho // 2), -(-wo // 2)
     tiles = n * th * tw
-    # The input transform writes a row of tiles as whole vectors of 4 (``twv``); what passes the
-    # row's end lands where the next row goes, written over when that row is, so the last row's
-    # needs room past ``tiles``. Those columns of V and M are never read back.
-    twv = -(-tw // 4) * 4
+    # The input transform writes a row of tiles as whole vectors of ``step`` (``twv``); what
+    # passes the row's end lands where the next row goes, written over when that row is, so the
+    # last row's needs room past ``tiles``. Those columns of V and M are never read back.
+    step = 4
+    twv = -(-tw // step) * step
     pp = -(-(tiles + twv - tw) // lanes) * lanes
     if tiles < min_tiles or 16 * c * pp * 4 > max_workspace:
         return None
@@ -1552,7 +1554,7 @@ def _conv_winograd(bb, call, lanes: int, min_channels: int, min_tiles: int, max_
     # and 70 -> 42 us, at 40x40 163 -> 113 and 235 -> 112, 128 at 28x28 182 -> 155 and 291 -> 188,
     # 64 at 56x56 361 -> 303 and 352 -> 325.)
     hp = 2 * th + 2
-    wqa = twv + 4  # phase columns: a row of tiles reads q up to twv
+    wqa = twv + step  # phase columns, whole vectors: a row of tiles reads q up to twv
     # padded column 2q + f is input column 2q + f - left: valid for q in [lo[f], hi[f])
     lo = [max(0, -(-(left - f) // 2)) for f in (0, 1)]
     hi = [max(lo[f], min(wqa, (wd - 1 + left - f) // 2 + 1)) for f in (0, 1)]
