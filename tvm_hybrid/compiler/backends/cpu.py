@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from ... import hostcpu
 from ...targets import TargetProfile
-from ..rewrites import DEQUANTIZE_STAGE
+from ..rewrites import DEQUANTIZE_STAGE, WINOGRAD_TILES_STAGE
 from .base import Backend
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,9 @@ def schedule_func(func, cfg: CpuConfig):
     blocks = _child_blocks(sch)
     done: set[str] = set()
     for block in blocks:
+        if sch.get(block).name_hint == WINOGRAD_TILES_STAGE:
+            done.update(_schedule_winograd_output(sch, block, cfg))
+    for block in blocks:
         name = sch.get(block).name_hint
         if name in done:
             continue
@@ -356,7 +359,7 @@ def _inline(sch, blocks) -> None:
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for b in blocks:
         block = sch.get(b)
-        if block.name_hint in outputs or _is_reduction(sch, b) or block.name_hint == DEQUANTIZE_STAGE:
+        if block.name_hint in outputs or _is_reduction(sch, b) or block.name_hint in (DEQUANTIZE_STAGE, WINOGRAD_TILES_STAGE):
             continue
         if not _is_simple_store(block):
             continue
@@ -1107,6 +1110,36 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
         sch.parallel(fused)
     if v is not None:
         sch.vectorize(v)
+
+
+def _schedule_winograd_output(sch, tiles, cfg: CpuConfig) -> set[str]:
+    """A Winograd output transform (``rewrites._conv_winograd``): the output block (the epilogue
+    inlined into it) parallel over images and channels, each iterating its rows, with the column
+    pairs unrolled as _schedule_spatial's pixel shuffle does; the tiles stage computed under the
+    parallel loop, a channel's tiles at a time (unit-stride along them, its 4 outputs unrolled so
+    the 16 products are loaded once), into a buffer of 4 x tiles that stays in L1.
+
+    Returns the blocks scheduled; none when the output is not one such block, and then the
+    tiles stage is a loop nest of its own (all channels' tiles through memory: 1.05-1.09x)."""
+    consumers = sch.get_consumers(tiles)
+    if len(consumers) != 1:
+        return set()
+    out = consumers[0]
+    stmt = sch.get(out)
+    n = len(stmt.iter_vars)
+    if n < 3 or not _is_simple_store(stmt):
+        return set()
+    if _extent(sch, sch.get_loops(out)[-1]) % 2 == 0:
+        sch.transform_block_layout(out, _index_map(lambda *v: [*v[: n - 1], v[n - 1] // 2, v[n - 1] % 2], n))
+        sch.unroll(sch.get_loops(out)[-1])
+    loops = sch.get_loops(out)
+    fused = sch.fuse(*loops[: n - 2]) if n > 3 else loops[0]  # images and channels (merged by a reshape: 3-D)
+    sch.parallel(fused)
+    sch.compute_at(tiles, fused)
+    e4, p = sch.get_loops(tiles)[-2:]
+    sch.unroll(e4)
+    sch.reorder(p, e4)
+    return {sch.get(tiles).name_hint, stmt.name_hint}
 
 
 def _row_divisor(stmt) -> int:
