@@ -180,6 +180,23 @@ def test_tuned_kernels_are_checked_in_place_and_losers_keep_their_defaults(tuned
     assert tuned_kernels({k: (1.0, 2.0, ms) for k, ms in records.items()}) == 0  # slower in place
     assert tuned_kernels({k: (2.0, 1.0, ms) for k, ms in records.items()}) == len(records)  # faster there
     assert tuned_kernels({k: (1.0, 2.0, ms + 1.0) for k, ms in records.items()}) == len(records)  # another record
+    # A verdict taken on another CPU model does not hold here: not applied until checked here.
+    faster = {k: (2.0, 1.0, ms) for k, ms in records.items()}
+    log.local_cpu = "This CPU"
+    log.in_model_cpu = {k: "Another CPU" for k in records}
+    assert tuned_kernels(faster) == 0
+    log.in_model_cpu = {k: "This CPU" for k in records}
+    assert tuned_kernels(faster) == len(records)
+    log.local_cpu = ""  # a cross build (or an unknown CPU): the verdict stands
+    log.in_model_cpu = {k: "Another CPU" for k in records}
+    assert tuned_kernels(faster) == len(records)
+    # The check records the CPU model it ran on, and the tuning run records it in meta.json.
+    from tvm_hybrid import hostcpu
+
+    if hostcpu.cpu_model():
+        assert all(v["in_model"].get("cpu") == hostcpu.cpu_model() for v in defaults.values() if "in_model" in v)
+        meta = json.loads((logs / TARGET / "meta.json").read_text())
+        assert meta["runs"][-1]["cpu"] == hostcpu.cpu_model()
 
 
 def test_compile_without_logs_uses_default_schedules(tuned, tmp_path):

@@ -63,6 +63,23 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(m.group(1).split()) if m else frozenset()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """This machine's CPU model as /proc/cpuinfo names it ("model name"; on ARM, the implementer
+    and part codes), or "" where that is unreadable. Tuning logs record it with their in-model
+    verdicts: a kernel's speed in place is a fact about one CPU model."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    m = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    if m:
+        return " ".join(m.group(1).split())
+    impl = re.search(r"^CPU implementer\s*:\s*(\S+)", text, re.MULTILINE)
+    part = re.search(r"^CPU part\s*:\s*(\S+)", text, re.MULTILINE)
+    return f"ARM implementer {impl.group(1)} part {part.group(1)}" if impl and part else ""
+
+
 def x86_features(tvm_target: dict[str, Any]) -> set[str]:
     """The CPU flags code built for an LLVM x86 target (a JSON-dict target) cannot run without."""
     need = set(X86_MCPU_FEATURES.get(str(tvm_target.get("mcpu") or "x86-64"), ()))

@@ -90,7 +90,9 @@ def apply_database(mod, profile: TargetProfile, database):
     kernel's default-schedule time as measured when tuning: a tuned record slower than that
     is not applied, nor one that the log's in-model check timed slower in place in the model
     (``tune.check_in_model``), so a log does not make a build slower than the defaults (a
-    short tuning run often finds nothing better). ``MetaScheduleApplyDatabase`` sets ``tirx.is_scheduled``
+    short tuning run often finds nothing better). A verdict taken on another CPU model than
+    this machine's, for a target this machine runs, does not hold: that record is not applied
+    until a ``tune`` run checks it here (``TuningLog.checked_elsewhere``). ``MetaScheduleApplyDatabase`` sets ``tirx.is_scheduled``
     on each kernel it replaces; the ones that gain it here are the tuned ones.
     """
     import tvm
@@ -101,6 +103,8 @@ def apply_database(mod, profile: TargetProfile, database):
     db = getattr(database, "database", database)
     default_ms = getattr(database, "default_ms", None) or {}
     slower_in_model = getattr(database, "slower_in_model", None)
+    checked_elsewhere = getattr(database, "checked_elsewhere", None)
+    elsewhere: dict[str, int] = {}
 
     def scheduled(f) -> bool:
         return f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))
@@ -124,9 +128,18 @@ def apply_database(mod, profile: TargetProfile, database):
                 mod[gv] = before[gv]  # the default schedule was faster when measured (alone or in the model)
                 kept += 1
                 continue
+        cpu = checked_elsewhere(key) if checked_elsewhere is not None else ""
+        if cpu:  # its in-model verdict is about another CPU model: not applied until checked here
+            mod[gv] = before[gv]
+            elsewhere[cpu] = elsewhere.get(cpu, 0) + 1
+            continue
         mod[gv] = f.with_attr(TUNED_ATTR, True)
     if kept:
         log.debug("%d tuned kernels were slower than their default schedule; kept the default", kept)
+    for cpu, n in elsewhere.items():
+        log.warning("%d tuned kernels were checked in the model on another CPU (%s), not on this one (%s): "
+                    "they keep their default schedules until `tvm-hybrid tune` checks them here",
+                    n, cpu, database.local_cpu)  # fmt: skip
     return mod
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import hostcpu
 from ..errors import HybridError, RuntimeFailure, UsageError, one_line
 from ..targets import TargetProfile, resolve
 from . import backends, build, importer, tuning_log
@@ -770,6 +771,7 @@ def _tune_locked(opts, profile, imported, fused, d: Path, meta, on_progress, t_s
     meta["runs"].append(
         {"finished": _now(), "model": imported.name, "model_sha256": imported.sha256, "trials": report.trials,
          "stopped": reason, "runner": runner_name, "num_cores": cores,
+         **({"cpu": hostcpu.cpu_model()} if not opts.rpc_tracker and hostcpu.cpu_model() else {}),
          "cache_flush": evaluator.enable_cpu_cache_flush, **tuning_log.versions()}  # fmt: skip
     )
     tuning_log.write_meta(d, meta)
@@ -809,7 +811,7 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
     logs = tuning_log.open_database(d.parent, profile)
     if logs is None or tuning_log.target_dir(d.parent, profile) != d:
         return {}
-    logs.in_model = {}  # judge every record afresh
+    logs.in_model, logs.in_model_cpu = {}, {}  # judge every record afresh, here
     backend = backends.for_profile(profile)
     fused = backend.fuse(importer.to_relax(imported), profile)
     tuned_mod = backend.schedule(build.apply_database(fused, profile, logs), profile)
@@ -840,6 +842,7 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
                         acc.setdefault(k, []).append(t)
     target = profile.tvm()
     data = {str(k): v for k, v in tuning_log.read_defaults_file(d).items()}
+    cpu = hostcpu.cpu_model()  # the check runs the target here, natively: its CPU model is this one's
     verdicts = {}
     for name in tuned:
         if name not in per[0] or name not in per[1]:
@@ -852,7 +855,7 @@ def check_in_model(imported, profile: TargetProfile, d: Path, rounds: int = 20) 
         verdict = (statistics.median(per[0][name]), statistics.median(per[1][name]), build.median_ms(record.run_secs))
         verdicts[key] = verdict
         data[str(key)]["in_model"] = {"default_ms": round(verdict[0], 6), "tuned_ms": round(verdict[1], 6),
-                                      "record_ms": verdict[2]}  # fmt: skip
+                                      "record_ms": verdict[2], **({"cpu": cpu} if cpu else {})}  # fmt: skip
     tuning_log.write_defaults_file(d, data)
     slower = sum(v[1] >= v[0] for v in verdicts.values())
     log.info("in-model check: %d of %d tuned kernels slower in place; builds keep their defaults", slower, len(verdicts))

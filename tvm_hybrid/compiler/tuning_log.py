@@ -183,6 +183,20 @@ class TuningLog:
     default_ms: dict[int, float]
     #: per kernel, from the last in-model check: (default ms, tuned ms, the checked record's ms)
     in_model: dict[int, tuple[float, float, float]] = dataclasses.field(default_factory=dict)
+    #: per kernel, the CPU model that check ran on (logs from before it was recorded have none)
+    in_model_cpu: dict[int, str] = dataclasses.field(default_factory=dict)
+    #: this machine's CPU model when it runs the log's target natively, else "" (a cross build,
+    #: or an unknown CPU): a verdict taken on another CPU model then does not hold here
+    local_cpu: str = ""
+
+    def checked_elsewhere(self, key: int) -> str:
+        """The CPU model the in-model check timed this kernel on, when that is another model than
+        this machine's and this machine runs the target; else "". A tuned record whose verdict
+        came from another CPU model is not applied here until ``tvm-hybrid tune`` checks it
+        here: in place, a record's speed depends on the CPU's caches and vector units (on PP-OCR
+        cls, 23 of 29 records that won alone lost in the model on the machine that tuned them)."""
+        cpu = self.in_model_cpu.get(key, "")
+        return cpu if cpu and self.local_cpu and cpu != self.local_cpu else ""
 
     def slower_in_model(self, key: int, record_ms: float) -> bool:
         """Whether the in-model check found this record slower in place than the default schedule.
@@ -198,8 +212,8 @@ def read_defaults(d: Path) -> dict[int, float]:
     return {k: float(v["ms"]) for k, v in read_defaults_file(d).items()}
 
 
-def _read_in_model(d: Path) -> dict[int, tuple[float, float, float]]:
-    out = {}
+def _read_in_model(d: Path) -> tuple[dict[int, tuple[float, float, float]], dict[int, str]]:
+    out, cpus = {}, {}
     for k, v in read_defaults_file(d).items():
         m = v.get("in_model")
         if isinstance(m, dict):
@@ -207,7 +221,9 @@ def _read_in_model(d: Path) -> dict[int, tuple[float, float, float]]:
                 out[k] = (float(m["default_ms"]), float(m["tuned_ms"]), float(m["record_ms"]))
             except (KeyError, TypeError, ValueError):
                 continue
-    return out
+            if isinstance(m.get("cpu"), str) and m["cpu"]:
+                cpus[k] = m["cpu"]
+    return out, cpus
 
 
 def read_defaults_file(d: Path) -> dict[int, dict]:
@@ -282,4 +298,10 @@ def open_database(logs: Path | None, profile: TargetProfile) -> TuningLog | None
             Path(tmp, WORKLOADS).write_bytes(body_w)
             Path(tmp, RECORDS).write_bytes(body_r)
             db = json_database(Path(tmp), allow_missing=False)
-    return TuningLog(path=d, database=db, default_ms=read_defaults(d), in_model=_read_in_model(d))
+    in_model, cpus = _read_in_model(d)
+    from ..hostcpu import cpu_model, needs_emulation
+
+    cpu_code = profile.tvm_target.get("kind", "llvm") == "llvm"
+    local = cpu_model() if cpu_code and not needs_emulation(profile.to_dict()) else ""
+    return TuningLog(path=d, database=db, default_ms=read_defaults(d), in_model=in_model, in_model_cpu=cpus,
+                     local_cpu=local)  # fmt: skip
