@@ -655,6 +655,7 @@ def test_max_pool_rows_kernel_matches_onnxruntime(shape, kernel, strides, pads, 
     (32, 32, (16, 18), [2, 0, 1, 3], 1, "bias", True),  # lopsided padding
     (32, 32, (14, 14), [1, 1, 1, 1], 2, "bn_pool", True),  # batch 2; BatchNorm, ReLU and a stride-2 pool (a CRNN's)
     (48, 32, (13, 21), [1, 2, 0, 1], 3, "relu", True),  # rows of 11 tiles written as 12: each overruns into the next, the next image's too
+    (32, 40, (16, 20), [1, 1, 1, 1], 1, "relu_reshape", True),  # a 3-D output (a CRNN's reshape fused in): channels the parallel loop
     (256, 64, (10, 10), [1, 1, 1, 1], 1, None, False),  # 25 tiles: too few, as it was
     (16, 16, (20, 20), [1, 1, 1, 1], 1, None, False),  # 16 channels: too few, as it was
 ])  # fmt: skip
@@ -681,6 +682,9 @@ def test_winograd_convs_match_onnxruntime(c, o, hw, pads, batch, epilogue, winog
         nodes += [helper.make_node("BatchNormalization", ["y0", "scale", "shift", "mean", "var"], ["bn"]),
                   helper.make_node("Relu", ["bn"], ["r"]),
                   helper.make_node("MaxPool", ["r"], ["y1"], kernel_shape=[2, 2], strides=[2, 2])]  # fmt: skip
+    elif epilogue == "relu_reshape":
+        inits.append(numpy_helper.from_array(np.array([o, *hw], np.int64), "rs"))
+        nodes += [helper.make_node("Relu", ["y0"], ["r"]), helper.make_node("Reshape", ["r", "rs"], ["y1"])]
     nodes[-1].output[0] = "y"
     shape = (batch, c, *hw)
     graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
@@ -688,6 +692,9 @@ def test_winograd_convs_match_onnxruntime(c, o, hw, pads, batch, epilogue, winog
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     mod, _, run = _compile(model, {"x": shape}, "x86-64-avx512", tmp_path)
     assert any("winograd_input" in gv.name_hint for gv in mod.functions) == winograd, list(mod.functions)
+    if epilogue == "relu_reshape":  # the reshape fused into the output transform: a 3-D output, a channel a task
+        out = [f for gv, f in mod.functions.items() if "winograd_output" in gv.name_hint and "reshape" in gv.name_hint]
+        assert len(out) == 1 and f"T.parallel(T.int64({o}))" in out[0].script(), list(mod.functions)
     feeds = {"x": rng.uniform(-1, 1, shape).astype(np.float32)}
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
 
