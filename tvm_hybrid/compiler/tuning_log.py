@@ -300,8 +300,8 @@ def open_database(logs: Path | None, profile: TargetProfile) -> TuningLog | None
             db = json_database(Path(tmp), allow_missing=False)
     in_model, cpus = _read_in_model(d)
     from ..hostcpu import cpu_model, needs_emulation
+    from . import backends
 
-    cpu_code = profile.tvm_target.get("kind", "llvm") == "llvm"
-    local = cpu_model() if cpu_code and not needs_emulation(profile.to_dict()) else ""
+    local = cpu_model() if backends.for_profile(profile).cpu and not needs_emulation(profile.to_dict()) else ""
     return TuningLog(path=d, database=db, default_ms=read_defaults(d), in_model=in_model, in_model_cpu=cpus,
                      local_cpu=local)  # fmt: skip
