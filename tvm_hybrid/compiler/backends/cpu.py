@@ -241,7 +241,7 @@ def schedule_func(func, cfg: CpuConfig):
     done: set[str] = set()
     for block in blocks:
         if sch.get(block).name_hint == WINOGRAD_TILES_STAGE:
-            done.update(_schedule_winograd_output(sch, block, cfg))
+            done.update(_schedule_winograd_output(sch, block))
     for block in blocks:
         name = sch.get(block).name_hint
         if name in done:
@@ -1078,14 +1078,12 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
         work *= 2
     width = _row_divisor(stmt)
     if width:  # [..., q] read as [..., q // w, q % w] -> iterate [..., q // w, q % w]
-        n = len(stmt.iter_vars)
-        sch.transform_block_layout(block, _index_map(lambda *v: [*v[: n - 1], v[n - 1] // width, v[n - 1] % width], n))
+        _split_innermost_axis(sch, block, width)
         loops = sch.get_loops(block)
         stmt = sch.get(block)
     phases = 0 if conditional else _interleave_phases(sch, block)
     if phases:
-        n = len(stmt.iter_vars)
-        sch.transform_block_layout(block, _index_map(lambda *v: [*v[: n - 1], v[n - 1] // phases, v[n - 1] % phases], n))
+        _split_innermost_axis(sch, block, phases)
         loops = sch.get_loops(block)
         sch.unroll(loops[-1])
         loops = loops[:-1]
@@ -1112,7 +1110,13 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
         sch.vectorize(v)
 
 
-def _schedule_winograd_output(sch, tiles, cfg: CpuConfig) -> set[str]:
+def _split_innermost_axis(sch, block, factor: int) -> None:
+    """Iterate the block's innermost axis x as ``(x // factor, x % factor)``."""
+    n = len(sch.get(block).iter_vars)
+    sch.transform_block_layout(block, _index_map(lambda *v: [*v[: n - 1], v[n - 1] // factor, v[n - 1] % factor], n))
+
+
+def _schedule_winograd_output(sch, tiles) -> set[str]:
     """A Winograd output transform (``rewrites._conv_winograd``): the output block (the epilogue
     inlined into it) parallel over images and channels, each iterating its rows, with the column
     pairs unrolled as _schedule_spatial's pixel shuffle does; the tiles stage computed under the
@@ -1130,7 +1134,7 @@ def _schedule_winograd_output(sch, tiles, cfg: CpuConfig) -> set[str]:
     if n < 3 or not _is_simple_store(stmt):
         return set()
     if _extent(sch, sch.get_loops(out)[-1]) % 2 == 0:
-        sch.transform_block_layout(out, _index_map(lambda *v: [*v[: n - 1], v[n - 1] // 2, v[n - 1] % 2], n))
+        _split_innermost_axis(sch, out, 2)
         sch.unroll(sch.get_loops(out)[-1])
     loops = sch.get_loops(out)
     fused = sch.fuse(*loops[: n - 2]) if n > 3 else loops[0]  # images and channels (merged by a reshape: 3-D)
