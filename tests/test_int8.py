@@ -1,5 +1,6 @@
 """int8 x int8 convolutions (compiler/int8.py): a QDQ model's quantized convolutions compile to
-conv2d_int8 kernels on AVX-512 VNNI targets and give what onnxruntime gives on the same model."""
+conv2d_int8 kernels on x86 targets (VNNI's vpdpbusd, else vpmaddwd on AVX-512 BW and AVX2) and
+give what onnxruntime gives on the same model."""
 
 from __future__ import annotations
 
@@ -11,8 +12,33 @@ from conftest import int8_kernels, reference
 from tvm_hybrid import hostcpu
 
 VNNI = "x86-64-avx512-vnni"
-#: int8 profile: (the CPU flag it needs, the same CPU level without the dot product)
-PROFILES = {VNNI: ("avx512_vnni", "x86-64-avx512"), "x86-64-avx2-vnni": ("avx_vnni", "x86-64-avx2")}
+#: int8 profile: the CPU flag it needs
+PROFILES = {VNNI: "avx512_vnni", "x86-64-avx2-vnni": "avx_vnni", "x86-64-avx512": "avx512bw", "x86-64-avx2": "avx2"}
+#: A profile of this test's own (``fp32_reference``): SSE4.2, no integer dot product, so a QDQ
+#: model's convolutions run as written, dequantized in fp32.
+FP32 = "x86-64-v2-fp32"
+
+
+@pytest.fixture
+def fp32_reference(tmp_path_factory, monkeypatch):
+    from tvm_hybrid.targets import PATH_ENV
+
+    d = tmp_path_factory.mktemp("profiles")
+    (d / f"{FP32}.toml").write_text(f"""name = "{FP32}"
+description = "SSE4.2, fake-quantized fp32 (tests/test_int8.py)"
+family = "x86"
+placement = "device"
+backend = "cpu"
+[tvm]
+target = {{ kind = "llvm", mtriple = "x86_64-linux-gnu", mcpu = "x86-64-v2" }}
+[capacity]
+memory_bytes = 8589934592
+peak_gflops = 100.0
+bandwidth_gbps = 20.0
+dtypes = ["float32", "int8", "uint8", "int32", "int64", "bool"]
+""")
+    monkeypatch.setenv(PATH_ENV, str(d))
+    return FP32
 
 
 def _compile(zm, target, tmp_path):
@@ -33,7 +59,10 @@ def test_vnni_profile_and_host_resolution():
 
     assert int8.isa_of(resolve(VNNI).tvm()) is int8.VNNI
     assert int8.isa_of(resolve("arm64-cortex-a76").tvm()) is int8.SDOT  # armv8.2 +dotprod
-    assert int8.isa_of(resolve("x86-64-avx512").tvm()) is None and int8.isa_of(resolve("arm64").tvm()) is None
+    assert int8.isa_of(resolve("arm64").tvm()) is None and int8.isa_of(resolve("x86-64").tvm()) is None  # SSE4.2
+    # without VNNI, vpmaddwd: int16 pairs, exact (vpmaddubsw's u8 x s8 pairs would saturate)
+    assert int8.isa_of(resolve("x86-64-avx512").tvm()) is int8.MADD_512
+    assert int8.isa_of(resolve("x86-64-avx2").tvm()) is int8.MADD_256
     v4 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}
     assert host_profile_name(frozenset(v4 | {"avx512_vnni", "avx_vnni"})) == VNNI
     assert host_profile_name(frozenset(v4)) == "x86-64-avx512"
@@ -52,14 +81,15 @@ SIGNS = pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
 @SIGNS
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("target", sorted(PROFILES))
-def test_qdq_model_compiles_to_int8_kernels(target, model, signed, tmp_path):
+def test_qdq_model_compiles_to_int8_kernels(target, model, signed, tmp_path, fp32_reference):
     """convs: every conv (asymmetric padding, stride 2, dilation, per-tensor and per-channel
     weight scales, batch 2); matmuls: a MatMul with per-column weight scales and a Gemm of a
-    flattened activation and a transposed weight. int8 kernels for VNNI, none without it."""
+    flattened activation and a transposed weight. int8 kernels for each int8 profile, none for
+    SSE4.2."""
     build, op, count, _ = MODELS[model]
     zm = build(signed)
     _, vnni = _compile(zm, target, tmp_path)
-    _, plain = _compile(zm, PROFILES[target][1], tmp_path)
+    _, plain = _compile(zm, fp32_reference, tmp_path)
     assert int8_kernels(vnni, op) == count
     assert int8_kernels(plain, op) == 0
 
@@ -67,18 +97,18 @@ def test_qdq_model_compiles_to_int8_kernels(target, model, signed, tmp_path):
 @SIGNS
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("target", sorted(PROFILES))
-def test_int8_kernels_match_the_dequantized_model(target, model, signed, tmp_path):
+def test_int8_kernels_match_the_dequantized_model(target, model, signed, tmp_path, fp32_reference):
     """The int8 build computes what the fp32 build of the same QDQ model computes (integer sums
     are exact; only the float conv's own rounding differs), and onnxruntime agrees up to its
     integer requantization, which rounds a few values to the neighbouring step."""
     from tvm_hybrid.runtime import Session
 
-    if PROFILES[target][0] not in hostcpu.cpu_flags():
-        pytest.skip(f"this CPU has no {PROFILES[target][0]}")
+    if PROFILES[target] not in hostcpu.cpu_flags():
+        pytest.skip(f"this CPU has no {PROFILES[target]}")
     build, _, _, requantized = MODELS[model]
     zm = build(signed)
     path, vnni = _compile(zm, target, tmp_path)
-    _, plain = _compile(zm, PROFILES[target][1], tmp_path)
+    _, plain = _compile(zm, fp32_reference, tmp_path)
     got, fp32 = Session(vnni).run(zm.feeds), Session(plain).run(zm.feeds)
     want = reference(path, zm.feeds)
     for name in ("y1", "y2"):
@@ -89,10 +119,10 @@ def test_int8_kernels_match_the_dequantized_model(target, model, signed, tmp_pat
     assert np.abs(got[requantized] - want[requantized]).max() <= 0.05 + 1e-6
 
 
-def test_portable_artifact_carries_int8_builds_for_a_quantized_model(tmp_path):
+def test_portable_artifact_carries_int8_builds_for_a_quantized_model(tmp_path, fp32_reference):
     """`-t x86-64` of a QDQ model: the VNNI builds join the AVX-512 and AVX2 ones (best first;
-    a model without int8 compute gets only those two, tests/test_dispatch.py). The runtime loads
-    the best build this CPU runs, and the outputs are the fp32 build's."""
+    a model without int8 compute gets only those two, tests/test_dispatch.py), all four with int8
+    kernels. The runtime loads the best build this CPU runs, and the outputs are the fp32 build's."""
     import json
 
     from tvm_hybrid.manifest import Manifest
@@ -104,9 +134,9 @@ def test_portable_artifact_carries_int8_builds_for_a_quantized_model(tmp_path):
     names = [v["profile"] for v in seg.variants]
     assert names == ["x86-64-avx512-vnni", "x86-64-avx512", "x86-64-avx2-vnni", "x86-64-avx2"]
     assert int8_kernels(art, "conv2d", seg.library) == 0  # the SSE4.2 build: fake-quantized fp32
-    assert [int8_kernels(art, "conv2d", v["library"]) for v in seg.variants] == [3, 0, 3, 0]
+    assert [int8_kernels(art, "conv2d", v["library"]) for v in seg.variants] == [3, 3, 3, 3]
     got = Session(art).run(zm.feeds)
-    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
+    _, plain = _compile(zm, fp32_reference, tmp_path)
     want = Session(plain).run(zm.feeds)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5 * np.abs(want[name]).max())
@@ -161,7 +191,7 @@ def _twin_convs() -> zoo.ZooModel:
     return zoo.ZooModel("qdq_twin_convs", g.model(doc="two requantized convs"), feeds, {"x": (1, 16, 12, 12)})
 
 
-def test_layers_that_differ_only_in_scales_share_one_kernel(tmp_path):
+def test_layers_that_differ_only_in_scales_share_one_kernel(tmp_path, fp32_reference):
     """Quantize/dequantize scales and zero points are kernel parameters, not immediates
     (``rewrites.qparams_as_tensors``): two convs of one shape whose requantizing epilogues differ
     only in them are one int8 kernel in the library (the first two convs; the last one's epilogue
@@ -173,7 +203,7 @@ def test_layers_that_differ_only_in_scales_share_one_kernel(tmp_path):
     assert int8_kernels(vnni, "conv2d") == 2  # (3 while the scales were immediates)
     if "avx512_vnni" not in hostcpu.cpu_flags():
         pytest.skip("this CPU has no avx512_vnni")
-    _, plain = _compile(zm, "x86-64-avx512", tmp_path)
+    _, plain = _compile(zm, fp32_reference, tmp_path)
     got, fp32 = Session(vnni).run(zm.feeds)["y"], Session(plain).run(zm.feeds)["y"]
     assert np.abs(got - fp32).max() <= 0.019 + 1e-6  # at most one step of the last requantize
     assert np.mean(got == fp32) > 0.98

@@ -40,9 +40,10 @@ import dataclasses
 import functools
 
 #: The block names the CPU schedule recognizes (``backends.cpu.schedule_func``).
-PACK, ACC, OUT = "int8_pack", "int8_acc", "int8_out"
-#: Block annotation on ``int8_acc``: [rows, cols, isa, ty, wq]: the register tile (the weights were
-#: padded to whole rows), the output rows of an epilogue-driven tile, the planes' row length.
+PACK, ACC, OUT, WIDEN = "int8_pack", "int8_acc", "int8_out", "int8_widen"
+#: Block annotation on ``int8_acc``: [rows, cols, isa, ty, wq, kh, kw]: the register tile (the weights
+#: were padded to whole rows), the output rows of an epilogue-driven tile, the planes' row length,
+#: the window (the reduction over channel groups x kh x kw runs as three loops, no division a step).
 TILE_ATTR = "tvm_hybrid.int8_tile"
 #: Block annotation on a ``matmul_int8`` kernel's ``int8_acc``: [rows, cols, isa].
 DENSE_ATTR = "tvm_hybrid.int8_dense"
@@ -56,10 +57,14 @@ class Isa:
 
     name: str
     lanes: int
-    packed: str  # the dtype it takes the activation as ("uint8": vpdpbusd, "int8": sdot)
+    packed: str  # the dtype it takes the activation as ("uint8": vpdpbusd, "int8": sdot, "int16": vpmaddwd)
     intrin: str  # the tensor intrinsics' name (register_intrinsic)
     llvm: str
     accumulators: int  # vector registers a register tile may take (the rest: data, a broadcast)
+    group: int = 4  # products an int32 lane sums per instruction (channels packed together)
+    weight: str = "int8"  # the dtype the instruction takes the weights as (int8 in the artifact, widened in the kernel)
+    accumulates: bool = True  # the instruction adds into its accumulator (else a vpaddd after it)
+    own_level: bool = True  # a profile that exists for this instruction (an int8 variant of a dispatch level)
 
 
 VNNI = Isa("avx512-vnni", 16, "uint8", "tvm_hybrid_vnni_16x4", "llvm.x86.avx512.vpdpbusd.512", 24)  # 32 zmm
@@ -67,12 +72,21 @@ VNNI = Isa("avx512-vnni", 16, "uint8", "tvm_hybrid_vnni_16x4", "llvm.x86.avx512.
 #: (Intel Alder Lake and later client cores; AMD Zen 4 has both).
 AVX_VNNI = Isa("avx-vnni", 8, "uint8", "tvm_hybrid_avxvnni_8x4", "llvm.x86.avx512.vpdpbusd.256", 12)  # 16 ymm
 SDOT = Isa("arm-sdot", 4, "int8", "tvm_hybrid_sdot_4x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", 24)  # 32 NEON
-_ISAS = {i.name: i for i in (VNNI, AVX_VNNI, SDOT)}
+#: Without VNNI: ``vpmaddwd`` (AVX-512 BW, AVX2) multiplies 16-bit pairs and sums each pair into an
+#: int32 lane, exactly (``vpmaddubsw``'s u8 x s8 pairs would saturate at int16). Activations and
+#: weights are packed as int16, two channels deep; a ``vpaddd`` accumulates. Twice the products of
+#: an fp32 FMA an instruction, at half the bytes of fp32 data.
+MADD_512 = Isa("avx512-madd", 16, "int16", "tvm_hybrid_madd_16x2", "llvm.x86.avx512.pmaddw.d.512", 24, group=2,
+               weight="int16", accumulates=False, own_level=False)  # fmt: skip
+MADD_256 = Isa("avx2-madd", 8, "int16", "tvm_hybrid_madd_8x2", "llvm.x86.avx2.pmadd.wd", 8, group=2,
+               weight="int16", accumulates=False, own_level=False)  # fmt: skip
+_ISAS = {i.name: i for i in (VNNI, AVX_VNNI, SDOT, MADD_512, MADD_256)}
 
 
 def isa_of(target) -> Isa | None:
     """The int8 dot product an llvm target (a CPU backend's) compiles in: AVX-512 VNNI or AVX-VNNI
-    (by its mcpu, or ``+avx512vnni`` / ``+avxvnni``), or aarch64 with ``+dotprod``; else None."""
+    (by its mcpu, or ``+avx512vnni`` / ``+avxvnni``), else ``vpmaddwd`` on AVX-512 BW or AVX2, or
+    aarch64 with ``+dotprod``; else None."""
     from .. import hostcpu
 
     mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
@@ -81,7 +95,11 @@ def isa_of(target) -> Isa | None:
     features = hostcpu.x86_features({"mcpu": str(target.attrs.get("mcpu", "") or ""), "mattr": mattr})
     if "avx512_vnni" in features:
         return VNNI
-    return AVX_VNNI if "avx_vnni" in features else None
+    if "avx_vnni" in features:
+        return AVX_VNNI
+    if {"avx512f", "avx512bw"} <= features:
+        return MADD_512
+    return MADD_256 if "avx2" in features else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,55 +112,56 @@ def register_intrinsic(isa: Isa, dense: bool = False) -> str:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    lanes, packed, llvm = isa.lanes, isa.packed, isa.llvm
-    acc_t, data_t, weight_t = f"int32x{lanes}", f"{packed}x{4 * lanes}", f"int8x{4 * lanes}"
-    x4 = f"{packed}x4"
+    lanes, packed, llvm, g, wt = isa.lanes, isa.packed, isa.llvm, isa.group, isa.weight
+    acc_t, data_t, weight_t = f"int32x{lanes}", f"{packed}x{g * lanes}", f"{wt}x{g * lanes}"
+    x4, w4 = f"{packed}x{g}", f"{wt}x{g}"  # one lane's group: 32 bits
+
+    def dot(c, x, w):
+        if isa.accumulates:
+            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm), c.vload([0], acc_t), x, w, dtype=acc_t)
+        return c.vload([0], acc_t) + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(llvm), x, w, dtype=acc_t)
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((lanes, 4), packed, offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+    def desc(a: T.Buffer((lanes, g), packed, offset_factor=1), b: T.Buffer((g,), wt, offset_factor=1),
              c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:  # fmt: skip
         with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:lanes, 0:4], b[0:4])
+            T.reads(c[0:lanes], a[0:lanes, 0:g], b[0:g])
             T.writes(c[0:lanes])
             for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
+                for k in T.serial(0, g):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         c[vi] = c[vi] + T.cast(a[vi, vk], "int32") * T.cast(b[vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((lanes, 4), packed, offset_factor=1), b: T.Buffer((4,), "int8", offset_factor=1),
+    def impl(a: T.Buffer((lanes, g), packed, offset_factor=1), b: T.Buffer((g,), wt, offset_factor=1),
              c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:  # fmt: skip
         with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:lanes, 0:4], b[0:4])
+            T.reads(c[0:lanes], a[0:lanes, 0:g], b[0:g])
             T.writes(c[0:lanes])
-            w = T.reinterpret(T.broadcast(T.reinterpret(b.vload([0], "int8x4"), dtype="int32"), lanes), dtype=weight_t)
-            c[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm), c.vload([0], acc_t), a.vload([0, 0], data_t), w, dtype=acc_t
-            )  # fmt: skip
+            w = T.reinterpret(T.broadcast(T.reinterpret(b.vload([0], w4), dtype="int32"), lanes), dtype=weight_t)
+            c[T.ramp(T.int32(0), 1, lanes)] = dot(c, a.vload([0, 0], data_t), w)
 
     @T.prim_func(s_tir=True)
-    def dense_desc(a: T.Buffer((4,), packed, offset_factor=1), b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+    def dense_desc(a: T.Buffer((g,), packed, offset_factor=1), b: T.Buffer((lanes, g), wt, offset_factor=1),
                    c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:  # fmt: skip
         with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.reads(c[0:lanes], a[0:g], b[0:lanes, 0:g])
             T.writes(c[0:lanes])
             for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
+                for k in T.serial(0, g):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def dense_impl(a: T.Buffer((4,), packed, offset_factor=1), b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+    def dense_impl(a: T.Buffer((g,), packed, offset_factor=1), b: T.Buffer((lanes, g), wt, offset_factor=1),
                    c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:  # fmt: skip
         with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.reads(c[0:lanes], a[0:g], b[0:lanes, 0:g])
             T.writes(c[0:lanes])
             x = T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], x4), dtype="int32"), lanes), dtype=data_t)
-            c[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm), c.vload([0], acc_t), x, b.vload([0, 0], weight_t), dtype=acc_t
-            )  # fmt: skip
+            c[T.ramp(T.int32(0), 1, lanes)] = dot(c, x, b.vload([0, 0], weight_t))
 
     name = f"{isa.intrin}_dense" if dense else isa.intrin
     try:
@@ -243,10 +262,10 @@ def _rewrite_conv(isa: Isa, bb, call):
     zx += shift
     geo = _Geometry.of(shapes[0], w.shape, a, isa)
     ocp = -(-oc // geo.rows) * geo.rows
-    kb = geo.cb * geo.kh * geo.kw
-    wpad = np.zeros((ocp, geo.cb * 4, geo.kh, geo.kw), np.int8)
+    kb, group = geo.cb * geo.kh * geo.kw, isa.group
+    wpad = np.zeros((ocp, geo.cb * group, geo.kh, geo.kw), np.int8)
     wpad[:oc, : w.shape[1]] = w
-    packed = wpad.reshape(ocp, geo.cb, 4, geo.kh, geo.kw).transpose(0, 1, 3, 4, 2).reshape(ocp, kb, 4)
+    packed = wpad.reshape(ocp, geo.cb, group, geo.kh, geo.kw).transpose(0, 1, 3, 4, 2).reshape(ocp, kb, group)
     zero_term = _padded(zx * w.astype(np.int64).sum(axis=(1, 2, 3)), ocp, np.int32)
     scale = _padded(sx * sw, ocp, np.float32)
     return _emit(bb, isa, geo, xq, np.ascontiguousarray(packed), zero_term, scale, np.array([zx], isa.packed), shift,
@@ -255,7 +274,7 @@ def _rewrite_conv(isa: Isa, bb, call):
 
 def _shift(xq, isa: Isa) -> int:
     """The activation as the instruction takes it is ``x + shift`` (its zero point with it):
-    128 for int8 on vpdpbusd (unsigned), -128 for uint8 on sdot (signed), else 0."""
+    128 for int8 on vpdpbusd (unsigned), -128 for uint8 on sdot (signed), else 0 (int16 holds both)."""
     return {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((str(xq.ty.dtype), isa.packed), 0)
 
 
@@ -296,7 +315,7 @@ class _Geometry:
         # Phase planes: the padded input split by stride; a plane row is Wq wide.
         g.hq = -(-(g.h + pt + pb) // g.sy)
         g.wq = -(-(g.w + pl + pr) // g.sx)
-        g.cb = -(-g.c // 4)
+        g.cb = -(-g.c // isa.group)
         pixels = g.oh * g.wq
         g.cols = max(1, min(_MAX_COLS, -(-pixels // lanes)))
         g.rows = _rows(g.oc, min(_MAX_ROWS, isa.accumulators // g.cols))
@@ -352,8 +371,20 @@ def _emit_kernel(bb, name: str, compute, key, args):
     return out
 
 
+def _widened(isa: Isa, wp):
+    """The packed int8 weights as the instruction takes them: int16 for vpmaddwd, widened by a
+    stage of the kernel (a pass over the weights a call), so the artifact keeps them int8."""
+    from tvm import te
+
+    if isa.weight == "int8":
+        return wp
+    return te.compute(wp.shape, lambda *i: wp(*i).astype(isa.weight), name=WIDEN)
+
+
 def _compute(isa: Isa, g: _Geometry, shift: int, oc, xq, wp, zero_term, scale, zero_point):
     from tvm import te, tirx
+
+    wp = _widened(isa, wp)
 
     planes = g.sy * g.sx
 
@@ -361,16 +392,19 @@ def _compute(isa: Isa, g: _Geometry, shift: int, oc, xq, wp, zero_term, scale, z
         r, col = pos // g.wq, pos % g.wq
         ih = r * g.sy + ph // g.sx - g.pt
         iw = col * g.sx + ph % g.sx - g.pl
-        ic = icb * 4 + i4
+        ic = icb * isa.group + i4
         ok = tirx.all(ic < g.c, ih >= 0, ih < g.h, iw >= 0, iw < g.w)
         v = xq[n, te.min(ic, g.c - 1), te.max(te.min(ih, g.h - 1), 0), te.max(te.min(iw, g.w - 1), 0)]
         if shift:
             v = (v.astype("int32") + shift).astype(isa.packed)
+        elif v.dtype != isa.packed:
+            v = v.astype(isa.packed)
         return tirx.if_then_else(ok, v, zero_point[0])
 
-    xp = te.compute((g.n, g.cb, planes, g.length, 4), pack, name=PACK)
+    group = isa.group
+    xp = te.compute((g.n, g.cb, planes, g.length, group), pack, name=PACK)
     kb = te.reduce_axis((0, g.cb * g.kh * g.kw), "kb")
-    k4 = te.reduce_axis((0, 4), "k4")
+    k4 = te.reduce_axis((0, group), "k4")
     taps = g.kh * g.kw
 
     def acc(n, o, p):
@@ -381,7 +415,7 @@ def _compute(isa: Isa, g: _Geometry, shift: int, oc, xq, wp, zero_term, scale, z
         return te.sum(src.astype("int32") * wp[o, kb, k4].astype("int32"), axis=[kb, k4])
 
     ocp = int(wp.shape[0])
-    s = te.compute((g.n, ocp, g.pp), acc, name=ACC, attrs={TILE_ATTR: [g.rows, g.cols, isa.name, g.ty, g.wq]})
+    s = te.compute((g.n, ocp, g.pp), acc, name=ACC, attrs={TILE_ATTR: [g.rows, g.cols, isa.name, g.ty, g.wq, g.kh, g.kw]})
 
     def out(n, o, y, x):
         return (s[n, o, y * g.wq + x] - zero_term[o]).astype("float32") * scale[o]
@@ -435,14 +469,15 @@ def _rewrite_matmul(isa: Isa, bb, call):
     shift = _shift(xq, isa)
     zx += shift
     lead, rows_m = shapes[0][:-1], int(np.prod(shapes[0][:-1]))
-    kp = -(-k // 4) * 4
+    group = isa.group
+    kp = -(-k // group) * group
     cols = max(1, min(_MAX_COLS, -(-n // isa.lanes)))
     np_ = -(-n // (isa.lanes * cols)) * isa.lanes * cols
     rows = _rows(rows_m, min(_MAX_ROWS, isa.accumulators // cols))
     mp = -(-rows_m // rows) * rows
     wpad = np.zeros((kp, np_), np.int8)
     wpad[:k, :n] = q
-    packed = np.ascontiguousarray(wpad.reshape(kp // 4, 4, np_ // isa.lanes, isa.lanes).transpose(2, 0, 3, 1))
+    packed = np.ascontiguousarray(wpad.reshape(kp // group, group, np_ // isa.lanes, isa.lanes).transpose(2, 0, 3, 1))
     zero_term = _padded(zx * q.astype(np.int64).sum(axis=0), np_, np.int32)
     scale = _padded(sx * scale_w[0], np_, np.float32)
     geo = dict(lead=tuple(lead), m=rows_m, mp=mp, k=k, kp=kp, n=n, np=np_, rows=rows, cols=cols)
@@ -453,6 +488,8 @@ def _rewrite_matmul(isa: Isa, bb, call):
 
 def _dense_compute(isa: Isa, g: dict, shift: int, xq, wp, zero_term, scale, zero_point):
     from tvm import te, tirx
+
+    wp = _widened(isa, wp)
 
     lead, lanes = g["lead"], isa.lanes
 
@@ -467,14 +504,17 @@ def _dense_compute(isa: Isa, g: dict, shift: int, xq, wp, zero_term, scale, zero
         v = xq[(*unflat(te.min(r, g["m"] - 1)), te.min(col, g["k"] - 1))]
         if shift:
             v = (v.astype("int32") + shift).astype(isa.packed)
+        elif v.dtype != isa.packed:
+            v = v.astype(isa.packed)
         return tirx.if_then_else(tirx.all(r < g["m"], col < g["k"]), v, zero_point[0])
 
+    group = isa.group
     xp = te.compute((g["mp"], g["kp"]), pack, name=PACK)
-    kb = te.reduce_axis((0, g["kp"] // 4), "kb")
-    k4 = te.reduce_axis((0, 4), "k4")
+    kb = te.reduce_axis((0, g["kp"] // group), "kb")
+    k4 = te.reduce_axis((0, group), "k4")
 
     def acc(r, c):
-        return te.sum(xp[r, kb * 4 + k4].astype("int32") * wp[c // lanes, kb, c % lanes, k4].astype("int32"),
+        return te.sum(xp[r, kb * group + k4].astype("int32") * wp[c // lanes, kb, c % lanes, k4].astype("int32"),
                       axis=[kb, k4])  # fmt: skip
 
     s = te.compute((g["mp"], g["np"]), acc, name=ACC, attrs={DENSE_ATTR: [g["rows"], g["cols"], isa.name]})
@@ -509,15 +549,17 @@ def schedule(sch, parallel_min_work: int) -> None:
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for b in blocks:
         name = sch.get(b).name_hint
-        if name not in (PACK, ACC) and name not in outputs:
+        if name == WIDEN:  # its own pass: rows of weights in parallel, the rest LLVM vectorizes
+            sch.parallel(sch.get_loops(b)[0])
+        elif name not in (PACK, ACC) and name not in outputs:
             sch.compute_inline(b)
 
     acc = sch.get_sblock(ACC)
     if DENSE_ATTR in sch.get(acc).annotations:
         _schedule_dense(sch, acc, outputs, parallel_min_work)
         return
-    rows, cols, isa, ty, wq = sch.get(acc).annotations[TILE_ATTR]
-    rows, cols, isa, ty, wq = int(rows), int(cols), _ISAS[str(isa)], int(ty), int(wq)
+    rows, cols, isa, ty, wq, kh, kw = sch.get(acc).annotations[TILE_ATTR]
+    rows, cols, isa, ty, wq, kh, kw = int(rows), int(cols), _ISAS[str(isa)], int(ty), int(wq), int(kh), int(kw)
 
     pack = sch.get_sblock(PACK)
     loops = sch.get_loops(pack)
@@ -530,20 +572,34 @@ def schedule(sch, parallel_min_work: int) -> None:
         work *= int(iv.dom.extent)
     parallel = work >= parallel_min_work
     if ty and len(outputs) == 1:
-        _epilogue_driven(sch, acc, sch.get_sblock(next(iter(outputs))), rows, cols, ty, isa, parallel)
+        _epilogue_driven(sch, acc, sch.get_sblock(next(iter(outputs))), rows, cols, ty, isa, parallel, (kh, kw))
         return
     n, o, p, kb, k4 = sch.get_loops(acc)
     ot, orow = sch.split(o, [None, rows])
     pt, pc, pl = sch.split(p, [None, cols, isa.lanes])
-    sch.reorder(n, ot, pt, kb, orow, pc, pl, k4)
+    taps = _window_loops(sch, kb, kh, kw)
+    sch.reorder(n, ot, pt, *taps, orow, pc, pl, k4)
     outer = sch.fuse(n, ot, pt)
     if parallel:
         sch.parallel(outer)
-    _tile(sch, acc, kb, orow, pc, pl, register_intrinsic(isa))
+    _tile(sch, acc, taps[0], orow, pc, pl, register_intrinsic(isa))
     for name in sorted(outputs):
         lp = sch.get_loops(sch.get_sblock(name))
         if len(lp) >= 2:
             sch.parallel(sch.fuse(*lp[:2]))
+
+
+def _window_loops(sch, kb, kh: int, kw: int) -> list:
+    """The reduction over (channel group, tap) as loops over window rows, columns and channel
+    groups, innermost: a step's offsets are then sums of loop variables, not ``kb // taps`` and
+    ``kb % kw`` (integer divisions the inner loop paid every step, as many scalar instructions as
+    its dot products), and the innermost loop is long (taps innermost, LLVM unrolled their 3 steps
+    and spilled the accumulators of vpmaddwd's separate adds)."""
+    if kh * kw == 1:
+        return [kb]
+    kc, ky, kx = sch.split(kb, [None, kh, kw])
+    sch.reorder(ky, kx, kc)
+    return [lp for lp, extent in ((ky, kh), (kx, kw), (kc, 0)) if extent != 1]
 
 
 def _tile(sch, acc, kb, rows, cols, lanes, intrin: str) -> None:
@@ -556,7 +612,7 @@ def _tile(sch, acc, kb, rows, cols, lanes, intrin: str) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _epilogue_driven(sch, acc, out, rows: int, cols: int, ty: int, isa: Isa, parallel: bool) -> None:
+def _epilogue_driven(sch, acc, out, rows: int, cols: int, ty: int, isa: Isa, parallel: bool, window) -> None:
     """Tiles of the output (rows channels x ty rows) in parallel; in each, the sums for that tile
     (a rows x ty*OW buffer TVM allocates in the tile), chunk by chunk of (rows x cols vectors) in
     registers, then the epilogue over the tile while the sums are in cache."""
@@ -570,8 +626,9 @@ def _epilogue_driven(sch, acc, out, rows: int, cols: int, ty: int, isa: Isa, par
     sch.compute_at(acc, outer)
     ao, ap, akb, ak4 = sch.get_loops(acc)[-4:]
     chunk, pc, pl = sch.split(ap, [None, cols, isa.lanes])
-    sch.reorder(chunk, akb, ao, pc, pl, ak4)
-    _tile(sch, acc, akb, ao, pc, pl, register_intrinsic(isa))
+    taps = _window_loops(sch, akb, *window)
+    sch.reorder(chunk, *taps, ao, pc, pl, ak4)
+    _tile(sch, acc, taps[0], ao, pc, pl, register_intrinsic(isa))
     if sch.get(x).extent % isa.lanes == 0:
         sch.vectorize(sch.split(x, [None, isa.lanes])[-1])
 
@@ -583,7 +640,7 @@ def _schedule_dense(sch, acc, outputs: set[str], parallel_min_work: int) -> None
     rows, cols, isa = sch.get(acc).annotations[DENSE_ATTR]
     rows, cols, isa = int(rows), int(cols), _ISAS[str(isa)]
     mp, np_ = (int(iv.dom.extent) for iv in sch.get(acc).iter_vars[:2])
-    work = mp * np_ * int(sch.get(acc).iter_vars[2].dom.extent) * 4
+    work = mp * np_ * int(sch.get(acc).iter_vars[2].dom.extent) * isa.group
     pack = sch.get_sblock(PACK)
     r, _ = sch.get_loops(pack)
     sch.parallel(r)

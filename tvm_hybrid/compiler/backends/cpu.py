@@ -1087,7 +1087,10 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
         loops = sch.get_loops(block)
         sch.unroll(loops[-1])
         loops = loops[:-1]
-    lanes = 0 if conditional or phases else _vector_width(_extent(sch, loops[-1]), cfg.lanes)
+    # A condition on the outer axes only (a concat along channels picking its source) is one
+    # branch for a whole row: TVM vectorizes the row under it.
+    lanes = 0 if phases or (conditional and _condition_uses_innermost(stmt)) else _vector_width(
+        _extent(sch, loops[-1]), cfg.lanes)
     if lanes:
         o, v = sch.split(loops[-1], factors=[None, lanes])
         outer = list(loops[:-1]) + [o]
@@ -1108,6 +1111,23 @@ def _schedule_spatial(sch, block, cfg: CpuConfig) -> None:
         sch.parallel(fused)
     if v is not None:
         sch.vectorize(v)
+
+
+def _condition_uses_innermost(stmt) -> bool:
+    """Whether an ``if_then_else`` of the block's value tests its innermost axis (padding's bounds
+    checks, a concat along that axis) rather than only outer ones."""
+    import tvm
+
+    x = stmt.iter_vars[-1].var
+    found = [False]
+
+    def visit(e):
+        if (isinstance(e, tvm.ir.Call) and "if_then_else" in str(getattr(e.op, "name", e.op))
+                and _expr_uses(e.args[0], x)):  # fmt: skip
+            found[0] = True
+
+    _walk(stmt.body.value, visit)
+    return found[0]
 
 
 def _split_innermost_axis(sch, block, factor: int) -> None:
@@ -1316,7 +1336,7 @@ class CpuBackend(Backend):
 
     def before_folding(self, profile: TargetProfile) -> list:
         """int8 weights stay int8 in the library, dequantized in the kernels that read them
-        (``rewrites.int8_weights``); with an int8 dot product (AVX-512 VNNI, Arm's dotprod) a
+        (``rewrites.int8_weights``); with an int8 dot product (AVX-512 VNNI, AVX2's vpmaddwd, Arm's dotprod) a
         quantized convolution or matmul of a quantized activation computes in int8 (``int8.int8_compute``)."""
         from .. import int8
         from ..rewrites import int8_weights
@@ -1325,11 +1345,13 @@ class CpuBackend(Backend):
         return [*([int8.int8_compute(isa)] if isa else []), int8_weights()]
 
     def builds_differently(self, profile: TargetProfile, model) -> bool:
-        """An int8 profile (``int8.isa_of``) only for a model with quantized convolutions or
-        matmuls (``int8.quantized_compute``): for others its build is the plain one's."""
+        """An int8 profile (one whose int8 dot product is its reason to be: VNNI, AVX-VNNI) only
+        for a model with quantized convolutions or matmuls (``int8.quantized_compute``): for others
+        its build is the plain one's."""
         from .. import int8
 
-        return int8.isa_of(profile.tvm()) is None or int8.quantized_compute(model)
+        isa = int8.isa_of(profile.tvm())
+        return isa is None or not isa.own_level or int8.quantized_compute(model)
 
     def schedule(self, mod, profile: TargetProfile):
         return apply_default(mod, profile)
