@@ -215,6 +215,61 @@ def _qparams_as_tensors(bb, call):
     return op(args[0], args[1], args[2], axis=int(a.axis), out_dtype=str(a.out_dtype))
 
 
+def fake_quant_fused():
+    """A Relax pass: ``dequantize(quantize(x, s, z), s, z)`` (a QDQ model's fake-quantized
+    activation, where no int8 kernel reads the quantized tensor) as ``clip(round(x / s), qmin - z,
+    qmax - z) * s``: the same values (``round(x / s)`` is a whole number, and so are its sums with
+    the zero point), without the conversions to the 8-bit type and back, and the zero point's add
+    and subtract, in every element of the epilogues that requantize. The scale and the bounds are
+    one-element tensors, as ``qparams_as_tensors`` makes them: layers that differ in them share a
+    kernel. Only where the quantized tensor has no other use, with one scale and zero point."""
+    return _relax_pass("FakeQuantFused", "relax.dequantize", _fake_quant, with_uses=True)
+
+
+def _fake_quant(bb, call, uses):
+    import numpy as np
+    from tvm import relax
+
+    m = _Lookup(bb)
+    q = call.args[0]
+    if not isinstance(q, relax.Var) or uses.get(q, 0) != 1:
+        return None
+    e = _resolve(m, q)
+    if getattr(getattr(e, "op", None), "name", "") != "relax.quantize" or str(call.attrs.out_dtype) != "float32":
+        return None
+    dtype = str(e.attrs.out_dtype)
+    if dtype not in ("uint8", "int8") or str(e.args[0].ty.dtype) != "float32":
+        return None
+    vals = [_const(m, a) for a in (e.args[1], e.args[2], call.args[1], call.args[2])]
+    if any(v is None or v.size != 1 for v in vals):
+        return None
+    s, z, s2, z2 = (v.reshape(()) for v in vals)
+    if s != s2 or z != z2 or not np.isfinite(s) or s == 0:
+        return None
+    info = np.iinfo(dtype)
+    scale = relax.const(np.array([s], np.float32))
+    lo, hi = (relax.const(np.array([float(b) - float(z)], np.float32)) for b in (info.min, info.max))
+    return bb.call_te(_fake_quant_compute, e.args[0], scale, lo, hi, primfunc_name_hint="fake_quant")
+
+
+def _fake_quant_compute(x, scale, lo, hi):
+    from tvm import te
+
+    # te.round, as TVM's quantize rounds (relax.op.round's nearbyint was a libm call an element)
+    return te.compute(x.shape, lambda *i: te.min(te.max(te.round(x(*i) / scale[0]), lo[0]), hi[0]) * scale[0],
+                      name="fake_quant")  # fmt: skip
+
+
+class _Lookup:
+    """What ``_resolve`` needs of a mutator (``lookup_binding``), from a block builder."""
+
+    def __init__(self, bb):
+        self.bb = bb
+
+    def lookup_binding(self, var):
+        return self.bb.lookup_binding(var)
+
+
 def fp16_operands():
     """A Relax pass: every fp32 ``conv2d`` and ``matmul`` reads fp16 operands and accumulates in
     fp32 (``out_dtype``). Constant weights fold to fp16, half their size; an activation's cast

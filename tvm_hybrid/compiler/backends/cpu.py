@@ -1290,14 +1290,15 @@ class CpuBackend(Backend):
 
         from ..channels_last import channels_last
         from ..fused_attention import attention_fused
-        from ..rewrites import (conv_affine_folded, conv_taps_in_bounds, conv_winograd, matmul_weights_padded_to,
+        from ..rewrites import (conv_affine_folded, conv_taps_in_bounds, conv_winograd, fake_quant_fused, matmul_weights_padded_to,
                                 patch_conv_as_matmul, permutes_collapsed, qparams_as_tensors, softmax_padded_to,
                                 softmax_rows)  # fmt: skip
 
         lanes = cpu_config(profile.tvm()).lanes
         return [*([conv_affine_folded()] if affine_folded else []), attention_fused(lanes), permutes_collapsed(), relax.transform.DeadCodeElimination(),
                 matmul_weights_padded_to(lanes), softmax_padded_to(lanes), softmax_rows(lanes), relax.transform.FastMathTransform(),
-                conv_taps_in_bounds(), conv_winograd(lanes), channels_last(lanes), patch_conv_as_matmul(), qparams_as_tensors()]  # fmt: skip
+                conv_taps_in_bounds(), conv_winograd(lanes), channels_last(lanes), patch_conv_as_matmul(), fake_quant_fused(),
+                qparams_as_tensors()]  # fmt: skip
 
     def prepare(self, imported, profile: TargetProfile):
         """float16 nodes compute in float32 where the CPU has no fp16 arithmetic (``--precision``
