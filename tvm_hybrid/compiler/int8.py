@@ -243,7 +243,7 @@ def _rewrite_conv(isa: Isa, bb, call):
     if (shapes is None or a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
             or int(a.groups) != 1 or (_out_dtype(a) or "float32") != "float32"):  # fmt: skip
         return None
-    m = _Mutator(bb)
+    m = bb  # rewrites' helpers look bindings up on it, as on a mutator
     try:
         xq, sx, zx = _activation(m, call.args[0])
         dq = _dequant_of(m, call.args[1], min_elements=1)  # int8 arithmetic pays at any size
@@ -278,6 +278,14 @@ def _shift(xq, isa: Isa) -> int:
     return {("int8", "uint8"): 128, ("uint8", "int8"): -128}.get((str(xq.ty.dtype), isa.packed), 0)
 
 
+def _as_packed(v, shift: int, isa: Isa):
+    """An activation value as the instruction takes it: shifted into its sign (``_shift``), or
+    widened (int16 for vpmaddwd)."""
+    if shift:
+        return (v.astype("int32") + shift).astype(isa.packed)
+    return v if v.dtype == isa.packed else v.astype(isa.packed)
+
+
 def _padded(values, size: int, dtype):
     """Per-output-channel epilogue constants, zero for the channels a tile pads with."""
     import numpy as np
@@ -285,16 +293,6 @@ def _padded(values, size: int, dtype):
     out = np.zeros(size, dtype)
     out[: len(values)] = values
     return out
-
-
-class _Mutator:
-    """What rewrites' helpers need of a mutator (``lookup_binding``), from a block builder."""
-
-    def __init__(self, bb):
-        self.bb = bb
-
-    def lookup_binding(self, var):
-        return self.bb.lookup_binding(var)
 
 
 class _Geometry:
@@ -395,11 +393,7 @@ def _compute(isa: Isa, g: _Geometry, shift: int, oc, xq, wp, zero_term, scale, z
         ic = icb * isa.group + i4
         ok = tirx.all(ic < g.c, ih >= 0, ih < g.h, iw >= 0, iw < g.w)
         v = xq[n, te.min(ic, g.c - 1), te.max(te.min(ih, g.h - 1), 0), te.max(te.min(iw, g.w - 1), 0)]
-        if shift:
-            v = (v.astype("int32") + shift).astype(isa.packed)
-        elif v.dtype != isa.packed:
-            v = v.astype(isa.packed)
-        return tirx.if_then_else(ok, v, zero_point[0])
+        return tirx.if_then_else(ok, _as_packed(v, shift, isa), zero_point[0])
 
     group = isa.group
     xp = te.compute((g.n, g.cb, planes, g.length, group), pack, name=PACK)
@@ -435,7 +429,7 @@ def _rewrite_matmul(isa: Isa, bb, call):
     shapes = _static_shapes(x)
     if shapes is None or len(shapes[0]) < 2 or (_out_dtype(call.attrs) or "float32") not in ("float32", "void"):
         return None
-    m = _Mutator(bb)
+    m = bb  # rewrites' helpers look bindings up on it, as on a mutator
     transposed = False
     we = _resolve(m, w)
     if getattr(getattr(we, "op", None), "name", "") == "relax.permute_dims":
@@ -502,11 +496,7 @@ def _dense_compute(isa: Isa, g: dict, shift: int, xq, wp, zero_term, scale, zero
 
     def pack(r, col):
         v = xq[(*unflat(te.min(r, g["m"] - 1)), te.min(col, g["k"] - 1))]
-        if shift:
-            v = (v.astype("int32") + shift).astype(isa.packed)
-        elif v.dtype != isa.packed:
-            v = v.astype(isa.packed)
-        return tirx.if_then_else(tirx.all(r < g["m"], col < g["k"]), v, zero_point[0])
+        return tirx.if_then_else(tirx.all(r < g["m"], col < g["k"]), _as_packed(v, shift, isa), zero_point[0])
 
     group = isa.group
     xp = te.compute((g["mp"], g["kp"]), pack, name=PACK)
@@ -599,7 +589,7 @@ def _window_loops(sch, kb, kh: int, kw: int) -> list:
         return [kb]
     kc, ky, kx = sch.split(kb, [None, kh, kw])
     sch.reorder(ky, kx, kc)
-    return [lp for lp, extent in ((ky, kh), (kx, kw), (kc, 0)) if extent != 1]
+    return [lp for lp, extent in ((ky, kh), (kx, kw)) if extent != 1] + [kc]
 
 
 def _tile(sch, acc, kb, rows, cols, lanes, intrin: str) -> None:

@@ -230,7 +230,7 @@ def _fake_quant(bb, call, uses):
     import numpy as np
     from tvm import relax
 
-    m = _Lookup(bb)
+    m = bb  # the block builder looks bindings up as a mutator does (_resolve, _const)
     q = call.args[0]
     if not isinstance(q, relax.Var) or uses.get(q, 0) != 1:
         return None
@@ -258,16 +258,6 @@ def _fake_quant_compute(x, scale, lo, hi):
     # te.round, as TVM's quantize rounds (relax.op.round's nearbyint was a libm call an element)
     return te.compute(x.shape, lambda *i: te.min(te.max(te.round(x(*i) / scale[0]), lo[0]), hi[0]) * scale[0],
                       name="fake_quant")  # fmt: skip
-
-
-class _Lookup:
-    """What ``_resolve`` needs of a mutator (``lookup_binding``), from a block builder."""
-
-    def __init__(self, bb):
-        self.bb = bb
-
-    def lookup_binding(self, var):
-        return self.bb.lookup_binding(var)
 
 
 def fp16_operands():
