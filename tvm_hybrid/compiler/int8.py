@@ -540,7 +540,8 @@ def schedule(sch, parallel_min_work: int) -> None:
     for b in blocks:
         name = sch.get(b).name_hint
         if name == WIDEN:  # its own pass: rows of weights in parallel, the rest LLVM vectorizes
-            sch.parallel(sch.get_loops(b)[0])
+            if _domain(sch, b) * _SCALAR_WORK >= parallel_min_work:
+                sch.parallel(sch.get_loops(b)[0])
         elif name not in (PACK, ACC) and name not in outputs:
             sch.compute_inline(b)
 
@@ -553,14 +554,13 @@ def schedule(sch, parallel_min_work: int) -> None:
 
     pack = sch.get_sblock(PACK)
     loops = sch.get_loops(pack)
-    sch.parallel(sch.fuse(*loops[:3]))
+    fused = sch.fuse(*loops[:3])
+    if _domain(sch, pack) * _SCALAR_WORK >= parallel_min_work:
+        sch.parallel(fused)
     # Positions as (plane row, column): a position's row and column are then the loops' own
     # variables, not a division and a remainder per byte (4x faster packing).
     sch.split(loops[3], [None, wq])
-    work = 1
-    for iv in sch.get(acc).iter_vars:
-        work *= int(iv.dom.extent)
-    parallel = work >= parallel_min_work
+    parallel = _domain(sch, acc) >= parallel_min_work
     if ty and len(outputs) == 1:
         _epilogue_driven(sch, acc, sch.get_sblock(next(iter(outputs))), rows, cols, ty, isa, parallel, (kh, kw))
         return
@@ -577,6 +577,19 @@ def schedule(sch, parallel_min_work: int) -> None:
         lp = sch.get_loops(sch.get_sblock(name))
         if len(lp) >= 2:
             sch.parallel(sch.fuse(*lp[:2]))
+
+
+#: A byte the pack or widening stage moves, against an element of vectorized work (what
+#: ``parallel_min_work`` counts): the pack tests bounds and stores one byte at a time.
+_SCALAR_WORK = 8
+
+
+def _domain(sch, block) -> int:
+    """How many elements a block computes (the product of its axes' extents)."""
+    n = 1
+    for iv in sch.get(block).iter_vars:
+        n *= int(iv.dom.extent)
+    return n
 
 
 def _window_loops(sch, kb, kh: int, kw: int) -> list:
@@ -633,7 +646,8 @@ def _schedule_dense(sch, acc, outputs: set[str], parallel_min_work: int) -> None
     work = mp * np_ * int(sch.get(acc).iter_vars[2].dom.extent) * isa.group
     pack = sch.get_sblock(PACK)
     r, _ = sch.get_loops(pack)
-    sch.parallel(r)
+    if _domain(sch, pack) * _SCALAR_WORK >= parallel_min_work:
+        sch.parallel(r)
     intrin = register_intrinsic(isa, dense=True)
     out = sch.get_sblock(next(iter(outputs))) if len(outputs) == 1 else None
     loops = sch.get_loops(out) if out is not None else []
