@@ -393,7 +393,9 @@ def _compute(isa: Isa, g: _Geometry, shift: int, oc, xq, wp, zero_term, scale, z
         ic = icb * isa.group + i4
         ok = tirx.all(ic < g.c, ih >= 0, ih < g.h, iw >= 0, iw < g.w)
         v = xq[n, te.min(ic, g.c - 1), te.max(te.min(ih, g.h - 1), 0), te.max(te.min(iw, g.w - 1), 0)]
-        return tirx.if_then_else(ok, _as_packed(v, shift, isa), zero_point[0])
+        # A select, not if_then_else: the load's indices are clamped, so it is always in bounds,
+        # and LLVM vectorizes the pack (a branch a byte kept it scalar).
+        return tirx.Select(ok, _as_packed(v, shift, isa), zero_point[0])
 
     group = isa.group
     xp = te.compute((g.n, g.cb, planes, g.length, group), pack, name=PACK)
@@ -560,6 +562,7 @@ def schedule(sch, parallel_min_work: int) -> None:
     # Positions as (plane row, column): a position's row and column are then the loops' own
     # variables, not a division and a remainder per byte (4x faster packing).
     sch.split(loops[3], [None, wq])
+    sch.unroll(loops[4])
     parallel = _domain(sch, acc) >= parallel_min_work
     if ty and len(outputs) == 1:
         _epilogue_driven(sch, acc, sch.get_sblock(next(iter(outputs))), rows, cols, ty, isa, parallel, (kh, kw))
