@@ -228,3 +228,50 @@ def test_fake_quantized_activations_skip_the_8bit_round_trip(tmp_path, fp32_refe
     got, want = Session(art).run(zm.feeds)["y"], reference(path, zm.feeds)["y"]
     assert np.abs(got - want).max() <= 0.019 + 1e-6
     assert np.mean(np.isclose(got, want, rtol=1e-5, atol=1e-6)) > 0.98
+
+
+def _upsampling() -> zoo.ZooModel:
+    """A quantized 16-channel map upsampled by a 2x2 stride-2 ConvTranspose (int8 weight, a scale
+    per output channel, as PP-OCRv4 det's neck has two), requantized and dequantized."""
+    from onnx import numpy_helper
+
+    g = zoo._Graph("qdq_upsampling")
+    x = g.input("x", zoo.F32, [1, 16, 10, 12])
+
+    def qdq(v, scale, zp, scope):  # 0-d scale and zero point: one for the tensor
+        s, z = f"{scope}.scale", f"{scope}.zp"
+        g.initializers += [numpy_helper.from_array(np.asarray(np.float32(scale)), s),
+                           numpy_helper.from_array(np.asarray(np.uint8(zp)), z)]  # fmt: skip
+        return g.op("DequantizeLinear", [g.op("QuantizeLinear", [v, s, z], f"{scope}/Q"), s, z], f"{scope}/DQ")
+
+    w = g.rng.standard_normal((16, 8, 2, 2)).astype(np.float32) / 4  # IOHW: 8 output channels
+    ws = (np.abs(w).max(axis=(0, 2, 3)) / 127).astype(np.float32)
+    wq = np.round(w / ws[None, :, None, None]).astype(np.int8)
+    dq = g.op("DequantizeLinear", [g.init("up.wq", wq), g.init("up.ws", ws), g.init("up.wz", np.zeros(8, np.int8))],
+              "/up/w/DQ", axis=1)  # fmt: skip
+    up = g.op("ConvTranspose", [qdq(x, 0.03, 128, "/in"), dq, g.bias("up.bias", 8)], "/up/ConvTranspose",
+              kernel_shape=[2, 2], strides=[2, 2])  # fmt: skip
+    g.output(g.op("Identity", [qdq(up, 0.02, 120, "/up/out")], "/y/Identity", outputs=["y"]), zoo.F32, [1, 8, 20, 24])
+    feeds = {"x": (np.random.RandomState(7).standard_normal((1, 16, 10, 12)) * 1.5).astype(np.float32)}
+    return zoo.ZooModel("qdq_upsampling", g.model(doc="int8 ConvTranspose"), feeds, {"x": (1, 16, 10, 12)})
+
+
+@pytest.mark.parametrize("target", [VNNI, "x86-64-avx2"])
+def test_upsampling_conv_transpose_computes_in_int8(target, tmp_path, fp32_reference):
+    """A stride == kernel ConvTranspose of a quantized activation and int8 weight is an int8 1x1
+    conv (``int8._rewrite_conv_transpose``: the weight permuted at compile time, each channel's
+    scale repeated over its taps) and a pixel shuffle; its output is the fp32 build's, and within
+    one step of the requantize (scale 0.02) of onnxruntime's."""
+    from tvm_hybrid.runtime import Session
+
+    zm = _upsampling()
+    path, art = _compile(zm, target, tmp_path)
+    assert int8_kernels(art, "conv2d") == 1
+    if PROFILES[target] not in hostcpu.cpu_flags():
+        pytest.skip(f"this CPU has no {PROFILES[target]}")
+    _, plain = _compile(zm, fp32_reference, tmp_path)
+    assert int8_kernels(plain, "conv2d") == 0
+    got, fp32 = Session(art).run(zm.feeds)["y"], Session(plain).run(zm.feeds)["y"]
+    assert np.abs(got - fp32).max() <= 0.02 + 1e-6 and np.mean(got == fp32) > 0.98
+    want = reference(path, zm.feeds)["y"]
+    assert np.abs(got - want).max() <= 0.02 + 1e-6

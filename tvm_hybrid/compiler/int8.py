@@ -202,9 +202,11 @@ def int8_compute(isa: Isa):
     def rewrite(bb, call):
         if call.op.name == "relax.nn.conv2d":
             return _rewrite_conv(isa, bb, call)
+        if call.op.name == "relax.nn.conv2d_transpose":
+            return _rewrite_conv_transpose(isa, bb, call)
         return _rewrite_matmul(isa, bb, call)
 
-    return _relax_pass("Int8Compute", ("relax.nn.conv2d", "relax.matmul"), rewrite)
+    return _relax_pass("Int8Compute", ("relax.nn.conv2d", "relax.nn.conv2d_transpose", "relax.matmul"), rewrite)
 
 
 class _Skip(Exception):
@@ -270,6 +272,47 @@ def _rewrite_conv(isa: Isa, bb, call):
     scale = _padded(sx * sw, ocp, np.float32)
     return _emit(bb, isa, geo, xq, np.ascontiguousarray(packed), zero_term, scale, np.array([zx], isa.packed), shift,
                  oc)  # fmt: skip
+
+
+def _rewrite_conv_transpose(isa: Isa, bb, call):
+    """A transposed convolution whose stride equals its kernel (an upsampling: each output pixel
+    takes one tap), of a quantized activation and an int8 weight with a scale per output channel,
+    as an int8 1x1 ``conv2d`` with ``co*kh*kw`` output channels and the pixel shuffle after it:
+    ``rewrites.conv_transpose_as_conv``, which runs after this pass, on the int8 weight
+    (permuted at compile time, each channel's scale repeated for its kh*kw taps) instead of the
+    fp32 one constant folding would have made of it. PP-OCRv4 det's two upsampling layers."""
+    import numpy as np
+    from tvm import relax
+
+    from .rewrites import _conv_operands, _dequant_of, _NotInt8, _out_dtype, _patches
+
+    ops = _conv_operands(call)
+    if ops is None:
+        return None
+    a, x, w, (n, ci, h, wd), (wi, co, kh, kw) = ops
+    if not (a.kernel_layout == "IOHW" and a.out_layout == "NCHW" and _patches(a, kh, kw) and wi == ci
+            and not any(int(p) for p in a.output_padding)) or (_out_dtype(a) or "float32") != "float32":  # fmt: skip
+        return None
+    try:
+        _activation(bb, x)
+        dq = _dequant_of(bb, w, min_elements=1)
+    except (_Skip, _NotInt8):
+        return None
+    if dq.q.dtype != np.int8 or dq.zero_point is not None or dq.q.ndim != 4:
+        return None
+    scale = np.broadcast_to(dq.scale, dq.q.shape)
+    if not (scale == scale[:1, :, :1, :1]).all():
+        return None  # not one scale per output channel
+    q2 = np.ascontiguousarray(dq.q.transpose(1, 2, 3, 0).reshape(co * kh * kw, ci, 1, 1))
+    s2 = np.repeat(scale[0, :, 0, 0].astype(np.float32), kh * kw)
+    w2 = bb.emit(relax.op.dequantize(relax.const(q2), relax.const(s2), relax.const(np.zeros(co * kh * kw, np.int8)),
+                                     axis=0, out_dtype="float32"))  # fmt: skip
+    conv = bb.normalize(relax.op.nn.conv2d(x, w2, out_dtype="float32"))
+    z = _rewrite_conv(isa, bb, conv)
+    if z is None:
+        return None
+    z = bb.emit(relax.op.permute_dims(relax.op.reshape(bb.emit(z), [n, co, kh, kw, h, wd]), [0, 1, 4, 2, 5, 3]))
+    return relax.op.reshape(z, [n, co, h * kh, wd * kw])
 
 
 def _shift(xq, isa: Isa) -> int:
