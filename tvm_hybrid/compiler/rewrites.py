@@ -193,7 +193,8 @@ def qparams_as_tensors():
     others of its shape but for its scales; as tensors they are kernel parameters, and kernels
     of one shape are one function (PP-OCRv4 det int8 for ``x86-64-avx512-vnni``: 84 -> 71 kernels,
     its library 1,644,120 -> 1,615,672 bytes).
-    The arithmetic is the same (the scale divides or multiplies as before)."""
+    A per-tensor ``quantize`` to 8 bits multiplies by the scale's reciprocal
+    (``_quantize_compute``) where TVM's divides by the scale, as ``divide_by_constant`` does."""
     return _relax_pass("QParamsAsTensors", ("relax.quantize", "relax.dequantize"), _qparams_as_tensors)
 
 
@@ -208,11 +209,57 @@ def _qparams_as_tensors(bb, call):
         if isinstance(a, tvm.ir.GenericConst) and a.ty.ndim == 0:
             args[i] = relax.const(a.value.numpy().reshape(1))
             changed = True
+    a = call.attrs
+    one = lambda t: t.ty.ndim == 1 and _static_shapes(t) == [(1,)]  # noqa: E731
+    if (call.op.name == "relax.quantize" and one(args[1]) and one(args[2]) and str(a.out_dtype) in ("uint8", "int8")
+            and str(args[0].ty.dtype) == "float32"):  # fmt: skip
+        return bb.call_te(_quantize_compute, args[0], args[1], args[2], str(a.out_dtype), primfunc_name_hint="quantize")
     if not changed:
         return None
-    a = call.attrs
     op = relax.op.quantize if call.op.name == "relax.quantize" else relax.op.dequantize
     return op(args[0], args[1], args[2], axis=int(a.axis), out_dtype=str(a.out_dtype))
+
+
+def _quantize_compute(x, scale, zero_point, dtype: str):
+    """``saturate(round(x * (1 / scale)) + zero_point)``: TVM's quantize, but for the division.
+    A vector division an element was most of a requantizing epilogue's cost (PP-OCRv4 det int8,
+    this and the fake-quantized activations' with ``divide_by_constant``: 0.936x,
+    ``scripts/ab_revisions.py``, x86-64-avx512-vnni). The product is within an ulp of the
+    quotient, so a value exactly between two steps may round to the other one: onnxruntime's own
+    int8 kernels, which requantize by a multiplier, do the same."""
+    import numpy as np
+    from tvm import te
+
+    info = np.iinfo(dtype)
+    inv = 1.0 / scale[0]
+    return te.compute(x.shape, lambda *i: te.max(te.min(te.round(x(*i) * inv) + zero_point[0].astype("float32"),
+                                                        float(info.max)), float(info.min)).astype(dtype), name="quantized")  # fmt: skip
+
+
+def divide_by_constant():
+    """A Relax pass: ``x / c`` by a float32 constant ``c`` is ``x * (1 / c)``, the reciprocal
+    computed at compile time. A vector division costs several multiplies on every x86 and Arm
+    core (Zen 4's ``vdivps`` on 16 floats: one issued every 5 cycles or so, a multiply two a
+    cycle), and HardSwish's ``/ 6`` and a BatchNorm's ``/ sqrt(var)`` that could not fold into a
+    convolution (a QDQ model's: the requantize sits between) divide every element of the
+    epilogues they are in. Each result is within an ulp or so of the quotient (the reciprocal
+    rounded once, the product once): what compilers do under ``-freciprocal-math``. Left as is: a
+    constant with a zero, an infinity or a NaN, or whose reciprocal is not a normal float."""
+    return _relax_pass("DivideByConstant", "relax.divide", _divide_by_constant)
+
+
+def _divide_by_constant(bb, call):
+    import numpy as np
+    from tvm import relax
+
+    c = _const(bb, call.args[1])
+    if c is None or c.dtype != np.float32 or str(call.args[0].ty.dtype) != "float32":
+        return None
+    with np.errstate(divide="ignore", over="ignore"):
+        r = (np.float32(1) / c).astype(np.float32)
+    if not (np.all(np.isfinite(c)) and np.all(np.isfinite(r)) and np.all(np.abs(r) >= np.finfo(np.float32).tiny)):
+        return None
+    return relax.op.multiply(call.args[0], relax.const(r))
 
 
 def fake_quant_fused():
@@ -220,7 +267,8 @@ def fake_quant_fused():
     activation, where no int8 kernel reads the quantized tensor) as ``clip(round(x / s), qmin - z,
     qmax - z) * s``: the same values (``round(x / s)`` is a whole number, and so are its sums with
     the zero point), without the conversions to the 8-bit type and back, and the zero point's add
-    and subtract, in every element of the epilogues that requantize. The scale and the bounds are
+    and subtract, in every element of the epilogues that requantize. ``x / s`` is computed as
+    ``x * (1 / s)``, as ``_quantize_compute`` does. The scale and the bounds are
     one-element tensors, as ``qparams_as_tensors`` makes them: layers that differ in them share a
     kernel. Only where the quantized tensor has no other use, with one scale and zero point."""
     return _relax_pass("FakeQuantFused", "relax.dequantize", _fake_quant, with_uses=True)
@@ -256,7 +304,8 @@ def _fake_quant_compute(x, scale, lo, hi):
     from tvm import te
 
     # te.round, as TVM's quantize rounds (relax.op.round's nearbyint was a libm call an element)
-    return te.compute(x.shape, lambda *i: te.min(te.max(te.round(x(*i) / scale[0]), lo[0]), hi[0]) * scale[0],
+    inv = 1.0 / scale[0]
+    return te.compute(x.shape, lambda *i: te.min(te.max(te.round(x(*i) * inv), lo[0]), hi[0]) * scale[0],
                       name="fake_quant")  # fmt: skip
 
 

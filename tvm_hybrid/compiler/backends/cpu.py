@@ -1263,15 +1263,16 @@ class CpuBackend(Backend):
         if database is None:
             return super().optimize(mod, profile, database, precision)
         best = None
-        for folded in (True, False):
-            fused = self.fuse(mod, profile, precision, self.rewrites(profile, affine_folded=folded))
+        # (a log tuned before divide_by_constant, or before conv_affine_folded too)
+        for folded, reciprocal in ((True, True), (True, False), (False, False)):
+            fused = self.fuse(mod, profile, precision, self.rewrites(profile, affine_folded=folded, reciprocal=reciprocal))
             fused = build.apply_database(fused, profile, database)
             tuned = sum(1 for f in fused.functions.values() if f.attrs is not None and bool(f.attrs.get(build.TUNED_ATTR, False)))
             if best is None or tuned > best[0]:
                 best = (tuned, fused)
         return self.schedule(best[1], profile)
 
-    def rewrites(self, profile: TargetProfile, affine_folded: bool = True) -> list:
+    def rewrites(self, profile: TargetProfile, affine_folded: bool = True, reciprocal: bool = True) -> list:
         """Patch-embedding convolutions as matmuls (``rewrites.patch_conv_as_matmul``), and
         exp, erf, tanh and softmax as TVM's fast polynomial forms, which vectorize (LLVM has
         no vector exp or erf: each element was a libm call). paraphrase-MiniLM-L3 at seq 128 on 2
@@ -1285,20 +1286,25 @@ class CpuBackend(Backend):
         output element fewer, a division among them (`scripts/ab_revisions.py`, untuned: PP-OCR
         cls 0.962x and 0.979x in two runs, PP-OCRv4-rec-shaped 0.967x). ``affine_folded=False``
         leaves that arithmetic in the convolutions' epilogues, as the kernels of tuning logs
-        recorded before the folding have it."""
+        recorded before the folding have it. Last, a division by a constant is a multiply by its
+        reciprocal (``rewrites.divide_by_constant``; ``reciprocal=False``: as logs recorded
+        before it have it): PP-OCRv4 det fp32 0.988x (``scripts/ab_revisions.py``,
+        x86-64-avx512-vnni); det int8, with its requantizes also by a reciprocal
+        (``rewrites.qparams_as_tensors``), 0.930x and 0.936x (0.996x while the machine ran at
+        half its speed)."""
         from tvm import relax
 
         from ..channels_last import channels_last
         from ..fused_attention import attention_fused
-        from ..rewrites import (conv_affine_folded, conv_taps_in_bounds, conv_winograd, fake_quant_fused, matmul_weights_padded_to,
-                                patch_conv_as_matmul, permutes_collapsed, qparams_as_tensors, softmax_padded_to,
-                                softmax_rows)  # fmt: skip
+        from ..rewrites import (conv_affine_folded, conv_taps_in_bounds, conv_winograd, divide_by_constant, fake_quant_fused,
+                                matmul_weights_padded_to, patch_conv_as_matmul, permutes_collapsed, qparams_as_tensors,
+                                softmax_padded_to, softmax_rows)  # fmt: skip
 
         lanes = cpu_config(profile.tvm()).lanes
         return [*([conv_affine_folded()] if affine_folded else []), attention_fused(lanes), permutes_collapsed(), relax.transform.DeadCodeElimination(),
                 matmul_weights_padded_to(lanes), softmax_padded_to(lanes), softmax_rows(lanes), relax.transform.FastMathTransform(),
                 conv_taps_in_bounds(), conv_winograd(lanes), channels_last(lanes), patch_conv_as_matmul(), fake_quant_fused(),
-                qparams_as_tensors()]  # fmt: skip
+                qparams_as_tensors(), *([divide_by_constant()] if reciprocal else [])]  # fmt: skip
 
     def prepare(self, imported, profile: TargetProfile):
         """float16 nodes compute in float32 where the CPU has no fp16 arithmetic (``--precision``
