@@ -160,32 +160,36 @@ def test_int8_profiles_use_their_base_tuning_log_until_they_have_one(tmp_path):
     assert tuning_log.open_database(tmp_path, resolve(VNNI)).path == tmp_path / "x86-64-avx512"
 
 
+def _scalar(g, name: str, value) -> str:
+    """A 0-d initializer, as onnxruntime's quantizer writes a per-tensor scale or zero point
+    (``g.init`` makes them [1])."""
+    from onnx import numpy_helper
+
+    g.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+
+def _qdq(g, v: str, scale: float, zp: int, scope: str) -> str:
+    """``v`` quantized to uint8 (one scale and zero point) and dequantized again."""
+    s, z = _scalar(g, f"{scope}.scale", np.float32(scale)), _scalar(g, f"{scope}.zp", np.uint8(zp))
+    return g.op("DequantizeLinear", [g.op("QuantizeLinear", [v, s, z], f"{scope}/Q"), s, z], f"{scope}/DQ")
+
+
 def _twin_convs() -> zoo.ZooModel:
     """Three 3x3 16->16 convs in a chain, each requantized, then HardSwish and requantized again, at different scales
     and zero points (as every layer of a quantized model has its own); the last one's output is
     dequantized for the model's output, the first two feed the next conv."""
-    from onnx import numpy_helper
-
     g = zoo._Graph("qdq_twin_convs")
     x = g.input("x", zoo.F32, [1, 16, 12, 12])
-
-    def scalar(name, value):  # 0-d, as onnxruntime's quantizer writes them (g.init makes them [1])
-        g.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def qdq(v, scale, zp, scope):
-        s, z = scalar(f"{scope}.scale", np.float32(scale)), scalar(f"{scope}.zp", np.uint8(zp))
-        return g.op("DequantizeLinear", [g.op("QuantizeLinear", [v, s, z], f"{scope}/Q"), s, z], f"{scope}/DQ")
-
-    a = qdq(x, 0.03, 128, "/in")
+    a = _qdq(g, x, 0.03, 128, "/in")
     for i, (scale, zp) in enumerate([(0.021, 3), (0.017, 9), (0.019, 5)]):
         w = g.rng.standard_normal((16, 16, 3, 3)).astype(np.float32) / 12
         ws = np.float32(np.abs(w).max() / 127)
-        ins = [g.init(f"c{i}.wq", np.round(w / ws).astype(np.int8)), scalar(f"c{i}.ws", ws), scalar(f"c{i}.wz", np.int8(0))]
+        ins = [g.init(f"c{i}.wq", np.round(w / ws).astype(np.int8)), _scalar(g, f"c{i}.ws", ws), _scalar(g, f"c{i}.wz", np.int8(0))]
         conv = g.op("Conv", [a, g.op("DequantizeLinear", ins, f"/c{i}/w/DQ"), g.bias(f"c{i}.bias", 16)], f"/c{i}/Conv",
                     pads=[1, 1, 1, 1])  # fmt: skip
-        a = qdq(conv, scale, zp, f"/c{i}/out")
-        a = qdq(g.op("HardSwish", [a], f"/c{i}/HardSwish"), scale * 0.8, zp + 2, f"/c{i}/act")
+        a = _qdq(g, conv, scale, zp, f"/c{i}/out")
+        a = _qdq(g, g.op("HardSwish", [a], f"/c{i}/HardSwish"), scale * 0.8, zp + 2, f"/c{i}/act")
     g.output(g.op("Identity", [a], "/y/Identity", outputs=["y"]), zoo.F32, [1, 16, 12, 12])
     feeds = {"x": (np.random.RandomState(5).standard_normal((1, 16, 12, 12)) * 1.5).astype(np.float32)}
     return zoo.ZooModel("qdq_twin_convs", g.model(doc="two requantized convs"), feeds, {"x": (1, 16, 12, 12)})
@@ -233,25 +237,17 @@ def test_fake_quantized_activations_skip_the_8bit_round_trip(tmp_path, fp32_refe
 def _upsampling() -> zoo.ZooModel:
     """A quantized 16-channel map upsampled by a 2x2 stride-2 ConvTranspose (int8 weight, a scale
     per output channel, as PP-OCRv4 det's neck has two), requantized and dequantized."""
-    from onnx import numpy_helper
-
     g = zoo._Graph("qdq_upsampling")
     x = g.input("x", zoo.F32, [1, 16, 10, 12])
-
-    def qdq(v, scale, zp, scope):  # 0-d scale and zero point: one for the tensor
-        s, z = f"{scope}.scale", f"{scope}.zp"
-        g.initializers += [numpy_helper.from_array(np.asarray(np.float32(scale)), s),
-                           numpy_helper.from_array(np.asarray(np.uint8(zp)), z)]  # fmt: skip
-        return g.op("DequantizeLinear", [g.op("QuantizeLinear", [v, s, z], f"{scope}/Q"), s, z], f"{scope}/DQ")
 
     w = g.rng.standard_normal((16, 8, 2, 2)).astype(np.float32) / 4  # IOHW: 8 output channels
     ws = (np.abs(w).max(axis=(0, 2, 3)) / 127).astype(np.float32)
     wq = np.round(w / ws[None, :, None, None]).astype(np.int8)
     dq = g.op("DequantizeLinear", [g.init("up.wq", wq), g.init("up.ws", ws), g.init("up.wz", np.zeros(8, np.int8))],
               "/up/w/DQ", axis=1)  # fmt: skip
-    up = g.op("ConvTranspose", [qdq(x, 0.03, 128, "/in"), dq, g.bias("up.bias", 8)], "/up/ConvTranspose",
+    up = g.op("ConvTranspose", [_qdq(g, x, 0.03, 128, "/in"), dq, g.bias("up.bias", 8)], "/up/ConvTranspose",
               kernel_shape=[2, 2], strides=[2, 2])  # fmt: skip
-    g.output(g.op("Identity", [qdq(up, 0.02, 120, "/up/out")], "/y/Identity", outputs=["y"]), zoo.F32, [1, 8, 20, 24])
+    g.output(g.op("Identity", [_qdq(g, up, 0.02, 120, "/up/out")], "/y/Identity", outputs=["y"]), zoo.F32, [1, 8, 20, 24])
     feeds = {"x": (np.random.RandomState(7).standard_normal((1, 16, 10, 12)) * 1.5).astype(np.float32)}
     return zoo.ZooModel("qdq_upsampling", g.model(doc="int8 ConvTranspose"), feeds, {"x": (1, 16, 10, 12)})
 

@@ -284,15 +284,12 @@ def _rewrite_conv_transpose(isa: Isa, bb, call):
     import numpy as np
     from tvm import relax
 
-    from .rewrites import _conv_operands, _dequant_of, _NotInt8, _out_dtype, _patches
+    from .rewrites import _dequant_of, _NotInt8, _out_dtype, pixel_shuffle, upsampling_operands
 
-    ops = _conv_operands(call)
-    if ops is None:
+    ops = upsampling_operands(call)
+    if ops is None or (_out_dtype(ops[0]) or "float32") != "float32":
         return None
-    a, x, w, (n, ci, h, wd), (wi, co, kh, kw) = ops
-    if not (a.kernel_layout == "IOHW" and a.out_layout == "NCHW" and _patches(a, kh, kw) and wi == ci
-            and not any(int(p) for p in a.output_padding)) or (_out_dtype(a) or "float32") != "float32":  # fmt: skip
-        return None
+    _, x, w, (n, ci, h, wd), (_, co, kh, kw) = ops
     try:
         _activation(bb, x)
         dq = _dequant_of(bb, w, min_elements=1)
@@ -307,12 +304,8 @@ def _rewrite_conv_transpose(isa: Isa, bb, call):
     s2 = np.repeat(scale[0, :, 0, 0].astype(np.float32), kh * kw)
     w2 = bb.emit(relax.op.dequantize(relax.const(q2), relax.const(s2), relax.const(np.zeros(co * kh * kw, np.int8)),
                                      axis=0, out_dtype="float32"))  # fmt: skip
-    conv = bb.normalize(relax.op.nn.conv2d(x, w2, out_dtype="float32"))
-    z = _rewrite_conv(isa, bb, conv)
-    if z is None:
-        return None
-    z = bb.emit(relax.op.permute_dims(relax.op.reshape(bb.emit(z), [n, co, kh, kw, h, wd]), [0, 1, 4, 2, 5, 3]))
-    return relax.op.reshape(z, [n, co, h * kh, wd * kw])
+    z = _rewrite_conv(isa, bb, bb.normalize(relax.op.nn.conv2d(x, w2, out_dtype="float32")))
+    return None if z is None else pixel_shuffle(bb, bb.emit(z), (n, co, kh, kw, h, wd))
 
 
 def _shift(xq, isa: Isa) -> int:

@@ -210,7 +210,7 @@ def _qparams_as_tensors(bb, call):
             args[i] = relax.const(a.value.numpy().reshape(1))
             changed = True
     a = call.attrs
-    one = lambda t: t.ty.ndim == 1 and _static_shapes(t) == [(1,)]  # noqa: E731
+    one = lambda t: _static_shapes(t) == [(1,)]  # noqa: E731
     if (call.op.name == "relax.quantize" and one(args[1]) and one(args[2]) and str(a.out_dtype) in ("uint8", "int8")
             and str(args[0].ty.dtype) == "float32"):  # fmt: skip
         return bb.call_te(_quantize_compute, args[0], args[1], args[2], str(a.out_dtype), primfunc_name_hint="quantize")
@@ -659,19 +659,35 @@ def _conv_transpose_as_conv(bb, call):
     """The rewritten expression for one conv2d_transpose call, or None when it does not apply."""
     from tvm import relax
 
+    ops = upsampling_operands(call)
+    if ops is None:
+        return None
+    a, x, w, (n, ci, h, wd), (_, co, kh, kw) = ops
+    w2 = bb.emit(relax.op.reshape(relax.op.permute_dims(w, [1, 2, 3, 0]), [co * kh * kw, ci, 1, 1]))
+    out_dtype = _out_dtype(a)
+    return pixel_shuffle(bb, bb.emit(relax.op.nn.conv2d(x, w2, out_dtype=out_dtype)), (n, co, kh, kw, h, wd))
+
+
+def upsampling_operands(call):
+    """``_conv_operands`` of a conv2d_transpose that ``conv_transpose_as_conv`` rewrites (stride
+    equal to the kernel, no padding, IOHW weight, NCHW output), or None."""
     ops = _conv_operands(call)
     if ops is None:
         return None
-    a, x, w, (n, ci, h, wd), (wi, co, kh, kw) = ops
+    a, _, _, (_, ci, _, _), (wi, _, kh, kw) = ops
     plain = (
         a.kernel_layout == "IOHW" and a.out_layout == "NCHW" and _patches(a, kh, kw)
         and wi == ci and not any(int(p) for p in a.output_padding)
     )  # fmt: skip
-    if not plain:
-        return None
-    w2 = bb.emit(relax.op.reshape(relax.op.permute_dims(w, [1, 2, 3, 0]), [co * kh * kw, ci, 1, 1]))
-    out_dtype = _out_dtype(a)
-    z = bb.emit(relax.op.nn.conv2d(x, w2, out_dtype=out_dtype))
+    return ops if plain else None
+
+
+def pixel_shuffle(bb, z, dims):
+    """The upsampled map from the 1x1 convolution ``z`` of ``conv_transpose_as_conv``, its
+    ``co*kh*kw`` channels interleaved into kh x kw blocks; ``dims`` = (n, co, kh, kw, h, w)."""
+    from tvm import relax
+
+    n, co, kh, kw, h, wd = dims
     z = bb.emit(relax.op.permute_dims(relax.op.reshape(z, [n, co, kh, kw, h, wd]), [0, 1, 4, 2, 5, 3]))
     return relax.op.reshape(z, [n, co, h * kh, wd * kw])
 
