@@ -292,7 +292,7 @@ def test_int8_convolutions_with_dot_product_under_qemu(emulation, tmp_path):
         [s] = compile_model(CompileOptions(model=path, targets=(target,), output=tmp_path / target, cloud=None,
                                            inputs=(InputOverride("x", zm.input_shapes["x"]),), tuning_logs=None))  # fmt: skip
         built[target] = s.path
-    assert int8_kernels(built["arm64-cortex-a76"]) == 3
+    assert int8_kernels(built["arm64-cortex-a76"]) == 4
     got, _, _ = run_emulated(built["arm64-cortex-a76"], zm.feeds, tmp_path / "int8")
     fp32, _, _ = run_emulated(built["arm64"], zm.feeds, tmp_path / "fp32")
     want = reference(path, zm.feeds)

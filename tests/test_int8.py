@@ -74,7 +74,7 @@ def test_vnni_profile_and_host_resolution():
 
 
 #: (zoo builder, the op its int8 kernels compute, how many, the output quantized again at scale 0.05)
-MODELS = {"convs": (zoo.qdq_convs, "conv2d", 3, "y2"), "matmuls": (zoo.qdq_matmul, "matmul", 2, "y1")}
+MODELS = {"convs": (zoo.qdq_convs, "conv2d", 4, "y2"), "matmuls": (zoo.qdq_matmul, "matmul", 2, "y1")}
 SIGNS = pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
 
 
@@ -82,7 +82,7 @@ SIGNS = pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("target", sorted(PROFILES))
 def test_qdq_model_compiles_to_int8_kernels(target, model, signed, tmp_path, fp32_reference):
-    """convs: every conv (asymmetric padding, stride 2, dilation, per-tensor and per-channel
+    """convs: every conv (asymmetric padding, stride 2, dilation, depthwise, per-tensor and per-channel
     weight scales, batch 2); matmuls: a MatMul with per-column weight scales and a Gemm of a
     flattened activation and a transposed weight. int8 kernels for each int8 profile, none for
     SSE4.2."""
@@ -134,7 +134,7 @@ def test_portable_artifact_carries_int8_builds_for_a_quantized_model(tmp_path, f
     names = [v["profile"] for v in seg.variants]
     assert names == ["x86-64-avx512-vnni", "x86-64-avx512", "x86-64-avx2-vnni", "x86-64-avx2"]
     assert int8_kernels(art, "conv2d", seg.library) == 0  # the SSE4.2 build: fake-quantized fp32
-    assert [int8_kernels(art, "conv2d", v["library"]) for v in seg.variants] == [3, 3, 3, 3]
+    assert [int8_kernels(art, "conv2d", v["library"]) for v in seg.variants] == [4, 4, 4, 4]
     got = Session(art).run(zm.feeds)
     _, plain = _compile(zm, fp32_reference, tmp_path)
     want = Session(plain).run(zm.feeds)

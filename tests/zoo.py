@@ -1095,8 +1095,10 @@ def vad() -> ZooModel:
 def qdq_convs(signed: bool = False) -> ZooModel:
     """Quantized convolutions as QDQ exporters write them (``DequantizeLinear`` of a quantized
     activation and of int8 weights): a 3x3 stride-2 conv with asymmetric padding and per-channel
-    weight scales, its ReLU and QuantizeLinear, then two convs of that one activation (a 1x1 with
-    a per-tensor weight scale, output in float; a dilated 3x3 quantized again), batch 2.
+    weight scales, its ReLU and QuantizeLinear, then two paths from that one activation (a 1x1
+    conv with a per-tensor weight scale, output in float; a 5x5 depthwise conv with a vertical
+    stride of 2 and asymmetric padding, quantized again, then a dilated 3x3 quantized again),
+    batch 2.
     ``signed``: int8 activations (nonzero zero points) instead of uint8."""
     name = "qdq_convs_s8" if signed else "qdq_convs"
     g = _Graph(name)
@@ -1121,11 +1123,14 @@ def qdq_convs(signed: bool = False) -> ZooModel:
              strides=[2, 2], pads=[1, 0, 2, 1])  # fmt: skip
     a = qdq(g.op("Relu", [a], "/c1/Relu"), 0.02, -128 if signed else 0, "/c1/out")
     y1 = g.op("Conv", [a, weight("/c2", (24, 20, 1, 1), per_channel=False)], "/c2/Conv", outputs=["y1"])
-    y2 = g.op("Conv", [a, weight("/c3", (10, 20, 3, 3)), g.bias("c3.bias", 10)], "/c3/Conv", dilations=[2, 2],
+    d = g.op("Conv", [a, weight("/dw", (20, 1, 5, 5)), g.bias("dw.bias", 20)], "/dw/Conv", group=20, strides=[2, 1],
+             pads=[2, 1, 2, 3])  # fmt: skip
+    d = qdq(d, 0.03, 5 if signed else 130, "/dw/out")
+    y2 = g.op("Conv", [d, weight("/c3", (10, 20, 3, 3)), g.bias("c3.bias", 10)], "/c3/Conv", dilations=[2, 2],
               pads=[2, 2, 2, 2])  # fmt: skip
     y2 = g.op("Identity", [qdq(y2, 0.05, 7 if signed else 100, "/c3/out")], "/y2/Identity", outputs=["y2"])
     g.output(y1, F32, [2, 24, 11, 12])
-    g.output(y2, F32, [2, 10, 11, 12])
+    g.output(y2, F32, [2, 10, 6, 12])
     rng = np.random.RandomState(_seed(name, ":feeds"))
     feeds = {"x": (rng.standard_normal((2, 12, 21, 24)) * 1.5).astype(np.float32)}
     return ZooModel(name, g.model(doc="QDQ convolutions"), feeds, {"x": (2, 12, 21, 24)})

@@ -30,8 +30,9 @@ The kernel's stages (``schedule``):
 
 Only where the target has the instruction (``isa_of``: AVX-512 VNNI, AVX-VNNI; aarch64 with
 ``+dotprod``).
-Depthwise and grouped convolutions and anything not of this form keep the fp32 path
-(``rewrites.int8_weights``).
+A depthwise convolution is one too (``_rewrite_depthwise``): its dot products sum 4 taps of a
+window row, each output channel from its own input channel. Grouped convolutions and anything
+not of this form keep the fp32 path (``rewrites.int8_weights``).
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ import functools
 
 #: The block names the CPU schedule recognizes (``backends.cpu.schedule_func``).
 PACK, ACC, OUT, WIDEN = "int8_pack", "int8_acc", "int8_out", "int8_widen"
-#: Block annotation on ``int8_acc``: [rows, cols, isa, ty, wq, kh, kw]: the register tile (the weights
-#: were padded to whole rows), the output rows of an epilogue-driven tile, the planes' row length,
-#: the window (the reduction over channel groups x kh x kw runs as three loops, no division a step).
+#: Block annotation on ``int8_acc``: [rows, cols, isa, ty, wq, kh, kw, stride]: the register tile (the
+#: weights were padded to whole rows), the output rows of an epilogue-driven tile, the planes' row
+#: length, the window (the reduction over channel groups x kh x kw runs as three loops, no division
+#: a step; a depthwise convolution's: kh x groups of taps), and a depthwise convolution's
+#: horizontal stride (0 for others).
 TILE_ATTR = "tvm_hybrid.int8_tile"
 #: Block annotation on a ``matmul_int8`` kernel's ``int8_acc``: [rows, cols, isa].
 DENSE_ATTR = "tvm_hybrid.int8_dense"
+#: Block annotation on a depthwise convolution's ``int8_pack``: [left padding, input width, top
+#: padding, input height, vertical stride]: which plane rows and columns are the input's.
+ROW_ATTR = "tvm_hybrid.int8_row"
 _MAX_ROWS = 8
 _MAX_COLS = 4
 
@@ -103,7 +109,7 @@ def isa_of(target) -> Isa | None:
 
 
 @functools.lru_cache(maxsize=None)
-def register_intrinsic(isa: Isa, dense: bool = False) -> str:
+def register_intrinsic(isa: Isa, dense: bool = False, window: int = 0) -> str:
     """A tensor intrinsic of ``isa``: ``lanes`` int32 sums of 4 products each, one instruction.
 
     Convolutions (``dense=False``): ``lanes`` output pixels x 4 input channels (the activation,
@@ -115,6 +121,11 @@ def register_intrinsic(isa: Isa, dense: bool = False) -> str:
     lanes, packed, llvm, g, wt = isa.lanes, isa.packed, isa.llvm, isa.group, isa.weight
     acc_t, data_t, weight_t = f"int32x{lanes}", f"{packed}x{g * lanes}", f"{wt}x{g * lanes}"
     x4, w4 = f"{packed}x{g}", f"{wt}x{g}"  # one lane's group: 32 bits
+
+    def broadcast(b):
+        # The weights' group in every lane. An expression, not a variable: TVMScript makes an
+        # assigned vector a local buffer, which LLVM kept in a workspace allocated a tile.
+        return T.reinterpret(T.broadcast(T.reinterpret(b.vload([0], w4), dtype="int32"), lanes), dtype=weight_t)
 
     def dot(c, x, w):
         if isa.accumulates:
@@ -139,8 +150,7 @@ def register_intrinsic(isa: Isa, dense: bool = False) -> str:
         with T.sblock("root"):
             T.reads(c[0:lanes], a[0:lanes, 0:g], b[0:g])
             T.writes(c[0:lanes])
-            w = T.reinterpret(T.broadcast(T.reinterpret(b.vload([0], w4), dtype="int32"), lanes), dtype=weight_t)
-            c[T.ramp(T.int32(0), 1, lanes)] = dot(c, a.vload([0, 0], data_t), w)
+            c[T.ramp(T.int32(0), 1, lanes)] = dot(c, a.vload([0, 0], data_t), broadcast(b))
 
     @T.prim_func(s_tir=True)
     def dense_desc(a: T.Buffer((g,), packed, offset_factor=1), b: T.Buffer((lanes, g), wt, offset_factor=1),
@@ -163,12 +173,73 @@ def register_intrinsic(isa: Isa, dense: bool = False) -> str:
             x = T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], x4), dtype="int32"), lanes), dtype=data_t)
             c[T.ramp(T.int32(0), 1, lanes)] = dot(c, x, b.vload([0, 0], weight_t))
 
-    name = f"{isa.intrin}_dense" if dense else isa.intrin
+    # A depthwise convolution's window row (``window``: its stride): lane i sums elements
+    # i * stride .. i * stride + g - 1.
+    step = max(window, 1)
+    span = step * (lanes - 1) + g
+
+    @T.prim_func(s_tir=True)
+    def window_desc(a: T.Buffer((span,), packed, offset_factor=1), b: T.Buffer((g,), wt, offset_factor=1),
+                    c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:  # fmt: skip
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:span], b[0:g])
+            T.writes(c[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, g):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vi * step + vk], "int32") * T.cast(b[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def window_impl(a: T.Buffer((span,), packed, offset_factor=1), b: T.Buffer((g,), wt, offset_factor=1),
+                    c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:  # fmt: skip
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:span], b[0:g])
+            T.writes(c[0:lanes])
+            # (the load reads lanes * g elements from the window's start: the pack leaves room)
+            c[T.ramp(T.int32(0), 1, lanes)] = dot(c, _windows(isa, a.vload([0], data_t), data_t, step), broadcast(b))
+
+    name = f"{isa.intrin}_dense" if dense else f"{isa.intrin}_window{window}" if window else isa.intrin
     try:
         TensorIntrin.get(name)
     except Exception:  # not registered yet in this process
-        TensorIntrin.register(name, *((dense_desc, dense_impl) if dense else (desc, impl)))
+        TensorIntrin.register(name, *((dense_desc, dense_impl) if dense else (window_desc, window_impl) if window
+                                      else (desc, impl)))  # fmt: skip
     return name
+
+
+#: The byte shuffles that make a depthwise window row's lanes (``_windows``), by vector width.
+_SHUFFLES = {512: ("llvm.x86.avx512.permvar.si.512", "llvm.x86.avx512.pshuf.b.512"),
+             256: ("llvm.x86.avx2.permd", "llvm.x86.avx2.pshuf.b")}  # fmt: skip
+
+
+def _windows(isa: Isa, x, data_t: str, stride: int):
+    """From ``x`` (a vector load of consecutive elements), the vector whose 32-bit lane i holds
+    elements i * stride .. i * stride + group - 1: lane i of a depthwise convolution's window row,
+    its group of taps. x86: ``vpermd`` gives each 128-bit quarter the 16 bytes from its first
+    lane's element on, ``vpshufb`` the (overlapping) 4-byte windows within each quarter. Arm: one
+    ``tbl``."""
+    from tvm.script import tirx as T
+
+    lanes, e = isa.lanes, 4 // isa.group * stride  # e: bytes from one lane's window to the next
+    nbytes = lanes * 4
+    bytes_t = f"int8x{nbytes}"
+    if e == 4:
+        return x  # the windows do not overlap: the load itself
+    b = T.ramp(T.int32(0), 1, nbytes)
+    # Byte j of lane k of a quarter: byte k * e + j of the quarter's bytes.
+    within = T.Cast(bytes_t, (b % 16) // 4 * e + b % 4)
+    xb = T.reinterpret(x, dtype=bytes_t)
+    if isa.name == SDOT.name:
+        out = T.call_llvm_pure_intrin(bytes_t, T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.tbl1.v16i8"), xb, within)
+        return T.reinterpret(out, dtype=data_t)
+    permd, pshufb = _SHUFFLES[nbytes * 8]
+    d = T.ramp(T.int32(0), 1, lanes)
+    quarters = T.call_llvm_pure_intrin(f"int32x{lanes}", T.llvm_lookup_intrinsic_id(permd),
+                                       T.reinterpret(x, dtype=f"int32x{lanes}"), d // 4 * e + d % 4)  # fmt: skip
+    out = T.call_llvm_pure_intrin(bytes_t, T.llvm_lookup_intrinsic_id(pshufb), T.reinterpret(quarters, dtype=bytes_t),
+                                  within)  # fmt: skip
+    return T.reinterpret(out, dtype=data_t)
 
 
 def quantized_compute(model) -> bool:
@@ -243,8 +314,12 @@ def _rewrite_conv(isa: Isa, bb, call):
     a = call.attrs
     shapes = _static_shapes(*call.args)
     if (shapes is None or a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
-            or int(a.groups) != 1 or (_out_dtype(a) or "float32") != "float32"):  # fmt: skip
+            or (_out_dtype(a) or "float32") != "float32"):  # fmt: skip
         return None
+    depthwise = int(a.groups) != 1
+    if depthwise and not (int(a.groups) == shapes[0][1] == shapes[1][0] and shapes[1][1] == 1
+                          and all(int(d) == 1 for d in a.dilation)):  # fmt: skip
+        return None  # grouped, a channel multiplier, dilated: the fp32 path
     m = bb  # rewrites' helpers look bindings up on it, as on a mutator
     try:
         xq, sx, zx = _activation(m, call.args[0])
@@ -262,6 +337,8 @@ def _rewrite_conv(isa: Isa, bb, call):
     sw = np.broadcast_to(dq.scale, w.shape)[:, 0, 0, 0].astype(np.float64)
     shift = _shift(xq, isa)
     zx += shift
+    if depthwise:
+        return _rewrite_depthwise(isa, bb, a, shapes[0], xq, w, sx * sw, zx, shift)
     geo = _Geometry.of(shapes[0], w.shape, a, isa)
     ocp = -(-oc // geo.rows) * geo.rows
     kb, group = geo.cb * geo.kh * geo.kw, isa.group
@@ -272,6 +349,35 @@ def _rewrite_conv(isa: Isa, bb, call):
     scale = _padded(sx * sw, ocp, np.float32)
     return _emit(bb, isa, geo, xq, np.ascontiguousarray(packed), zero_term, scale, np.array([zx], isa.packed), shift,
                  oc)  # fmt: skip
+
+
+def _rewrite_depthwise(isa: Isa, bb, a, xshape, xq, w, scale, zx: int, shift: int):
+    """A depthwise convolution (one channel a group, no multiplier, no dilation) as a
+    ``conv2d_int8`` whose dot products run over 4 taps of a window row (2 for vpmaddwd) instead of
+    4 input channels. The pack is each channel's input, padded, one byte a position (for a
+    vertical stride, split into planes of every sy-th row); output pixel p's window row starts at
+    p * sx of a plane row, and the 16 windows of 16 outputs, overlapping, are shuffled out of one
+    64-byte load (``_windows``). A window row of kw taps is ceil(kw / 4) groups, the taps past
+    its end weighted 0; each output channel multiplies its own plane by its own weights."""
+    import numpy as np
+
+    from .rewrites import _taps_in_bounds
+
+    _, _, h, wd = xshape
+    padding = [int(p) for p in a.padding]
+    taps = _taps_in_bounds(a, h, wd, *w.shape[2:])
+    if taps is not None:  # only the window rows and columns that read the map (PP-OCR cls's 5x5 over 2 rows)
+        (r0, r1), (c0, c1), padding = taps
+        w = w[:, :, r0:r1, c0:c1]
+    oc, _, kh, kw = w.shape
+    geo = _Geometry.of(xshape, w.shape, a, isa, padding=padding, depthwise=True)
+    group, dg = isa.group, geo.depthwise
+    ocp = -(-oc // geo.rows) * geo.rows
+    packed = np.zeros((ocp, kh, dg * group), np.int8)  # [o, window row, tap], the taps padded to whole groups
+    packed[:oc, :, :kw] = w[:, 0]
+    zero_term = _padded(zx * w.astype(np.int64).sum(axis=(1, 2, 3)), ocp, np.int32)
+    return _emit(bb, isa, geo, xq, packed.reshape(ocp, kh * dg, group), zero_term,
+                 _padded(scale, ocp, np.float32), np.array([zx], isa.packed), shift, oc)  # fmt: skip
 
 
 def _rewrite_conv_transpose(isa: Isa, bb, call):
@@ -335,14 +441,14 @@ class _Geometry:
     """The shapes of one int8 convolution: input, window, stride, padding, planes, tile."""
 
     @classmethod
-    def of(cls, xshape, wshape, attrs, isa: Isa):
+    def of(cls, xshape, wshape, attrs, isa: Isa, padding=None, depthwise: bool = False):
         g = cls()
         g.lanes = lanes = isa.lanes
         g.n, g.c, g.h, g.w = (int(d) for d in xshape)
         g.oc, _, g.kh, g.kw = (int(d) for d in wshape)
         g.sy, g.sx = (int(s) for s in attrs.strides)
         g.dy, g.dx = (int(d) for d in attrs.dilation)
-        pt, pl, pb, pr = (int(p) for p in attrs.padding)
+        pt, pl, pb, pr = (int(p) for p in (attrs.padding if padding is None else padding))
         g.pt, g.pl = pt, pl
         g.oh = (g.h + pt + pb - g.dy * (g.kh - 1) - 1) // g.sy + 1
         g.ow = (g.w + pl + pr - g.dx * (g.kw - 1) - 1) // g.sx + 1
@@ -356,15 +462,25 @@ class _Geometry:
         g.pp = -(-pixels // (lanes * g.cols)) * lanes * g.cols
         # The last tap reads this far past a pixel's own offset.
         reach = ((g.kh - 1) * g.dy // g.sy) * g.wq + (g.kw - 1) * g.dx // g.sx
+        # A depthwise convolution: its groups of taps a window row. Its pack has the (padded)
+        # output channels, each its own planes, split by stride only by rows (sy planes): a plane
+        # row is the padded input row, ``wp`` = wq * sx wide, and output p's taps start at p * sx.
+        g.depthwise = -(-g.kw // isa.group) if depthwise else 0
+        g.wp = g.wq * g.sx if depthwise else g.wq
+        g.step = g.sx if depthwise else 1
+        if depthwise:
+            g.cb = -(-g.oc // g.rows) * g.rows
+            # (and the last window's vector load reads lanes * group elements from its start)
+            reach = ((g.kh - 1) // g.sy) * g.wp + (g.depthwise - 1) * isa.group + lanes * isa.group
         # Whole plane rows, so the pack's loop splits into (row, column) without a division.
-        g.length = -(-(g.pp + reach) // g.wq) * g.wq
+        g.length = -(-(g.pp * g.step + reach) // g.wp) * g.wp
         # Output rows a tile of the epilogue-driven form covers (0: that form does not apply).
         # Where output rows are whole rows of sums (a 1x1 stride-1 convolution: no wide rows),
         # the epilogue drives: a tile of (rows channels) x (ty output rows) computes its sums
         # into a small buffer, then converts them, without the sums' trip through memory.
         g.ty = 0
         fused_rows = _rows(g.oc, min(_MAX_ROWS, isa.accumulators))
-        if g.wq == g.ow and g.oc % fused_rows == 0:
+        if g.wq == g.ow and g.oc % fused_rows == 0 and not depthwise:
             g.ty = next((t for t in range(1, g.oh + 1) if g.oh % t == 0 and t * g.ow % lanes == 0 and t * g.ow <= 512), 0)
         if g.ty:
             g.rows = fused_rows
@@ -420,34 +536,53 @@ def _compute(isa: Isa, g: _Geometry, shift: int, oc, xq, wp, zero_term, scale, z
 
     wp = _widened(isa, wp)
 
-    planes = g.sy * g.sx
+    planes = g.sy if g.depthwise else g.sy * g.sx
 
     def pack(n, icb, ph, pos, i4):
-        r, col = pos // g.wq, pos % g.wq
-        ih = r * g.sy + ph // g.sx - g.pt
-        iw = col * g.sx + ph % g.sx - g.pl
-        ic = icb * isa.group + i4
+        r, col = pos // g.wp, pos % g.wp
+        if g.depthwise:  # a channel; row phases only
+            ih, iw, ic = r * g.sy + ph - g.pt, col - g.pl, icb
+        else:
+            ih, iw, ic = r * g.sy + ph // g.sx - g.pt, col * g.sx + ph % g.sx - g.pl, icb * isa.group + i4
         ok = tirx.all(ic < g.c, ih >= 0, ih < g.h, iw >= 0, iw < g.w)
         v = xq[n, te.min(ic, g.c - 1), te.max(te.min(ih, g.h - 1), 0), te.max(te.min(iw, g.w - 1), 0)]
+        if g.depthwise:
+            # A branch for the row and a select for the column: the plane rows that are input
+            # rows for every plane and their columns that are the input row's (``_pack_rows``)
+            # decide both at compile time, and are one vector copy; the other rows branch, and
+            # read no row outside the input (the select's condition frees the load of its clamps).
+            in_row = tirx.all(ic < g.c, ih >= 0, ih < g.h)
+            return tirx.if_then_else(in_row, tirx.Select(tirx.all(iw >= 0, iw < g.w), _as_packed(v, shift, isa),
+                                                         zero_point[0]), zero_point[0])  # fmt: skip
         # A select, not if_then_else: the load's indices are clamped, so it is always in bounds,
         # and LLVM vectorizes the pack (a branch a byte kept it scalar).
         return tirx.Select(ok, _as_packed(v, shift, isa), zero_point[0])
 
     group = isa.group
-    xp = te.compute((g.n, g.cb, planes, g.length, group), pack, name=PACK)
-    kb = te.reduce_axis((0, g.cb * g.kh * g.kw), "kb")
+    if g.depthwise:  # one element a position: the dot product's windows overlap (_windows)
+        xp = te.compute((g.n, g.cb, planes, g.length), lambda n, c, ph, pos: pack(n, c, ph, pos, 0), name=PACK,
+                        attrs={ROW_ATTR: [g.pl, g.w, g.pt, g.h, g.sy]})
+    else:
+        xp = te.compute((g.n, g.cb, planes, g.length, group), pack, name=PACK)
+    kb = te.reduce_axis((0, int(wp.shape[1])), "kb")
     k4 = te.reduce_axis((0, group), "k4")
     taps = g.kh * g.kw
 
     def acc(n, o, p):
-        icb, ty, tx = kb // taps, kb % taps // g.kw, kb % g.kw
-        y, x = ty * g.dy, tx * g.dx
-        plane = (y % g.sy) * g.sx + x % g.sx
-        src = xp[n, icb, plane, p + (y // g.sy) * g.wq + x // g.sx, k4]
+        if g.depthwise:  # kb: (window row, group of taps); the channel's own planes
+            ty, tg = kb // g.depthwise, kb % g.depthwise
+            src = xp[n, o, ty % g.sy, p * g.sx + (ty // g.sy) * g.wp + tg * group + k4]
+        else:
+            icb, ty, tx = kb // taps, kb % taps // g.kw, kb % g.kw
+            y, x = ty * g.dy, tx * g.dx
+            plane = (y % g.sy) * g.sx + x % g.sx
+            src = xp[n, icb, plane, p + (y // g.sy) * g.wq + x // g.sx, k4]
         return te.sum(src.astype("int32") * wp[o, kb, k4].astype("int32"), axis=[kb, k4])
 
     ocp = int(wp.shape[0])
-    s = te.compute((g.n, ocp, g.pp), acc, name=ACC, attrs={TILE_ATTR: [g.rows, g.cols, isa.name, g.ty, g.wq, g.kh, g.kw]})
+    window = (g.kh, g.depthwise) if g.depthwise else (g.kh, g.kw)
+    s = te.compute((g.n, ocp, g.pp), acc, name=ACC,
+                   attrs={TILE_ATTR: [g.rows, g.cols, isa.name, g.ty, g.wp, *window, g.step if g.depthwise else 0]})
 
     def out(n, o, y, x):
         return (s[n, o, y * g.wq + x] - zero_term[o]).astype("float32") * scale[o]
@@ -587,7 +722,7 @@ def schedule(sch, parallel_min_work: int) -> None:
     if DENSE_ATTR in sch.get(acc).annotations:
         _schedule_dense(sch, acc, outputs, parallel_min_work)
         return
-    rows, cols, isa, ty, wq, kh, kw = sch.get(acc).annotations[TILE_ATTR]
+    rows, cols, isa, ty, wq, kh, kw, depthwise = sch.get(acc).annotations[TILE_ATTR]  # (depthwise: its stride)
     rows, cols, isa, ty, wq, kh, kw = int(rows), int(cols), _ISAS[str(isa)], int(ty), int(wq), int(kh), int(kw)
 
     pack = sch.get_sblock(PACK)
@@ -597,8 +732,11 @@ def schedule(sch, parallel_min_work: int) -> None:
         sch.parallel(fused)
     # Positions as (plane row, column): a position's row and column are then the loops' own
     # variables, not a division and a remainder per byte (4x faster packing).
-    sch.split(loops[3], [None, wq])
-    sch.unroll(loops[4])
+    row, col = sch.split(loops[3], [None, wq])
+    if depthwise:
+        _pack_rows(sch, pack, row, col, wq)
+    else:
+        sch.unroll(loops[4])
     parallel = _domain(sch, acc) >= parallel_min_work
     if ty and len(outputs) == 1:
         _epilogue_driven(sch, acc, sch.get_sblock(next(iter(outputs))), rows, cols, ty, isa, parallel, (kh, kw))
@@ -611,11 +749,43 @@ def schedule(sch, parallel_min_work: int) -> None:
     outer = sch.fuse(n, ot, pt)
     if parallel:
         sch.parallel(outer)
-    _tile(sch, acc, taps[0], orow, pc, pl, register_intrinsic(isa))
+    _tile(sch, acc, taps[0], orow, pc, pl, register_intrinsic(isa, window=int(depthwise)))
     for name in sorted(outputs):
         lp = sch.get_loops(sch.get_sblock(name))
-        if len(lp) >= 2:
+        if len(lp) >= 2 and parallel:
             sch.parallel(sch.fuse(*lp[:2]))
+        if len(lp) == 4:  # an output row in vectors (LLVM left a requantizing epilogue's rounding scalar)
+            width = int(sch.get(lp[-1]).extent)
+            lanes = max(d for d in range(1, _OUT_LANES + 1) if width % d == 0)
+            if lanes > 1:
+                sch.vectorize(sch.split(lp[-1], [None, lanes])[-1])
+
+
+def _pack_rows(sch, pack, row, col, wp: int) -> None:
+    """A depthwise pack's plane rows as those above the input, those that are input rows in every
+    plane and the rest; and each of the middle ones as its left padding, the input row's copy and
+    the rest. The copy's loop, its bounds known, tests neither row nor column, and is one vector
+    (up to _ROW_VECTOR elements; else a loop LLVM may vectorize)."""
+    pl, w, pt, h, sy = (int(v) for v in sch.get(pack).annotations[ROW_ATTR])
+    rows = int(sch.get(row).extent)
+    lo, hi = -(-pt // sy), min(rows, -(-(h + pt - sy + 1) // sy))  # plane row r is input row r * sy + plane - pt
+    if hi <= lo:
+        return
+    sizes = [v for v in (lo, hi - lo, rows - hi) if v > 0]
+    middle = sch.loop_partition(row, [*sizes[:-1], None])[1 if lo else 0] if len(sizes) > 1 else row
+    col = sch.get_loops(sch.get_child_blocks(middle)[0])[-1]
+    sizes = [v for v in (pl, w, wp - pl - w) if v > 0]
+    parts = sch.loop_partition(col, [*sizes[:-1], None]) if len(sizes) > 1 else [col]
+    if w <= _ROW_VECTOR:
+        sch.vectorize(parts[1 if pl else 0])
+
+
+#: The longest input row a depthwise pack copies as one vector (elements).
+_ROW_VECTOR = 256
+
+
+#: The most lanes of an output row's vectors: a width's largest divisor up to this.
+_OUT_LANES = 16
 
 
 #: A byte the pack or widening stage moves, against an element of vectorized work (what
