@@ -50,8 +50,9 @@ PACK, ACC, OUT, WIDEN = "int8_pack", "int8_acc", "int8_out", "int8_widen"
 TILE_ATTR = "tvm_hybrid.int8_tile"
 #: Block annotation on a ``matmul_int8`` kernel's ``int8_acc``: [rows, cols, isa].
 DENSE_ATTR = "tvm_hybrid.int8_dense"
-#: Block annotation on a depthwise convolution's ``int8_pack``: [left padding, input width, top
-#: padding, input height, vertical stride]: which plane rows and columns are the input's.
+#: Block annotation on ``int8_pack``: [left padding, input width, top padding, input height,
+#: vertical stride, horizontal stride of the planes' columns]: which plane rows and columns are
+#: the input's (``_pack_rows``).
 ROW_ATTR = "tvm_hybrid.int8_row"
 _MAX_ROWS = 8
 _MAX_COLS = 4
@@ -561,9 +562,10 @@ def _compute(isa: Isa, g: _Geometry, shift: int, oc, xq, wp, zero_term, scale, z
     group = isa.group
     if g.depthwise:  # one element a position: the dot product's windows overlap (_windows)
         xp = te.compute((g.n, g.cb, planes, g.length), lambda n, c, ph, pos: pack(n, c, ph, pos, 0), name=PACK,
-                        attrs={ROW_ATTR: [g.pl, g.w, g.pt, g.h, g.sy]})
+                        attrs={ROW_ATTR: [g.pl, g.w, g.pt, g.h, g.sy, 1]})
     else:
-        xp = te.compute((g.n, g.cb, planes, g.length, group), pack, name=PACK)
+        xp = te.compute((g.n, g.cb, planes, g.length, group), pack, name=PACK,
+                        attrs={ROW_ATTR: [g.pl, g.w, g.pt, g.h, g.sy, g.sx]})
     kb = te.reduce_axis((0, int(wp.shape[1])), "kb")
     k4 = te.reduce_axis((0, group), "k4")
     taps = g.kh * g.kw
@@ -733,10 +735,9 @@ def schedule(sch, parallel_min_work: int) -> None:
     # Positions as (plane row, column): a position's row and column are then the loops' own
     # variables, not a division and a remainder per byte (4x faster packing).
     row, col = sch.split(loops[3], [None, wq])
-    if depthwise:
-        _pack_rows(sch, pack, row, col, wq)
-    else:
+    if not depthwise:
         sch.unroll(loops[4])
+    _pack_rows(sch, pack, row, col, wq, vector=bool(depthwise))
     parallel = _domain(sch, acc) >= parallel_min_work
     if ty and len(outputs) == 1:
         _epilogue_driven(sch, acc, sch.get_sblock(next(iter(outputs))), rows, cols, ty, isa, parallel, (kh, kw))
@@ -761,23 +762,30 @@ def schedule(sch, parallel_min_work: int) -> None:
                 sch.vectorize(sch.split(lp[-1], [None, lanes])[-1])
 
 
-def _pack_rows(sch, pack, row, col, wp: int) -> None:
-    """A depthwise pack's plane rows as those above the input, those that are input rows in every
-    plane and the rest; and each of the middle ones as its left padding, the input row's copy and
-    the rest. The copy's loop, its bounds known, tests neither row nor column, and is one vector
-    (up to _ROW_VECTOR elements; else a loop LLVM may vectorize)."""
-    pl, w, pt, h, sy = (int(v) for v in sch.get(pack).annotations[ROW_ATTR])
+def _pack_rows(sch, pack, row, col, wp: int, vector: bool) -> None:
+    """A pack's plane rows as those above the input, those that are input rows in every plane and
+    the rest; and each of the middle ones as its columns before the input's, those that are the
+    input's in every plane, and the rest. The middle rows' middle columns, bounds known, test
+    neither row nor column: a plain copy that reads only inside the input, which LLVM vectorizes
+    (for a convolution, 4 rows' bytes interleaved; before, a byte a step, each a select), or
+    (``vector``: a depthwise convolution's, a row a plain copy) one vector of up to _ROW_VECTOR
+    elements."""
+    pl, w, pt, h, sy, sx = (int(v) for v in sch.get(pack).annotations[ROW_ATTR])
     rows = int(sch.get(row).extent)
-    lo, hi = -(-pt // sy), min(rows, -(-(h + pt - sy + 1) // sy))  # plane row r is input row r * sy + plane - pt
-    if hi <= lo:
+
+    def inside(before: int, size: int, stride: int, extent: int):  # plane index i is input index i * stride + phase - before
+        return -(-before // stride), min(extent, -(-(size + before - stride + 1) // stride))
+
+    (lo, hi), (clo, chi) = inside(pt, h, sy, rows), inside(pl, w, sx, wp)
+    if hi <= lo or chi <= clo:
         return
     sizes = [v for v in (lo, hi - lo, rows - hi) if v > 0]
     middle = sch.loop_partition(row, [*sizes[:-1], None])[1 if lo else 0] if len(sizes) > 1 else row
-    col = sch.get_loops(sch.get_child_blocks(middle)[0])[-1]
-    sizes = [v for v in (pl, w, wp - pl - w) if v > 0]
+    col = sch.get_loops(sch.get_child_blocks(middle)[0])[-1 if vector else -2]
+    sizes = [v for v in (clo, chi - clo, wp - chi) if v > 0]
     parts = sch.loop_partition(col, [*sizes[:-1], None]) if len(sizes) > 1 else [col]
-    if w <= _ROW_VECTOR:
-        sch.vectorize(parts[1 if pl else 0])
+    if vector and chi - clo <= _ROW_VECTOR:
+        sch.vectorize(parts[1 if clo else 0])
 
 
 #: The longest input row a depthwise pack copies as one vector (elements).
