@@ -372,8 +372,7 @@ def _rewrite_depthwise(isa: Isa, bb, a, xshape, xq, w, scale, zx: int, shift: in
         w = w[:, :, r0:r1, c0:c1]
     oc, _, kh, kw = w.shape
     geo = _Geometry.of(xshape, w.shape, a, isa, padding=padding, depthwise=True)
-    group, dg = isa.group, geo.depthwise
-    ocp = -(-oc // geo.rows) * geo.rows
+    group, dg, ocp = isa.group, geo.depthwise, geo.cb  # (its pack's channels: the output's, padded to whole tiles)
     packed = np.zeros((ocp, kh, dg * group), np.int8)  # [o, window row, tap], the taps padded to whole groups
     packed[:oc, :, :kw] = w[:, 0]
     zero_term = _padded(zx * w.astype(np.int64).sum(axis=(1, 2, 3)), ocp, np.int32)
@@ -555,8 +554,10 @@ def _compute(isa: Isa, g: _Geometry, shift: int, oc, xq, wp, zero_term, scale, z
             in_row = tirx.all(ic < g.c, ih >= 0, ih < g.h)
             return tirx.if_then_else(in_row, tirx.Select(tirx.all(iw >= 0, iw < g.w), _as_packed(v, shift, isa),
                                                          zero_point[0]), zero_point[0])  # fmt: skip
-        # A select, not if_then_else: the load's indices are clamped, so it is always in bounds,
-        # and LLVM vectorizes the pack (a branch a byte kept it scalar).
+        # A select, not if_then_else: LLVM vectorizes the pack (a branch a byte kept it scalar).
+        # The simplifier drops the load's clamps under the select's condition; LLVM has made it a
+        # select of the load's address (the zero point's where the condition fails), and the
+        # middle of the planes (``_pack_rows``) tests nothing.
         return tirx.Select(ok, _as_packed(v, shift, isa), zero_point[0])
 
     group = isa.group
