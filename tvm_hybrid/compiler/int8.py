@@ -850,8 +850,11 @@ def _epilogue_driven(sch, acc, out, rows: int, cols: int, ty: int, isa: Isa, par
     taps = _window_loops(sch, akb, *window)
     sch.reorder(chunk, *taps, ao, pc, pl, ak4)
     _tile(sch, acc, taps[0], ao, pc, pl, register_intrinsic(isa))
-    if sch.get(x).extent % isa.lanes == 0:
-        sch.vectorize(sch.split(x, [None, isa.lanes])[-1])
+    # The tile's rows are whole output rows, so its (row, column) positions are consecutive in
+    # the sums and in the output alike: one loop, in vectors (ty * OW is a whole number of them).
+    # Vectors of a row alone left rows of 20 or 10 (PP-OCRv4 det's 1x1 convs at 20x20, 10x10)
+    # scalar, their requantizing epilogues' roundings one at a time.
+    sch.vectorize(sch.split(sch.fuse(yi, x), [None, isa.lanes])[-1])
 
 
 def _schedule_dense(sch, acc, outputs: set[str], parallel_min_work: int) -> None:
