@@ -4,6 +4,8 @@ report and budget, the calibration cache, and one line + exit 2 for bad calibrat
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 
 import numpy as np
@@ -62,6 +64,10 @@ def test_calibration_is_cached_and_reused(cls_int8, cls_samples, tmp_path):
     cli("quantize", str(CLS), "-c", str(cls_samples), "-o", str(again), "--calibration-cache", str(cache), check=True)
     assert cache.read_bytes() == before
     assert again.read_bytes() == out.read_bytes()  # same ranges, same model
+    # written through a temporary file, but as shareable as any file open() makes
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(again.stat().st_mode) == 0o666 & ~umask
 
 
 def test_accuracy_budget_keeps_sensitive_layers_fp32(tmp_path):
@@ -279,7 +285,6 @@ def test_quantize_leaves_nothing_in_the_working_directory(tmp_path):
     """onnxruntime's symbolic shape inference gives up on paraphrase-MiniLM-L3's graph and saves
     what it had (sym_shape_infer_temp.onnx and a 66 MB weights .data file) in the current
     directory; quantize runs it elsewhere."""
-    import os
     import subprocess
 
     from test_sentences import _cached

@@ -131,6 +131,11 @@ def write_atomic(model: onnx.ModelProto, output: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
+        # mkstemp makes the file private; the model is meant to be shared like any file written
+        # with open() (0o666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
