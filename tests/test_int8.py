@@ -271,3 +271,23 @@ def test_upsampling_conv_transpose_computes_in_int8(target, tmp_path, fp32_refer
     assert np.abs(got - fp32).max() <= 0.02 + 1e-6 and np.mean(got == fp32) > 0.98
     want = reference(path, zm.feeds)["y"]
     assert np.abs(got - want).max() <= 0.02 + 1e-6
+
+
+def test_depthwise_tiles_compute_the_fewest_vectors_past_the_map():
+    """A depthwise tile's accumulators share no load, so its width is the one that computes the
+    fewest vectors past the map's pixels (within 1/16 of the fewest, the widest)."""
+    from types import SimpleNamespace
+
+    from tvm_hybrid.compiler import int8
+
+    def geometry(c, h, w, kh, kw, pads):
+        attrs = SimpleNamespace(strides=(1, 1), dilation=(1, 1), padding=pads)
+        return int8._Geometry.of((1, c, h, w), (c, 1, kh, kw), attrs, int8.VNNI, depthwise=True)
+
+    # PP-OCR cls's 5x5 over maps two rows high, cut to 3x5: 2 rows of 100 = 13 vectors a channel,
+    # which tiles of 4 vectors made 16
+    g = geometry(200, 2, 96, 3, 5, (1, 2, 1, 2))
+    assert (g.oh * g.wq, g.cols, g.pp) == (200, 1, 208)
+    # 203 vectors: tiles of 4 compute one more, and stay
+    g = geometry(144, 56, 56, 3, 3, (1, 1, 1, 1))
+    assert (g.oh * g.wq, g.cols, g.pp) == (3248, 4, 3264)
