@@ -255,14 +255,16 @@ def test_depthwise_conv_keeps_independent_accumulators():
     assert re.search(r"for rc, ry, rx, yy_1, xx_1 in T.grid\(T.int64\(1\), T.int64\(5\), T.int64\(5\), T.int64\(4\)", k), k
 
 
-@pytest.mark.parametrize("channels, size, stride, per_plane", [
-    (32, 30, 2, True),  # MobileNet's stride-2 depthwise
-    (24, 17, 1, True),  # odd side, stride 1
-    (8, 24, 1, False),  # too few planes to share among threads: the map's rows are the parallel work
+@pytest.mark.parametrize("op, channels, size, stride, per_plane", [
+    ("Conv", 32, 30, 2, True),  # MobileNet's stride-2 depthwise
+    ("Conv", 24, 17, 1, True),  # odd side, stride 1
+    ("Conv", 8, 24, 1, False),  # too few planes to share among threads: the map's rows are the parallel work
+    ("MaxPool", 32, 20, 1, True),  # a pool reads its padded copy the same way
+    ("AveragePool", 16, 13, 1, True),  # (without the padding in its divisor)
 ])  # fmt: skip
-def test_depthwise_conv_pads_its_input_one_plane_at_a_time(channels, size, stride, per_plane, tmp_path):
-    """A depthwise conv's padded copy of its input is made one channel plane at a time, inside
-    the parallel loop over planes, and read back from cache (``cpu._plane_pad``); the outputs
+def test_depthwise_conv_pads_its_input_one_plane_at_a_time(op, channels, size, stride, per_plane, tmp_path):
+    """A depthwise conv's (or a pool's) padded copy of its input is made one channel plane at a
+    time, inside the loop over planes, and read back from cache (``cpu._plane_pad``); the outputs
     match onnxruntime."""
     import re
 
@@ -270,18 +272,22 @@ def test_depthwise_conv_pads_its_input_one_plane_at_a_time(channels, size, strid
     from onnx import helper, numpy_helper
 
     rng = np.random.RandomState(channels + stride)
-    w = numpy_helper.from_array(rng.uniform(-1, 1, (channels, 1, 3, 3)).astype(np.float32), "w")
-    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
-                            strides=[stride, stride], group=channels)  # fmt: skip
+    window = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride])
+    if op == "Conv":
+        w = [numpy_helper.from_array(rng.uniform(-1, 1, (channels, 1, 3, 3)).astype(np.float32), "w")]
+        node = helper.make_node("Conv", ["x", "w"], ["y"], group=channels, **window)
+    else:
+        w = []
+        node = helper.make_node(op, ["x"], ["y"], **window)
     shape = (1, channels, size, size)
-    model = _one_node_model(node, shape, [w])
+    model = _one_node_model(node, shape, w)
     feeds = {"x": rng.uniform(-1, 1, shape).astype(np.float32)}
     mod, _, run = _compile(model, {"x": shape}, "x86-64-avx512", tmp_path)
-    [conv] = [f.script() for gv, f in mod.functions.items() if "conv2d" in gv.name_hint]
+    [kernel] = [f.script() for gv, f in mod.functions.items() if "conv2d" in gv.name_hint or "pool" in gv.name_hint]
     # a loop over the planes, and right inside it (under its row loops) the copy
     plane = re.search(rf"for \w+ in T\.(?:parallel|serial)\(T\.int64\({channels}\)[^\n]*\n(?:\s+for [^\n]*\n)*"
-                      r"\s+with T\.sblock\(\"pad_temp\"\)", conv)  # fmt: skip
-    assert bool(plane) == per_plane, conv
+                      r"\s+with T\.sblock\(\"pad_temp\"\)", kernel)  # fmt: skip
+    assert bool(plane) == per_plane, kernel
     assert_close(run(feeds), reference(model, feeds), rtol=1e-4, atol=1e-5)
 
 

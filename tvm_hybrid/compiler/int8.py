@@ -459,10 +459,10 @@ class _Geometry:
         pixels = g.oh * g.wq
         g.cols = max(1, min(_MAX_COLS, -(-pixels // lanes)))
         if depthwise:
-            # A depthwise tile's accumulators share no load (each channel reads its own plane),
-            # so its width mostly decides how many vectors past the pixels it computes: the widest
-            # within 1/16 of the fewest (PP-OCR cls's maps two rows high: 13 vectors a channel, in
-            # tiles of 1, not 16 in tiles of 4).
+            # A depthwise tile's accumulators share no activation load (each channel reads its
+            # own plane), so its width mostly decides how many vectors past the pixels it
+            # computes: the widest within 1/16 of the fewest (PP-OCR cls's maps two rows high:
+            # 13 vectors a channel, in tiles of 1, not 16 in tiles of 4).
             vectors = -(-pixels // lanes)
             fewest = min(-(-vectors // c) * c for c in range(1, g.cols + 1))
             g.cols = max(c for c in range(1, g.cols + 1) if -(-vectors // c) * c * 16 <= fewest * 17)
