@@ -274,8 +274,8 @@ def test_upsampling_conv_transpose_computes_in_int8(target, tmp_path, fp32_refer
 
 
 def test_depthwise_tiles_compute_the_fewest_vectors_past_the_map():
-    """A depthwise tile's accumulators share no load, so its width is the one that computes the
-    fewest vectors past the map's pixels (within 1/16 of the fewest, the widest)."""
+    """A depthwise tile's accumulators share no activation load, so its width is the one that
+    computes the fewest vectors past the map's pixels (within 1/16 of the fewest, the widest)."""
     from types import SimpleNamespace
 
     from tvm_hybrid.compiler import int8

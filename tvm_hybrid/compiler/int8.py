@@ -464,8 +464,13 @@ class _Geometry:
             # computes: the widest within 1/16 of the fewest (PP-OCR cls's maps two rows high:
             # 13 vectors a channel, in tiles of 1, not 16 in tiles of 4).
             vectors = -(-pixels // lanes)
-            fewest = min(-(-vectors // c) * c for c in range(1, g.cols + 1))
-            g.cols = max(c for c in range(1, g.cols + 1) if -(-vectors // c) * c * 16 <= fewest * 17)
+            widths = range(1, g.cols + 1)
+
+            def computed(c):  # vectors a channel's tiles of c compute
+                return -(-vectors // c) * c
+
+            fewest = min(map(computed, widths))
+            g.cols = max(c for c in widths if computed(c) * 16 <= fewest * 17)
         g.rows = _rows(g.oc, min(_MAX_ROWS, isa.accumulators // g.cols))
         g.pp = -(-pixels // (lanes * g.cols)) * lanes * g.cols
         # The last tap reads this far past a pixel's own offset.
