@@ -291,3 +291,88 @@ def test_depthwise_tiles_compute_the_fewest_vectors_past_the_map():
     # 203 vectors: tiles of 4 compute one more, and stay
     g = geometry(144, 56, 56, 3, 3, (1, 1, 1, 1))
     assert (g.oh * g.wq, g.cols, g.pp) == (3248, 4, 3264)
+
+
+def _affine_convs() -> zoo.ZooModel:
+    """Two requantized 3x3 16->16 convs as PP-LCNet's blocks (PP-OCRv4 det's backbone) write them:
+    conv, QDQ, a learnable affine (Mul, Add by scalars), HardSwish, another affine, QDQ."""
+    g = zoo._Graph("qdq_affine_convs")
+    x = g.input("x", zoo.F32, [1, 16, 12, 12])
+    a = _qdq(g, x, 0.03, 128, "/in")
+    for i, (scale, zp) in enumerate([(0.021, 3), (0.017, 9)]):
+        w = g.rng.standard_normal((16, 16, 3, 3)).astype(np.float32) / 12
+        ws = np.float32(np.abs(w).max() / 127)
+        ins = [g.init(f"c{i}.wq", np.round(w / ws).astype(np.int8)), _scalar(g, f"c{i}.ws", ws), _scalar(g, f"c{i}.wz", np.int8(0))]
+        conv = g.op("Conv", [a, g.op("DequantizeLinear", ins, f"/c{i}/w/DQ"), g.bias(f"c{i}.bias", 16)], f"/c{i}/Conv",
+                    pads=[1, 1, 1, 1])  # fmt: skip
+        a = _qdq(g, conv, scale, zp, f"/c{i}/out")
+        for j, (k, d) in enumerate([(0.9, 0.1), (1.1, -0.05)]):
+            if j:
+                a = g.op("HardSwish", [a], f"/c{i}/HardSwish")
+            a = g.op("Mul", [a, _scalar(g, f"c{i}.k{j}", np.float32(k))], f"/c{i}/lab{j}/Mul")
+            a = g.op("Add", [a, _scalar(g, f"c{i}.d{j}", np.float32(d))], f"/c{i}/lab{j}/Add")
+        a = _qdq(g, a, scale * 0.8, zp + 2, f"/c{i}/act")
+    g.output(g.op("Identity", [a], "/y/Identity", outputs=["y"]), zoo.F32, [1, 16, 12, 12])
+    feeds = {"x": (np.random.RandomState(6).standard_normal((1, 16, 12, 12)) * 1.5).astype(np.float32)}
+    return zoo.ZooModel("qdq_affine_convs", g.model(doc="requantized convs with affines"), feeds, {"x": (1, 16, 12, 12)})
+
+
+def _relax_ops(zm, tmp_path, target: str, folded: bool) -> dict[str, int]:
+    """The Relax ops (and call_tir kernels, by name) of ``zm``'s main function after the CPU
+    backend's rewrites, with ``rewrites.scalars_folded`` or without."""
+    import collections
+
+    import tvm
+    from tvm import relax
+
+    from tvm_hybrid.compiler import backends, importer
+    from tvm_hybrid.targets import resolve
+
+    path = tmp_path / f"{zm.name}.onnx"
+    path.write_bytes(zm.model.SerializeToString())
+    profile = resolve(target)
+    mod = importer.to_relax(importer.load(str(path), [importer.InputOverride(k, v) for k, v in zm.input_shapes.items()]))
+    backend = backends.for_profile(profile)
+    seen = {}
+
+    @tvm.transform.module_pass(opt_level=0)
+    def grab(m, _ctx):
+        seen["main"] = m["main"]
+        return m
+
+    backend.fuse(mod, profile, rewrites=[*backend.rewrites(profile, scalars_folded=folded), grab])
+    ops = collections.Counter()
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            name = e.op.name
+            if name == "relax.call_tir":
+                name = e.args[0].name_hint.rstrip("0123456789") + f"/{len(e.args[1].fields)}"
+            ops[name] += 1
+
+    relax.analysis.post_order_visit(seen["main"], visit)
+    return ops
+
+
+@pytest.mark.parametrize("target", [VNNI, "fp32"])
+def test_scalar_multiplies_and_adds_fold_into_the_requantizes(target, tmp_path, fp32_reference):
+    """``rewrites.scalars_folded``: the affines' multiplies and adds, HardSwish's ``/ 6`` and the
+    requantizes' divisions fold into the fake quants, the quantizes and (the int8 build) the
+    convolutions' scales, and the output stays within one step (scale 0.0136) of onnxruntime's."""
+    from tvm_hybrid.runtime import Session
+
+    target = fp32_reference if target == "fp32" else target
+    zm = _affine_convs()
+    before, after = _relax_ops(zm, tmp_path, target, False), _relax_ops(zm, tmp_path, target, True)
+    # each layer: the affine after the fake quant (into it), the scale of the one before the
+    # requantize (into HardSwish's / 6, with the requantize's 1 / s) and its add (into the bias)
+    assert before["relax.multiply"] - after["relax.multiply"] == 2 * 2, (before, after)
+    assert before["relax.add"] - after["relax.add"] == 2 * 1, (before, after)
+    if target == VNNI:  # every (fake) quantize reads its input divided by its scale: no 1 / s left
+        assert after["fake_quant/5"] == 3 and after["quantize/2"] == 1 and before["fake_quant/4"] == 3, after
+    path, art = _compile(zm, target, tmp_path)
+    if target == VNNI and "avx512_vnni" not in hostcpu.cpu_flags():
+        pytest.skip("this CPU has no avx512_vnni")
+    got, want = Session(art).run(zm.feeds)["y"], reference(path, zm.feeds)["y"]
+    assert np.abs(got - want).max() <= 0.0136 + 1e-6
+    assert np.mean(np.isclose(got, want, rtol=1e-5, atol=1e-6)) > 0.98

@@ -1313,16 +1313,18 @@ class CpuBackend(Backend):
         if database is None:
             return super().optimize(mod, profile, database, precision)
         best = None
-        # (a log tuned before divide_by_constant, or before conv_affine_folded too)
-        for folded, reciprocal in ((True, True), (True, False), (False, False)):
-            fused = self.fuse(mod, profile, precision, self.rewrites(profile, affine_folded=folded, reciprocal=reciprocal))
+        # (a log tuned before scalars_folded, before divide_by_constant too, or before conv_affine_folded too)
+        for folded, reciprocal, scalars in ((True, True, True), (True, True, False), (True, False, False), (False, False, False)):
+            fused = self.fuse(mod, profile, precision, self.rewrites(profile, affine_folded=folded, reciprocal=reciprocal,
+                                                                     scalars_folded=scalars))  # fmt: skip
             fused = build.apply_database(fused, profile, database)
             tuned = sum(1 for f in fused.functions.values() if f.attrs is not None and bool(f.attrs.get(build.TUNED_ATTR, False)))
             if best is None or tuned > best[0]:
                 best = (tuned, fused)
         return self.schedule(best[1], profile)
 
-    def rewrites(self, profile: TargetProfile, affine_folded: bool = True, reciprocal: bool = True) -> list:
+    def rewrites(self, profile: TargetProfile, affine_folded: bool = True, reciprocal: bool = True,
+                 scalars_folded: bool = True) -> list:
         """Patch-embedding convolutions as matmuls (``rewrites.patch_conv_as_matmul``), and
         exp, erf, tanh and softmax as TVM's fast polynomial forms, which vectorize (LLVM has
         no vector exp or erf: each element was a libm call). paraphrase-MiniLM-L3 at seq 128 on 2
@@ -1347,6 +1349,7 @@ class CpuBackend(Backend):
         from ..channels_last import channels_last
         from ..fused_attention import attention_fused
         from ..rewrites import (conv_affine_folded, conv_taps_in_bounds, conv_winograd, divide_by_constant, fake_quant_fused,
+                                scalars_folded as fold_scalars,
                                 matmul_weights_padded_to, patch_conv_as_matmul, permutes_collapsed, qparams_as_tensors,
                                 softmax_padded_to, softmax_rows)  # fmt: skip
 
@@ -1354,7 +1357,8 @@ class CpuBackend(Backend):
         return [*([conv_affine_folded()] if affine_folded else []), attention_fused(lanes), permutes_collapsed(), relax.transform.DeadCodeElimination(),
                 matmul_weights_padded_to(lanes), softmax_padded_to(lanes), softmax_rows(lanes), relax.transform.FastMathTransform(),
                 conv_taps_in_bounds(), conv_winograd(lanes), channels_last(lanes), patch_conv_as_matmul(), fake_quant_fused(),
-                qparams_as_tensors(), *([divide_by_constant()] if reciprocal else [])]  # fmt: skip
+                *([divide_by_constant()] if reciprocal else []), *([relax.transform.DeadCodeElimination(), fold_scalars(), relax.transform.DeadCodeElimination()] if scalars_folded else []),
+                qparams_as_tensors()]  # fmt: skip
 
     def prepare(self, imported, profile: TargetProfile):
         """float16 nodes compute in float32 where the CPU has no fp16 arithmetic (``--precision``
