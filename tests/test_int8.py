@@ -175,6 +175,17 @@ def _qdq(g, v: str, scale: float, zp: int, scope: str) -> str:
     return g.op("DequantizeLinear", [g.op("QuantizeLinear", [v, s, z], f"{scope}/Q"), s, z], f"{scope}/DQ")
 
 
+def _requantized_conv(g, a: str, i: int, scale: float, zp: int) -> str:
+    """A 3x3 16->16 conv ``c{i}`` of ``a`` (an int8 weight, one scale), its output quantized to
+    uint8 at ``scale`` and ``zp`` and dequantized again."""
+    w = g.rng.standard_normal((16, 16, 3, 3)).astype(np.float32) / 12
+    ws = np.float32(np.abs(w).max() / 127)
+    ins = [g.init(f"c{i}.wq", np.round(w / ws).astype(np.int8)), _scalar(g, f"c{i}.ws", ws), _scalar(g, f"c{i}.wz", np.int8(0))]
+    conv = g.op("Conv", [a, g.op("DequantizeLinear", ins, f"/c{i}/w/DQ"), g.bias(f"c{i}.bias", 16)], f"/c{i}/Conv",
+                pads=[1, 1, 1, 1])  # fmt: skip
+    return _qdq(g, conv, scale, zp, f"/c{i}/out")
+
+
 def _twin_convs() -> zoo.ZooModel:
     """Three 3x3 16->16 convs in a chain, each requantized, then HardSwish and requantized again, at different scales
     and zero points (as every layer of a quantized model has its own); the last one's output is
@@ -183,12 +194,7 @@ def _twin_convs() -> zoo.ZooModel:
     x = g.input("x", zoo.F32, [1, 16, 12, 12])
     a = _qdq(g, x, 0.03, 128, "/in")
     for i, (scale, zp) in enumerate([(0.021, 3), (0.017, 9), (0.019, 5)]):
-        w = g.rng.standard_normal((16, 16, 3, 3)).astype(np.float32) / 12
-        ws = np.float32(np.abs(w).max() / 127)
-        ins = [g.init(f"c{i}.wq", np.round(w / ws).astype(np.int8)), _scalar(g, f"c{i}.ws", ws), _scalar(g, f"c{i}.wz", np.int8(0))]
-        conv = g.op("Conv", [a, g.op("DequantizeLinear", ins, f"/c{i}/w/DQ"), g.bias(f"c{i}.bias", 16)], f"/c{i}/Conv",
-                    pads=[1, 1, 1, 1])  # fmt: skip
-        a = _qdq(g, conv, scale, zp, f"/c{i}/out")
+        a = _requantized_conv(g, a, i, scale, zp)
         a = _qdq(g, g.op("HardSwish", [a], f"/c{i}/HardSwish"), scale * 0.8, zp + 2, f"/c{i}/act")
     g.output(g.op("Identity", [a], "/y/Identity", outputs=["y"]), zoo.F32, [1, 16, 12, 12])
     feeds = {"x": (np.random.RandomState(5).standard_normal((1, 16, 12, 12)) * 1.5).astype(np.float32)}
@@ -300,12 +306,7 @@ def _affine_convs() -> zoo.ZooModel:
     x = g.input("x", zoo.F32, [1, 16, 12, 12])
     a = _qdq(g, x, 0.03, 128, "/in")
     for i, (scale, zp) in enumerate([(0.021, 3), (0.017, 9)]):
-        w = g.rng.standard_normal((16, 16, 3, 3)).astype(np.float32) / 12
-        ws = np.float32(np.abs(w).max() / 127)
-        ins = [g.init(f"c{i}.wq", np.round(w / ws).astype(np.int8)), _scalar(g, f"c{i}.ws", ws), _scalar(g, f"c{i}.wz", np.int8(0))]
-        conv = g.op("Conv", [a, g.op("DequantizeLinear", ins, f"/c{i}/w/DQ"), g.bias(f"c{i}.bias", 16)], f"/c{i}/Conv",
-                    pads=[1, 1, 1, 1])  # fmt: skip
-        a = _qdq(g, conv, scale, zp, f"/c{i}/out")
+        a = _requantized_conv(g, a, i, scale, zp)
         for j, (k, d) in enumerate([(0.9, 0.1), (1.1, -0.05)]):
             if j:
                 a = g.op("HardSwish", [a], f"/c{i}/HardSwish")
