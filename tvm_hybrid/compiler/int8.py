@@ -296,10 +296,10 @@ def _scalar(m, expr):
 
 def _activation(m, expr):
     """(x_q, scale, zero point) of a dequantized activation, else _Skip."""
-    from .rewrites import _resolve
+    from .rewrites import _op_name, _resolve
 
     e = _resolve(m, expr)
-    if getattr(getattr(e, "op", None), "name", "") != "relax.dequantize" or str(e.attrs.out_dtype) != "float32":
+    if _op_name(e) != "relax.dequantize" or str(e.attrs.out_dtype) != "float32":
         raise _Skip
     xq = e.args[0]
     if str(xq.ty.dtype) not in ("uint8", "int8"):
@@ -612,7 +612,7 @@ def _rewrite_matmul(isa: Isa, bb, call):
     vectors of ``lanes`` output columns (weights prepacked as [N/lanes, K/4, lanes, 4])."""
     import numpy as np
 
-    from .rewrites import _dequant_of, _NotInt8, _out_dtype, _resolve, _static_shapes
+    from .rewrites import _dequant_of, _NotInt8, _op_name, _out_dtype, _resolve, _static_shapes
 
     x, w = call.args
     shapes = _static_shapes(x)
@@ -621,14 +621,14 @@ def _rewrite_matmul(isa: Isa, bb, call):
     m = bb  # rewrites' helpers look bindings up on it, as on a mutator
     transposed = False
     we = _resolve(m, w)
-    if getattr(getattr(we, "op", None), "name", "") == "relax.permute_dims":
+    if _op_name(we) == "relax.permute_dims":
         axes = we.attrs.axes
         if axes is not None and [int(i) for i in axes] != [1, 0]:
             return None
         transposed, w = True, we.args[0]
     try:
         xe = _resolve(m, x)
-        if getattr(getattr(xe, "op", None), "name", "") == "relax.reshape":  # Gemm's flattened input
+        if _op_name(xe) == "relax.reshape":  # Gemm's flattened input
             from tvm import relax
 
             xq, sx, zx = _activation(m, xe.args[0])

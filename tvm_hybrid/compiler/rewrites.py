@@ -227,13 +227,18 @@ def _quantize_compute(x, scale, zero_point, dtype: str):
     ``scripts/ab_revisions.py``, x86-64-avx512-vnni). The product is within an ulp of the
     quotient, so a value exactly between two steps may round to the other one: onnxruntime's own
     int8 kernels, which requantize by a multiplier, do the same."""
+    inv = 1.0 / scale[0]
+    return _quantized(lambda *i: x(*i) * inv, x.shape, zero_point, dtype)
+
+
+def _quantized(value, shape, zero_point, dtype: str):
+    """``saturate(round(value) + zero_point)`` to ``dtype``, element by element."""
     import numpy as np
     from tvm import te
 
     info = np.iinfo(dtype)
-    inv = 1.0 / scale[0]
-    return te.compute(x.shape, lambda *i: te.max(te.min(te.round(x(*i) * inv) + zero_point[0].astype("float32"),
-                                                        float(info.max)), float(info.min)).astype(dtype), name="quantized")  # fmt: skip
+    return te.compute(shape, lambda *i: te.max(te.min(te.round(value(*i)) + zero_point[0].astype("float32"),
+                                                      float(info.max)), float(info.min)).astype(dtype), name="quantized")  # fmt: skip
 
 
 def scalars_folded():
@@ -268,20 +273,30 @@ def scalars_folded():
                        _fold_scalars, with_uses=True)  # fmt: skip
 
 
+def _const_operand(m, call, scalar: bool):
+    """(the other operand, the constant's value) of a binary op with a float32 constant operand
+    (``scalar``: a finite one of one element) that does not change the other's shape; else
+    (None, None)."""
+    import numpy as np
+
+    for a, b in ((0, 1), (1, 0)):
+        v = _const(m, call.args[b])
+        if v is None or v.dtype != np.float32 or (scalar and (v.size != 1 or not np.isfinite(v).all())):
+            continue
+        other = call.args[a]
+        shapes = _static_shapes(call, other)
+        if shapes is not None and shapes[0] == shapes[1] and str(other.ty.dtype) == "float32":
+            return other, v
+    return None, None
+
+
 def _scalar_operand(m, call):
     """(the other operand, the float32 value) of a binary op with a one-element float32 constant
     operand that does not change the other's shape; else (None, None)."""
     import numpy as np
 
-    for a, b in ((0, 1), (1, 0)):
-        v = _const(m, call.args[b])
-        if v is None or v.size != 1 or v.dtype != np.float32 or not np.isfinite(v).all():
-            continue
-        other = call.args[a]
-        shapes = _static_shapes(call, other)
-        if shapes is not None and shapes[0] == shapes[1] and str(other.ty.dtype) == "float32":
-            return other, np.float32(v.reshape(()))
-    return None, None
+    other, v = _const_operand(m, call, scalar=True)
+    return (None, None) if other is None else (other, np.float32(v.reshape(())))
 
 
 def _fake_quant_args(m, expr):
@@ -291,7 +306,7 @@ def _fake_quant_args(m, expr):
     import tvm
 
     e = _resolve(m, expr)
-    if getattr(getattr(e, "op", None), "name", "") != "relax.call_tir" or not isinstance(e.args[0], tvm.ir.GlobalVar):
+    if _op_name(e) != "relax.call_tir" or not isinstance(e.args[0], tvm.ir.GlobalVar):
         return None
     if not e.args[0].name_hint.startswith(FAKE_QUANT) or len(e.args[1].fields) not in (4, 5, 6):
         return None
@@ -309,13 +324,9 @@ def _fake_quant_args(m, expr):
 
 def _emit_fake_quant(bb, x, s, lo, hi, a, b):
     """A ``fake_quant`` kernel call of ``x`` (``s``: None where ``x`` is already divided by it)."""
-    import numpy as np
-    from tvm import relax
-
-    one = lambda v: relax.const(np.array([v], np.float32))  # noqa: E731
     if s is None:
-        return bb.call_te(_fake_quant_prescaled, x, one(lo), one(hi), one(a), one(b), primfunc_name_hint=FAKE_QUANT)
-    return bb.call_te(_fake_quant_compute, x, one(s), one(lo), one(hi), one(a), one(b), primfunc_name_hint=FAKE_QUANT)
+        return bb.call_te(_fake_quant_prescaled, x, *map(_one, (lo, hi, a, b)), primfunc_name_hint=FAKE_QUANT)
+    return bb.call_te(_fake_quant_compute, x, *map(_one, (s, lo, hi, a, b)), primfunc_name_hint=FAKE_QUANT)
 
 
 def _int8_conv_divided(bb, v, uses, s: float):
@@ -329,19 +340,12 @@ def _int8_conv_divided(bb, v, uses, s: float):
     if not isinstance(v, relax.Var) or uses.get(v, 0) != 1:
         return None
     e, bias = _resolve(bb, v), None
-    if getattr(getattr(e, "op", None), "name", "") == "relax.add":
-        for a, b in ((0, 1), (1, 0)):
-            c = _const(bb, e.args[b])
-            if c is not None and c.dtype == np.float32 and _static_shapes(e, e.args[a]) is not None \
-                    and _static_shapes(e, e.args[a])[0] == _static_shapes(e, e.args[a])[1]:
-                v, bias = e.args[a], c
-                break
-        else:
-            return None
+    if _op_name(e) == "relax.add":
+        v, bias = _const_operand(bb, e, scalar=False)
         if not isinstance(v, relax.Var) or uses.get(v, 0) != 1:
             return None
         e = _resolve(bb, v)
-    if (getattr(getattr(e, "op", None), "name", "") != "relax.call_tir" or not isinstance(e.args[0], tvm.ir.GlobalVar)
+    if (_op_name(e) != "relax.call_tir" or not isinstance(e.args[0], tvm.ir.GlobalVar)
             or not e.args[0].name_hint.startswith("conv2d_int8") or len(e.args[1].fields) != 5):  # fmt: skip
         return None
     args = list(e.args[1].fields)  # (activation, weights, zero-point term, scale, zero point): int8._emit
@@ -385,31 +389,30 @@ def _fold_scalars(bb, call, uses):
     import numpy as np
     from tvm import relax
 
-    m = bb
     name = call.op.name
     if name == "relax.quantize":
         return _quantize_folded(bb, call, uses)
-    if name == "relax.call_tir":  # a fake quant of an int8 convolution: the division in the convolution
-        fq = _fake_quant_args(m, call)
+    if name == "relax.call_tir":  # a fake quant: its division done by what it reads
+        fq = _fake_quant_args(bb, call)
         if fq is None or fq[1][0] is None:
             return None
         x, (s, lo, hi, a, b) = fq
         x = _divided(bb, x, uses, float(s))
         return None if x is None else _emit_fake_quant(bb, x, None, lo, hi, a, b)
-    y, c = _scalar_operand(m, call)
+    y, c = _scalar_operand(bb, call)
     if y is None or not isinstance(y, relax.Var) or uses.get(y, 0) != 1:
         return None
-    fq = _fake_quant_args(m, y)
+    fq = _fake_quant_args(bb, y)
     if fq is not None:
         x, (s, lo, hi, a, b) = fq
         a, b = (np.float32(a * c), np.float32(b * c)) if name == "relax.multiply" else (a, np.float32(b + c))
         if not _folded(a, b):
             return None
         return _emit_fake_quant(bb, x, s, lo, hi, a, b)
-    inner = _resolve(m, y)
-    if name != "relax.multiply" or getattr(getattr(inner, "op", None), "name", "") != "relax.multiply":
+    inner = _resolve(bb, y)
+    if name != "relax.multiply" or _op_name(inner) != "relax.multiply":
         return None
-    z, k = _scalar_operand(m, inner)
+    z, k = _scalar_operand(bb, inner)
     if z is not None:  # (z * k) * c
         return relax.op.multiply(z, _one(k * c)) if _folded(np.float32(k * c)) else None
     return _product_scaled(bb, inner, uses, c)
@@ -422,13 +425,12 @@ def _product_scaled(bb, e, uses, c):
     import numpy as np
     from tvm import relax
 
-    op = lambda x: getattr(getattr(x, "op", None), "name", "")  # noqa: E731
-    shapes = _static_shapes(e, *e.args) if op(e) == "relax.multiply" else None
+    shapes = _static_shapes(e, *e.args) if _op_name(e) == "relax.multiply" else None
     if shapes is None or len(set(shapes)) != 1:
         return None
     for p, q in ((0, 1), (1, 0)):
         r = e.args[q]
-        if isinstance(r, relax.Var) and uses.get(r, 0) == 1 and op(_resolve(bb, r)) == "relax.multiply":
+        if isinstance(r, relax.Var) and uses.get(r, 0) == 1 and _op_name(_resolve(bb, r)) == "relax.multiply":
             r, k = _scalar_operand(bb, _resolve(bb, r))
             if r is not None and _folded(np.float32(float(k) * float(c))):
                 return relax.op.multiply(e.args[p], _emit_once(bb, uses, relax.op.multiply(r, _one(float(k) * float(c)))))
@@ -465,15 +467,14 @@ def _divided(bb, v, uses, s: float):
     x = _int8_conv_divided(bb, v, uses, s)
     if x is not None or not isinstance(v, relax.Var) or uses.get(v, 0) != 1:
         return x
-    op = lambda e: getattr(getattr(e, "op", None), "name", "")  # noqa: E731
     e, c, d = _resolve(bb, v), np.float32(1), np.float32(0)
-    if op(e) == "relax.add":
+    if _op_name(e) == "relax.add":
         y, d = _scalar_operand(bb, e)
-        if isinstance(y, relax.Var) and uses.get(y, 0) == 1 and op(_resolve(bb, y)) == "relax.multiply":
+        if isinstance(y, relax.Var) and uses.get(y, 0) == 1 and _op_name(_resolve(bb, y)) == "relax.multiply":
             u, k = _scalar_operand(bb, _resolve(bb, y))
             if u is not None:
                 y, c = u, k
-    elif op(e) == "relax.multiply":
+    elif _op_name(e) == "relax.multiply":
         y, c = _scalar_operand(bb, e)
     else:
         return None
@@ -492,12 +493,7 @@ def _divided(bb, v, uses, s: float):
 def _quantize_prescaled(x, zero_point, dtype: str):
     """``saturate(round(x) + zero_point)``: ``_quantize_compute`` of an input its producer already
     divided by the scale (``scalars_folded``)."""
-    import numpy as np
-    from tvm import te
-
-    info = np.iinfo(dtype)
-    return te.compute(x.shape, lambda *i: te.max(te.min(te.round(x(*i)) + zero_point[0].astype("float32"),
-                                                        float(info.max)), float(info.min)).astype(dtype), name="quantized")  # fmt: skip
+    return _quantized(x, x.shape, zero_point, dtype)
 
 
 def divide_by_constant():
@@ -547,7 +543,7 @@ def _fake_quant(bb, call, uses):
     if not isinstance(q, relax.Var) or uses.get(q, 0) != 1:
         return None
     e = _resolve(m, q)
-    if getattr(getattr(e, "op", None), "name", "") != "relax.quantize" or str(call.attrs.out_dtype) != "float32":
+    if _op_name(e) != "relax.quantize" or str(call.attrs.out_dtype) != "float32":
         return None
     dtype = str(e.attrs.out_dtype)
     if dtype not in ("uint8", "int8") or str(e.args[0].ty.dtype) != "float32":
@@ -571,25 +567,26 @@ FAKE_QUANT = "fake_quant"
 def _fake_quant_compute(x, scale, lo, hi, out_scale=None, out_bias=None):
     """``clip(round(x / scale), lo, hi) * scale``; with ``out_scale`` and ``out_bias``
     (``scalars_folded``), ``clip(round(x / scale), lo, hi) * out_scale + out_bias``."""
-    from tvm import te
-
-    # te.round, as TVM's quantize rounds (relax.op.round's nearbyint was a libm call an element)
     inv = 1.0 / scale[0]
-
-    def step(*i):
-        r = te.min(te.max(te.round(x(*i) * inv), lo[0]), hi[0])
-        return r * scale[0] if out_scale is None else r * out_scale[0] + out_bias[0]
-
-    return te.compute(x.shape, step, name="fake_quant")
+    return _fake_quantized(lambda *i: x(*i) * inv, x.shape, lo, hi, scale if out_scale is None else out_scale, out_bias)
 
 
 def _fake_quant_prescaled(x, lo, hi, out_scale, out_bias):
     """``clip(round(x), lo, hi) * out_scale + out_bias``: ``_fake_quant_compute`` of an input its
     producer already divided by the scale (``scalars_folded``)."""
+    return _fake_quantized(x, x.shape, lo, hi, out_scale, out_bias)
+
+
+def _fake_quantized(value, shape, lo, hi, out_scale, out_bias=None):
+    """``clip(round(value), lo, hi) * out_scale (+ out_bias)``, element by element."""
     from tvm import te
 
-    return te.compute(x.shape, lambda *i: te.min(te.max(te.round(x(*i)), lo[0]), hi[0]) * out_scale[0] + out_bias[0],
-                      name="fake_quant")  # fmt: skip
+    def step(*i):
+        # te.round, as TVM's quantize rounds (relax.op.round's nearbyint was a libm call an element)
+        r = te.min(te.max(te.round(value(*i)), lo[0]), hi[0]) * out_scale[0]
+        return r if out_bias is None else r + out_bias[0]
+
+    return te.compute(shape, step, name="fake_quant")
 
 
 def fp16_operands():
@@ -1066,6 +1063,11 @@ class _Dequant:
         return v.astype("float32") * st(*bidx(st, self.scale.shape))
 
 
+def _op_name(expr) -> str:
+    """The name of the op ``expr`` calls ("relax.add", "relax.call_tir"…), or "" for anything else."""
+    return getattr(getattr(expr, "op", None), "name", "")
+
+
 def _resolve(m, expr):
     from tvm import relax
 
@@ -1497,7 +1499,7 @@ def _softmax_ragged_rows(bb, x, shape, rows: int, c: int, lanes: int):
         x, mask, mrows = masked
     cin = c  # a slice of a wider row (a padded matmul's sums) is read in place
     sliced = _resolve(bb, x)
-    if getattr(getattr(sliced, "op", None), "name", "") == "relax.strided_slice" and len(sliced.args) == 4:
+    if _op_name(sliced) == "relax.strided_slice" and len(sliced.args) == 4:
         src, (axis,), (begin,) = sliced.args[0], sliced.args[1].fields, sliced.args[2].fields
         full = _static_shapes(src)
         if (int(axis) % len(shape) == len(shape) - 1 and int(begin) == 0 and full

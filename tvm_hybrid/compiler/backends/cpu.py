@@ -1349,15 +1349,19 @@ class CpuBackend(Backend):
         from ..channels_last import channels_last
         from ..fused_attention import attention_fused
         from ..rewrites import (conv_affine_folded, conv_taps_in_bounds, conv_winograd, divide_by_constant, fake_quant_fused,
-                                scalars_folded as fold_scalars,
                                 matmul_weights_padded_to, patch_conv_as_matmul, permutes_collapsed, qparams_as_tensors,
                                 softmax_padded_to, softmax_rows)  # fmt: skip
+        from ..rewrites import scalars_folded as fold_scalars  # (the flag of the same name)
 
         lanes = cpu_config(profile.tvm()).lanes
         return [*([conv_affine_folded()] if affine_folded else []), attention_fused(lanes), permutes_collapsed(), relax.transform.DeadCodeElimination(),
                 matmul_weights_padded_to(lanes), softmax_padded_to(lanes), softmax_rows(lanes), relax.transform.FastMathTransform(),
                 conv_taps_in_bounds(), conv_winograd(lanes), channels_last(lanes), patch_conv_as_matmul(), fake_quant_fused(),
-                *([divide_by_constant()] if reciprocal else []), *([relax.transform.DeadCodeElimination(), fold_scalars(), relax.transform.DeadCodeElimination()] if scalars_folded else []),
+                *([divide_by_constant()] if reciprocal else []),
+                # (on the divisions as multiplies and the quantizes still Relax ops; the dead
+                # bindings out first, as they count as uses, and those the folding left after)
+                *([relax.transform.DeadCodeElimination(), fold_scalars(), relax.transform.DeadCodeElimination()]
+                  if scalars_folded else []),
                 qparams_as_tensors()]  # fmt: skip
 
     def prepare(self, imported, profile: TargetProfile):
